@@ -1,0 +1,68 @@
+"""The `compact` torch.compile backend: rewrite video attention into block-sparse attention, hand
+everything to Inductor.
+
+    torch.compile(model, backend="compact", options={"plan": "window"})
+
+Registered through the `torch_dynamo_backends` entry point, so no import is needed.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.fx as fx
+
+from .kernels.flex import FlexBlockSparse
+from .kernels.ops import register_site
+from .masks import density
+from .options import CompactOptions
+from .passes.grid import patch_embedding_grids
+from .passes.rewrite import rewrite_site
+from .passes.sites import OTHER, find_sites
+from .plan import PlanError
+from .planner import load_plan, site_blocks, site_layout
+from .report import record
+
+
+def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None, mode: str | None = None):
+    opts = CompactOptions.from_dict(options)
+    plan = load_plan(opts)
+    sites = find_sites(gm, patch_embedding_grids(gm), opts.grid, plan.grid if plan else None)
+    for site in sites:
+        if not site.rewritten:
+            continue
+        layout = site_layout(opts, plan, site)
+        try:
+            blocks = site_blocks(opts, plan, site, layout)
+        except PlanError as e:
+            if opts.strict:
+                raise
+            warnings.warn(f"compact: site {site.name} stays dense: {e}", stacklevel=2)
+            site.reason = f"plan mismatch: {e}"
+            continue
+        handle = register_site(FlexBlockSparse(blocks, layout.seq_len, layout.block_size))
+        rewrite_site(gm, site, layout, handle)
+        site.density = density(blocks)
+        site.extras.update(tile=layout.tile, block_size=layout.block_size, kernel="flex")
+    gm.recompile()
+    record([s.summary() for s in sites] + _foreign_attention(gm))
+    return _compile_inner(gm, example_inputs, opts.inner, mode)
+
+
+def _foreign_attention(gm: fx.GraphModule) -> list[dict]:
+    """Attention the backend cannot see as SDPA (e.g. diffusers' flex attention backend)."""
+    flex = getattr(torch.ops.higher_order, "flex_attention", None)
+    return [dict(site=n.name, kind=OTHER, q=[], k=[], dtype="", rewritten=False, grid=None, grid_source="",
+                 n_text=0, text_first=None, density=None,
+                 reason="flex_attention call, not SDPA: set the diffusers attention backend to 'native'")
+            for n in gm.graph.nodes if n.op == "call_function" and flex is not None and n.target is flex]
+
+
+def _compile_inner(gm, example_inputs, inner: str, mode: str | None):
+    if inner == "eager":
+        return gm.forward
+    if inner == "aot_eager":
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+    patches = torch._inductor.list_mode_options(mode) if mode else None
+    return compile_fx(gm, example_inputs, config_patches=patches)

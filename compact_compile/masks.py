@@ -1,0 +1,46 @@
+"""Block masks: which key blocks each query block attends to, as bool `[n_blocks, n_blocks]` maps.
+
+Small functions of a `TokenLayout`, composed with `|` and `&`, in the spirit of attn-gym. Blocks are
+those of the tiled sequence (see layout.py). `compact-compile plot` draws any of them.
+
+    window_blocks(layout, (3, 3, 3))        each tile sees the 3×3×3 tiles around it
+    text_blocks(layout)                     rows and columns of blocks that hold text tokens
+"""
+from __future__ import annotations
+
+import torch
+
+from .layout import TokenLayout
+
+
+def dense_blocks(layout: TokenLayout) -> torch.Tensor:
+    return torch.ones(layout.n_blocks, layout.n_blocks, dtype=torch.bool)
+
+
+def text_blocks(layout: TokenLayout) -> torch.Tensor:
+    """Blocks with a text query or a text key: always computed (text attends to and is seen by all)."""
+    _, has_text = layout.block_tiles()
+    return has_text[:, None] | has_text[None, :]
+
+
+def window_blocks(layout: TokenLayout, window: tuple[int, int, int]) -> torch.Tensor:
+    """Key block m is kept for query block n when some tile of m lies within the window centred on
+    some tile of n: |Δt|, |Δh|, |Δw| ≤ window // 2 in tile units (STA's sliding tile window)."""
+    incidence, _ = layout.block_tiles()
+    nt, nh, nw = layout.tile_grid
+    ids = torch.arange(nt * nh * nw)
+    coords = torch.stack([ids // (nh * nw), ids // nw % nh, ids % nw], -1)
+    radius = torch.tensor(window) // 2
+    near = ((coords[:, None] - coords[None, :]).abs() <= radius).all(-1)
+    inc = incidence.float()
+    return (inc @ near.float() @ inc.T) > 0
+
+
+def video_site_blocks(layout: TokenLayout, video: torch.Tensor) -> torch.Tensor:
+    """A video block map completed with dense text rows and columns (no-op without text)."""
+    return video | text_blocks(layout) if layout.n_text else video
+
+
+def density(blocks: torch.Tensor) -> float:
+    """Fraction of (query block, key block) pairs computed."""
+    return blocks.float().mean().item()

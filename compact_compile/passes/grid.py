@@ -1,0 +1,67 @@
+"""Where the video tokens are: the (T, H, W) grid from the patch embedding, and whether text tokens
+come before or after the video tokens in joint attention.
+
+diffusers video DiTs patchify with a Conv3d (Wan, HunyuanVideo, Mochi…: output [B, C, T, H, W]) or
+a Conv2d over frames (CogVideoX: [B·T, C, H, W]); the tokens are that output flattened in raster
+order. Joint attention concatenates text and video token sequences; the order of that `cat` in the
+graph upstream of the query says which comes first.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+_CONV3D = (torch.conv3d, torch.nn.functional.conv3d)
+_CONV2D = (torch.conv2d, torch.nn.functional.conv2d)
+_CAT = (torch.cat, torch.concat, torch.concatenate)
+
+
+@dataclass(frozen=True)
+class GridCandidate:
+    shape: tuple          # conv output shape
+    source: str
+
+    def grid(self, batch: int):
+        if len(self.shape) == 5:
+            return tuple(self.shape[2:])
+        n, _, h, w = self.shape
+        return (n // batch, h, w) if n % batch == 0 else None
+
+
+def patch_embedding_grids(gm: fx.GraphModule) -> list[GridCandidate]:
+    out = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _CONV3D + _CONV2D:
+            continue
+        shape = tuple(node.meta["example_value"].shape)
+        if all(isinstance(s, int) for s in shape):
+            kind = "Conv3d" if node.target in _CONV3D else "Conv2d over frames"
+            out.append(GridCandidate(shape, f"graph: {kind} patch embedding {node.name}"))
+    return out
+
+
+def text_position(node: fx.Node, n_video: int, n_text: int, max_visits: int = 400) -> bool | None:
+    """True if text precedes video, False if it follows, None if no upstream `cat` of exactly a
+    text part and a video part is found (searched breadth-first from the SDPA's query)."""
+    if n_text == n_video:
+        return None
+    query = node.kwargs.get("query", node.args[0] if node.args else None)
+    seen, todo = set(), deque([query])
+    while todo and len(seen) < max_visits:
+        n = todo.popleft()
+        if not isinstance(n, fx.Node) or n in seen:
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target in _CAT:
+            parts = n.args[0] if n.args else n.kwargs.get("tensors")
+            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+            sizes = [p.meta["example_value"].shape[dim] if isinstance(p, fx.Node) else None for p in parts]
+            if sizes == [n_text, n_video]:
+                return True
+            if sizes == [n_video, n_text]:
+                return False
+        todo.extend(n.all_input_nodes)
+    return None

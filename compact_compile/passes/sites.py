@@ -1,0 +1,166 @@
+"""Find every scaled_dot_product_attention call in a Dynamo graph and decide what it is.
+
+A site is rewritten only when sparse attention over its blocks is the same computation as the SDPA
+call with some of the key blocks dropped: 4-D q/k/v, no dropout, not causal, no GQA, no attn_mask,
+queries and keys over the same tokens, and those tokens being the video grid (optionally with a
+text prefix or suffix whose position the graph proves). Anything else keeps the original call and
+carries the reason into the report.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from .grid import GridCandidate, text_position
+
+VIDEO = "video self-attention"
+JOINT = "joint text+video"
+CROSS = "cross-attention"
+OTHER = "other"
+
+_SDPA_SIGNATURE = inspect.signature(
+    lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False: None)
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass
+class Site:
+    node: fx.Node
+    name: str                       # module path, e.g. "blocks.0.attn1"
+    kind: str
+    q_shape: tuple
+    k_shape: tuple
+    dtype: str
+    scale: float | None = None
+    reason: str = ""                # why it stays dense ("" = rewritten)
+    grid: tuple | None = None
+    grid_source: str = ""
+    n_text: int = 0
+    text_first: bool = False
+    density: float | None = None    # fraction of blocks computed, when rewritten
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def rewritten(self) -> bool:
+        return not self.reason
+
+    def summary(self) -> dict:
+        return dict(site=self.name, kind=self.kind, q=list(self.q_shape), k=list(self.k_shape), dtype=self.dtype,
+                    rewritten=self.rewritten, reason=self.reason or None, grid=self.grid, grid_source=self.grid_source,
+                    n_text=self.n_text, text_first=self.text_first if self.n_text else None, density=self.density,
+                    **self.extras)
+
+
+def is_sdpa(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target is F.scaled_dot_product_attention
+
+
+def sdpa_arguments(node: fx.Node) -> dict:
+    bound = _SDPA_SIGNATURE.bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def find_sites(gm: fx.GraphModule, grids: list[GridCandidate], grid_option=None, plan_grid=None) -> list[Site]:
+    sites, used = [], {}
+    for node in gm.graph.nodes:
+        if is_sdpa(node):
+            site = classify(node, grids, grid_option, plan_grid)
+            used[site.name] = used.get(site.name, 0) + 1
+            if used[site.name] > 1:  # one module calling SDPA twice
+                site.name = f"{site.name}#{used[site.name] - 1}"
+            sites.append(site)
+    return sites
+
+
+def classify(node: fx.Node, grids: list[GridCandidate], grid_option=None, plan_grid=None) -> Site:
+    a = sdpa_arguments(node)
+    q, k, v = (_value(a[n]) for n in ("query", "key", "value"))
+    site = Site(node, module_path(node), OTHER, tuple(getattr(q, "shape", ())), tuple(getattr(k, "shape", ())),
+                str(getattr(q, "dtype", "?")).replace("torch.", ""))
+    if any(t is None or t.dim() != 4 for t in (q, k, v)):
+        site.reason = "q, k, v are not all 4-D [B, H, S, D]"
+        return site
+    S, Sk = q.shape[-2], k.shape[-2]
+    if not (isinstance(S, int) and isinstance(Sk, int)):
+        site.reason = "symbolic sequence length (compile with dynamic=False to specialise video sizes)"
+        return site
+    if S != Sk:
+        site.kind, site.reason = CROSS, "cross-attention: queries and keys are different token sets"
+        return site
+    _locate_video(site, node, S, q.shape[0], grids, grid_option, plan_grid)
+    site.reason = site.reason or _ineligible(a, q, k, v)
+    if isinstance(a["scale"], (int, float)) or a["scale"] is None:
+        site.scale = None if a["scale"] is None else float(a["scale"])
+    else:
+        site.reason = site.reason or "scale is computed in the graph, not a constant"
+    return site
+
+
+def _ineligible(a: dict, q, k, v) -> str:
+    if not (isinstance(a["dropout_p"], (int, float)) and a["dropout_p"] == 0):
+        return "dropout"
+    if a["is_causal"] is not False:
+        return "causal attention"
+    if a["enable_gqa"] is not False or not (q.shape[1] == k.shape[1] == v.shape[1]):
+        return "grouped-query attention (heads of q, k, v differ)"
+    if a["attn_mask"] is not None:
+        return "attn_mask given (masked attention is kept dense)"
+    if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
+        return "q, k, v shapes do not broadcast like self-attention"
+    if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype} (supported: float16, bfloat16, float32, the same for q, k, v)"
+    if q.device.type not in ("cpu", "cuda"):
+        return f"device {q.device.type}"
+    if any(t.requires_grad for t in (q, k, v)):
+        return "inputs require grad (compact attention is inference-only: use torch.no_grad())"
+    return ""
+
+
+def _locate_video(site: Site, node, S: int, batch: int, grids, grid_option, plan_grid) -> None:
+    """Set the site's grid, kind and text split, or a reason why the tokens are not a video grid."""
+    if grid_option is not None:
+        choices = [(tuple(grid_option), "options['grid']")]
+    elif plan_grid is not None:
+        choices = [(tuple(plan_grid), "plan")]
+    else:
+        choices = [(g.grid(batch), g.source) for g in grids if g.grid(batch) is not None]
+    if not choices:
+        site.reason = "no video grid: pass options['grid'] (no patch-embedding conv found in the graph)"
+        return
+    for grid, source in choices:
+        n_video = grid[0] * grid[1] * grid[2]
+        if n_video == S:
+            site.kind, site.grid, site.grid_source = VIDEO, grid, source
+            return
+    for grid, source in choices:
+        n_video = grid[0] * grid[1] * grid[2]
+        if n_video < S:
+            site.kind, site.grid, site.grid_source, site.n_text = JOINT, grid, source, S - n_video
+            first = text_position(node, n_video, S - n_video)
+            if first is None:
+                site.reason = (f"{S} tokens = {n_video} video + {S - n_video} others, but the graph does not show "
+                               f"whether the others come before or after the video tokens")
+            else:
+                site.text_first = first
+            return
+    site.reason = f"{S} tokens do not match the video grid {choices[0][0]} ({choices[0][1]})"
+
+
+def _value(x):
+    return x.meta.get("example_value") if isinstance(x, fx.Node) else None
+
+
+def module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return node.name
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)       # ['blocks'] -> .blocks
+    parts = [p for p in path.split(".") if p not in ("L", "self", "__dict__", "_modules", "")]
+    return ".".join(parts) or node.name

@@ -1,0 +1,119 @@
+"""Plan: which key blocks every query block of every head of every attention site computes.
+
+Plain data, like FlexAttention's `BlockMask`: a token layout shared by the model (grid, tile, block
+size) and, per site (named by its module path, e.g. `blocks.3.attn1`), a bool block map
+`[heads or 1, n_blocks, n_blocks]` over the tiled sequence. On disk: one safetensors file, block maps
+bit-packed along the key axis, everything else in JSON metadata. Loading checks all of it.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .layout import Grid, TokenLayout
+
+FORMAT = "compact_compile.plan"
+FORMAT_VERSION = 1
+
+
+class PlanError(ValueError):
+    """A plan file that cannot be used: unreadable, corrupt, or made for another model/layout."""
+
+
+@dataclass
+class SitePlan:
+    heads: int
+    head_dim: int
+    seq_len: int
+    n_text: int
+    text_first: bool
+    blocks: torch.Tensor  # bool [heads or 1, n_blocks, n_blocks]
+
+    @property
+    def density(self) -> float:
+        return self.blocks.float().mean().item()
+
+
+@dataclass
+class Plan:
+    grid: Grid
+    tile: Grid
+    block_size: int
+    sites: dict[str, SitePlan] = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # free-form provenance (search settings, inputs, …)
+
+    def layout(self, site: str) -> TokenLayout:
+        s = self.sites[site]
+        return TokenLayout(self.grid, self.tile, self.block_size, s.n_text, s.text_first)
+
+    def save(self, path: str | Path) -> None:
+        tensors, sites = {}, {}
+        for i, (name, s) in enumerate(self.sites.items()):
+            tensors[f"site{i}"] = _pack_bits(s.blocks.bool().cpu())
+            sites[name] = dict(tensor=f"site{i}", heads=s.heads, head_dim=s.head_dim, seq_len=s.seq_len,
+                               n_text=s.n_text, text_first=s.text_first, mask_heads=s.blocks.shape[0])
+        meta = dict(format=FORMAT, version=FORMAT_VERSION, grid=list(self.grid), tile=list(self.tile),
+                    block_size=self.block_size, sites=sites, info=self.info)
+        save_file(tensors, str(path), metadata={"compact_compile": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"plan file {str(path)!r} does not exist")
+        try:
+            tensors = load_file(str(path))
+            with open(path, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(header_len))
+            meta = json.loads(header["__metadata__"]["compact_compile"])
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as e:
+            raise PlanError(f"{str(path)!r} is not a readable compact_compile plan file ({e})") from None
+        return cls._from_parts(meta, tensors, str(path))
+
+    @classmethod
+    def _from_parts(cls, meta: dict, tensors: dict, where: str) -> "Plan":
+        if meta.get("format") != FORMAT:
+            raise PlanError(f"{where!r}: not a compact_compile plan (format {meta.get('format')!r})")
+        if meta.get("version") != FORMAT_VERSION:
+            raise PlanError(f"{where!r}: plan format version {meta.get('version')!r}; "
+                            f"this compact_compile reads version {FORMAT_VERSION}")
+        try:
+            plan = cls(tuple(meta["grid"]), tuple(meta["tile"]), int(meta["block_size"]), info=meta.get("info", {}))
+            for name, s in meta["sites"].items():
+                layout = TokenLayout(plan.grid, plan.tile, plan.block_size, int(s["n_text"]), bool(s["text_first"]))
+                nb = layout.n_blocks
+                packed = tensors[s["tensor"]]
+                if packed.dtype != torch.uint8 or packed.shape != (s["mask_heads"], nb, math.ceil(nb / 8)):
+                    raise PlanError(f"{where!r}: site {name!r} block map has shape {tuple(packed.shape)} "
+                                    f"{packed.dtype}, expected ({s['mask_heads']}, {nb}, {math.ceil(nb / 8)}) uint8")
+                if s["mask_heads"] not in (1, s["heads"]) or layout.seq_len != s["seq_len"]:
+                    raise PlanError(f"{where!r}: site {name!r} metadata is inconsistent")
+                blocks = _unpack_bits(packed, nb)
+                if not blocks.any(-1).all():
+                    raise PlanError(f"{where!r}: site {name!r} has a query block that attends to nothing")
+                plan.sites[name] = SitePlan(int(s["heads"]), int(s["head_dim"]), int(s["seq_len"]),
+                                            int(s["n_text"]), bool(s["text_first"]), blocks)
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, PlanError):
+                raise
+            raise PlanError(f"{where!r}: plan metadata is incomplete or malformed ({e!r})") from None
+        return plan
+
+
+def _pack_bits(x: torch.Tensor) -> torch.Tensor:
+    pad = (-x.shape[-1]) % 8
+    x = torch.nn.functional.pad(x.to(torch.uint8), (0, pad)).unflatten(-1, (-1, 8))
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
+    return (x * weights).sum(-1, dtype=torch.uint8)
+
+
+def _unpack_bits(x: torch.Tensor, n: int) -> torch.Tensor:
+    bits = (x[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1
+    return bits.flatten(-2)[..., :n].bool()

@@ -1,0 +1,52 @@
+"""Give each eligible site its token layout and block map, from a built-in plan or a plan file."""
+from __future__ import annotations
+
+import torch
+
+from .layout import TokenLayout, auto_tile
+from .masks import dense_blocks, video_site_blocks, window_blocks
+from .options import CompactOptions, OptionsError
+from .passes.sites import Site
+from .plan import Plan, PlanError
+
+
+def load_plan(options: CompactOptions) -> Plan | None:
+    """The options' plan as a `Plan` (None for built-in plans); options that contradict it are errors."""
+    plan = options.plan
+    if isinstance(plan, str) and plan in ("dense", "window"):
+        return None
+    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    if options.block_size is not None and options.block_size != plan.block_size:
+        raise OptionsError(f"option 'block_size' {options.block_size} contradicts the plan's {plan.block_size}")
+    if options.tile != "auto" and tuple(options.tile) != plan.tile:
+        raise OptionsError(f"option 'tile' {options.tile} contradicts the plan's {plan.tile}")
+    if options.grid is not None and tuple(options.grid) != plan.grid:
+        raise OptionsError(f"option 'grid' {options.grid} contradicts the plan's {plan.grid}")
+    return plan
+
+
+def site_layout(options: CompactOptions, plan: Plan | None, site: Site) -> TokenLayout:
+    if plan is not None:
+        return TokenLayout(plan.grid, plan.tile, plan.block_size, site.n_text, site.text_first)
+    block_size = options.block_size or 128
+    tile = auto_tile(site.grid, block_size) if options.tile == "auto" else options.tile
+    return TokenLayout(site.grid, tile, block_size, site.n_text, site.text_first)
+
+
+def site_blocks(options: CompactOptions, plan: Plan | None, site: Site, layout: TokenLayout) -> torch.Tensor:
+    """bool `[heads or 1, n_blocks, n_blocks]`; raises PlanError when the plan does not fit the site."""
+    if plan is None:
+        if options.plan == "dense":
+            return dense_blocks(layout)[None]
+        return video_site_blocks(layout, window_blocks(layout, options.window))[None]
+    if site.name not in plan.sites:
+        raise PlanError(f"plan has no site {site.name!r} (it has {len(plan.sites)} sites, e.g. "
+                        f"{list(plan.sites)[:3]}): is it a plan for another model?")
+    s = plan.sites[site.name]
+    heads, head_dim = site.q_shape[1], site.q_shape[3]
+    got = dict(heads=heads, head_dim=head_dim, seq_len=layout.seq_len, n_text=site.n_text, text_first=site.text_first)
+    want = dict(heads=s.heads, head_dim=s.head_dim, seq_len=s.seq_len, n_text=s.n_text, text_first=s.text_first)
+    diff = [f"{k} {want[k]} in the plan, {got[k]} in the model" for k in got if got[k] != want[k]]
+    if diff:
+        raise PlanError(f"plan does not fit site {site.name!r}: " + "; ".join(diff))
+    return s.blocks

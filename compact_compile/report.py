@@ -1,0 +1,45 @@
+"""What the backend did with every SDPA site it saw, in this process."""
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("compact_compile")
+
+_GRAPHS: list[list[dict]] = []
+
+
+class Report:
+    def __init__(self, graphs: list[list[dict]]):
+        self.graphs = graphs
+
+    @property
+    def sites(self) -> list[dict]:
+        return [s for g in self.graphs for s in g]
+
+    def __str__(self) -> str:
+        rows = [("site", "kind", "q shape", "rewritten", "density", "grid (source)", "reason")]
+        for s in self.sites:
+            grid = f"{tuple(s['grid'])} ({s['grid_source']})" if s["grid"] else ""
+            dens = f"{s['density']:.3f}" if s["density"] is not None else ""
+            rows.append((s["site"], s["kind"], "x".join(map(str, s["q"])), "yes" if s["rewritten"] else "no",
+                         dens, grid, s["reason"] or ""))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
+
+
+def record(sites: list[dict]) -> None:
+    _GRAPHS.append(sites)
+    n = sum(s["rewritten"] for s in sites)
+    log.info("compact: graph with %d SDPA sites, %d rewritten to block-sparse attention", len(sites), n)
+    for s in sites:
+        log.info("compact:   %s [%s] %s", s["site"], s["kind"],
+                 f"density {s['density']:.3f}" if s["rewritten"] else f"dense: {s['reason']}")
+
+
+def report(clear: bool = False) -> Report:
+    """Every SDPA site of every graph compiled with backend="compact" so far."""
+    r = Report(list(_GRAPHS))
+    if clear:
+        _GRAPHS.clear()
+    return r
