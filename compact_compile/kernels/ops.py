@@ -4,13 +4,17 @@ Opaque to Inductor (an extern call), so whatever runs inside (a compiled FlexAtt
 Triton kernel later) is chosen at run time. The site's static data (block map, kernel) lives in a
 process-wide table; the graph carries only the integer handle.
 q, k, v arrive in tiled token order (layout.py); the output is in the same order, contiguous.
+`torch.ops.compact.tile_index` gives the graph the index of that order.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Callable
 
 import torch
+
+from ..layout import TokenLayout
 
 SiteKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "float | None"], torch.Tensor]
 
@@ -36,3 +40,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, sc
 @attention.register_fake
 def _(q, k, v, handle, scale=None):
     return q.new_empty(q.shape[:-1] + v.shape[-1:])
+
+
+@functools.cache
+def _tile_index(layout: TokenLayout, device: torch.device, inverse: bool) -> torch.Tensor:
+    return (layout.target_index if inverse else layout.source_index)(device)
+
+
+@torch.library.custom_op("compact::tile_index", mutates_args=())
+def tile_index(like: torch.Tensor, grid: list[int], tile: list[int], block_size: int, n_text: int,
+               text_first: bool, inverse: bool) -> torch.Tensor:
+    """The layout's `source_index` (or `target_index`), on `like`'s device. An op rather than
+    arithmetic in the graph: Inductor's index simplification cannot digest the piecewise map, and
+    a loaded index is cheaper than integer division per element anyway."""
+    layout = TokenLayout(tuple(grid), tuple(tile), block_size, n_text, text_first)
+    return _tile_index(layout, like.device, inverse).clone()
+
+
+@tile_index.register_fake
+def _(like, grid, tile, block_size, n_text, text_first, inverse):
+    n = grid[0] * grid[1] * grid[2] + n_text
+    return torch.empty(n, dtype=torch.int64, device=like.device)
