@@ -40,7 +40,10 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
             warnings.warn(f"compact: site {site.name} stays dense: {e}", stacklevel=2)
             site.reason = f"plan mismatch: {e}"
             continue
-        handle = register_site(FlexBlockSparse(blocks, layout.seq_len, layout.block_size))
+        kernel = FlexBlockSparse(blocks, layout.seq_len, layout.block_size)
+        if opts.observer is not None:
+            kernel = opts.observer(site.name, layout, kernel)
+        handle = register_site(kernel)
         rewrite_site(gm, site, layout, handle)
         site.density = density(blocks)
         site.extras.update(tile=layout.tile, block_size=layout.block_size, kernel="flex")

@@ -11,6 +11,8 @@
     strict      True: a plan that does not fit a site is an error. False: that site stays dense,
                 with a warning and a report entry.
     inner       what compiles the rewritten graph: "inductor" (default), "aot_eager" or "eager".
+    observer    advanced: a callable `(site_name, layout, kernel) -> kernel` that wraps every
+                rewritten site's kernel (calibration uses it to record attention statistics).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 from .plan import Plan
 
@@ -40,6 +43,7 @@ class CompactOptions:
     kernel: str = "flex"
     strict: bool = True
     inner: str = "inductor"
+    observer: Callable | None = None
 
     def __post_init__(self):
         plan = self.plan
@@ -65,6 +69,8 @@ class CompactOptions:
         for name, allowed in (("kernel", KERNELS), ("inner", INNER_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise OptionsError(f"option {name!r} must be one of {allowed}, not {getattr(self, name)!r}")
+        if self.observer is not None and not callable(self.observer):
+            raise OptionsError(f"option 'observer' must be callable, not {type(self.observer).__name__}")
         if not isinstance(self.strict, bool):
             raise OptionsError(f"option 'strict' must be True or False, not {self.strict!r}")
 
