@@ -1,0 +1,189 @@
+"""GPU benchmark of block-sparse attention kernels, one process, same inputs for every kernel.
+
+For the video DiT shapes below (bf16, block 128) at 50/75/90/95% block sparsity with random
+(per head) and window (a band over tiles, shared by the heads) masks, times:
+  SDPA default (dense, cuDNN on H100) · FlexAttention with the same mask (FlexBlockSparse)
+  · our Triton kernel (TritonBlockSparse, autotuned),
+with triton.testing.do_bench (median after warm-up) on N(0,1) inputs, checks ours against Flex on
+every config, and at 90% (random) also times the fused extras against their unfused equivalents:
+the rectification epilogue (R·O + Ō) and the token permutation (gather q/k/v rows, scatter out).
+Effective TFLOP/s = 4·B·H·S²·D·density / t (the work of the kept blocks only).
+
+Run on the GPU machine:  python benchmarks/bench_kernels.py   (JSON to $OUT/kernels.json)
+Options: --shapes NAME... (substrings), --budget-s: past this many seconds the 50%-sparsity points
+of the big shapes (the slowest) are skipped, and the skips are recorded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from compact_compile.kernels import triton_sparse as ts
+from compact_compile.kernels.flex import FlexBlockSparse
+from compact_compile.kernels.triton_sparse import TritonBlockSparse
+
+SHAPES = [  # name, B, H, S, D
+    ("wan1.3B-480p", 1, 12, 32760, 128),
+    ("wan14B-720p", 1, 40, 75600, 128),
+    ("hunyuan-720p", 1, 24, 119040, 128),
+]
+SPARSITIES = [0.90, 0.95, 0.75, 0.50]   # 90% first: the autotuner tunes at the target point
+PATTERNS = ["random", "window"]
+BLOCK = 128
+DEV = "cuda"
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def make_blocks(pattern: str, H: int, nb: int, sparsity: float, gen) -> torch.Tensor:
+    """bool [H or 1, nb, nb] with the diagonal kept."""
+    density = 1.0 - sparsity
+    if pattern == "random":
+        blocks = torch.rand(H, nb, nb, device=DEV, generator=gen) < density
+    else:  # window: |i − j| ≤ w over tiles, the same for every head (lists broadcast over heads)
+        w = max(0, round((density * nb - 1) / 2))
+        i = torch.arange(nb, device=DEV)
+        blocks = ((i[:, None] - i[None, :]).abs() <= w)[None].clone()
+    d = torch.arange(nb, device=DEV)
+    blocks[:, d, d] = True
+    return blocks
+
+
+def errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
+    diff = (out.float() - ref.float())
+    return dict(max_abs_err=diff.abs().max().item(), rel_err=(diff.norm() / ref.float().norm()).item(),
+                finite=bool(torch.isfinite(out).all()))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", nargs="*", default=None)
+    ap.add_argument("--budget-s", type=float, default=240.0)
+    args = ap.parse_args()
+    t_start = time.time()
+    torch.manual_seed(0)
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                block_size=BLOCK, dtype="bfloat16", sm90_configs=ts.SM90_CONFIGS)
+    print(meta, flush=True)
+    rows, configs, skipped = [], [], []
+
+    def record(**r):
+        rows.append(r)
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+
+    def note_config(shape, variant):
+        c = dict(shape=shape, variant=variant, **ts.chosen_config())
+        tuner = ts._attn_fwd_tuned
+        timings = getattr(tuner, "configs_timings", None) or {}
+        c["tuning_ms"] = {str(k): (v[0] if isinstance(v, (list, tuple)) else v) for k, v in timings.items()}
+        tuner.configs_timings = None  # report each tuning once
+        configs.append(c)
+        print("  config", shape, variant, {k: v for k, v in c.items() if k != "tuning_ms"}, flush=True)
+
+    shapes = [s for s in SHAPES if not args.shapes or any(p in s[0] for p in args.shapes)]
+    for name, B, H, S, D in shapes:
+        q, k, v = (torch.randn(B, H, S, D, device=DEV, dtype=torch.bfloat16, generator=gen) for _ in range(3))
+        nb = triton.cdiv(S, BLOCK)
+        flops = 4 * B * H * S * S * D
+        sdpa_ms = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        record(shape=name, impl="sdpa-default", sparsity=0.0, ms=sdpa_ms, tflops=flops / sdpa_ms / 1e9)
+        for sparsity in SPARSITIES:
+            if sparsity == 0.5 and name != SHAPES[0][0] and time.time() - t_start > args.budget_s:
+                skipped.append(f"{name} at 50% (time budget)")
+                print("  skip", skipped[-1], flush=True)
+                continue
+            for pattern in PATTERNS:
+                blocks = make_blocks(pattern, H, nb, sparsity, gen)
+                density = blocks.float().mean().item()
+                # Flex gets the per-head copy of a shared mask: one BlockMask shape per sequence
+                # length, so its compiled kernel is reused across patterns (no recompiles)
+                flex = FlexBlockSparse(blocks.expand(H, nb, nb), S, BLOCK)
+                ours = TritonBlockSparse(blocks, S, BLOCK)
+                ref = flex(q, k, v)
+                out = ours(q, k, v)                  # first call: autotune (per key) + compile
+                if sparsity == SPARSITIES[0] and pattern == PATTERNS[0]:
+                    note_config(name, "plain")
+                flex_ms = bench(lambda: flex(q, k, v))
+                ours_ms = bench(lambda: ours(q, k, v))
+                eff = flops * density
+                r = dict(shape=name, pattern=pattern, sparsity=round(1 - density, 4), density=density,
+                         sdpa_ms=sdpa_ms, flex_ms=flex_ms, ours_ms=ours_ms,
+                         speedup_vs_sdpa=sdpa_ms / ours_ms, speedup_vs_flex=flex_ms / ours_ms,
+                         flex_speedup_vs_sdpa=sdpa_ms / flex_ms,
+                         ours_tflops_eff=eff / ours_ms / 1e9, flex_tflops_eff=eff / flex_ms / 1e9,
+                         **errors(out, ref))
+                if sparsity == 0.9:
+                    r["ours_ms_repeat"] = bench(lambda: ours(q, k, v))   # run-to-run spread
+                record(impl="compare", **r)
+                if sparsity == 0.9 and pattern == "random":
+                    fused_variants(name, B, H, S, D, q, k, v, ours, out, gen, record, note_config)
+                del flex, ours, ref, out
+        del q, k, v
+        torch.cuda.empty_cache()
+
+    summary(rows)
+    result = dict(meta=meta, rows=rows, configs=configs, skipped=skipped, total_s=time.time() - t_start)
+    os.makedirs(os.environ.get("OUT", "."), exist_ok=True)
+    path = os.path.join(os.environ.get("OUT", "."), "kernels.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(f"wrote {path}; total {time.time() - t_start:.0f} s; skipped: {skipped or 'none'}")
+
+
+def fused_variants(name, B, H, S, D, q, k, v, ours, out, gen, record, note_config):
+    """The fused epilogue and permutation against doing the same work in separate passes."""
+    nq = triton.cdiv(S, BLOCK)
+    R = torch.rand(B, H, nq, device=DEV, generator=gen) + 0.5
+    Obar = torch.randn(B, H, nq, D, device=DEV, generator=gen)
+    qb = torch.arange(S, device=DEV) // BLOCK
+    src = torch.randperm(S, device=DEV, generator=gen).to(torch.int32)
+    s64 = src.long()
+
+    def rect_unfused():
+        o = ours(q, k, v)
+        return (R[..., qb, None] * o.float() + Obar[:, :, qb]).to(o.dtype)
+
+    def perm_unfused():
+        o = ours(q[:, :, s64], k[:, :, s64], v[:, :, s64])
+        return torch.empty_like(o).index_copy_(2, s64, o)
+
+    base_ms = bench(lambda: ours(q, k, v))
+    for variant, fused, unfused in [
+        ("rectify", lambda: ours(q, k, v, rectify=(R, Obar)), rect_unfused),
+        ("permute", lambda: ours(q, k, v, src=src), perm_unfused),
+    ]:
+        got = fused()
+        note_config(name, variant)
+        want = unfused()
+        fused_ms, unfused_ms = bench(fused), bench(unfused)
+        record(shape=name, impl=f"fused-{variant}", pattern="random", sparsity=0.9, ours_plain_ms=base_ms,
+               fused_ms=fused_ms, unfused_ms=unfused_ms, fused_overhead=fused_ms / base_ms - 1,
+               **errors(got, want))
+
+
+def summary(rows):
+    cmp = sorted((r for r in rows if r.get("impl") == "compare"), key=lambda r: (r["shape"], r["pattern"], r["sparsity"]))
+    head = f"{'shape':14} {'mask':7} {'spars':>5} {'sdpa ms':>8} {'flex ms':>8} {'ours ms':>8} {'x sdpa':>7} " \
+           f"{'x flex':>7} {'flex TF':>8} {'ours TF':>8} {'max err':>8} {'rel err':>8}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in cmp:
+        print(f"{r['shape']:14} {r['pattern']:7} {r['sparsity']:5.2f} {r['sdpa_ms']:8.2f} {r['flex_ms']:8.3f} "
+              f"{r['ours_ms']:8.3f} {r['speedup_vs_sdpa']:7.2f} {r['speedup_vs_flex']:7.2f} "
+              f"{r['flex_tflops_eff']:8.0f} {r['ours_tflops_eff']:8.0f} {r['max_abs_err']:8.1e} {r['rel_err']:8.1e}")
+    for r in rows:
+        if str(r.get("impl", "")).startswith("fused-"):
+            print(f"{r['shape']:14} {r['impl']:16} plain {r['ours_plain_ms']:.3f} ms, fused {r['fused_ms']:.3f} ms, "
+                  f"unfused {r['unfused_ms']:.3f} ms, max err {r['max_abs_err']:.1e}, rel err {r['rel_err']:.1e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""Block-sparse attention forward in Triton, over compacted key-block lists.
+
+Per (head, query block) the plan keeps a list of key blocks: `kv_num_blocks [H or 1, nq]` and
+`kv_indices [H or 1, nq, nk]` (kept first, ascending: `flex.kv_block_lists`), broadcast over batch
+(and over heads when the first dim is 1). One program computes BLOCK_M query rows of one (batch,
+head) and walks only its listed key blocks: no scan over a dense bitmap.
+
+Online softmax (FlashAttention-2) in base 2. For query row i and the key tiles j seen so far, with
+s_ij = q_i·k_j and c = scale·log2(e):
+    m_i  = max_j s_ij·c                       running max (base-2 exponent domain)
+    l_i  = Σ_j 2^(s_ij·c − m_i)               running normaliser
+    acc_i = Σ_j 2^(s_ij·c − m_i) · v_j        running unnormalised output
+A new tile raises the max to m' = max(m_i, max_j s_ij·c); the old sums are rescaled by
+α = 2^(m_i − m'), so l' = α·l + Σ_j p_ij, acc' = α·acc + P·V with p_ij = 2^(s_ij·c − m').
+At the end O_i = acc_i / l_i = softmax(s_i·scale)·V since 2^(x·log2 e) = e^x.
+
+Extras, both fused into the one pass:
+- rectification epilogue: with R `[B, H, nq]` and Ō `[B, H, nq, D]` (fp32, per query block),
+  the kernel writes R·O + Ō;
+- token permutation: with `src [S]`, tiled position p reads q/k/v rows at model position src[p]
+  and output row p is stored at src[p], so the output comes back in model order.
+
+Partial last block (S not a multiple of the block size): only key block nk−1 can hold keys ≥ S,
+and it is the last entry of a sorted list, so the main loop runs unmasked and only that entry is
+handled by a masked tail loop (keys ≥ S get −inf); query rows ≥ S are not stored.
+
+With TRITON_INTERPRET=1 (set before Triton is imported) the kernels run in Triton's interpreter
+on CPU tensors (slowly: tests only). The interpreter's bf16 `tl.dot` is wrong
+(triton-lang/triton#11584), so there, and only there, bf16 tiles are upcast to fp32 for the dots.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .flex import kv_block_lists
+
+# Triton reads TRITON_INTERPRET when it is imported (its own library functions are jit-decorated then),
+# so the interpreter must be chosen before `import triton`: tests/conftest.py does it on CPU machines.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+HEAD_DIMS = (16, 32, 64, 128)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOG2E = 1.4426950408889634
+
+
+def triton_available(device) -> bool:
+    """Whether this kernel can run on `device`: a CUDA GPU of compute capability ≥ 8.0, or the CPU
+    when Triton runs in its interpreter (TRITON_INTERPRET=1 before import; for tests, far too slow for use)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return not INTERPRET and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
+    return device.type == "cpu" and INTERPRET
+
+
+@triton.jit
+def _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, SRC, k_off, v_off, offs_n, offs_d, j, S,
+             stride_ks, stride_vs, qk_scale,
+             PLAN_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
+             HAS_SRC: tl.constexpr, UPCAST: tl.constexpr):
+    """One BLOCK_N key tile: step j of the flattened (list entry, sub-tile) loop."""
+    SUB: tl.constexpr = PLAN_BLOCK // BLOCK_N          # kernel tiles per plan block
+    kb = tl.load(idx_ptr + j // SUB)                   # listed key block
+    n0 = kb * PLAN_BLOCK + (j % SUB) * BLOCK_N         # first tiled key position of this tile
+    pos = n0 + offs_n
+    if HAS_SRC:   # gather: tiled key p lives at model row src[p]
+        if MASK:
+            rows = tl.load(SRC + pos, mask=pos < S, other=0).to(tl.int64)
+        else:
+            rows = tl.load(SRC + pos).to(tl.int64)
+        k_ptrs = k_base + rows[:, None] * stride_ks + offs_d[None, :]
+        v_ptrs = v_base + rows[:, None] * stride_vs + offs_d[None, :]
+    else:         # contiguous tile: 64-bit scalar start + 32-bit in-tile offsets k_off, v_off
+        k_ptrs = k_base + n0.to(tl.int64) * stride_ks + k_off
+        v_ptrs = v_base + n0.to(tl.int64) * stride_vs + v_off
+    if MASK:
+        k = tl.load(k_ptrs, mask=(pos < S)[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=(pos < S)[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    p_ty = v.dtype
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k))                         # s_ij = q_i·k_j, fp32
+    if MASK:
+        qk = tl.where((pos < S)[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)   # m' = max(m, max_j s_ij·c)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])    # p_ij = 2^(s_ij·c − m')
+    alpha = tl.math.exp2(m_i - m_new)                   # α = 2^(m − m')
+    l_i = l_i * alpha + tl.sum(p, 1)                    # l' = α·l + Σ_j p_ij
+    p = p.to(p_ty)
+    if UPCAST:
+        p = p.to(tl.float32)
+    acc = tl.dot(p, v, acc * alpha[:, None])            # acc' = α·acc + P·V
+    return acc, l_i, m_new
+
+
+@triton.jit(do_not_specialize=["H", "S", "NK", "S_BUCKET"])  # one binary across sequence lengths
+def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, SRC, R, OBAR,
+              stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+              stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
+              stride_nh, stride_nq, stride_ih, stride_iq,
+              stride_rb, stride_rh, stride_rq, stride_cb, stride_ch, stride_cq,
+              H, S, NK, qk_scale, S_BUCKET,
+              HEAD_DIM: tl.constexpr, PLAN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              EVEN_S: tl.constexpr, HAS_SRC: tl.constexpr, HAS_RECT: tl.constexpr, UPCAST: tl.constexpr):
+    # grid: (query tiles, B·H); all tiles of one head run together, so its K/V stay in L2
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    qb = m0 // PLAN_BLOCK                       # plan query block (BLOCK_M divides PLAN_BLOCK)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_valid = offs_m < S
+    if HAS_SRC:
+        q_rows = tl.load(SRC + offs_m, mask=q_valid, other=0).to(tl.int64)
+    else:
+        q_rows = offs_m.to(tl.int64)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :],
+                mask=q_valid[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    k_off = offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_off = offs_n[:, None] * stride_vs + offs_d[None, :]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    # this (head, query block)'s list; stride_nh = stride_ih = 0 when the lists broadcast over heads
+    idx_ptr = KV_IDX + h * stride_ih + qb * stride_iq
+    n = tl.load(KV_NUM + h * stride_nh + qb * stride_nq)
+    SUB: tl.constexpr = PLAN_BLOCK // BLOCK_N
+    n_main = n
+    if not EVEN_S:   # the partial block nk−1, if listed, is the last entry: keep it for the tail
+        last = tl.load(idx_ptr + tl.maximum(n - 1, 0))
+        n_main = tl.where((n > 0) & (last == NK - 1), n - 1, n)
+    for j in range(0, n_main * SUB):
+        acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, SRC, k_off, v_off, offs_n, offs_d,
+                                 j, S, stride_ks, stride_vs, qk_scale,
+                                 PLAN_BLOCK, BLOCK_N, False, HAS_SRC, UPCAST)
+    if not EVEN_S:
+        # sub-tiles of block nk−1 that hold a key < S; each starts below S, so every row of the first
+        # one has a finite score and m_i never stays −inf into a later tile
+        n_tail = (n - n_main) * ((S - (NK - 1) * PLAN_BLOCK + BLOCK_N - 1) // BLOCK_N)
+        for j in range(n_main * SUB, n_main * SUB + n_tail):
+            acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, SRC, k_off, v_off, offs_n, offs_d,
+                                     j, S, stride_ks, stride_vs, qk_scale,
+                                     PLAN_BLOCK, BLOCK_N, True, HAS_SRC, UPCAST)
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]    # O = acc / l (a row with no kept block: 0)
+    if HAS_RECT:    # rectified output R·O + Ō of this query block
+        r = tl.load(R + b * stride_rb + h * stride_rh + qb * stride_rq)
+        ob = tl.load(OBAR + b * stride_cb + h * stride_ch + qb * stride_cq + offs_d)
+        out = out * r + ob[None, :]
+    tl.store(Out + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=q_valid[:, None])
+
+
+# ---- launch configuration ---------------------------------------------------------------------------
+# sm90 candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); the autotuner keys on head dim, seq-len
+# bucket, plan block and the fused extras, and Triton adds the argument dtypes to the key.
+SM90_CONFIGS = [
+    (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3),
+    (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3),
+]
+INTERPRET_CONFIG = dict(BLOCK_M=64, BLOCK_N=64)
+
+
+def _fit(block_m: int, block_n: int, plan_block: int) -> tuple[int, int]:
+    """Kernel tiles must divide the plan block (one list per program, whole sub-tiles per block)."""
+    return min(block_m, plan_block), min(block_n, plan_block)
+
+
+def _prune(configs, named_args, **kwargs):
+    pb = {**named_args, **kwargs}["PLAN_BLOCK"]
+    seen, out = set(), []
+    for c in configs:
+        bm, bn = _fit(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], pb)
+        key = (bm, bn, c.num_warps, c.num_stages)
+        if key not in seen:
+            seen.add(key)
+            out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=c.num_warps, num_stages=c.num_stages))
+    return out
+
+
+_attn_fwd_tuned = None if INTERPRET else triton.autotune(
+    configs=[triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in SM90_CONFIGS],
+    key=["HEAD_DIM", "S_BUCKET", "PLAN_BLOCK", "HAS_SRC", "HAS_RECT"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_attn_fwd)
+
+_last_launch: dict = {}
+
+
+def chosen_config() -> dict:
+    """The configuration of the last launch, with the compiler's resource report where available
+    (registers per thread, spills, shared memory): for benchmarks and reports."""
+    info = dict(_last_launch.get("config", {}))
+    kernel = _last_launch.get("kernel")
+    for name in ("n_regs", "n_spills"):
+        if getattr(kernel, name, None) is not None:
+            info[name] = getattr(kernel, name)
+    shared = getattr(getattr(kernel, "metadata", None), "shared", None)
+    if shared is not None:
+        info["shared_bytes"] = shared
+    return info
+
+
+def _check_qkv(q, k, v):
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must all be [B, H, S, D] of one shape; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
+        raise ValueError(f"q, k, v must share one dtype of {DTYPES}; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"head dim {q.shape[-1]} not supported (supported: {HEAD_DIMS})")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last (head) dim, stride 1; got strides "
+                             f"{t.stride()}. Call .contiguous() on it first.")
+    if not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must be on one device")
+
+
+def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, scale: float | None = None, *,
+                           rectify=None, src=None, out=None, config: dict | None = None) -> torch.Tensor:
+    """softmax(q·kᵀ·scale over the listed key blocks)·v, `[B, H, S, D]` in q's dtype (contiguous
+    unless `out` is given).
+
+    kv_num_blocks `[H or 1, nq]`, kv_indices `[H or 1, nq, nk]` int32: per query block of
+    `block_size` tokens, the count and the (ascending) indices of its key blocks.
+    rectify: (R `[B, H, nq]`, Ō `[B, H, nq, D]`), anything broadcastable: write R·O + Ō instead.
+    src `[S]` int32/int64: tiled position p reads q/k/v row src[p]; output row p goes to src[p].
+    config: dict(BLOCK_M=, BLOCK_N=, num_warps=, num_stages=) to bypass the autotuner.
+    """
+    _check_qkv(q, k, v)
+    if not triton_available(q.device):
+        raise RuntimeError(f"the Triton block-sparse kernel cannot run on {q.device}: it needs a CUDA GPU "
+                           f"(sm80+), or TRITON_INTERPRET=1 set before Triton is imported (CPU, tests only)")
+    B, H, S, D = q.shape
+    nq = triton.cdiv(S, block_size)
+    if block_size not in (16, 32, 64, 128):
+        raise ValueError(f"block size {block_size} not supported (16, 32, 64, 128)")
+    if kv_num_blocks.dim() != 2 or kv_num_blocks.shape[0] not in (1, H) or kv_num_blocks.shape[1] != nq:
+        raise ValueError(f"kv_num_blocks must be [H or 1, {nq}]; got {tuple(kv_num_blocks.shape)}")
+    if kv_indices.shape != (kv_num_blocks.shape[0], nq, nq):
+        raise ValueError(f"kv_indices must be [{kv_num_blocks.shape[0]}, {nq}, {nq}]; got {tuple(kv_indices.shape)}")
+    num = kv_num_blocks.to(device=q.device, dtype=torch.int32)
+    idx = kv_indices.to(device=q.device, dtype=torch.int32).contiguous()
+    if out is None:
+        out = torch.empty(B, H, S, D, device=q.device, dtype=q.dtype)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
+        raise ValueError("out must be [B, H, S, D] in q's dtype with a contiguous last dim")
+    if src is not None:
+        if src.shape != (S,) or src.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"src must be an int32/int64 [S={S}] index; got {src.dtype} {tuple(src.shape)}")
+        src = src.to(q.device).contiguous()
+    if rectify is not None:
+        r, obar = rectify
+        r = r.to(device=q.device, dtype=torch.float32).expand(B, H, nq)
+        obar = obar.to(device=q.device, dtype=torch.float32).expand(B, H, nq, D)
+        if obar.stride(-1) != 1:
+            obar = obar.contiguous()
+        r_strides, c_strides = r.stride(), obar.stride()[:3]
+    else:
+        r = obar = None
+        r_strides = c_strides = (0, 0, 0)
+    scale = D ** -0.5 if scale is None else scale
+    head_stride = lambda t: t.stride(0) if t.shape[0] > 1 else 0  # noqa: E731
+    args = (q, k, v, out, num, idx, src, r, obar,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            head_stride(num), num.stride(1), head_stride(idx), idx.stride(1),
+            *r_strides, *c_strides,
+            H, S, nq, scale * LOG2E, triton.next_power_of_2(S))
+    meta = dict(HEAD_DIM=D, PLAN_BLOCK=block_size, EVEN_S=S % block_size == 0,
+                HAS_SRC=src is not None, HAS_RECT=rectify is not None,
+                UPCAST=INTERPRET and q.dtype == torch.bfloat16)
+    if config is None and INTERPRET:
+        config = INTERPRET_CONFIG
+    if config is not None:
+        bm, bn = _fit(config["BLOCK_M"], config["BLOCK_N"], block_size)
+        launch = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=config.get("num_warps", 4),
+                      num_stages=config.get("num_stages", 2))
+        kernel = _attn_fwd[(triton.cdiv(S, bm), B * H)](*args, **meta, **launch)
+    else:
+        grid = lambda m: (triton.cdiv(S, m["BLOCK_M"]), B * H)  # noqa: E731
+        kernel = _attn_fwd_tuned[grid](*args, **meta)
+        c = _attn_fwd_tuned.best_config
+        launch = dict(**c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+    _last_launch.update(config=launch, kernel=kernel)
+    return out
+
+
+class TritonBlockSparse:
+    """Attention over the kept blocks of `blocks` (bool `[H or 1, n_blocks, n_blocks]`); the same
+    call as `FlexBlockSparse`, plus the fused extras: `rectify=(R, Ō)` and `src` (see
+    `block_sparse_attention`). The int32 block lists are built once per device."""
+
+    def __init__(self, blocks: torch.Tensor, seq_len: int, block_size: int):
+        self.blocks, self.seq_len, self.block_size = blocks.bool(), seq_len, block_size
+        if self.blocks.dim() != 3 or self.blocks.shape[1:] != (triton.cdiv(seq_len, block_size),) * 2:
+            raise ValueError(f"blocks must be [H or 1, n, n] with n = ceil({seq_len}/{block_size}); "
+                             f"got {tuple(self.blocks.shape)}")
+        self._lists: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def block_lists(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        device = torch.device(device)
+        if device not in self._lists:
+            num, idx = kv_block_lists(self.blocks.to(device))
+            self._lists[device] = (num.to(torch.int32).contiguous(), idx.to(torch.int32).contiguous())
+        return self._lists[device]
+
+    def __call__(self, q, k, v, scale: float | None = None, *, rectify=None, src=None) -> torch.Tensor:
+        if q.shape[-2] != self.seq_len:
+            raise ValueError(f"this plan is for {self.seq_len} tokens; got {q.shape[-2]}")
+        num, idx = self.block_lists(q.device)
+        return block_sparse_attention(q, k, v, num, idx, self.block_size, scale, rectify=rectify, src=src)

@@ -1,0 +1,13 @@
+"""Test-session setup shared by all test directories.
+
+Triton picks its interpreter when it is imported, so TRITON_INTERPRET must be set before anything
+imports triton: here, first. Only on machines without CUDA (CPU-only CI), where Triton kernels can
+run in no other way; on a GPU machine the same tests run the compiled kernels. Inductor and
+FlexAttention on CPU generate C++, so they are unaffected.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
