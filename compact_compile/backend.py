@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from .kernels.flex import FlexBlockSparse
 from .kernels.ops import register_site
+from .kernels.rectified import RectifiedSparse
 from .masks import density
 from .options import CompactOptions
 from .passes.grid import patch_embedding_grids
@@ -40,16 +41,26 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
             warnings.warn(f"compact: site {site.name} stays dense: {e}", stacklevel=2)
             site.reason = f"plan mismatch: {e}"
             continue
-        kernel = FlexBlockSparse(blocks, layout.seq_len, layout.block_size)
+        kernel = _site_kernel(opts, layout, blocks)
         if opts.observer is not None:
             kernel = opts.observer(site.name, layout, kernel)
         handle = register_site(kernel)
         rewrite_site(gm, site, layout, handle)
         site.density = density(blocks)
-        site.extras.update(tile=layout.tile, block_size=layout.block_size, kernel="flex")
+        site.extras.update(tile=layout.tile, block_size=layout.block_size, kernel="flex",
+                           dynamic=opts.dynamic, rectify=opts.rectify)
+        if opts.dynamic:  # the online choice adds blocks: at least (1 - drop) of each row
+            site.extras.update(min_density=max(density(blocks), 1 - opts.drop))
     gm.recompile()
     record([s.summary() for s in sites] + _foreign_attention(gm))
     return _compile_inner(gm, example_inputs, opts.inner, mode)
+
+
+def _site_kernel(opts: CompactOptions, layout, blocks):
+    if not (opts.dynamic or opts.rectify):
+        return FlexBlockSparse(blocks, layout.seq_len, layout.block_size)
+    return RectifiedSparse(layout, blocks, dynamic=opts.dynamic, rectify=bool(opts.rectify),
+                           rows=opts.rectify == "rows", p_remain=opts.p_remain, drop=opts.drop)
 
 
 def _foreign_attention(gm: fx.GraphModule) -> list[dict]:

@@ -8,6 +8,8 @@ those of the tiled sequence (see layout.py). `compact-compile plot` draws any of
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from .layout import TokenLayout
@@ -34,6 +36,22 @@ def window_blocks(layout: TokenLayout, window: tuple[int, int, int]) -> torch.Te
     near = ((coords[:, None] - coords[None, :]).abs() <= radius).all(-1)
     inc = incidence.float()
     return (inc @ near.float() @ inc.T) > 0
+
+
+def neighbour_blocks(layout: TokenLayout) -> torch.Tensor:
+    """Key block m is kept for query block n when a token of m touches a token of n (one of its 26
+    spacetime neighbours, or itself): the blocks a local head can never do without."""
+    T, H, W = layout.grid
+    src = layout.source_index()[: layout.n_video] - (layout.n_text if layout.text_first else 0)
+    block_of = torch.empty(layout.n_video, dtype=torch.long)
+    block_of[src] = torch.arange(layout.n_video) // layout.block_size  # raster token -> its block
+    cube = block_of.view(T, H, W)
+    out = torch.zeros(layout.n_blocks, layout.n_blocks, dtype=torch.bool)
+    for dt, dh, dw in itertools.product((-1, 0, 1), repeat=3):
+        a = cube[max(dt, 0):T + min(dt, 0), max(dh, 0):H + min(dh, 0), max(dw, 0):W + min(dw, 0)]
+        b = cube[max(-dt, 0):T + min(-dt, 0), max(-dh, 0):H + min(-dh, 0), max(-dw, 0):W + min(-dw, 0)]
+        out[a.flatten(), b.flatten()] = True
+    return out
 
 
 def video_site_blocks(layout: TokenLayout, video: torch.Tensor) -> torch.Tensor:

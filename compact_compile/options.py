@@ -1,8 +1,15 @@
 """CompactOptions: everything `torch.compile(m, backend="compact", options={...})` understands.
 
     plan        "window" (default: a 3D local window, no calibration), "dense" (every block: the model
-                is unchanged up to rounding), a path to a plan file, or a `Plan`. Without `plan` in
+                is unchanged up to rounding), "dynamic" (blocks chosen online per call from pooled
+                q/k, no calibration), a path to a plan file, or a `Plan`. Without `plan` in
                 options, the environment variable COMPACT_PLAN is used when set.
+    rectify     False; True: correct block-sparse attention for the blocks it skips (Rectified
+                SpaAttn: R·O_sparse + Ō from pooled q/k/v, per query block); "rows": the same
+                estimated per query row.
+    dynamic     also choose blocks online and add them to a static plan (always on for "dynamic").
+    p_remain    online choice: the fewest top blocks holding this estimated mass, default 0.3 …
+    drop        … but at least (1 − drop) of the key blocks; default 0.9.
     window      window extent in tiles (t, h, w) for plan="window"; odd numbers, default (3, 3, 3).
     grid        (T, H, W) video tokens; default: inferred from the graph (patch-embedding conv).
     tile        (tt, th, tw) tokens per tile, tt·th·tw = block_size; default "auto".
@@ -24,7 +31,7 @@ from typing import Callable
 
 from .plan import Plan
 
-BUILTIN_PLANS = ("dense", "window")
+BUILTIN_PLANS = ("dense", "window", "dynamic")
 KERNELS = ("flex", "auto")
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 
@@ -43,6 +50,10 @@ class CompactOptions:
     kernel: str = "flex"
     strict: bool = True
     inner: str = "inductor"
+    rectify: bool | str = False
+    dynamic: bool = False
+    p_remain: float = 0.3
+    drop: float = 0.9
     observer: Callable | None = None
 
     def __post_init__(self):
@@ -61,14 +72,27 @@ class CompactOptions:
             object.__setattr__(self, "grid", _triple("grid", self.grid))
         if self.tile != "auto":
             object.__setattr__(self, "tile", _triple("tile", self.tile))
-        if self.block_size not in (None, 64, 128):
+        if self.block_size is not None and (type(self.block_size) is not int or self.block_size not in (64, 128)):
             raise OptionsError(f"option 'block_size' must be 64 or 128, not {self.block_size!r}")
-        if self.tile != "auto" and self.tile[0] * self.tile[1] * self.tile[2] != (self.block_size or 128):
+        # with a plan file and no block_size, the block size is the plan's: planner.load_plan checks the tile
+        tile_checked_by_plan = self.block_size is None and not (isinstance(plan, str) and plan in BUILTIN_PLANS)
+        if (self.tile != "auto" and not tile_checked_by_plan
+                and self.tile[0] * self.tile[1] * self.tile[2] != (self.block_size or 128)):
             raise OptionsError(f"option 'tile' {self.tile} holds {self.tile[0] * self.tile[1] * self.tile[2]} "
                                f"tokens; it must hold block_size = {self.block_size or 128}")
         for name, allowed in (("kernel", KERNELS), ("inner", INNER_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise OptionsError(f"option {name!r} must be one of {allowed}, not {getattr(self, name)!r}")
+        if self.rectify not in (False, True, "rows"):
+            raise OptionsError(f"option 'rectify' must be False, True or \"rows\", not {self.rectify!r}")
+        if not isinstance(self.dynamic, bool):
+            raise OptionsError(f"option 'dynamic' must be True or False, not {self.dynamic!r}")
+        if plan == "dynamic":
+            object.__setattr__(self, "dynamic", True)
+        for name in ("p_remain", "drop"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+                raise OptionsError(f"option {name!r} must be a number in [0, 1], not {value!r}")
         if self.observer is not None and not callable(self.observer):
             raise OptionsError(f"option 'observer' must be callable, not {type(self.observer).__name__}")
         if not isinstance(self.strict, bool):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .layout import TokenLayout, auto_tile
-from .masks import dense_blocks, video_site_blocks, window_blocks
+from .masks import dense_blocks, neighbour_blocks, video_site_blocks, window_blocks
 from .options import CompactOptions, OptionsError
 from .passes.sites import Site
 from .plan import Plan, PlanError
@@ -13,7 +13,7 @@ from .plan import Plan, PlanError
 def load_plan(options: CompactOptions) -> Plan | None:
     """The options' plan as a `Plan` (None for built-in plans); options that contradict it are errors."""
     plan = options.plan
-    if isinstance(plan, str) and plan in ("dense", "window"):
+    if isinstance(plan, str) and plan in ("dense", "window", "dynamic"):
         return None
     plan = plan if isinstance(plan, Plan) else Plan.load(plan)
     if options.block_size is not None and options.block_size != plan.block_size:
@@ -34,10 +34,20 @@ def site_layout(options: CompactOptions, plan: Plan | None, site: Site) -> Token
 
 
 def site_blocks(options: CompactOptions, plan: Plan | None, site: Site, layout: TokenLayout) -> torch.Tensor:
-    """bool `[heads or 1, n_blocks, n_blocks]`; raises PlanError when the plan does not fit the site."""
+    """The static blocks, bool `[heads or 1, n_blocks, n_blocks]`; with online choice they include
+    the 3D neighbour blocks, which it never drops. Raises PlanError when the plan does not fit."""
+    blocks = _plan_blocks(options, plan, site, layout)
+    if options.dynamic:
+        blocks = blocks | video_site_blocks(layout, neighbour_blocks(layout))
+    return blocks
+
+
+def _plan_blocks(options: CompactOptions, plan: Plan | None, site: Site, layout: TokenLayout) -> torch.Tensor:
     if plan is None:
         if options.plan == "dense":
             return dense_blocks(layout)[None]
+        if options.plan == "dynamic":
+            return video_site_blocks(layout, torch.zeros(layout.n_blocks, layout.n_blocks, dtype=torch.bool))[None]
         return video_site_blocks(layout, window_blocks(layout, options.window))[None]
     if site.name not in plan.sites:
         raise PlanError(f"plan has no site {site.name!r} (it has {len(plan.sites)} sites, e.g. "

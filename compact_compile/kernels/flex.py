@@ -1,29 +1,17 @@
-"""Block-sparse attention on FlexAttention: a plan's block map becomes a `BlockMask` of whole
-blocks (no mask_mod, so no per-element masking cost), built once per device, and a compiled
-`flex_attention` call.
+"""Block-sparse attention on FlexAttention: a block map becomes a `BlockMask` of whole blocks (no
+mask_mod, so no per-element masking cost) and a compiled `flex_attention` call.
 
 `BlockMask.from_kv_blocks` takes the compacted form directly (per query block: how many key blocks,
 and which), O(blocks²); `create_block_mask` would evaluate a mask function over all S² pairs.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-# Flex compiles one kernel per (shape, dtype, device). Dynamo's default limit of 8 per function,
-# when hit, silently falls back to eager flex, which materialises the S×S scores; we raise instead.
-MAX_FLEX_SHAPES = 64
+from .compiled import compiled
 
-
-class FlexRecompileLimit(RuntimeError):
-    pass
-
-
-@functools.cache
-def _compiled_flex():
-    return torch.compile(flex_attention, dynamic=False)
+flex = compiled(flex_attention)
 
 
 def kv_block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,8 +21,17 @@ def kv_block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return num, idx
 
 
+def block_mask(blocks: torch.Tensor, seq_len: int, block_size: int) -> BlockMask:
+    """BlockMask of bool `blocks` `[B or 1, H or 1, n_blocks, n_blocks]`, every kept block full."""
+    num, idx = kv_block_lists(blocks)
+    # the partial-block lists are empty. A separate tensor for them: one tensor in both roles
+    # breaks Inductor's CPU flex template.
+    return BlockMask.from_kv_blocks(torch.zeros_like(num), idx.clone(), num, idx, BLOCK_SIZE=block_size,
+                                    seq_lengths=(seq_len, seq_len), compute_q_blocks=False)
+
+
 class FlexBlockSparse:
-    """Attention over the kept blocks of `blocks` (bool `[H or 1, n_blocks, n_blocks]`)."""
+    """Attention over the kept blocks of a static `blocks` (bool `[H or 1, n_blocks, n_blocks]`)."""
 
     def __init__(self, blocks: torch.Tensor, seq_len: int, block_size: int):
         self.blocks, self.seq_len, self.block_size = blocks.bool(), seq_len, block_size
@@ -42,21 +39,8 @@ class FlexBlockSparse:
 
     def block_mask(self, device: torch.device) -> BlockMask:
         if device not in self._masks:
-            num, idx = kv_block_lists(self.blocks.to(device)[None])
-            # all kept blocks are "full" (no mask_mod); the partial-block lists are empty. A separate
-            # tensor for the empty list: one tensor in both roles breaks Inductor's CPU template.
-            self._masks[device] = BlockMask.from_kv_blocks(
-                torch.zeros_like(num), idx.clone(), num, idx, BLOCK_SIZE=self.block_size,
-                seq_lengths=(self.seq_len, self.seq_len), compute_q_blocks=False)
+            self._masks[device] = block_mask(self.blocks.to(device)[None], self.seq_len, self.block_size)
         return self._masks[device]
 
     def __call__(self, q, k, v, scale: float | None = None) -> torch.Tensor:
-        bm = self.block_mask(q.device)
-        try:
-            with torch._dynamo.config.patch(recompile_limit=MAX_FLEX_SHAPES, fail_on_recompile_limit_hit=True):
-                return _compiled_flex()(q, k, v, block_mask=bm, scale=scale)
-        except torch._dynamo.exc.FailOnRecompileLimitHit:
-            raise FlexRecompileLimit(
-                f"FlexAttention was compiled for {MAX_FLEX_SHAPES} attention shapes in this process; "
-                f"rather than fall back to eager flex (S×S memory), compact_compile stops here. "
-                f"Compile with fixed video sizes or raise compact_compile.kernels.flex.MAX_FLEX_SHAPES") from None
+        return flex(q, k, v, block_mask=self.block_mask(q.device), scale=scale)

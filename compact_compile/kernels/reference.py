@@ -2,6 +2,8 @@
 map to a token mask and run masked softmax attention on upcast inputs. O(S²) memory: tests only."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -16,3 +18,80 @@ def block_sparse_attention_reference(q, k, v, blocks, block_size: int, scale: fl
     `[H or 1, n_blocks, n_blocks]`. Returns float64."""
     mask = token_mask(blocks.to(q.device), q.shape[-2], block_size)
     return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=scale)
+
+
+def rectified_attention_reference(q, k, v, *, n_video: int, block_size: int, static, dynamic: bool,
+                                  rectify: bool, rows: bool = False, p_remain: float = 0.3, drop: float = 0.9,
+                                  scale: float | None = None, keep=None):
+    """Rectified block-sparse attention (kernels/rectified.py) spelled out block by block in float64.
+    Tokens at positions ≥ n_video are text. `keep` (bool `[B, H, nq, nk]`), if given, replaces the
+    block selection. Returns (output, keep)."""
+    given = keep
+    q, k, v = q.double(), k.double(), v.double()
+    B, H, S, D = q.shape
+    scale = D ** -0.5 if scale is None else scale
+    nb = -(-S // block_size)
+    members = [list(range(n * block_size, min(S, (n + 1) * block_size))) for n in range(nb)]
+    videos = [[j for j in m if j < n_video] for m in members]
+    out = torch.empty(B, H, S, v.shape[-1], dtype=torch.float64)
+    keep = torch.zeros(B, H, nb, nb, dtype=torch.bool)
+    for b in range(B):
+        for h in range(H):
+            def mean_mad(x, idx):
+                if not idx:
+                    return torch.zeros(x.shape[-1], dtype=x.dtype), torch.zeros(x.shape[-1], dtype=x.dtype)
+                m = x[idx].mean(0)
+                return m, (x[idx] - m).abs().mean(0)
+            qs, ks, vs = q[b, h], k[b, h], v[b, h]
+            q_stats = [mean_mad(qs, m) for m in members]
+            k_stats = [mean_mad(ks, vid) for vid in videos]
+            v_means = [mean_mad(vs, vid)[0] for vid in videos]
+
+            def block_probs(qx):  # estimated full-attention mass of each key block for query vector qx
+                logits, owner = [], []
+                for m in range(nb):
+                    if videos[m]:  # pooled video part: len·e^{q·k̄}
+                        logits.append(qx @ k_stats[m][0] * scale + math.log(len(videos[m])))
+                        owner.append(m)
+                    for j in members[m]:
+                        if j >= n_video:  # text tokens one by one
+                            logits.append(qx @ ks[j] * scale)
+                            owner.append(m)
+                p = torch.softmax(torch.stack(logits), 0)
+                return torch.zeros(nb, dtype=torch.float64).index_add(0, torch.tensor(owner), p)
+
+            for n in range(nb):
+                kept = static[min(h, static.shape[0] - 1), n].clone()
+                if given is not None:
+                    kept = given[b, h, n].clone()
+                elif dynamic:
+                    p = block_probs(q_stats[n][0])
+                    ranked = sorted(range(nb), key=lambda m: -p[m].item())
+                    covering, total = 1, 0.0
+                    for m in ranked:
+                        total += p[m].item()
+                        if total <= p_remain:
+                            covering += 1
+                    for m in ranked[:max(covering, math.floor((1 - drop) * nb))]:
+                        kept[m] = True
+                keep[b, h, n] = kept
+                cols = [j for m in range(nb) if kept[m] for j in members[m]]
+                for i in members[n]:
+                    a = torch.softmax(qs[i] @ ks[cols].T * scale, 0)
+                    o = a @ vs[cols]
+                    if rectify:
+                        qx = qs[i] if rows else q_stats[n][0]
+                        p = block_probs(qx)
+                        r, o_bar = 1.0, torch.zeros_like(o)
+                        for m in range(nb):
+                            if kept[m] or not videos[m]:
+                                continue
+                            km, kd = k_stats[m]
+                            gain = abs(qx @ km)
+                            error = abs(qx @ kd) if rows else abs(q_stats[n][1] @ km) + abs(qx @ kd)
+                            if gain > error:
+                                r -= p[m]
+                                o_bar += p[m] * v_means[m]
+                        o = r * o + o_bar
+                    out[b, h, i] = o
+    return out, keep

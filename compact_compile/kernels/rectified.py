@@ -1,0 +1,144 @@
+"""Rectified block-sparse attention (Rectified SpaAttn; ../shared/research/seeds.md §2).
+
+Block-sparse attention over kept key blocks C_n of query block n computes
+    O_sparse_i = Σ_{j∈C} e^{s_ij} v_j / Σ_{j∈C} e^{s_ij}
+while full attention is  O_i = R_i · O_sparse_i + Σ_{j∉C} A_ij v_j,  R_i = Σ_{j∈C} A_ij ≤ 1:
+sparse attention over-weights the kept keys by 1/R_i and drops the rest. Both terms are estimated
+from block means (q̄, k̄, v̄) at a cost of O(blocks²·D):
+
+  IPAR   s̄_nm = q̄_n·k̄_m·scale. A block of c_m keys with roughly equal logits holds ≈ c_m·e^{s̄_nm}
+         of the softmax numerator, so P̂_n = softmax_m(s̄_nm + ln c_m). Text keys (joint attention)
+         are few and unlike each other: they enter one by one, unpooled, and are summed into their
+         block afterwards.
+  select (dynamic plans) per query block, the fewest top blocks of P̂ covering p_remain, at least
+         ⌊(1 − drop)·N⌋ of them, ∪ the static blocks (plan, 3D neighbours, text).
+  GAPR   q_i·k_j = q̄·k̄ + (q_i − q̄)·k̄ + q̄·(k_j − k̄) + …; the pooled estimate of a skipped block is
+         trusted only where its leading term dominates the first-order ones:
+         |q̄_n·k̄_m| > |δq_n·k̄_m| + |q̄_n·δk_m|  (δ = mean absolute deviation inside the block).
+  merge  comp = skipped ∧ trusted;  R_n = 1 − Σ_{m∈comp} P̂_nm;  Ō_n = Σ_{m∈comp} P̂_nm·v̄_m;
+         O = R_n·O_sparse + Ō_n.
+
+`rows=True` estimates P̂, GAPR, R and Ō per query row (keys still pooled): 1/B of dense cost
+instead of 1/B² — finer, and measurably so or not (benchmarks/bench_rectify.py).
+Pooled means count only real tokens: the last block may be partial and padding never enters a mean.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..layout import TokenLayout
+from .compiled import compiled
+from .flex import block_mask, flex
+
+
+def block_pool(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and mean absolute deviation of x `[B, H, S, D]` over the tokens of each block that have
+    weight 1 (`weight` float `[S]` of 0/1); blocks with no such token get zeros."""
+    B, H, S, D = x.shape
+    nb = -(-S // block_size)
+    pad = nb * block_size - S
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
+    xb = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(B, H, nb, block_size, D)
+    w = torch.nn.functional.pad(weight.to(x.dtype), (0, pad)).view(nb, block_size, 1)
+    count = w.sum(1).clamp(min=1)
+    mean = (xb * w).sum(3) / count
+    mad = ((xb - mean[:, :, :, None]).abs() * w).sum(3) / count
+    return mean, mad
+
+
+def _estimate(q, k, v, static, video_count, text_block, scale: float, block_size: int, n_video: int,
+              dynamic: bool, rectify: bool, rows: bool, p_remain: float, drop: float):
+    """keep `[B, H, nq, nk]` bool, and (if rectify) R `[B, H, nq|S]`, Ō `[B, H, nq|S, D]`, in float32
+    (float64 for float64 inputs)."""
+    S = q.shape[-2]
+    nb = -(-S // block_size)
+    q = q.to(torch.promote_types(q.dtype, torch.float32))
+    is_video = (torch.arange(S, device=q.device) < n_video).to(q.dtype)
+    q_mean, q_mad = block_pool(q, torch.ones_like(is_video), block_size)
+    k_mean, k_mad = block_pool(k, is_video, block_size)
+    v_mean, _ = block_pool(v, is_video, block_size)
+    k_text = k[:, :, n_video:].to(q.dtype)
+    log_count = torch.where(video_count > 0, video_count.to(q.dtype).clamp(min=1).log(), -math.inf)
+
+    def block_probs(qx):  # P̂ over key blocks for queries qx [B, H, n, D] (block means or rows)
+        video = (qx @ k_mean.transpose(-1, -2)) * scale + log_count
+        text = (qx @ k_text.transpose(-1, -2)) * scale
+        p = torch.cat([video, text], -1).softmax(-1)
+        return p[..., :nb].index_add(-1, text_block, p[..., nb:])
+
+    p_block = block_probs(q_mean)
+    keep = static.expand(p_block.shape).clone()
+    if dynamic:
+        p_sorted, order = p_block.sort(-1, descending=True)
+        covering = 1 + (p_sorted.cumsum(-1) <= p_remain).sum(-1, keepdim=True)
+        k_min = math.floor((1 - drop) * nb)
+        chosen = torch.arange(nb, device=q.device) < covering.clamp(min=k_min)
+        keep |= torch.zeros_like(keep).scatter(-1, order, chosen.expand(keep.shape))
+    if not rectify:
+        return keep, None, None
+    video_key = video_count > 0
+    if rows:
+        p = block_probs(q)
+        gain = (q @ k_mean.transpose(-1, -2)).abs()
+        error = (q @ k_mad.transpose(-1, -2)).abs()
+        skipped = (~keep).repeat_interleave(block_size, -2)[..., :S, :]
+    else:
+        p = p_block
+        gain = (q_mean @ k_mean.transpose(-1, -2)).abs()
+        error = (q_mad @ k_mean.transpose(-1, -2)).abs() + (q_mean @ k_mad.transpose(-1, -2)).abs()
+        skipped = ~keep
+    comp = (skipped & (gain > error) & video_key).to(p.dtype)
+    r = 1 - (p * comp).sum(-1)
+    o_bar = (p * comp) @ v_mean
+    return keep, r, o_bar
+
+
+def _merge(o, r, o_bar, block_size: int):
+    if r.shape[-1] != o.shape[-2]:  # per query block: broadcast to its rows
+        r = r.repeat_interleave(block_size, -1)[..., : o.shape[-2]]
+        o_bar = o_bar.repeat_interleave(block_size, -2)[..., : o.shape[-2], :]
+    return (r[..., None] * o.to(r.dtype) + o_bar).to(o.dtype)
+
+
+estimate, merge = compiled(_estimate, eager_on_cpu=True), compiled(_merge, eager_on_cpu=True)
+
+
+class RectifiedSparse:
+    """A site kernel: block-sparse attention over `static` blocks (∪ online choices if `dynamic`),
+    rectified unless `rectify` is False."""
+
+    def __init__(self, layout: TokenLayout, static: torch.Tensor, *, dynamic: bool, rectify: bool,
+                 rows: bool = False, p_remain: float = 0.3, drop: float = 0.9):
+        self.layout, self.static = layout, static.bool()
+        self.dynamic, self.rectify, self.rows, self.p_remain, self.drop = dynamic, rectify, rows, p_remain, drop
+        bs, nb = layout.block_size, layout.n_blocks
+        pos = torch.arange(nb * bs)
+        self.video_count = ((pos < layout.n_video).view(nb, bs).sum(1)).float()
+        self.text_block = torch.arange(layout.n_video, layout.seq_len) // bs
+        self._device_data: dict[torch.device, tuple] = {}
+
+    def _data(self, device):
+        if device not in self._device_data:
+            static = self.static.to(device)
+            self._device_data[device] = (static, self.video_count.to(device), self.text_block.to(device),
+                                         None if self.dynamic else block_mask(static[None], self.layout.seq_len,
+                                                                              self.layout.block_size))
+        return self._device_data[device]
+
+    def estimate(self, q, k, v, scale: float | None = None):
+        """(keep `[B, H, nq, nk]`, R, Ō) for these inputs; R and Ō are None without rectification."""
+        L = self.layout
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        static, video_count, text_block, _ = self._data(q.device)
+        return estimate(q, k, v, static, video_count, text_block, scale, L.block_size, L.n_video,
+                        self.dynamic, self.rectify, self.rows, self.p_remain, self.drop)
+
+    def __call__(self, q, k, v, scale: float | None = None) -> torch.Tensor:
+        L = self.layout
+        keep, r, o_bar = self.estimate(q, k, v, scale)
+        static_mask = self._data(q.device)[3]
+        bm = static_mask if static_mask is not None else block_mask(keep, L.seq_len, L.block_size)
+        o = flex(q, k, v, block_mask=bm, scale=scale)
+        return merge(o, r, o_bar, L.block_size) if self.rectify else o
