@@ -14,7 +14,8 @@
     grid        (T, H, W) video tokens; default: inferred from the graph (patch-embedding conv).
     tile        (tt, th, tw) tokens per tile, tt·th·tw = block_size; default "auto".
     block_size  64 or 128 tokens per attention block; default: the plan file's, else 128.
-    kernel      "flex" (FlexAttention) or "auto" (the fastest available; today Flex).
+    kernel      "flex" (FlexAttention), "triton" (our kernel; Flex where it cannot run) or "auto"
+                (default: our Triton kernel on CUDA GPUs, where it is the faster, Flex elsewhere).
     strict      True: a plan that does not fit a site is an error. False: that site stays dense,
                 with a warning and a report entry.
     inner       what compiles the rewritten graph: "inductor" (default), "aot_eager" or "eager".
@@ -32,7 +33,7 @@ from typing import Callable
 from .plan import Plan
 
 BUILTIN_PLANS = ("dense", "window", "dynamic")
-KERNELS = ("flex", "auto")
+KERNELS = ("flex", "triton", "auto")
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 
 
@@ -47,7 +48,7 @@ class CompactOptions:
     grid: tuple[int, int, int] | None = None
     tile: tuple[int, int, int] | str = "auto"
     block_size: int | None = None
-    kernel: str = "flex"
+    kernel: str = "auto"
     strict: bool = True
     inner: str = "inductor"
     rectify: bool | str = False

@@ -30,7 +30,8 @@ import torch
 
 from ..layout import TokenLayout
 from .compiled import compiled
-from .flex import block_mask, flex
+from .flex import block_mask, flex, kv_block_lists
+from .triton_sparse import block_sparse_attention
 
 
 def block_pool(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,14 +111,15 @@ class RectifiedSparse:
     rectified unless `rectify` is False."""
 
     def __init__(self, layout: TokenLayout, static: torch.Tensor, *, dynamic: bool, rectify: bool,
-                 rows: bool = False, p_remain: float = 0.3, drop: float = 0.9):
-        self.layout, self.static = layout, static.bool()
+                 rows: bool = False, p_remain: float = 0.3, drop: float = 0.9, kernel: str = "flex"):
+        self.layout, self.static, self.kernel = layout, static.bool(), kernel
         self.dynamic, self.rectify, self.rows, self.p_remain, self.drop = dynamic, rectify, rows, p_remain, drop
         bs, nb = layout.block_size, layout.n_blocks
         pos = torch.arange(nb * bs)
         self.video_count = ((pos < layout.n_video).view(nb, bs).sum(1)).float()
         self.text_block = torch.arange(layout.n_video, layout.seq_len) // bs
         self._device_data: dict[torch.device, tuple] = {}
+        self._static_lists: dict[torch.device, tuple] = {}
 
     def _data(self, device):
         if device not in self._device_data:
@@ -138,7 +140,25 @@ class RectifiedSparse:
     def __call__(self, q, k, v, scale: float | None = None) -> torch.Tensor:
         L = self.layout
         keep, r, o_bar = self.estimate(q, k, v, scale)
+        if self.kernel == "triton":  # R·O + Ō fused into the kernel's epilogue (per query block)
+            fused = (r, o_bar) if self.rectify and not self.rows else None
+            o = torch.cat([self._triton(q[b:b + 1], k[b:b + 1], v[b:b + 1], keep[b], scale,
+                                        None if fused is None else (r[b:b + 1], o_bar[b:b + 1]))
+                           for b in range(q.shape[0])])
+            return merge(o, r, o_bar, L.block_size) if self.rows else o
         static_mask = self._data(q.device)[3]
         bm = static_mask if static_mask is not None else block_mask(keep, L.seq_len, L.block_size)
         o = flex(q, k, v, block_mask=bm, scale=scale)
         return merge(o, r, o_bar, L.block_size) if self.rectify else o
+
+    def _triton(self, q, k, v, keep, scale, rectify):
+        if self.dynamic:
+            num, idx = kv_block_lists(keep)
+        else:
+            num, idx = self._lists(q.device)
+        return block_sparse_attention(q, k, v, num, idx, self.layout.block_size, scale, rectify=rectify)
+
+    def _lists(self, device):
+        if device not in self._static_lists:
+            self._static_lists[device] = kv_block_lists(self.static.to(device))
+        return self._static_lists[device]

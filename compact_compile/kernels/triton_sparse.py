@@ -55,6 +55,19 @@ def triton_available(device) -> bool:
     return device.type == "cpu" and INTERPRET
 
 
+def triton_unsupported(device, dtype, head_dim: int, explicit: bool) -> str:
+    """Why the kernel does not apply ("" if it does). Unless asked for `explicit`ly, it runs on CUDA
+    GPUs only (the CPU interpreter is for tests)."""
+    device = torch.device(device)
+    if not triton_available(device) or (not explicit and device.type != "cuda"):
+        return f"no Triton on {device}"
+    if dtype not in DTYPES:
+        return f"dtype {dtype}"
+    if head_dim not in HEAD_DIMS:
+        return f"head dim {head_dim} (supported: {HEAD_DIMS})"
+    return ""
+
+
 @triton.jit
 def _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, SRC, k_off, v_off, offs_n, offs_d, j, S,
              stride_ks, stride_vs, qk_scale,

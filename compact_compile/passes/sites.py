@@ -36,6 +36,7 @@ class Site:
     q_shape: tuple
     k_shape: tuple
     dtype: str
+    device: str = ""
     scale: float | None = None
     reason: str = ""                # why it stays dense ("" = rewritten)
     grid: tuple | None = None
@@ -82,7 +83,7 @@ def classify(node: fx.Node, grids: list[GridCandidate], grid_option=None, plan_g
     a = sdpa_arguments(node)
     q, k, v = (_value(a[n]) for n in ("query", "key", "value"))
     site = Site(node, module_path(node), OTHER, tuple(getattr(q, "shape", ())), tuple(getattr(k, "shape", ())),
-                str(getattr(q, "dtype", "?")).replace("torch.", ""))
+                str(getattr(q, "dtype", "?")).replace("torch.", ""), str(getattr(q, "device", "")))
     if any(t is None or t.dim() != 4 for t in (q, k, v)):
         site.reason = "q, k, v are not all 4-D [B, H, S, D]"
         return site
