@@ -1,6 +1,6 @@
 """One forward of a diffusers WanTransformer3DModel at the Wan2.1-1.3B config, 480p 81 frames
 (grid 21×30×52 = 32760 tokens), bf16, random weights (weights do not change speed), on the GPU:
-eager, inductor dense, backend="compact" with plan "dense" and "window". Same process, same inputs.
+eager, inductor dense, backend="compact" with several plans and kernels. Same process, same inputs.
 Writes $OUT/e2e_wan.json. Usage: python benchmarks/e2e_wan.py [variant ...]"""
 import json
 import os
@@ -20,7 +20,10 @@ VARIANTS = {
     "eager": None,
     "inductor-dense": dict(backend="inductor"),
     "compact-dense": dict(backend="compact", options=dict(plan="dense")),
+    "compact-window-flex": dict(backend="compact", options=dict(plan="window", window=(3, 3, 3), kernel="flex")),
     "compact-window": dict(backend="compact", options=dict(plan="window", window=(3, 3, 3))),
+    "compact-window-rectify": dict(backend="compact", options=dict(plan="window", window=(3, 3, 3), rectify=True)),
+    "compact-dynamic-rectify": dict(backend="compact", options=dict(plan="dynamic", drop=0.9, rectify=True)),
 }
 
 
@@ -48,7 +51,7 @@ def main(names):
         if name.startswith("compact"):
             sites = compact_compile.report(clear=True).sites
             rewritten = [s for s in sites if s["rewritten"]]
-            res[name].update(sites=len(sites), rewritten=len(rewritten),
+            res[name].update(sites=len(sites), rewritten=len(rewritten), kernel=rewritten[0]["kernel"],
                              density=sum(s["density"] for s in rewritten) / max(1, len(rewritten)))
         base = outs.get("inductor-dense", outs.get("eager"))
         if base is not None and name != "inductor-dense":
