@@ -57,6 +57,10 @@ def main(names):
         if base is not None and name != "inductor-dense":
             res[name]["rel_diff_vs_dense"] = ((outs[name].float() - base.float()).norm() / base.float().norm()).item()
         print(name, json.dumps(res[name]), flush=True)
+        save(res)  # after every variant: a run stopped at its time limit keeps what it measured
+
+
+def save(res):
     if "inductor-dense" in res:
         for name in res:
             res[name]["speedup_vs_inductor_dense"] = res["inductor-dense"]["ms"] / res[name]["ms"]
