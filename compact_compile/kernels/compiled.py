@@ -25,7 +25,7 @@ def compiled(fn, eager_on_cpu: bool = False):
     @functools.wraps(fn)
     def call(*args, **kwargs):
         nonlocal compiled_fn
-        if eager_on_cpu and args[0].device.type == "cpu":
+        if eager_on_cpu and not any(isinstance(t, torch.Tensor) and t.is_cuda for t in torch.utils._pytree.tree_leaves(args)):
             return fn(*args, **kwargs)
         compiled_fn = compiled_fn or torch.compile(fn, dynamic=False)
         try:

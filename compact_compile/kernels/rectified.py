@@ -31,37 +31,44 @@ import torch
 from ..layout import TokenLayout
 from .compiled import compiled
 from .flex import block_mask, flex, kv_block_lists
+from .pool_triton import block_pool_triton
 from .triton_sparse import block_sparse_attention
 
 
-def block_pool(x: torch.Tensor, weight: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and mean absolute deviation of x `[B, H, S, D]` over the tokens of each block that have
-    weight 1 (`weight` float `[S]` of 0/1); blocks with no such token get zeros."""
+def block_pool(x: torch.Tensor, n_valid: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and mean absolute deviation of x `[B, H, S, D]` over the first `n_valid` tokens of each
+    block (zeros for a block with none): the reference and CPU path of pool_triton."""
     B, H, S, D = x.shape
     nb = -(-S // block_size)
     pad = nb * block_size - S
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     xb = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(B, H, nb, block_size, D)
-    w = torch.nn.functional.pad(weight.to(x.dtype), (0, pad)).view(nb, block_size, 1)
+    w = (torch.arange(nb * block_size, device=x.device) < n_valid).to(x.dtype).view(nb, block_size, 1)
     count = w.sum(1).clamp(min=1)
     mean = (xb * w).sum(3) / count
     mad = ((xb - mean[:, :, :, None]).abs() * w).sum(3) / count
     return mean, mad
 
 
-def _estimate(q, k, v, static, video_count, text_block, scale: float, block_size: int, n_video: int,
+def pooled(q, k, v, n_video: int, block_size: int):
+    """q̄, δq over all tokens; k̄, δk, v̄ over video tokens (text keys are never pooled)."""
+    if q.device.type == "cuda" and q.dtype != torch.float64:
+        (qm, qd), (km, kd), (vm, _) = (block_pool_triton(x, n, block_size, mad) for x, n, mad in
+                                       ((q, q.shape[-2], True), (k, n_video, True), (v, n_video, False)))
+    else:
+        (qm, qd), (km, kd), (vm, _) = (block_pool(x, n, block_size) for x, n in
+                                       ((q, q.shape[-2]), (k, n_video), (v, n_video)))
+    return qm, qd, km, kd, vm
+
+
+def _estimate(pools, q, k_text, static, video_count, text_block, scale: float, block_size: int,
               dynamic: bool, rectify: bool, rows: bool, p_remain: float, drop: float):
     """keep `[B, H, nq, nk]` bool, and (if rectify) R `[B, H, nq|S]`, Ō `[B, H, nq|S, D]`, in float32
-    (float64 for float64 inputs)."""
-    S = q.shape[-2]
-    nb = -(-S // block_size)
-    q = q.to(torch.promote_types(q.dtype, torch.float32))
-    is_video = (torch.arange(S, device=q.device) < n_video).to(q.dtype)
-    q_mean, q_mad = block_pool(q, torch.ones_like(is_video), block_size)
-    k_mean, k_mad = block_pool(k, is_video, block_size)
-    v_mean, _ = block_pool(v, is_video, block_size)
-    k_text = k[:, :, n_video:].to(q.dtype)
-    log_count = torch.where(video_count > 0, video_count.to(q.dtype).clamp(min=1).log(), -math.inf)
+    (float64 for float64 inputs). `pools` from `pooled`; q is used only per row."""
+    q_mean, q_mad, k_mean, k_mad, v_mean = pools
+    nb = q_mean.shape[-2]
+    k_text = k_text.to(q_mean.dtype)
+    log_count = torch.where(video_count > 0, video_count.to(q_mean.dtype).clamp(min=1).log(), -math.inf)
 
     def block_probs(qx):  # P̂ over key blocks for queries qx [B, H, n, D] (block means or rows)
         video = (qx @ k_mean.transpose(-1, -2)) * scale + log_count
@@ -75,16 +82,17 @@ def _estimate(q, k, v, static, video_count, text_block, scale: float, block_size
         p_sorted, order = p_block.sort(-1, descending=True)
         covering = 1 + (p_sorted.cumsum(-1) <= p_remain).sum(-1, keepdim=True)
         k_min = math.floor((1 - drop) * nb)
-        chosen = torch.arange(nb, device=q.device) < covering.clamp(min=k_min)
+        chosen = torch.arange(nb, device=keep.device) < covering.clamp(min=k_min)
         keep |= torch.zeros_like(keep).scatter(-1, order, chosen.expand(keep.shape))
     if not rectify:
         return keep, None, None
     video_key = video_count > 0
     if rows:
+        q = q.to(q_mean.dtype)
         p = block_probs(q)
         gain = (q @ k_mean.transpose(-1, -2)).abs()
         error = (q @ k_mad.transpose(-1, -2)).abs()
-        skipped = (~keep).repeat_interleave(block_size, -2)[..., :S, :]
+        skipped = (~keep).repeat_interleave(block_size, -2)[..., :q.shape[-2], :]
     else:
         p = p_block
         gain = (q_mean @ k_mean.transpose(-1, -2)).abs()
@@ -134,8 +142,9 @@ class RectifiedSparse:
         L = self.layout
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         static, video_count, text_block, _ = self._data(q.device)
-        return estimate(q, k, v, static, video_count, text_block, scale, L.block_size, L.n_video,
-                        self.dynamic, self.rectify, self.rows, self.p_remain, self.drop)
+        pools = pooled(q, k, v, L.n_video, L.block_size)
+        return estimate(pools, q if self.rows else None, k[:, :, L.n_video:], static, video_count, text_block,
+                        scale, L.block_size, self.dynamic, self.rectify, self.rows, self.p_remain, self.drop)
 
     def __call__(self, q, k, v, scale: float | None = None) -> torch.Tensor:
         L = self.layout

@@ -69,9 +69,9 @@ def test_kernel_equals_reference(site, dtype, dynamic):
 
 
 def test_block_pool_ignores_padding_and_text():
+    """Tokens past n_valid (text keys, padding of the last block) never enter a mean."""
     x = torch.randn(1, 1, 37, 4, dtype=torch.float64)
-    weight = (torch.arange(37) < 30).double()
-    mean, mad = block_pool(x, weight, 16)
+    mean, mad = block_pool(x, 30, 16)
     for n, rows in enumerate([range(0, 16), range(16, 30), range(30, 30)]):
         rows = list(rows)
         want = x[0, 0, rows].mean(0) if rows else torch.zeros(4, dtype=torch.float64)
@@ -111,3 +111,18 @@ def test_every_block_kept_is_dense_attention():
     out = RectifiedSparse(layout, dense_blocks(layout)[None], dynamic=True, rectify=True)(q, k, v)
     dense = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     assert (out.double() - dense).norm() / dense.norm() < 1e-5
+
+
+@pytest.mark.parametrize("with_mad", [True, False])
+def test_triton_block_pool_equals_reference(with_mad):
+    from compact_compile.kernels.pool_triton import block_pool_triton
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 100, 64, generator=g).transpose(1, 2).contiguous().transpose(1, 2)  # strided heads
+    for n_valid in (100, 70, 0):
+        mean, mad = block_pool_triton(x, n_valid, 32, with_mad)
+        want_mean, want_mad = block_pool(x, n_valid, 32)
+        torch.testing.assert_close(mean, want_mean, rtol=1e-5, atol=1e-6)
+        if with_mad:
+            torch.testing.assert_close(mad, want_mad, rtol=1e-5, atol=1e-6)
+        else:
+            assert mad is None
