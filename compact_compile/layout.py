@@ -147,6 +147,7 @@ def auto_tile(grid: Grid, block_size: int) -> Grid:
         key = (covered, -(max(tile) - min(tile)))
         if best_key is None or key > best_key:
             best, best_key = tile, key
-    if best is None:  # grid smaller than any tile: one tile covers whole frames
-        best = (1, min(grid[1], block_size), max(1, block_size // min(grid[1], block_size)))
+    if best is None:  # grid smaller than any compact tile: flat tiles, as many rows as fit (power of two)
+        th = 1 << (min(grid[1], block_size).bit_length() - 1)
+        best = (1, th, block_size // th)
     return best

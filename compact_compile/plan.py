@@ -79,13 +79,21 @@ class Plan:
 
     @classmethod
     def _from_parts(cls, meta: dict, tensors: dict, where: str) -> "Plan":
+        if not isinstance(meta, dict):
+            raise PlanError(f"{where!r}: plan metadata is incomplete or malformed (not a JSON object)")
         if meta.get("format") != FORMAT:
             raise PlanError(f"{where!r}: not a compact_compile plan (format {meta.get('format')!r})")
         if meta.get("version") != FORMAT_VERSION:
             raise PlanError(f"{where!r}: plan format version {meta.get('version')!r}; "
                             f"this compact_compile reads version {FORMAT_VERSION}")
         try:
-            plan = cls(tuple(meta["grid"]), tuple(meta["tile"]), int(meta["block_size"]), info=meta.get("info", {}))
+            grid, tile, block_size = meta["grid"], meta["tile"], meta["block_size"]
+            if not (_positive_ints(grid, 3) and _positive_ints(tile, 3) and _positive_ints([block_size], 1)
+                    and math.prod(tile) == block_size and isinstance(meta["sites"], dict)):
+                raise ValueError(f"grid {grid!r}, tile {tile!r}, block_size {block_size!r}, sites of type "
+                                 f"{type(meta['sites']).__name__}: want 3 + 3 positive ints, tile of block_size "
+                                 f"tokens, and a dict of sites")
+            plan = cls(tuple(grid), tuple(tile), block_size, info=meta.get("info", {}))
             for name, s in meta["sites"].items():
                 layout = TokenLayout(plan.grid, plan.tile, plan.block_size, int(s["n_text"]), bool(s["text_first"]))
                 nb = layout.n_blocks
@@ -105,6 +113,11 @@ class Plan:
                 raise
             raise PlanError(f"{where!r}: plan metadata is incomplete or malformed ({e!r})") from None
         return plan
+
+
+def _positive_ints(x, n: int) -> bool:
+    return (isinstance(x, list) and len(x) == n
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in x))
 
 
 def _pack_bits(x: torch.Tensor) -> torch.Tensor:

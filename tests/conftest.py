@@ -11,3 +11,19 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import compact_compile  # noqa: E402
+
+# Helpers and tiny model builders shared by the tests live in tests/support.py.
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test starts with no compiled code and an empty compact report (and leaves none behind)."""
+    torch._dynamo.reset()
+    compact_compile.report(clear=True)
+    yield
+    torch._dynamo.reset()
+    compact_compile.report(clear=True)

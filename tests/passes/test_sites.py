@@ -1,0 +1,314 @@
+"""Finding and classifying SDPA sites: every rule of eligibility, with small hand-written modules.
+
+A site that is not provably equivalent to block-sparse attention must keep the original SDPA call
+(the compiled output equals the uncompiled one) and be listed in the report with the reason.
+"""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from support import SelfAttention, Wrapper, masked_sdpa, model_order_mask, rel_err
+
+import compact_compile
+from compact_compile.layout import TokenLayout, auto_tile
+from compact_compile.masks import video_site_blocks, window_blocks
+from compact_compile.passes.sites import CROSS, JOINT, OTHER, VIDEO
+
+GRID = (2, 8, 8)   # 128 video tokens: two blocks of 64 (auto tile (2, 4, 8))
+S, DIM, HEADS = 128, 32, 2
+DENSE = {"grid": GRID, "plan": "dense", "block_size": 64, "inner": "eager"}
+
+
+def qkv(linear: nn.Linear, x, heads=HEADS):
+    return linear(x).unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4)
+
+
+class Variant(nn.Module):
+    """Self-attention over x [B, S, DIM] whose SDPA call is one of the cases below."""
+
+    def __init__(self, case: str):
+        super().__init__()
+        self.case = case
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+        self.kv_small = nn.Linear(DIM, 2 * DIM // HEADS)     # GQA: one kv head
+        self.register_buffer("mask", torch.rand(S, S, generator=torch.Generator().manual_seed(0)) < 0.7)
+
+    def forward(self, x):
+        q, k, v = qkv(self.qkv, x)
+        c = self.case
+        if c == "causal":
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif c == "masked":
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask | torch.eye(S, dtype=torch.bool))
+        elif c == "key-padding":
+            keep = torch.arange(x.shape[1]) < x.shape[1] - 5
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[None, None, None, :])
+        elif c == "additive-mask":
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.zeros(1, 1, 1, x.shape[1]))
+        elif c == "dropout":   # a module that passes its dropout even in eval mode
+            o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
+        elif c == "gqa":
+            k1, v1 = self.kv_small(x).unflatten(-1, (2, 1, -1)).permute(2, 0, 3, 1, 4)
+            o = F.scaled_dot_product_attention(q, k1, v1, enable_gqa=True)
+        elif c == "3-d":
+            o = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)).unflatten(0, q.shape[:2])
+        else:
+            raise ValueError(c)
+        return o.transpose(1, 2).flatten(2)
+
+
+class Cross(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(DIM, DIM)
+        self.kv = nn.Linear(DIM, 2 * DIM)
+
+    def forward(self, x, context):
+        q = self.q(x).unflatten(-1, (HEADS, -1)).transpose(1, 2)
+        k, v = self.kv(context).unflatten(-1, (2, HEADS, -1)).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+class Joint(nn.Module):
+    """Joint attention over video and text tokens concatenated in the graph (text first or last)."""
+
+    def __init__(self, text_first: bool):
+        super().__init__()
+        self.text_first = text_first
+        self.attn = SelfAttention(DIM, HEADS)
+
+    def forward(self, video, text):
+        return self.attn(torch.cat([text, video] if self.text_first else [video, text], dim=1))
+
+
+class TwoCalls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(DIM, 3 * DIM)
+
+    def forward(self, x):
+        q, k, v = qkv(self.qkv, x)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(o, k, v, is_causal=True)
+
+
+def run(model, *inputs, options=DENSE, **compile_kwargs):
+    """Compiled and uncompiled outputs, and the report's sites."""
+    with torch.no_grad():
+        out = torch.compile(model, backend="compact", options=options, **compile_kwargs)(*inputs)
+        ref = model(*inputs)
+    return out, ref, compact_compile.report(clear=True).sites
+
+
+def x_video(batch=1, seq=S):
+    return torch.randn(batch, seq, DIM)
+
+
+# ----------------------------------------------------------------------------------------------
+# ineligible sites stay dense and are reported
+
+
+@pytest.mark.parametrize("case, kind, reason", [
+    ("causal", VIDEO, "causal attention"),
+    ("masked", VIDEO, "attn_mask given"),
+    ("key-padding", VIDEO, "attn_mask given"),
+    ("additive-mask", VIDEO, "attn_mask given"),
+    ("gqa", VIDEO, "grouped-query attention"),
+    ("3-d", OTHER, "not all 4-D"),
+])
+def test_ineligible_site_stays_dense(case, kind, reason):
+    torch.manual_seed(0)
+    out, ref, sites = run(Wrapper(Variant(case)).eval(), x_video())
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    [site] = sites
+    assert site["site"] == "attn" and site["kind"] == kind
+    assert not site["rewritten"] and reason in site["reason"] and site["density"] is None
+
+
+def test_dropout_site_stays_dense():
+    """dropout_p > 0 keeps SDPA's dropout (random, not a sparsity we may choose)."""
+    torch.manual_seed(0)
+    model, x = Wrapper(Variant("dropout")).eval(), x_video()
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="compact", options=DENSE)
+        torch.manual_seed(1)
+        out = compiled(x)
+        torch.manual_seed(1)
+        ref = model(x)
+        again = compiled(x)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)  # same random stream: same SDPA call
+    assert not torch.allclose(out, again)                        # and the dropout is still there
+    [site] = compact_compile.report().sites
+    assert site["kind"] == VIDEO and not site["rewritten"] and site["reason"] == "dropout"
+
+
+def test_cross_attention_stays_dense():
+    torch.manual_seed(0)
+    out, ref, sites = run(Wrapper(Cross()).eval(), x_video(), torch.randn(1, 12, DIM))
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    [site] = sites
+    assert site["kind"] == CROSS and not site["rewritten"] and "different token sets" in site["reason"]
+    assert site["q"] == [1, HEADS, S, DIM // HEADS] and site["k"] == [1, HEADS, 12, DIM // HEADS]
+
+
+def test_symbolic_sequence_length_stays_dense():
+    torch.manual_seed(0)
+    model = Wrapper(SelfAttention(DIM, HEADS)).eval()
+    x = x_video()
+    torch._dynamo.mark_dynamic(x, 1)
+    out, ref, sites = run(model, x)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    [site] = sites
+    assert not site["rewritten"] and "symbolic sequence length" in site["reason"]
+    # the same graph serves another length, still dense and still right
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="compact", options=DENSE, dynamic=True)
+        y = x_video(seq=100)
+        torch.testing.assert_close(compiled(y), model(y), rtol=1e-6, atol=1e-6)
+
+
+def test_float64_stays_dense():
+    torch.manual_seed(0)
+    out, ref, sites = run(Wrapper(SelfAttention(DIM, HEADS)).double().eval(), x_video().double())
+    torch.testing.assert_close(out, ref)
+    [site] = sites
+    assert not site["rewritten"] and "dtype torch.float64" in site["reason"]
+
+
+def test_inputs_requiring_grad_stay_dense():
+    torch.manual_seed(0)
+    model = Wrapper(SelfAttention(DIM, HEADS)).eval()
+    x = x_video()
+    out = torch.compile(model, backend="compact", options={**DENSE, "inner": "aot_eager"})(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-6, atol=1e-6)
+    out.sum().backward()   # the dense SDPA keeps its autograd
+    assert model.attn.qkv.weight.grad is not None
+    [site] = compact_compile.report().sites
+    assert not site["rewritten"] and "require grad" in site["reason"]
+
+
+@pytest.mark.parametrize("options, reason", [
+    ({**DENSE, "grid": (2, 8, 9)}, "128 tokens do not match the video grid (2, 8, 9) (options['grid'])"),
+    ({k: v for k, v in DENSE.items() if k != "grid"}, "no video grid"),
+    ({**DENSE, "grid": (2, 7, 8)}, "does not show whether the others come before or after"),
+], ids=["grid-too-large", "no-grid", "extra-tokens"])
+def test_tokens_that_are_not_the_grid_stay_dense(options, reason):
+    torch.manual_seed(0)
+    out, ref, sites = run(Wrapper(SelfAttention(DIM, HEADS)).eval(), x_video(), options=options)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    [site] = sites
+    assert not site["rewritten"] and reason in site["reason"]
+
+
+def test_sites_are_named_by_module_path_and_call():
+    torch.manual_seed(0)
+    out, ref, sites = run(Wrapper(TwoCalls()).eval(), x_video())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert [(s["site"], s["rewritten"]) for s in sites] == [("attn", True), ("attn#1", False)]
+    assert sites[1]["reason"] == "causal attention"
+
+
+# ----------------------------------------------------------------------------------------------
+# eligible sites are rewritten, and compute masked attention in the model's token order
+
+
+def window_reference(layout: TokenLayout, window):
+    blocks = video_site_blocks(layout, window_blocks(layout, window))
+    return blocks, model_order_mask(layout, blocks[None])
+
+
+@pytest.mark.parametrize("call, scale", [("positional", None), ("keyword", None), ("positional", 0.3)])
+def test_video_site_positional_and_keyword_forms(call, scale):
+    torch.manual_seed(0)
+    model, x = Wrapper(SelfAttention(DIM, HEADS, call=call, scale=scale)).eval(), x_video()
+    window = (1, 1, 1)
+    out, _, sites = run(model, x, options={**DENSE, "plan": "window", "window": window})
+    layout = TokenLayout(GRID, auto_tile(GRID, 64), 64)
+    blocks, mask = window_reference(layout, window)
+    assert not blocks.all()
+    with torch.no_grad(), masked_sdpa({S: [mask]}) as masked:
+        ref = model.double()(x.double())
+    assert masked == [S]
+    assert rel_err(out, ref) < 1e-5 and rel_err(model.float()(x), ref) > 1e-3
+    [site] = sites
+    assert site["rewritten"] and site["kind"] == VIDEO and site["site"] == "attn"
+    assert tuple(site["grid"]) == GRID and site["grid_source"] == "options['grid']"
+    assert site["density"] == pytest.approx(blocks.float().mean().item())
+    assert site["tile"] == layout.tile and site["block_size"] == 64
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_joint_text_and_video(text_first):
+    torch.manual_seed(0)
+    model, video, text = Joint(text_first).eval(), x_video(), torch.randn(1, 12, DIM)
+    window = (1, 1, 1)
+    out, _, sites = run(model, video, text, options={**DENSE, "plan": "window", "window": window})
+    [site] = sites
+    assert site["rewritten"] and site["kind"] == JOINT
+    assert site["n_text"] == 12 and site["text_first"] is text_first
+    layout = TokenLayout(GRID, auto_tile(GRID, 64), 64, 12, text_first)
+    blocks, mask = window_reference(layout, window)
+    assert not blocks.all()
+    with torch.no_grad(), masked_sdpa({S + 12: [mask]}) as masked:
+        ref = model.double()(video.double(), text.double())
+    assert masked == [S + 12]
+    assert rel_err(out, ref) < 1e-5 and rel_err(model.float()(video, text), ref) > 1e-3
+    # text tokens see everything and are seen by everything
+    text_pos = torch.arange(12) + (0 if text_first else S)
+    assert mask[0][text_pos].all() and mask[0][:, text_pos].all()
+
+
+class PatchEmbed3d(nn.Module):
+    """A video DiT in miniature: Conv3d patch embedding, flatten, self-attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv3d(4, DIM, kernel_size=(1, 2, 2), stride=(1, 2, 2))
+        self.attn = SelfAttention(DIM, HEADS)
+
+    def forward(self, latent):
+        return self.attn(self.patch(latent).flatten(2).transpose(1, 2))
+
+
+class PatchEmbedFrames(nn.Module):
+    """CogVideoX style: Conv2d over frames [B·F, C, H, W]."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch = nn.Conv2d(4, DIM, kernel_size=2, stride=2)
+        self.attn = SelfAttention(DIM, HEADS)
+
+    def forward(self, latent):
+        B, F_, C, H, W = latent.shape
+        x = self.patch(latent.flatten(0, 1)).unflatten(0, (B, F_))     # [B, F, DIM, h, w]
+        return self.attn(x.permute(0, 1, 3, 4, 2).flatten(1, 3))
+
+
+@pytest.mark.parametrize("model, latent, source", [
+    (PatchEmbed3d, (1, 4, 2, 16, 16), "Conv3d patch embedding"),
+    (PatchEmbedFrames, (2, 2, 4, 16, 16), "Conv2d over frames patch embedding"),
+], ids=["conv3d", "conv2d-frames"])
+def test_grid_inferred_from_the_patch_embedding(model, latent, source):
+    torch.manual_seed(0)
+    model, x = model().eval(), torch.randn(latent)
+    options = {k: v for k, v in DENSE.items() if k != "grid"}
+    out, ref, sites = run(model, x, options=options)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    [site] = sites
+    assert site["rewritten"] and tuple(site["grid"]) == GRID and source in site["grid_source"]
+    assert site["q"][0] == latent[0]
+
+
+def test_symbolic_batch_static_sequence_is_rewritten():
+    """Only the sequence length must be static: a dynamic batch keeps the site sparse."""
+    torch.manual_seed(0)
+    model = Wrapper(SelfAttention(DIM, HEADS)).eval()
+    x = x_video(batch=2)
+    torch._dynamo.mark_dynamic(x, 0)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="compact", options={**DENSE, "inner": "aot_eager"})
+        for batch in (2, 3):
+            y = x if batch == 2 else x_video(batch=3)
+            torch.testing.assert_close(compiled(y), model(y), rtol=1e-5, atol=1e-6)
+    [site] = compact_compile.report().sites     # one graph for both batch sizes
+    assert site["rewritten"] and not isinstance(site["q"][0], int)

@@ -1,0 +1,169 @@
+"""Helpers and tiny model builders shared by the tests.
+
+Everything here is small on purpose: the suite runs on a 2-core CPU machine. Most tests compile with
+`inner="eager"` or `"aot_eager"`; only a couple of integration tests pay for an Inductor compile.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from compact_compile.kernels.reference import token_mask
+from compact_compile.layout import TokenLayout
+
+# ----------------------------------------------------------------------------------------------
+# errors raised inside a backend reach the caller wrapped in BackendCompilerFailed
+
+
+def root_error(exc: BaseException) -> BaseException:
+    """The exception a backend raised, unwrapped from Dynamo's BackendCompilerFailed."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "inner_exception", None) or exc.__cause__
+        if inner is None:
+            break
+        exc = inner
+    return exc
+
+
+@contextlib.contextmanager
+def raises_from_backend(exc_type, match: str | None = None):
+    """Like pytest.raises, for an error raised by the backend (wrapped or not)."""
+    import re
+
+    with pytest.raises(Exception) as info:
+        yield info
+    err = root_error(info.value)
+    assert isinstance(err, exc_type), f"expected {exc_type.__name__}, got {type(err).__name__}: {err}"
+    if match is not None:
+        assert re.search(match, str(err)), f"{match!r} not found in {str(err)!r}"
+    info.root = err
+
+
+# ----------------------------------------------------------------------------------------------
+# reference: block-sparse attention as dense SDPA with the equivalent token mask, in model order
+
+
+def model_order_mask(layout: TokenLayout, blocks: torch.Tensor) -> torch.Tensor:
+    """bool `[H or 1, S, S]` in the MODEL's token order: token src[p] may see token src[p'] iff
+    block (p // bs, p' // bs) of the tiled sequence is kept (src = layout.source_index())."""
+    tiled = token_mask(blocks, layout.seq_len, layout.block_size)
+    src = layout.source_index()
+    out = torch.zeros_like(tiled)
+    out[..., src[:, None], src[None, :]] = tiled
+    return out
+
+
+@contextlib.contextmanager
+def masked_sdpa(masks_by_len: dict[int, list[torch.Tensor]]):
+    """Patch F.scaled_dot_product_attention: self-attention calls over S tokens (S a key of
+    `masks_by_len`) use the next mask of that list, in call order (one per site), in float64.
+    Yields a list that collects the sequence lengths of the calls that were masked."""
+    original = F.scaled_dot_product_attention
+    counters = {s: 0 for s in masks_by_len}
+    masked = []
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        S, Sk = query.shape[-2], key.shape[-2]
+        if S == Sk and S in masks_by_len:
+            assert attn_mask is None and not is_causal and dropout_p == 0.0
+            mask = masks_by_len[S][counters[S] % len(masks_by_len[S])]
+            counters[S] += 1
+            masked.append(S)
+            return original(query.double(), key.double(), value.double(), attn_mask=mask.to(query.device),
+                            scale=scale).to(query.dtype)
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, enable_gqa=enable_gqa)
+
+    torch.nn.functional.scaled_dot_product_attention = sdpa
+    try:
+        yield masked
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out − ref| / max |ref|."""
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# tiny diffusers models (random weights)
+
+WAN_LATENT = (1, 4, 3, 16, 18)        # patch (1, 2, 2) → video grid (3, 8, 9) = 216 tokens
+WAN_GRID = (3, 8, 9)
+COG_LATENT = (1, 3, 4, 16, 16)        # (B, F, C, H, W), patch 2 → grid (3, 8, 8) = 192 tokens
+COG_GRID = (3, 8, 8)
+COG_TEXT = 12                         # text tokens, before the video tokens in CogVideoX
+
+
+def tiny_wan(seed: int = 0):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+                                  in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
+                                  num_layers=2, qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    inputs = dict(hidden_states=torch.randn(WAN_LATENT, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 12, 32, generator=g), return_dict=False)
+    return model, inputs
+
+
+def tiny_cogvideox(seed: int = 0):
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                        num_layers=2, sample_width=16, sample_height=16, sample_frames=9,
+                                        text_embed_dim=32, time_embed_dim=16, max_text_seq_length=COG_TEXT).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    inputs = dict(hidden_states=torch.randn(COG_LATENT, generator=g),
+                  encoder_hidden_states=torch.randn(1, COG_TEXT, 32, generator=g),
+                  timestep=torch.tensor([500]), return_dict=False)
+    return model, inputs
+
+
+def to_double(inputs: dict) -> dict:
+    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# hand-written attention modules
+
+
+class SelfAttention(nn.Module):
+    """x [B, S, C] → SDPA over heads of `head_dim`; `call` chooses the SDPA form."""
+
+    def __init__(self, dim: int = 32, heads: int = 2, call: str = "keyword", scale: float | None = None):
+        super().__init__()
+        self.heads, self.call, self.scale = heads, call, scale
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        if self.call == "positional" and self.scale is None:
+            o = F.scaled_dot_product_attention(q, k, v)
+        elif self.call == "positional":   # scale and enable_gqa are keyword-only
+            o = F.scaled_dot_product_attention(q, k, v, None, 0.0, False, scale=self.scale)
+        else:
+            o = F.scaled_dot_product_attention(query=q, key=k, value=v, attn_mask=None, dropout_p=0.0,
+                                               is_causal=False, scale=self.scale, enable_gqa=False)
+        return self.out(o.transpose(1, 2).flatten(2))
+
+
+class Wrapper(nn.Module):
+    """Puts a module at path `attn`, as in a real model (site names are module paths)."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, *args):
+        return self.attn(*args)

@@ -1,0 +1,250 @@
+"""The `compact` backend end to end, on tiny diffusers video transformers (random weights, CPU).
+
+Inductor compiles cost 10-30 s each on a small CPU machine: only the two `plan="dense"` tests use the
+default inner compiler; the others use `inner="aot_eager"` (same rewritten graph, no codegen).
+"""
+import copy
+import logging
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from support import (COG_GRID, COG_TEXT, WAN_GRID, masked_sdpa, model_order_mask, rel_err, tiny_cogvideox,
+                     tiny_wan, to_double)
+
+import compact_compile
+from compact_compile.layout import TokenLayout, auto_tile
+from compact_compile.masks import video_site_blocks, window_blocks
+from compact_compile.passes.sites import CROSS, JOINT, VIDEO
+from compact_compile.plan import Plan, SitePlan
+
+WAN_S = math.prod(WAN_GRID)                 # 216
+COG_S = math.prod(COG_GRID) + COG_TEXT      # 204
+
+
+class CallCounter:
+    """observer option: counts the calls of each rewritten site's kernel (proves the op really runs)."""
+
+    def __init__(self):
+        self.calls = {}
+
+    def __call__(self, name, layout, kernel):
+        def counted(q, k, v, scale=None):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return kernel(q, k, v, scale)
+        return counted
+
+
+def relative(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def reference_f64(model, inputs, masks_by_len):
+    """The model in float64, with each rewritten site's SDPA replaced by masked dense attention."""
+    ref_model = copy.deepcopy(model).double()
+    with torch.no_grad(), masked_sdpa(masks_by_len) as masked:
+        out = ref_model(**to_double(inputs))[0]
+    return out, masked
+
+
+# ----------------------------------------------------------------------------------------------
+# plan="dense", default inner compiler (Inductor): the model is unchanged up to float rounding
+
+
+def test_wan_dense_inductor_equals_uncompiled():
+    model, inputs = tiny_wan()
+    counter = CallCounter()
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        out = torch.compile(model, backend="compact",
+                            options={"plan": "dense", "block_size": 64, "observer": counter})(**inputs)[0]
+    assert relative(out, ref) <= 1e-5
+    assert rel_err(out, ref) <= 1e-5
+    sites = compact_compile.report().sites
+    assert [(s["site"], s["kind"], s["rewritten"]) for s in sites] == [
+        ("blocks.0.attn1", VIDEO, True), ("blocks.0.attn2", CROSS, False),
+        ("blocks.1.attn1", VIDEO, True), ("blocks.1.attn2", CROSS, False)]
+    assert counter.calls == {"blocks.0.attn1": 1, "blocks.1.attn1": 1}
+    for s in sites:
+        if s["rewritten"]:
+            assert tuple(s["grid"]) == WAN_GRID and "Conv3d patch embedding" in s["grid_source"]
+            assert s["density"] == 1.0 and s["reason"] is None and s["q"] == [1, 2, WAN_S, 16]
+        else:
+            assert s["density"] is None and "different token sets" in s["reason"] and s["k"][2] == 12
+
+
+def test_cogvideox_dense_inductor_equals_uncompiled():
+    model, inputs = tiny_cogvideox()
+    counter = CallCounter()
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        out = torch.compile(model, backend="compact",
+                            options={"plan": "dense", "block_size": 64, "observer": counter})(**inputs)[0]
+    assert relative(out, ref) <= 1e-5
+    assert rel_err(out, ref) <= 1e-5
+    sites = compact_compile.report().sites
+    assert [s["site"] for s in sites] == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    assert counter.calls == {s["site"]: 1 for s in sites}
+    for s in sites:
+        # joint attention: 12 text tokens before the 192 video tokens
+        assert s["kind"] == JOINT and s["rewritten"] and s["n_text"] == COG_TEXT and s["text_first"] is True
+        assert tuple(s["grid"]) == COG_GRID and "Conv2d over frames" in s["grid_source"]
+        assert s["density"] == 1.0 and s["q"] == [1, 2, COG_S, 16]
+
+
+# ----------------------------------------------------------------------------------------------
+# sparse plans: equal to a float64 model whose attention uses the same mask, densely
+
+
+def test_wan_window_equals_masked_float64_reference():
+    model, inputs = tiny_wan()
+    window = (1, 3, 3)
+    with torch.no_grad():
+        compiled = torch.compile(model, backend="compact", fullgraph=True,
+                                 options={"plan": "window", "window": window, "block_size": 64, "inner": "aot_eager"})
+        out = compiled(**inputs)[0]
+        dense = model(**inputs)[0]
+    layout = TokenLayout(WAN_GRID, auto_tile(WAN_GRID, 64), 64)
+    blocks = window_blocks(layout, window)
+    assert 0 < blocks.float().mean() < 1
+    ref, masked = reference_f64(model, inputs, {WAN_S: [model_order_mask(layout, blocks[None])]})
+    assert masked == [WAN_S, WAN_S]                 # both self-attention sites, not the cross-attention
+    assert relative(out, ref) < 1e-5
+    assert relative(dense, ref) > 1e-3              # the mask changes the result: the test can fail
+    report = compact_compile.report()
+    assert len(report.graphs) == 1                  # one graph, fullgraph=True: no graph break
+    rewritten = [s for s in report.sites if s["rewritten"]]
+    assert [s["site"] for s in rewritten] == ["blocks.0.attn1", "blocks.1.attn1"]
+    assert all(s["density"] == pytest.approx(blocks.float().mean().item()) for s in rewritten)
+
+
+def test_wan_per_head_plan_file_equals_masked_float64_reference(tmp_path):
+    """A plan with different random block maps per site and per head, through a plan file."""
+    model, inputs = tiny_wan()
+    tile = (1, 8, 8)
+    plan = Plan(WAN_GRID, tile, 64, info={"made by": "test"})
+    layout = TokenLayout(WAN_GRID, tile, 64)
+    gen = torch.Generator().manual_seed(0)
+    masks = []
+    for i in range(2):
+        blocks = (torch.rand(2, layout.n_blocks, layout.n_blocks, generator=gen) < 0.4) | torch.eye(
+            layout.n_blocks, dtype=torch.bool)
+        plan.sites[f"blocks.{i}.attn1"] = SitePlan(2, 16, WAN_S, 0, False, blocks)
+        masks.append(model_order_mask(layout, blocks))
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[0][0], masks[0][1])
+    plan.save(tmp_path / "wan.plan.safetensors")
+    with torch.no_grad():
+        out = torch.compile(model, backend="compact", fullgraph=True,
+                            options={"plan": str(tmp_path / "wan.plan.safetensors"), "inner": "aot_eager"})(**inputs)[0]
+    ref, masked = reference_f64(model, inputs, {WAN_S: masks})
+    assert masked == [WAN_S, WAN_S]
+    assert relative(out, ref) < 1e-5
+    swapped, _ = reference_f64(model, inputs, {WAN_S: masks[::-1]})  # site order matters
+    assert relative(swapped, ref) > 1e-3
+    sites = [s for s in compact_compile.report().sites if s["rewritten"]]
+    assert [s["grid_source"] for s in sites] == ["plan", "plan"]
+    assert [s["density"] for s in sites] == pytest.approx([p.density for p in plan.sites.values()])
+
+
+def test_cogvideox_window_equals_masked_float64_reference():
+    model, inputs = tiny_cogvideox()
+    window = (1, 1, 1)
+    with torch.no_grad():
+        out = torch.compile(model, backend="compact", fullgraph=True,
+                            options={"plan": "window", "window": window, "block_size": 64,
+                                     "inner": "aot_eager"})(**inputs)[0]
+        dense = model(**inputs)[0]
+    layout = TokenLayout(COG_GRID, auto_tile(COG_GRID, 64), 64, COG_TEXT, text_first=True)
+    blocks = video_site_blocks(layout, window_blocks(layout, window))
+    assert 0 < blocks.float().mean() < 1
+    mask = model_order_mask(layout, blocks[None])
+    assert mask[0, :COG_TEXT].all() and mask[0, :, :COG_TEXT].all()   # text first: dense rows and columns
+    ref, masked = reference_f64(model, inputs, {COG_S: [mask]})
+    assert masked == [COG_S, COG_S]
+    assert relative(out, ref) < 1e-5
+    assert relative(dense, ref) > 1e-3
+    # the same mask with the text assumed last is a different computation
+    wrong = model_order_mask(TokenLayout(COG_GRID, layout.tile, 64, COG_TEXT, text_first=False), blocks[None])
+    wrong_ref, _ = reference_f64(model, inputs, {COG_S: [wrong]})
+    assert relative(wrong_ref, ref) > 1e-3
+    sites = compact_compile.report().sites
+    assert all(s["kind"] == JOINT and s["text_first"] is True and s["rewritten"] for s in sites)
+
+
+# ----------------------------------------------------------------------------------------------
+# graph breaks, report, logging, entry point
+
+
+def test_no_graph_breaks():
+    model, inputs = tiny_wan()
+    with torch.no_grad():
+        explained = torch._dynamo.explain(model)(**inputs)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
+def test_report_and_log_line(caplog):
+    model, inputs = tiny_wan()
+    with torch.no_grad(), caplog.at_level(logging.INFO, logger="compact_compile"):
+        torch.compile(model, backend="compact",
+                      options={"plan": "window", "block_size": 64, "inner": "eager"})(**inputs)
+    report = compact_compile.report()
+    assert len(report.sites) == 4
+    for s in report.sites:
+        assert {"site", "kind", "q", "k", "dtype", "rewritten", "reason", "grid", "grid_source", "density"} <= set(s)
+    text = str(report)
+    for s in report.sites:
+        assert s["site"] in text and s["kind"] in text
+    assert "Conv3d patch embedding" in text and "different token sets" in text
+    assert "graph with 4 SDPA sites, 2 rewritten" in caplog.text
+    assert "blocks.0.attn2 [cross-attention] dense" in caplog.text
+    assert compact_compile.report(clear=True).sites and not compact_compile.report().sites
+
+
+ENTRY_POINT_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Linear(32, 96)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).unflatten(-1, (3, 2, 16)).permute(2, 0, 3, 1, 4)
+            return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+    torch.manual_seed(0)
+    model, x = Attn().eval(), torch.randn(1, 128, 32)
+    assert "compact" in torch._dynamo.list_backends()
+    assert not any(m.startswith("compact_compile") for m in sys.modules), "imported too early"
+    compiled = torch.compile(model, backend="compact",
+                             options={"grid": (2, 8, 8), "tile": (1, 8, 8), "plan": "window", "window": (1, 1, 1),
+                                      "block_size": 64, "inner": "eager"})
+    with torch.no_grad():
+        out = compiled(x)
+    assert "compact_compile" in sys.modules
+    site = sys.modules["compact_compile"].report().sites[0]
+    print("REWRITTEN", site["rewritten"], site["density"])
+    # tile (1, 8, 8), window (1, 1, 1): one block per frame, each frame attends to itself only
+    with torch.no_grad():
+        q, k, v = model.qkv(x).unflatten(-1, (3, 2, 16)).permute(2, 0, 3, 1, 4)
+        ref = torch.cat([F.scaled_dot_product_attention(q[:, :, f], k[:, :, f], v[:, :, f])
+                         for f in (slice(0, 64), slice(64, 128))], 2).transpose(1, 2).flatten(2)
+    print("MAXDIFF", (out - ref).abs().max().item())
+""")
+
+
+def test_entry_point_in_a_fresh_interpreter(tmp_path):
+    """torch.compile(backend="compact") with no import of compact_compile, as a framework would call it."""
+    proc = subprocess.run([sys.executable, "-c", ENTRY_POINT_SCRIPT], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines() if line.split(" ", 1)[0] in
+                 ("REWRITTEN", "MAXDIFF"))
+    assert lines["REWRITTEN"] == "True 0.5"
+    assert float(lines["MAXDIFF"]) < 1e-5
