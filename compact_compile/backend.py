@@ -23,6 +23,7 @@ from .passes.sites import OTHER, find_sites
 from .plan import PlanError
 from .planner import load_plan, site_blocks, site_layout
 from .report import record
+from .schedule import scheduled_kernel, with_step_clock
 
 
 def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None, mode: str | None = None):
@@ -42,6 +43,7 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
             site.reason = f"plan mismatch: {e}"
             continue
         kernel = _site_kernel(opts, layout, blocks)
+        kernel = scheduled_kernel(plan, site.name, kernel, lambda b, layout=layout: _site_kernel(opts, layout, b))
         if opts.observer is not None:
             kernel = opts.observer(site.name, layout, kernel)
         handle = register_site(kernel)
@@ -53,7 +55,7 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
             site.extras.update(min_density=max(density(blocks), 1 - opts.drop))
     gm.recompile()
     record([s.summary() for s in sites] + _foreign_attention(gm))
-    return _compile_inner(gm, example_inputs, opts.inner, mode)
+    return with_step_clock(gm, _compile_inner(gm, example_inputs, opts.inner, mode), plan)
 
 
 def _site_kernel(opts: CompactOptions, layout, blocks):

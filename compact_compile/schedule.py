@@ -1,0 +1,218 @@
+"""Step schedule: dense attention for the first denoising steps, the plan's sparse masks after, with
+no user code telling the runtime which step it is in.
+
+Where the step comes from: the model's `timestep` input. Within one generation a sampler feeds the
+transformer strictly decreasing timesteps (noise level goes down), so the process-wide `CLOCK`
+derives the step from the sequence of timestep values it is shown:
+
+    value < previous    → next step            (step += 1)
+    value == previous   → same step            (classifier-free guidance as two calls per step —
+                                                cond and uncond share the timestep — or a second
+                                                compiled graph of the same forward)
+    value > previous    → a new generation     (step = 0)
+    first value ever    → step 0
+
+CFG as a batch of two is one call with a `[2]` timestep of equal values: one step per call. The
+value used is the batch maximum (Wan 2.2 TI2V passes per-token timesteps `[B, S]`, whose maximum is
+the noise level of the generated frames).
+
+Who feeds the clock: the backend wraps a compiled graph that has a `timestep` input (Dynamo names
+it `l_kwargs_timestep_` / `l_timestep_`) whenever its plan carries a schedule (`with_step_clock`),
+reading the value before the graph runs (one host sync per forward; incompatible with CUDA graphs).
+Calibration feeds it from the model call it intercepts. A graph without a timestep input (e.g.
+regional compilation of the repeated blocks only) leaves the clock unfed; scheduled sites then
+warn once and use their sparse masks at every step. Two pipelines interleaving their steps in one
+process would confuse the one clock; Wan 2.2's two experts are fine (one shared timestep sequence).
+
+Known trap: calling the model again and again with one constant timestep (a benchmark loop) is
+"step 0" forever, hence dense under a schedule with dense steps. Pin the step for that:
+`with compact_compile.schedule.at_step(30): model(...)`.
+
+In a plan the schedule is `plan.info["schedule"]`:
+    {"dense_steps": 15, "ranges": [[15, 30], [30, null]], "step_source": "timestep"}
+Steps below `dense_steps` are dense; range i (start ≤ step < end, end null = open) uses the site's
+block map `name` for i = 0 and the extra plan entry `f"{name}@{start}"` for i > 0 (one mask reused
+over neighbouring steps). The first K layers being dense is baked into the block maps (all ones);
+a scheduled site whose block map is all ones runs plain SDPA rather than Flex.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("compact_compile")
+
+STEP_SOURCE = "timestep"
+_TIMESTEP_PLACEHOLDER = re.compile(r"^l_(kwargs_)?timestep_$")   # model(timestep=…) / forward frame
+_POSITIONAL_PLACEHOLDER = re.compile(r"^l_args_(\d+)_$")           # model(x, t, …) through *args
+
+
+class StepClock:
+    """The current denoising step, derived from the timestep values shown to `observe`."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.step: int | None = None     # None: never fed (step unknown)
+        self.generation = 0              # generations seen so far (a new one starts at step 0)
+        self._last: float | None = None
+        self._pinned: list[int] = []
+
+    def observe(self, timestep) -> int:
+        value = float(timestep.max()) if isinstance(timestep, torch.Tensor) else float(timestep)
+        if self._last is None or value > self._last:
+            self.step, self.generation = 0, self.generation + 1
+            log.debug("compact: generation %d starts (timestep %g)", self.generation, value)
+        elif value < self._last:
+            self.step += 1
+        self._last = value
+        return self.step
+
+    @property
+    def current(self) -> int | None:
+        """The step sites should act on: a pinned step if any, else the observed one."""
+        return self._pinned[-1] if self._pinned else self.step
+
+
+CLOCK = StepClock()
+
+
+@contextlib.contextmanager
+def at_step(step: int):
+    """Act as if in denoising step `step`, whatever the timestep input says (benchmarks, tests)."""
+    CLOCK._pinned.append(int(step))
+    try:
+        yield
+    finally:
+        CLOCK._pinned.pop()
+
+
+# ---- the schedule as plan data -----------------------------------------------------------------
+
+def make_schedule(dense_steps: int, ranges: list[tuple[int, int | None]] | None = None) -> dict:
+    """Plan.info["schedule"]; `ranges` default to one open range from `dense_steps`."""
+    ranges = [(dense_steps, None)] if not ranges else [tuple(r) for r in ranges]
+    check_ranges(dense_steps, ranges)
+    return dict(dense_steps=int(dense_steps), ranges=[[int(a), None if b is None else int(b)] for a, b in ranges],
+                step_source=STEP_SOURCE)
+
+
+def check_ranges(dense_steps: int, ranges) -> None:
+    """Ranges must tile [dense_steps, end) without gaps; only the last may be open."""
+    if dense_steps < 0:
+        raise ValueError(f"dense_steps must be ≥ 0, not {dense_steps}")
+    expect = dense_steps
+    for i, (a, b) in enumerate(ranges):
+        if a != expect or (b is not None and b <= a) or (b is None and i != len(ranges) - 1):
+            raise ValueError(f"step ranges {list(ranges)} must follow each other from step {dense_steps} "
+                             f"(start = previous end), non-empty, only the last open-ended")
+        expect = b
+
+
+def range_site_name(site: str, index: int, ranges) -> str:
+    """Plan entry holding `site`'s block map for step range `index`."""
+    return site if index == 0 else f"{site}@{ranges[index][0]}"
+
+
+# ---- runtime -----------------------------------------------------------------------------------
+
+def dense_attention(q, k, v, scale=None):
+    """Full attention; in tiled order it equals full attention in model order (a permutation)."""
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+class ScheduledKernel:
+    """A site's kernel under a plan schedule: dense below `dense_steps`, else the kernel of the step
+    range containing the current step (the last range beyond its end, the first when the step is
+    unknown)."""
+
+    _warned_unknown = False
+
+    def __init__(self, site: str, dense_steps: int, ranges, kernels):
+        self.site, self.dense_steps, self.ranges, self.kernels = site, dense_steps, ranges, kernels
+
+    def select(self, step: int | None):
+        if step is None:
+            if not ScheduledKernel._warned_unknown:
+                ScheduledKernel._warned_unknown = True
+                warnings.warn("compact: the plan has a step schedule but no timestep was seen (no `timestep` "
+                              "input in the compiled graph?): sparse masks are used at every step. Pin a step "
+                              "with compact_compile.schedule.at_step(n) to choose.", stacklevel=2)
+            return self.kernels[0]
+        if step < self.dense_steps:
+            return dense_attention
+        for (a, b), kernel in zip(self.ranges, self.kernels):
+            if b is None or step < b:
+                return kernel
+        return self.kernels[-1]
+
+    def __call__(self, q, k, v, scale=None):
+        return self.select(CLOCK.current)(q, k, v, scale)
+
+
+def scheduled_kernel(plan, site: str, kernel, make_kernel):
+    """`kernel` itself unless `plan` carries a schedule; else a ScheduledKernel over the plan's
+    per-range block maps (`make_kernel(blocks)` builds the kernels of the extra ranges the way the
+    backend built `kernel`)."""
+    schedule = getattr(plan, "info", {}).get("schedule") if plan is not None else None
+    if not schedule:
+        return kernel
+    ranges = [tuple(r) for r in schedule["ranges"]]
+    kernels = []
+    for i in range(len(ranges)):
+        blocks = plan.sites[range_site_name(site, i, ranges)].blocks
+        if blocks.all():
+            kernels.append(dense_attention)        # a dense layer: SDPA beats Flex with every block
+        else:
+            kernels.append(kernel if i == 0 else make_kernel(blocks))
+    return ScheduledKernel(site, int(schedule["dense_steps"]), ranges, kernels)
+
+
+def timestep_input(gm: torch.fx.GraphModule) -> int | None:
+    """Position of the graph's `timestep` placeholder, if it has one.
+
+    By name when the timestep was passed by keyword (`l_kwargs_timestep_`) or the compiled frame is
+    the model's forward (`l_timestep_`). A positional call through `Module.__call__(*args)` names it
+    `l_args_1_`; then the frame's `self` (read from Dynamo's current translator, a private API,
+    hence the fallback to "not found") gives the forward signature that maps positions to names."""
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, name in enumerate(placeholders):
+        if _TIMESTEP_PLACEHOLDER.match(name):
+            return i
+    try:
+        import inspect
+
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        module = InstructionTranslator.current_tx().f_locals["self"]
+        params = [p for p in inspect.signature(module.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except Exception:  # not inside Dynamo, or its internals moved: no positional mapping
+        return None
+    for i, name in enumerate(placeholders):
+        m = _POSITIONAL_PLACEHOLDER.match(name)
+        if m and int(m.group(1)) < len(params) and params[int(m.group(1))].name == "timestep":
+            return i
+    return None
+
+
+def with_step_clock(gm: torch.fx.GraphModule, compiled, plan):
+    """`compiled`, fed to the CLOCK from the graph's timestep input first when the plan has a
+    schedule (else unchanged)."""
+    if plan is None or not getattr(plan, "info", {}).get("schedule"):
+        return compiled
+    index = timestep_input(gm)
+    if index is None:
+        return compiled
+
+    def run(*args):
+        CLOCK.observe(args[index])
+        return compiled(*args)
+
+    return run

@@ -1,0 +1,138 @@
+"""Greedy contraction (search.py) and plan assembly (build.py): guarantees, λ semantics, unions, plan files."""
+import math
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from compact_compile.calibrate.build import build_plan, search_stats
+from compact_compile.calibrate.patterns import Family
+from compact_compile.calibrate.search import density, recall, search_sites, union
+from compact_compile.calibrate.stats import CalibrationStats
+from compact_compile.layout import TokenLayout
+from compact_compile.plan import Plan
+
+TILES = [(1, 2, 2), (1, 2, 4), (2, 2, 2), (1, 4, 4)]
+
+
+@st.composite
+def layouts(draw):
+    tile = draw(st.sampled_from(TILES))
+    grid = (draw(st.integers(1, 6)), draw(st.integers(2, 12)), draw(st.integers(2, 12)))
+    return TokenLayout(grid, tile, math.prod(tile), draw(st.sampled_from([0, 0, 5])), draw(st.booleans()))
+
+
+def structured_mass(layout, heads: int, gen: torch.Generator) -> torch.Tensor:
+    """Block mass that decays with tile distance at a random rate per head and axis, plus noise:
+    local, anisotropic, temporal and near-uniform heads all occur."""
+    fam = Family(layout)
+    rep, _ = fam.block_representatives()
+    c = fam.tile_coords()[rep.clamp(min=0)].double()
+    d = (c[:, None] - c[None, :]).abs()                                    # [nb, nb, 3]
+    rate = torch.rand(heads, 1, 1, 3, generator=gen, dtype=torch.float64) * 3
+    logits = -(d * rate).sum(-1) + 0.5 * torch.randn(heads, layout.n_blocks, layout.n_blocks, generator=gen,
+                                                     dtype=torch.float64)
+    return torch.softmax(logits, -1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(layouts(), st.integers(1, 4), st.floats(0.5, 0.99), st.sampled_from([0.011, 0.1, 1.0, math.inf]),
+       st.integers(0, 2**31))
+def test_searched_masks_keep_recall_at_least_tau(layout, heads, tau, lam, seed):
+    mass = structured_mass(layout, heads, torch.Generator().manual_seed(seed))
+    fam = Family(layout)
+    res = search_sites({"s": mass}, fam, tau, lam)["s"]
+    # recall measured independently of the search's bookkeeping, from the block map and the mass
+    w = torch.tensor([min(layout.block_size, layout.seq_len - n * layout.block_size)
+                      for n in range(layout.n_blocks)], dtype=torch.float64) / layout.seq_len
+    independent = (res.blocks.double() * mass * w[:, None]).sum((-1, -2))
+    assert (independent >= tau).all(), (independent, tau)
+    torch.testing.assert_close(res.recall, independent, rtol=0, atol=1e-12)
+    assert torch.equal(res.blocks, fam.block_map(res.params))
+    for curve in res.curves:   # the greedy path: from full attention, density and recall never increase
+        d, r = zip(*curve)
+        assert d[0] == pytest.approx(1.0) and r[0] == pytest.approx(1.0)
+        assert all(b < a for a, b in zip(d, d[1:])) and all(b <= a + 1e-12 for a, b in zip(r, r[1:]))
+        assert r[-1] >= tau
+
+
+@settings(max_examples=40, deadline=None)
+@given(layouts(), st.floats(0.5, 0.99), st.integers(0, 2**31))
+def test_union_never_lowers_recall(layout, tau, seed):
+    gen = torch.Generator().manual_seed(seed)
+    fam = Family(layout)
+    masses = [structured_mass(layout, 3, gen) for _ in range(2)]
+    masks = [search_sites({"s": m}, fam, tau, math.inf)["s"].blocks for m in masses]
+    both = union(*masks)
+    for m in masses:
+        r = recall(both, m, layout)
+        assert (r >= recall(masks[0], m, layout) - 1e-15).all() and (r >= recall(masks[1], m, layout) - 1e-15).all()
+    assert (density(both) >= torch.maximum(density(masks[0]), density(masks[1]))).all()
+
+
+def test_lambda_stops_on_uniform_attention_and_tau_alone_then_binds():
+    """Uniform attention loses as much recall as it saves compute (ratio 1 > λ): nothing is dropped at
+    the default λ. Without λ the search stops at τ."""
+    layout = TokenLayout((4, 8, 8), (1, 4, 4), 16)
+    cols = torch.full((layout.n_blocks,), 16.0, dtype=torch.float64) / layout.seq_len
+    mass = cols.expand(2, layout.n_blocks, layout.n_blocks).clone()
+    fam = Family(layout)
+    strict = search_sites({"s": mass}, fam, 0.9, 0.011)["s"]
+    assert (strict.density == 1.0).all()
+    loose = search_sites({"s": mass}, fam, 0.9, math.inf)["s"]
+    assert (loose.recall >= 0.9).all() and (loose.density < 0.95).all()
+    torch.testing.assert_close(loose.recall, loose.density, rtol=0, atol=1e-12)   # uniform: recall = density
+
+
+def _stats(layout, sites: int, heads: int, seed: int, steps=(3, None)) -> CalibrationStats:
+    gen = torch.Generator().manual_seed(seed)
+    st_ = CalibrationStats(steps, calls=4, generations=1)
+    for i in range(sites):
+        s = st_.site(f"blocks.{i}.attn1", layout, heads, 16)
+        s.add(structured_mass(layout, heads, gen))
+    return st_
+
+
+def test_dense_layers_stay_full():
+    layout = TokenLayout((4, 8, 8), (1, 4, 4), 16)
+    found = search_stats(_stats(layout, 4, 2, 0), 0.9, math.inf, dense_layers=2)
+    assert [bool(r.blocks.all()) for r in found.values()] == [True, True, False, False]
+
+
+def test_build_plan_union_over_generations_and_info_round_trip():
+    layout = TokenLayout((4, 8, 8), (1, 4, 4), 16)
+    gens = [[_stats(layout, 3, 2, seed, (3, 7)) for seed in (0, 1)], [_stats(layout, 3, 2, 5, (7, None))]]
+    plan = build_plan(gens, recall_target=0.85, cost=0.05, dense_steps=3, merge="union")
+    assert list(plan.sites) == ["blocks.0.attn1", "blocks.1.attn1", "blocks.2.attn1",
+                                "blocks.0.attn1@7", "blocks.1.attn1@7", "blocks.2.attn1@7"]
+    total = CalibrationStats((3, 7))
+    for g in gens[0]:
+        total.merge(g)
+    for name in ["blocks.0.attn1", "blocks.1.attn1"]:
+        blocks = plan.sites[name].blocks
+        for g in gens[0] + [total]:   # the union keeps τ on every input and on their mean
+            assert (recall(blocks, g.sites[name].mass, layout) >= 0.85).all()
+        mean_only = search_stats(total, 0.85, 0.05)[name].blocks
+        assert (blocks | mean_only).equal(blocks)
+    cal = plan.info["calibration"]
+    assert (cal["recall"], cal["cost"], cal["merge"], cal["steps"]) == (0.85, 0.05, "union", [[3, 7], [7, None]])
+    assert cal["inputs"] == dict(calls=12, generations=2, samples=2) and cal["fingerprint"]["sites"] == 3
+    assert plan.info["schedule"]["dense_steps"] == 3 and plan.info["schedule"]["ranges"] == [[3, 7], [7, None]]
+    heads = plan.info["heads"]["blocks.1.attn1"]
+    assert len(heads["recall"]) == 2 and min(heads["recall"]) >= 0.85 and len(heads["params"][0]) == 4
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "p.plan.safetensors"
+        plan.save(path)
+        back = Plan.load(path)
+    assert back.info == plan.info
+    assert all(torch.equal(back.sites[n].blocks, plan.sites[n].blocks) for n in plan.sites)
+
+
+def test_build_plan_refuses_empty_statistics():
+    with pytest.raises(ValueError, match="no attention statistics were recorded in step range"):
+        build_plan([[CalibrationStats((15, None))]], dense_steps=15)
+    with pytest.raises(ValueError, match="must follow each other"):
+        build_plan([[_stats(TokenLayout((2, 8, 8), (1, 4, 4), 16), 1, 1, 0, (4, None))]], dense_steps=3)
