@@ -2,6 +2,7 @@
 
     torch.compile(model, backend="compact", options={"plan": "window"})
 """
+from .calibrate import calibrate
 from .layout import TokenLayout
 from .options import CompactOptions, OptionsError
 from .plan import Plan, PlanError, SitePlan
@@ -15,4 +16,4 @@ def load_plan(path) -> Plan:
     return Plan.load(path)
 
 
-__all__ = ["CompactOptions", "OptionsError", "Plan", "PlanError", "SitePlan", "TokenLayout", "load_plan", "report"]
+__all__ = ["calibrate", "CompactOptions", "OptionsError", "Plan", "PlanError", "SitePlan", "TokenLayout", "load_plan", "report"]

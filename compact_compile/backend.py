@@ -15,6 +15,7 @@ import torch.fx as fx
 from .kernels.flex import FlexBlockSparse
 from .kernels.ops import register_site
 from .kernels.rectified import RectifiedSparse
+from .kernels.triton_sparse import TritonBlockSparse, triton_unsupported
 from .masks import density
 from .options import CompactOptions
 from .passes.grid import patch_embedding_grids
@@ -32,24 +33,26 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
     sites = find_sites(gm, patch_embedding_grids(gm), opts.grid, plan.grid if plan else None)
     for site in sites:
         if not site.rewritten:
+            if plan is not None and site.name in plan.sites:  # e.g. a plan for another resolution
+                _plan_misfit(opts, site, PlanError(f"the plan has a mask for site {site.name!r}, which cannot "
+                                                   f"be rewritten: {site.reason}"))
             continue
         layout = site_layout(opts, plan, site)
         try:
             blocks = site_blocks(opts, plan, site, layout)
         except PlanError as e:
-            if opts.strict:
-                raise
-            warnings.warn(f"compact: site {site.name} stays dense: {e}", stacklevel=2)
-            site.reason = f"plan mismatch: {e}"
+            _plan_misfit(opts, site, e)
             continue
-        kernel = _site_kernel(opts, layout, blocks)
-        kernel = scheduled_kernel(plan, site.name, kernel, lambda b, layout=layout: _site_kernel(opts, layout, b))
+        kind = _kernel_kind(opts, site)
+        kernel = _site_kernel(opts, layout, blocks, kind)
+        kernel = scheduled_kernel(plan, site.name, kernel,
+                                  lambda b, layout=layout, kind=kind: _site_kernel(opts, layout, b, kind))
         if opts.observer is not None:
             kernel = opts.observer(site.name, layout, kernel)
         handle = register_site(kernel)
         rewrite_site(gm, site, layout, handle)
         site.density = density(blocks)
-        site.extras.update(tile=layout.tile, block_size=layout.block_size, kernel="flex",
+        site.extras.update(tile=layout.tile, block_size=layout.block_size, kernel=kind,
                            dynamic=opts.dynamic, rectify=opts.rectify)
         if opts.dynamic:  # the online choice adds blocks: at least (1 - drop) of each row
             site.extras.update(min_density=max(density(blocks), 1 - opts.drop))
@@ -58,11 +61,32 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
     return with_step_clock(gm, _compile_inner(gm, example_inputs, opts.inner, mode), plan)
 
 
-def _site_kernel(opts: CompactOptions, layout, blocks):
+def _plan_misfit(opts: CompactOptions, site, error: PlanError) -> None:
+    """strict: the error; otherwise the site stays dense, with a warning and the reason reported."""
+    if opts.strict:
+        raise error
+    warnings.warn(f"compact: site {site.name} stays dense: {error}", stacklevel=3)
+    site.reason = f"plan mismatch: {error}"
+
+
+def _kernel_kind(opts: CompactOptions, site) -> str:
+    """"triton" where our kernel applies (CUDA sm80+, head dim 16–128), else "flex"; an explicit
+    kernel="triton" that cannot apply says why in the report."""
+    if opts.kernel == "flex":
+        return "flex"
+    why = triton_unsupported(site.device, getattr(torch, site.dtype, None), site.q_shape[-1],
+                             explicit=opts.kernel == "triton")
+    if why and opts.kernel == "triton":
+        site.extras.update(kernel_note=f"Triton kernel not used ({why}): FlexAttention instead")
+    return "flex" if why else "triton"
+
+
+def _site_kernel(opts: CompactOptions, layout, blocks, kind: str):
     if not (opts.dynamic or opts.rectify):
-        return FlexBlockSparse(blocks, layout.seq_len, layout.block_size)
+        cls = TritonBlockSparse if kind == "triton" else FlexBlockSparse
+        return cls(blocks, layout.seq_len, layout.block_size)
     return RectifiedSparse(layout, blocks, dynamic=opts.dynamic, rectify=bool(opts.rectify),
-                           rows=opts.rectify == "rows", p_remain=opts.p_remain, drop=opts.drop)
+                           rows=opts.rectify == "rows", p_remain=opts.p_remain, drop=opts.drop, kernel=kind)
 
 
 def _foreign_attention(gm: fx.GraphModule) -> list[dict]:

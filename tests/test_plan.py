@@ -264,3 +264,21 @@ def test_fitting_plan_file_is_used_by_the_backend(tmp_path):
     assert entry["rewritten"] and entry["grid_source"] == "plan" and tuple(entry["grid"]) == plan.grid
     assert entry["density"] == pytest.approx(plan.sites["attn"].density)
     assert entry["tile"] == (1, 8, 8) and entry["block_size"] == 64
+
+
+def test_plan_for_another_resolution_is_refused(tmp_path):
+    """The plan names this site but its grid holds 64 tokens, the model's sequence 128: strict is
+    an error naming the site; non-strict keeps it dense with the reason."""
+    plan = small_plan()
+    plan.grid = (1, 8, 8)
+    plan.sites["attn"].seq_len = 64
+    plan.sites["attn"].blocks = plan.sites["attn"].blocks[:, :1, :1]
+    plan.save(tmp_path / "p.safetensors")
+    _, x, compiled = compile_attention({"plan": str(tmp_path / "p.safetensors")})
+    with torch.no_grad(), raises_from_backend(PlanError, r"mask for site 'attn', which cannot be rewritten: 128 tokens"):
+        compiled(x)
+    torch._dynamo.reset()
+    model, x, compiled = compile_attention({"plan": str(tmp_path / "p.safetensors"), "strict": False})
+    with torch.no_grad(), pytest.warns(UserWarning, match="site attn stays dense"):
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-6, atol=1e-6)
+    assert compact_compile.report().sites[0]["reason"].startswith("plan mismatch")

@@ -1,0 +1,36 @@
+"""Which kernel a rewritten site gets: kernel="auto" takes our Triton kernel on CUDA only, an explicit
+"triton" runs it wherever Triton can (here, the CPU interpreter) and falls back to Flex with a
+report note where it cannot; every choice computes the same attention."""
+import pytest
+import torch
+from support import SelfAttention, Wrapper, masked_sdpa, model_order_mask, rel_err
+
+import compact_compile
+from compact_compile.layout import TokenLayout
+from compact_compile.masks import window_blocks
+
+GRID = (2, 8, 8)  # 128 tokens; tile (1, 8, 8) = one 64-token block per frame
+
+
+@pytest.mark.parametrize("kernel, head_dim, want", [
+    ("flex", 16, "flex"),
+    ("auto", 16, "triton" if torch.cuda.is_available() else "flex"),
+    ("triton", 16, "triton"),
+    ("triton", 24, "flex"),  # head dim the Triton kernel does not take
+])
+def test_kernel_choice_and_equal_results(kernel, head_dim, want):
+    heads = 2
+    model = Wrapper(SelfAttention(dim=heads * head_dim, heads=heads)).eval()
+    x = torch.randn(1, 128, heads * head_dim)
+    options = dict(plan="window", window=(1, 1, 1), grid=GRID, tile=(1, 8, 8), block_size=64, kernel=kernel,
+                   inner="eager")
+    compiled = torch.compile(model, backend="compact", options=options)
+    with torch.no_grad():
+        out = compiled(x)
+        layout = TokenLayout(GRID, (1, 8, 8), 64)
+        with masked_sdpa({128: [model_order_mask(layout, window_blocks(layout, (1, 1, 1))[None])]}):
+            ref = model.double()(x.double())
+    [site] = compact_compile.report().sites
+    assert site["kernel"] == want
+    assert ("kernel_note" in site) == (kernel == "triton" and want == "flex")
+    assert rel_err(out, ref) < 1e-5
