@@ -76,8 +76,17 @@ def block_mass_reference(q: torch.Tensor, k: torch.Tensor, block_size: int, scal
 # ---- dense attention + its block mass, for the calibration kernel ---------------------------------
 
 def _flash_with_lse(q, k, v, scale):
-    """(output, natural-log lse `[B, H, S]` fp32) from the CUDA flash kernel, or None when it does
-    not take these inputs (fp32, head dim, old GPU)."""
+    """(output, natural-log lse `[B, H, S]` fp32) from cuDNN's attention (the fastest on Hopper, and
+    what SDPA itself picks there) or else the flash kernel; None when neither takes these inputs
+    (fp32, head dim, old GPU)."""
+    B, H, S, _ = q.shape
+    try:
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False,
+                                                                      scale=scale)[:2]
+        if lse.numel() == B * H * S:
+            return out, lse.reshape(B, H, S).float()
+    except (RuntimeError, AttributeError):
+        pass
     try:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
     except RuntimeError:
