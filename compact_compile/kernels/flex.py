@@ -11,7 +11,15 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from .compiled import compiled
 
-flex = compiled(flex_attention)
+_flex = compiled(flex_attention)
+
+
+def flex(q, k, v, block_mask: BlockMask, scale: float | None = None) -> torch.Tensor:
+    """Compiled FlexAttention; inputs are zero-padded to the block mask's length (see block_mask)."""
+    S, padded = q.shape[-2], block_mask.seq_lengths[0]
+    if padded > S:
+        q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, padded - S)) for t in (q, k, v))
+    return _flex(q, k, v, block_mask=block_mask, scale=scale)[..., :S, :]
 
 
 def kv_block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,12 +30,24 @@ def kv_block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def block_mask(blocks: torch.Tensor, seq_len: int, block_size: int) -> BlockMask:
-    """BlockMask of bool `blocks` `[B or 1, H or 1, n_blocks, n_blocks]`, every kept block full."""
-    num, idx = kv_block_lists(blocks)
-    # the partial-block lists are empty. A separate tensor for them: one tensor in both roles
-    # breaks Inductor's CPU flex template.
-    return BlockMask.from_kv_blocks(torch.zeros_like(num), idx.clone(), num, idx, BLOCK_SIZE=block_size,
-                                    seq_lengths=(seq_len, seq_len), compute_q_blocks=False)
+    """BlockMask of bool `blocks` `[B or 1, H or 1, n_blocks, n_blocks]`, kept blocks computed whole.
+
+    On the CPU a sequence that ends inside a block is padded to whole blocks and the last key block
+    masks the padding (`kv_idx < seq_len`): Inductor's CPU flex kernel (torch 2.13) reads
+    uninitialised memory for some partial tails (NaN rows, e.g. at 8, 24 or 40 tokens)."""
+    if blocks.device.type != "cpu" or seq_len % block_size == 0:
+        num, idx = kv_block_lists(blocks)
+        # the partial-block lists are empty. A separate tensor for them: one tensor in both roles
+        # breaks Inductor's CPU flex template.
+        return BlockMask.from_kv_blocks(torch.zeros_like(num), idx.clone(), num, idx, BLOCK_SIZE=block_size,
+                                        seq_lengths=(seq_len, seq_len), compute_q_blocks=False)
+    full, tail = blocks.clone(), torch.zeros_like(blocks)
+    full[..., -1], tail[..., -1] = False, blocks[..., -1]
+    (num, idx), (tail_num, tail_idx) = kv_block_lists(full), kv_block_lists(tail)
+    padded = blocks.shape[-1] * block_size
+    return BlockMask.from_kv_blocks(tail_num, tail_idx, num, idx, BLOCK_SIZE=block_size,
+                                    mask_mod=lambda b, h, q_idx, kv_idx: kv_idx < seq_len,
+                                    seq_lengths=(padded, padded), compute_q_blocks=False)
 
 
 class FlexBlockSparse:

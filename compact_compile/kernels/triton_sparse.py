@@ -61,8 +61,8 @@ def triton_unsupported(device, dtype, head_dim: int, explicit: bool) -> str:
     device = torch.device(device)
     if not triton_available(device) or (not explicit and device.type != "cuda"):
         return f"no Triton on {device}"
-    if dtype not in DTYPES:
-        return f"dtype {dtype}"
+    if dtype not in DTYPES or (dtype == torch.float32 and not explicit):
+        return f"dtype {dtype}" + (" (its sm90 tiles are sized for fp16/bf16)" if dtype == torch.float32 else "")
     if head_dim not in HEAD_DIMS:
         return f"head dim {head_dim} (supported: {HEAD_DIMS})"
     return ""

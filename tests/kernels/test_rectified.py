@@ -126,3 +126,21 @@ def test_triton_block_pool_equals_reference(with_mad):
             torch.testing.assert_close(mad, want_mad, rtol=1e-5, atol=1e-6)
         else:
             assert mad is None
+
+
+@pytest.mark.parametrize("rows", [False, True])
+def test_triton_kernel_path_equals_reference(rows):
+    """On the Triton kernel (R·O + Ō fused in its epilogue per block; merged after it per row), on
+    the GPU when there is one (pooling by the Triton pool kernel too), else in the interpreter."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layout = TokenLayout((2, 6, 9), (1, 4, 4), BS, 11, False)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (x.to(device) for x in inputs(layout, g, torch.float16))
+    static = (torch.eye(layout.n_blocks, dtype=torch.bool) | text_blocks(layout))[None]
+    kern = RectifiedSparse(layout, static, dynamic=True, rectify=True, rows=rows, drop=0.8, kernel="triton")
+    keep, _, _ = kern.estimate(q, k, v)
+    out = kern(q, k, v)
+    ref, _ = rectified_attention_reference(q.cpu(), k.cpu(), v.cpu(), n_video=layout.n_video, block_size=BS,
+                                           static=static, dynamic=True, rectify=True, rows=rows, drop=0.8,
+                                           keep=keep.cpu())
+    assert (out.cpu().double() - ref).norm() / ref.norm() < 2e-3

@@ -99,8 +99,11 @@ def run_case(c, *, use_class=False):
     else:
         num, idx = TritonBlockSparse(blocks, S, bs).block_lists(DEVICE)
         out = torch.full((B, H, S, D), float("nan"), dtype=dtype, device=DEVICE)  # poison: every row must be written
+        # fp32 tiles of 128×128 at head dim 128 need more shared memory than an H100/H200 has
+        cap = 64 if dtype == torch.float32 and D == 128 else 128
         block_sparse_attention(q, k, v, num, idx, bs, c["scale"], rectify=rectify, src=src, out=out,
-                               config=dict(BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], num_warps=4, num_stages=2))
+                               config=dict(BLOCK_M=min(c["block_m"], cap), BLOCK_N=min(c["block_n"], cap),
+                                           num_warps=4, num_stages=2))
     ref = expected_output(q, k, v, blocks, bs, c["scale"], rectify, src)
     assert out.shape == (B, H, S, D) and out.dtype == dtype
     assert_close(out, ref, dtype)
