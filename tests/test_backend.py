@@ -54,8 +54,9 @@ def reference_f64(model, inputs, masks_by_len):
 # plan="dense", default inner compiler (Inductor): the model is unchanged up to float rounding
 
 
-def test_wan_dense_inductor_equals_uncompiled():
-    model, inputs = tiny_wan()
+def dense_plan_run(model, inputs):
+    """Compile with plan="dense" and the default Inductor; assert the output equals the uncompiled
+    model's (≤ 1e-5, L2 and max relative); return the report's sites and the per-site call counts."""
     counter = CallCounter()
     with torch.no_grad():
         ref = model(**inputs)[0]
@@ -63,7 +64,11 @@ def test_wan_dense_inductor_equals_uncompiled():
                             options={"plan": "dense", "block_size": 64, "observer": counter})(**inputs)[0]
     assert relative(out, ref) <= 1e-5
     assert rel_err(out, ref) <= 1e-5
-    sites = compact_compile.report().sites
+    return compact_compile.report().sites, counter
+
+
+def test_wan_dense_inductor_equals_uncompiled():
+    sites, counter = dense_plan_run(*tiny_wan())
     assert [(s["site"], s["kind"], s["rewritten"]) for s in sites] == [
         ("blocks.0.attn1", VIDEO, True), ("blocks.0.attn2", CROSS, False),
         ("blocks.1.attn1", VIDEO, True), ("blocks.1.attn2", CROSS, False)]
@@ -77,15 +82,7 @@ def test_wan_dense_inductor_equals_uncompiled():
 
 
 def test_cogvideox_dense_inductor_equals_uncompiled():
-    model, inputs = tiny_cogvideox()
-    counter = CallCounter()
-    with torch.no_grad():
-        ref = model(**inputs)[0]
-        out = torch.compile(model, backend="compact",
-                            options={"plan": "dense", "block_size": 64, "observer": counter})(**inputs)[0]
-    assert relative(out, ref) <= 1e-5
-    assert rel_err(out, ref) <= 1e-5
-    sites = compact_compile.report().sites
+    sites, counter = dense_plan_run(*tiny_cogvideox())
     assert [s["site"] for s in sites] == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
     assert counter.calls == {s["site"]: 1 for s in sites}
     for s in sites:

@@ -47,24 +47,33 @@ def supported(q: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _block_mass_kernel(Q, K, LSE, OUT,
-                       stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-                       stride_lb, stride_lh, stride_ob, stride_oh, stride_oq,
-                       H, S, NK, qk_scale,
-                       HEAD_DIM: tl.constexpr, PLAN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    pid_m = tl.program_id(0)
+def _query_tile(Q, stride_qb, stride_qh, stride_qs, H, S,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr):
+    """This program's (batch, head, query rows, row mask, q tile): rows pid_m·BLOCK_M … of head pid_bh."""
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     valid_m = offs_m < S
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
                 mask=valid_m[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
+    return b, h, offs_m, valid_m, q
+
+
+@triton.jit
+def _block_mass_kernel(Q, K, LSE, OUT,
+                       stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
+                       stride_lb, stride_lh, stride_ob, stride_oh, stride_oq,
+                       H, S, NK, qk_scale,
+                       HEAD_DIM: tl.constexpr, PLAN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    b, h, offs_m, valid_m, q = _query_tile(Q, stride_qb, stride_qh, stride_qs, H, S, HEAD_DIM, BLOCK_M, UPCAST)
+    pid_m = tl.program_id(0)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
     # lse in base 2; rows past S get +inf so that every p of theirs is 2^(−inf) = 0
     lse2 = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m, mask=valid_m, other=float("inf")) * 1.4426950408889634
     k_base = K + b * stride_kb + h * stride_kh
@@ -90,18 +99,9 @@ def _row_lse_kernel(Q, K, LSE,
                     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_lb, stride_lh,
                     H, S, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b, h, offs_m, valid_m, q = _query_tile(Q, stride_qb, stride_qh, stride_qs, H, S, HEAD_DIM, BLOCK_M, UPCAST)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    valid_m = offs_m < S
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                mask=valid_m[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
     k_base = K + b * stride_kb + h * stride_kh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
