@@ -22,6 +22,7 @@ from .passes.grid import patch_embedding_grids
 from .passes.rewrite import rewrite_site
 from .passes.sites import OTHER, find_sites
 from .plan import PlanError
+from .quantize import quantized_linears
 from .planner import load_plan, site_blocks, site_layout
 from .report import record
 from .schedule import scheduled_kernel, with_step_clock
@@ -58,7 +59,9 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
             site.extras.update(min_density=max(density(blocks), 1 - opts.drop))
     gm.recompile()
     record([s.summary() for s in sites] + _foreign_attention(gm))
-    return with_step_clock(gm, _compile_inner(gm, example_inputs, opts.inner, mode), plan)
+    compiled = quantized_linears(gm, example_inputs, opts.quantize,
+                                 lambda inputs: _compile_inner(gm, inputs, opts.inner, mode))
+    return with_step_clock(gm, compiled, plan)
 
 
 def _plan_misfit(opts: CompactOptions, site, error: PlanError) -> None:

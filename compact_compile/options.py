@@ -18,6 +18,8 @@
                 (default: our Triton kernel on CUDA GPUs, where it is the faster, Flex elsewhere).
     strict      True: a plan that does not fit a site is an error. False: that site stays dense,
                 with a warning and a report entry.
+    quantize    None (default), "fp8" or "int8": torchao-quantized linear layers (dynamic activation and
+                weight quantization); fp8 needs compute capability ≥ 8.9.
     inner       what compiles the rewritten graph: "inductor" (default), "aot_eager" or "eager".
     observer    advanced: a callable `(site_name, layout, kernel) -> kernel` that wraps every
                 rewritten site's kernel (calibration uses it to record attention statistics).
@@ -35,6 +37,7 @@ from .plan import Plan
 BUILTIN_PLANS = ("dense", "window", "dynamic")
 KERNELS = ("flex", "triton", "auto")
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+QUANTIZE = (None, "fp8", "int8")
 
 
 class OptionsError(ValueError):
@@ -55,6 +58,7 @@ class CompactOptions:
     dynamic: bool = False
     p_remain: float = 0.3
     drop: float = 0.9
+    quantize: str | None = None
     observer: Callable | None = None
 
     def __post_init__(self):
@@ -86,6 +90,8 @@ class CompactOptions:
                 raise OptionsError(f"option {name!r} must be one of {allowed}, not {getattr(self, name)!r}")
         if self.rectify not in (False, True, "rows"):
             raise OptionsError(f"option 'rectify' must be False, True or \"rows\", not {self.rectify!r}")
+        if self.quantize not in QUANTIZE:
+            raise OptionsError(f"option 'quantize' must be one of {QUANTIZE}, not {self.quantize!r}")
         if not isinstance(self.dynamic, bool):
             raise OptionsError(f"option 'dynamic' must be True or False, not {self.dynamic!r}")
         if plan == "dynamic":

@@ -6,11 +6,13 @@ import logging
 log = logging.getLogger("compact_compile")
 
 _GRAPHS: list[list[dict]] = []
+_QUANTIZED: list[dict] = []
 
 
 class Report:
-    def __init__(self, graphs: list[list[dict]]):
+    def __init__(self, graphs: list[list[dict]], quantized: list[dict]):
         self.graphs = graphs
+        self.quantized = quantized  # per graph compiled with a quantize option
 
     @property
     def sites(self) -> list[dict]:
@@ -25,7 +27,9 @@ class Report:
                          dens, grid, s["reason"] or ""))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
+        quant = [f"linear layers: {q['quantized']} quantized to {q['kind']}, {q['kept']} kept (shape not a "
+                 f"multiple of 16)" for q in self.quantized]
+        return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:] + quant)
 
 
 def record(sites: list[dict]) -> None:
@@ -37,9 +41,15 @@ def record(sites: list[dict]) -> None:
                  f"density {s['density']:.3f}" if s["rewritten"] else f"dense: {s['reason']}")
 
 
+def record_quantized(kind: str, quantized: int, kept: int) -> None:
+    _QUANTIZED.append(dict(kind=kind, quantized=quantized, kept=kept))
+    log.info("compact: %d linear layers quantized to %s, %d kept", quantized, kind, kept)
+
+
 def report(clear: bool = False) -> Report:
     """Every SDPA site of every graph compiled with backend="compact" so far."""
-    r = Report(list(_GRAPHS))
+    r = Report(list(_GRAPHS), list(_QUANTIZED))
     if clear:
         _GRAPHS.clear()
+        _QUANTIZED.clear()
     return r

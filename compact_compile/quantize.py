@@ -1,0 +1,111 @@
+"""`options={"quantize": "fp8" | "int8"}`: torchao-quantized linear layers under the sparse attention.
+
+Dynamo hands the backend a graph whose linear weights are graph inputs (the module's parameters,
+passed on every call), not the module. So quantization happens at the graph's boundary: each
+weight input used only as the weight of `linear` calls is quantized once with torchao (the same
+configs `torchao.quantization.quantize_` applies to an `nn.Linear`), the inner compiler traces the
+graph with the quantized tensor subclass in its place, and every call passes the quantized weight
+instead of the parameter. The user's module is not modified (its bf16 weights stay, so the weights
+take 1.5× their bf16 memory) and a parameter changed in place after compiling
+(its version counter moves) is quantized again before the next call — never a stale weight.
+
+    fp8   float8 dynamic activations × float8 weights, per-row scales for bf16 weights (per-tensor
+          otherwise); needs a CUDA GPU of compute capability ≥ 8.9 (Ada, Hopper) — refused elsewhere.
+    int8  int8 dynamic activations × int8 weights (per-token × per-channel scales); CPU or CUDA.
+
+Linears whose in/out features are not multiples of 16 stay in their dtype (the fp8/int8 matmuls
+need aligned shapes); the report counts them.
+"""
+from __future__ import annotations
+
+import torch
+import torch._functorch.config
+import torch._inductor.config
+import torch.fx as fx
+import torch.nn as nn
+
+from .report import record_quantized
+
+_LINEAR = torch._C._nn.linear  # what F.linear and nn.Linear are in a Dynamo graph
+
+
+class QuantizeError(RuntimeError):
+    pass
+
+
+def check_quantize_supported(kind: str, device: torch.device) -> None:
+    """One clear error where the hardware cannot run `kind`."""
+    if kind == "fp8":
+        if device.type != "cuda":
+            raise QuantizeError(f'quantize="fp8" needs a CUDA GPU of compute capability ≥ 8.9 (Ada or Hopper); '
+                                f'the model is on {device.type}. Use quantize="int8" or no quantize option.')
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            raise QuantizeError(f'quantize="fp8" needs compute capability ≥ 8.9 (Ada or Hopper); '
+                                f'{torch.cuda.get_device_name(device)} has {major}.{minor}. Use quantize="int8".')
+
+
+def linear_weight_inputs(gm: fx.GraphModule, example_inputs) -> list[int]:
+    """Indices of graph inputs that are 2D parameters used only as the weight of linear calls."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = []
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        if not (isinstance(value, nn.Parameter) and value.dim() == 2 and node.users):
+            continue
+        if all(u.op == "call_function" and u.target is _LINEAR and len(u.args) > 1 and u.args[1] is node
+               and node not in (u.args[0], *u.args[2:]) and "weight" not in u.kwargs for u in node.users):
+            found.append(i)
+    return found
+
+
+def quantize_weight(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """`weight` as torchao quantizes an `nn.Linear` holding it."""
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig,
+                                      Int8DynamicActivationInt8WeightConfig, PerRow, PerTensor, quantize_)
+
+    if kind == "fp8":
+        config = Float8DynamicActivationFloat8WeightConfig(
+            granularity=PerRow() if weight.dtype == torch.bfloat16 else PerTensor())
+    else:
+        config = Int8DynamicActivationInt8WeightConfig()
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    quantize_(linear, config)
+    return linear.weight
+
+
+def quantized_linears(gm: fx.GraphModule, example_inputs, kind: str | None, compile_inner):
+    """`compile_inner(example_inputs)` with the linear weights quantized, wrapped to pass the
+    quantized weights on every call; unchanged when `kind` is None."""
+    if kind is None:
+        return compile_inner(example_inputs)
+    candidates = linear_weight_inputs(gm, example_inputs)
+    if candidates:
+        check_quantize_supported(kind, example_inputs[candidates[0]].device)
+    index = [i for i in candidates if all(d % 16 == 0 for d in example_inputs[i].shape)]
+    record_quantized(kind, quantized=len(index), kept=len(candidates) - len(index))
+    if not index:
+        return compile_inner(example_inputs)
+    weights = {i: quantize_weight(example_inputs[i], kind) for i in index}
+    seen = {i: _identity(example_inputs[i]) for i in index}
+    inputs = list(example_inputs)
+    for i in index:
+        inputs[i] = weights[i]
+    # torchao's tensors cannot be hashed into Inductor's cache keys (a traceback per graph otherwise)
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        compiled = compile_inner(inputs)
+
+    def run(*args):
+        args = list(args)
+        for i in index:
+            if _identity(args[i]) != seen[i]:  # updated in place (or another tensor): quantize again
+                weights[i], seen[i] = quantize_weight(args[i], kind), _identity(args[i])
+            args[i] = weights[i]
+        return compiled(*args)
+
+    return run
+
+
+def _identity(t: torch.Tensor) -> tuple[int, int]:
+    return t.data_ptr(), t._version
