@@ -25,12 +25,13 @@ from .plan import PlanError
 from .quantize import quantized_linears
 from .planner import load_plan, site_blocks, site_layout
 from .report import record
-from .schedule import scheduled_kernel, with_step_clock
+from .schedule import scheduled_kernel, site_schedule, with_step_clock
 
 
 def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None, mode: str | None = None):
     opts = CompactOptions.from_dict(options)
     plan = load_plan(opts)
+    schedule = site_schedule(plan, opts.dense_steps)
     sites = find_sites(gm, patch_embedding_grids(gm), opts.grid, plan.grid if plan else None)
     for site in sites:
         if not site.rewritten:
@@ -46,7 +47,9 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
             continue
         kind = _kernel_kind(opts, site)
         kernel = _site_kernel(opts, layout, blocks, kind)
-        kernel = scheduled_kernel(plan, site.name, kernel,
+        kernel = scheduled_kernel(schedule, site.name, kernel,
+                                  lambda entry, blocks=blocks, name=site.name: (
+                                      blocks if entry == name else plan.sites[entry].blocks),
                                   lambda b, layout=layout, kind=kind: _site_kernel(opts, layout, b, kind))
         if opts.observer is not None:
             kernel = opts.observer(site.name, layout, kernel)
@@ -61,7 +64,7 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
     record([s.summary() for s in sites] + _foreign_attention(gm))
     compiled = quantized_linears(gm, example_inputs, opts.quantize,
                                  lambda inputs: _compile_inner(gm, inputs, opts.inner, mode))
-    return with_step_clock(gm, compiled, plan)
+    return with_step_clock(gm, compiled, schedule)
 
 
 def _plan_misfit(opts: CompactOptions, site, error: PlanError) -> None:

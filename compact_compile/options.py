@@ -16,6 +16,9 @@
     block_size  64 or 128 tokens per attention block; default: the plan file's, else 128.
     kernel      "flex" (FlexAttention), "triton" (our kernel; Flex where it cannot run) or "auto"
                 (default: our Triton kernel on CUDA GPUs, where it is the faster, Flex elsewhere).
+    dense_steps the first N denoising steps run dense attention (the step is read from the model's
+                `timestep` input), the plan's masks after; default 0. A calibrated plan carries its
+                own schedule (this option must then agree with it).
     strict      True: a plan that does not fit a site is an error. False: that site stays dense,
                 with a warning and a report entry.
     quantize    None (default), "fp8" or "int8": torchao-quantized linear layers (dynamic activation and
@@ -52,6 +55,7 @@ class CompactOptions:
     tile: tuple[int, int, int] | str = "auto"
     block_size: int | None = None
     kernel: str = "auto"
+    dense_steps: int = 0
     strict: bool = True
     inner: str = "inductor"
     rectify: bool | str = False
@@ -90,6 +94,8 @@ class CompactOptions:
                 raise OptionsError(f"option {name!r} must be one of {allowed}, not {getattr(self, name)!r}")
         if self.rectify not in (False, True, "rows"):
             raise OptionsError(f"option 'rectify' must be False, True or \"rows\", not {self.rectify!r}")
+        if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int) or self.dense_steps < 0:
+            raise OptionsError(f"option 'dense_steps' must be an integer ≥ 0, not {self.dense_steps!r}")
         if self.quantize not in QUANTIZE:
             raise OptionsError(f"option 'quantize' must be one of {QUANTIZE}, not {self.quantize!r}")
         if not isinstance(self.dynamic, bool):

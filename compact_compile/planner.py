@@ -22,6 +22,10 @@ def load_plan(options: CompactOptions) -> Plan | None:
         raise OptionsError(f"option 'tile' {options.tile} contradicts the plan's {plan.tile}")
     if options.grid is not None and tuple(options.grid) != plan.grid:
         raise OptionsError(f"option 'grid' {options.grid} contradicts the plan's {plan.grid}")
+    schedule = plan.info.get("schedule")
+    if options.dense_steps and schedule and schedule["dense_steps"] != options.dense_steps:
+        raise OptionsError(f"option 'dense_steps' {options.dense_steps} contradicts the plan's schedule "
+                           f"({schedule['dense_steps']} dense steps)")
     return plan
 
 

@@ -28,7 +28,8 @@ Known trap: calling the model again and again with one constant timestep (a benc
 "step 0" forever, hence dense under a schedule with dense steps. Pin the step for that:
 `with compact_compile.schedule.at_step(30): model(...)`.
 
-In a plan the schedule is `plan.info["schedule"]`:
+In a plan the schedule is `plan.info["schedule"]`; the `dense_steps` option gives built-in plans
+(and plan files without one) the schedule "dense below step N, the masks after":
     {"dense_steps": 15, "ranges": [[15, 30], [30, null]], "step_source": "timestep"}
 Steps below `dense_steps` are dense; range i (start ≤ step < end, end null = open) uses the site's
 block map `name` for i = 0 and the extra plan entry `f"{name}@{start}"` for i > 0 (one mask reused
@@ -156,22 +157,30 @@ class ScheduledKernel:
         return self.select(CLOCK.current)(q, k, v, scale)
 
 
-def scheduled_kernel(plan, site: str, kernel, make_kernel):
-    """`kernel` itself unless `plan` carries a schedule; else a ScheduledKernel over the plan's
-    per-range block maps (`make_kernel(blocks)` builds the kernels of the extra ranges the way the
-    backend built `kernel`)."""
-    schedule = getattr(plan, "info", {}).get("schedule") if plan is not None else None
+def scheduled_kernel(schedule: dict | None, site: str, kernel, range_blocks, make_kernel):
+    """`kernel` itself without a schedule; else a ScheduledKernel over the per-range block maps
+    (`range_blocks(entry)`: the block map of plan entry `entry`, `site` itself for the first range;
+    `make_kernel(blocks)` builds the kernels of the other ranges the way the backend built `kernel`)."""
     if not schedule:
         return kernel
     ranges = [tuple(r) for r in schedule["ranges"]]
     kernels = []
     for i in range(len(ranges)):
-        blocks = plan.sites[range_site_name(site, i, ranges)].blocks
+        blocks = range_blocks(range_site_name(site, i, ranges))
         if blocks.all():
             kernels.append(dense_attention)        # a dense layer: SDPA beats Flex with every block
         else:
             kernels.append(kernel if i == 0 else make_kernel(blocks))
     return ScheduledKernel(site, int(schedule["dense_steps"]), ranges, kernels)
+
+
+def site_schedule(plan, dense_steps: int) -> dict | None:
+    """The schedule sites follow: the plan's own, else `dense_steps` dense steps then the masks
+    (the `dense_steps` option; 0 = none)."""
+    schedule = getattr(plan, "info", {}).get("schedule") if plan is not None else None
+    if schedule or not dense_steps:
+        return schedule or None
+    return make_schedule(dense_steps)
 
 
 def timestep_input(gm: torch.fx.GraphModule) -> int | None:
@@ -202,10 +211,10 @@ def timestep_input(gm: torch.fx.GraphModule) -> int | None:
     return None
 
 
-def with_step_clock(gm: torch.fx.GraphModule, compiled, plan):
-    """`compiled`, fed to the CLOCK from the graph's timestep input first when the plan has a
+def with_step_clock(gm: torch.fx.GraphModule, compiled, schedule: dict | None):
+    """`compiled`, fed to the CLOCK from the graph's timestep input first when sites follow a
     schedule (else unchanged)."""
-    if plan is None or not getattr(plan, "info", {}).get("schedule"):
+    if not schedule:
         return compiled
     index = timestep_input(gm)
     if index is None:

@@ -20,6 +20,8 @@ from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import video_site_blocks, window_blocks
 from compact_compile.passes.sites import CROSS, JOINT, VIDEO
 from compact_compile.plan import Plan, SitePlan
+from compact_compile.planner import load_plan
+from compact_compile.schedule import make_schedule
 
 WAN_S = math.prod(WAN_GRID)                 # 216
 COG_S = math.prod(COG_GRID) + COG_TEXT      # 204
@@ -144,6 +146,28 @@ def test_wan_per_head_plan_file_equals_masked_float64_reference(tmp_path):
     sites = [s for s in compact_compile.report().sites if s["rewritten"]]
     assert [s["grid_source"] for s in sites] == ["plan", "plan"]
     assert [s["density"] for s in sites] == pytest.approx([p.density for p in plan.sites.values()])
+
+
+def test_dense_steps_run_dense_then_the_window():
+    """dense_steps=2 on the built-in window plan: steps 0 and 1 (timesteps 900, 800) equal the
+    uncompiled model, step 2 (700) equals the window plan without a schedule."""
+    model, inputs = tiny_wan()
+    options = {"plan": "window", "window": (1, 3, 3), "block_size": 64, "inner": "aot_eager"}
+    warm = torch.compile(model, backend="compact", options=dict(options, dense_steps=2))
+    window = torch.compile(copy.deepcopy(model), backend="compact", options=options)
+    at = [dict(inputs, timestep=torch.tensor([t])) for t in (900, 800, 700)]
+    with torch.no_grad():
+        outs = [(warm(**x)[0], model(**x)[0]) for x in at]
+        sparse = window(**at[2])[0]
+    assert relative(outs[0][0], outs[0][1]) < 1e-5 and relative(outs[1][0], outs[1][1]) < 1e-5
+    assert relative(outs[2][0], sparse) < 1e-6 and relative(outs[2][0], outs[2][1]) > 1e-3
+
+
+def test_dense_steps_contradicting_the_plan_schedule_is_one_error(tmp_path):
+    plan = Plan(WAN_GRID, (1, 8, 8), 64, info={"schedule": make_schedule(3)})
+    plan.save(tmp_path / "p.safetensors")
+    with pytest.raises(compact_compile.OptionsError, match="option 'dense_steps' 2 contradicts the plan's schedule"):
+        load_plan(compact_compile.CompactOptions(plan=str(tmp_path / "p.safetensors"), dense_steps=2))
 
 
 def test_cogvideox_window_equals_masked_float64_reference():

@@ -69,6 +69,8 @@ BAD_VALUES = [
     ("strict", "yes"), ("strict", 1), ("strict", None),
     ("inner", "cudagraphs"), ("inner", None), ("inner", "Inductor"),
     ("observer", 3), ("observer", "print"),
+    ("dense_steps", -1), ("dense_steps", 1.5), ("dense_steps", True), ("dense_steps", "2"),
+    ("quantize", "int4"), ("quantize", "FP8"), ("quantize", 8), ("quantize", True),
 ]
 
 

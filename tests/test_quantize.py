@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from support import raises_from_backend, rel_err, tiny_wan
 
 import compact_compile
-from compact_compile.options import CompactOptions, OptionsError
 from compact_compile.quantize import QuantizeError, check_quantize_supported
 
 torchao_quant = pytest.importorskip("torchao.quantization")
@@ -91,9 +90,3 @@ def test_fp8_refused_on_a_gpu_older_than_ada(monkeypatch):
     with pytest.raises(QuantizeError, match=r"A100 has 8\.0"):
         check_quantize_supported("fp8", torch.device("cuda"))
     check_quantize_supported("int8", torch.device("cuda"))
-
-
-@pytest.mark.parametrize("bad", ["int4", "FP8", 8, True])
-def test_quantize_option_names_the_allowed_values(bad):
-    with pytest.raises(OptionsError, match="option 'quantize'"):
-        CompactOptions.from_dict(dict(quantize=bad))

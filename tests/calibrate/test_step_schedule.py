@@ -6,7 +6,8 @@ import torch
 
 from compact_compile.plan import Plan, SitePlan
 from compact_compile.schedule import (CLOCK, ScheduledKernel, at_step, dense_attention, make_schedule,
-                                      scheduled_kernel, timestep_input, with_step_clock)
+                                      scheduled_kernel, site_schedule, timestep_input,
+                                      with_step_clock)
 
 
 def feed(values):
@@ -60,9 +61,11 @@ def test_scheduled_kernel_from_a_plan():
         plan.sites[name] = SitePlan(1, 8, 32, 0, False, torch.ones_like(blocks) if full else blocks)
     k0 = _kernel(7)
     built = []
-    assert scheduled_kernel(plan, "a", k0, built.append) is k0          # no schedule: unchanged
+    range_blocks = lambda entry: plan.sites[entry].blocks  # noqa: E731
+    assert scheduled_kernel(site_schedule(plan, 0), "a", k0, range_blocks, built.append) is k0  # no schedule
     plan.info["schedule"] = make_schedule(3, [(3, 6), (6, None)])
-    sk = scheduled_kernel(plan, "a", k0, lambda b: (built.append(b), _kernel(8))[1])
+    sk = scheduled_kernel(site_schedule(plan, 0), "a", k0, range_blocks,
+                          lambda b: (built.append(b), _kernel(8))[1])
     assert sk.kernels[0] is k0 and torch.equal(built[0], blocks)
     q = torch.randn(1, 1, 32, 8)
     with at_step(1):
@@ -71,7 +74,7 @@ def test_scheduled_kernel_from_a_plan():
         assert sk(q, q, q).flatten()[0].item() == 7
     with at_step(9):
         assert sk(q, q, q).flatten()[0].item() == 8
-    dense_site = scheduled_kernel(plan, "b", k0, lambda b: _kernel(8))
+    dense_site = scheduled_kernel(site_schedule(plan, 0), "b", k0, range_blocks, lambda b: _kernel(8))
     assert dense_site.kernels == [dense_attention, dense_attention]     # all-ones maps run plain SDPA
 
 
@@ -91,9 +94,17 @@ def test_timestep_placeholder_by_name_feeds_the_clock():
     for node, name in zip([n for n in gm.graph.nodes if n.op == "placeholder"], ["l_x_", "l_kwargs_timestep_"]):
         node.name = name
     assert timestep_input(gm) == 1
-    plan = Plan((1, 1, 1), (1, 1, 1), 1, info=dict(schedule=make_schedule(1)))
-    run = with_step_clock(gm, gm.forward, plan)
+    run = with_step_clock(gm, gm.forward, make_schedule(1))
     run(torch.ones(2), torch.tensor(900.0))
     run(torch.ones(2), torch.tensor(800.0))
     assert CLOCK.step == 1
-    assert with_step_clock(gm, gm.forward, Plan((1, 1, 1), (1, 1, 1), 1)) == gm.forward   # no schedule: as is
+    assert with_step_clock(gm, gm.forward, None) == gm.forward   # no schedule: as is
+
+
+def test_dense_steps_option_gives_plans_without_a_schedule_one():
+    assert site_schedule(None, 0) is None
+    assert site_schedule(None, 4) == make_schedule(4)
+    plan = Plan((1, 1, 1), (1, 1, 1), 1)
+    assert site_schedule(plan, 2) == make_schedule(2)
+    plan.info["schedule"] = make_schedule(3, [(3, 6), (6, None)])
+    assert site_schedule(plan, 0) == site_schedule(plan, 3) == plan.info["schedule"]
