@@ -53,6 +53,11 @@ def _plan_blocks(options: CompactOptions, plan: Plan | None, site: Site, layout:
         if options.plan == "dynamic":
             return video_site_blocks(layout, torch.zeros(layout.n_blocks, layout.n_blocks, dtype=torch.bool))[None]
         return video_site_blocks(layout, window_blocks(layout, options.window))[None]
+    if site.name not in plan.sites and any(name.endswith("." + site.name) for name in plan.sites):
+        raise PlanError(f"plan has per-layer sites (e.g. {next(iter(plan.sites))!r}) but this graph's site is "
+                        f"{site.name!r}: regional compilation (compile_repeated_blocks) compiles one graph for "
+                        f"all blocks, so it takes one mask for all layers (plan='window' or 'dynamic'); "
+                        f"compile the whole model to use a per-layer plan")
     if site.name not in plan.sites:
         raise PlanError(f"plan has no site {site.name!r} (it has {len(plan.sites)} sites, e.g. "
                         f"{list(plan.sites)[:3]}): is it a plan for another model?")

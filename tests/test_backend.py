@@ -12,8 +12,8 @@ import textwrap
 
 import pytest
 import torch
-from support import (COG_GRID, COG_TEXT, WAN_GRID, masked_sdpa, model_order_mask, rel_err, tiny_cogvideox,
-                     tiny_wan, to_double)
+from support import (COG_GRID, COG_TEXT, WAN_GRID, masked_sdpa, model_order_mask, raises_from_backend, rel_err,
+                     tiny_cogvideox, tiny_wan, to_double)
 
 import compact_compile
 from compact_compile.layout import TokenLayout, auto_tile
@@ -168,6 +168,28 @@ def test_dense_steps_contradicting_the_plan_schedule_is_one_error(tmp_path):
     plan.save(tmp_path / "p.safetensors")
     with pytest.raises(compact_compile.OptionsError, match="option 'dense_steps' 2 contradicts the plan's schedule"):
         load_plan(compact_compile.CompactOptions(plan=str(tmp_path / "p.safetensors"), dense_steps=2))
+
+
+def test_regional_compile_of_the_repeated_blocks_equals_whole_model_compile(tmp_path):
+    """diffusers' compile_repeated_blocks: one block graph (site "attn1") for every layer; the grid
+    must come from the options (the patch embedding is outside the block graph)."""
+    model, inputs = tiny_wan()
+    options = {"plan": "window", "window": (1, 3, 3), "block_size": 64, "grid": WAN_GRID, "inner": "aot_eager"}
+    with torch.no_grad():
+        whole = torch.compile(copy.deepcopy(model), backend="compact", options=options)(**inputs)[0]
+        compact_compile.report(clear=True)
+        regional = copy.deepcopy(model)
+        regional.compile_repeated_blocks(backend="compact", options=options)
+        out = regional(**inputs)[0]
+        assert relative(out, whole) < 1e-6 and relative(out, model(**inputs)[0]) > 1e-3
+    assert [s["site"] for s in compact_compile.report().sites if s["rewritten"]] == ["attn1"]
+    plan = Plan(WAN_GRID, (1, 8, 8), 64)
+    layout = TokenLayout(WAN_GRID, (1, 8, 8), 64)
+    plan.sites["blocks.0.attn1"] = SitePlan(2, 16, WAN_S, 0, False, window_blocks(layout, (1, 3, 3))[None])
+    per_layer = copy.deepcopy(model)
+    per_layer.compile_repeated_blocks(backend="compact", options=dict(options, plan=plan, grid=None))
+    with torch.no_grad(), raises_from_backend(compact_compile.PlanError, "regional compilation"):
+        per_layer(**inputs)
 
 
 def test_cogvideox_window_equals_masked_float64_reference():
