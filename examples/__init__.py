@@ -1,0 +1,1 @@
+"""Runnable examples of compact_compile on diffusers models."""
