@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch._functorch.config
+import torch._guards
 import torch._inductor.config
 import torch.fx as fx
 import torch.nn as nn
@@ -88,9 +89,12 @@ def quantized_linears(gm: fx.GraphModule, example_inputs, kind: str | None, comp
         return compile_inner(example_inputs)
     weights = {i: quantize_weight(example_inputs[i], kind) for i in index}
     seen = {i: _identity(example_inputs[i]) for i in index}
+    # handed to the inner compiler as static fake tensors of Dynamo's fake mode: fakeified there
+    # instead, a tensor Dynamo never saw gets size symbols without a source (an error at guard time)
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
     inputs = list(example_inputs)
     for i in index:
-        inputs[i] = weights[i]
+        inputs[i] = fake_mode.from_tensor(weights[i], static_shapes=True) if fake_mode else weights[i]
     # torchao's tensors cannot be hashed into Inductor's cache keys (a traceback per graph otherwise)
     with torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):

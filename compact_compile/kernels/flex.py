@@ -19,7 +19,10 @@ def flex(q, k, v, block_mask: BlockMask, scale: float | None = None) -> torch.Te
     S, padded = q.shape[-2], block_mask.seq_lengths[0]
     if padded > S:
         q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, padded - S)) for t in (q, k, v))
-    return _flex(q, k, v, block_mask=block_mask, scale=scale)[..., :S, :]
+    # the GPU kernel's tiles must divide the mask's blocks; its default (128 on Hopper) does not divide 64
+    bs = block_mask.BLOCK_SIZE[0]
+    tiles = {"BLOCK_M": bs, "BLOCK_N": bs} if q.is_cuda and bs < 128 else None
+    return _flex(q, k, v, block_mask=block_mask, scale=scale, kernel_options=tiles)[..., :S, :]
 
 
 def kv_block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,291 @@
+"""End to end on real-size diffusers video transformers (random weights: weights do not change
+speed), bf16, one GPU: one forward and a short denoising loop per variant, same process, same inputs.
+
+    python benchmarks/e2e.py wan1.3b [variant ...] [--steps 10 --dense-steps 2] [--profile variant ...]
+
+Models: wan1.3b (Wan2.1-1.3B, 480p 81 frames, 32,760 tokens), wan14b (Wan2.1-14B, 720p 81 frames,
+75,600 tokens), cogvideox5b (CogVideoX-5B, 720×480 49 frames, 17,550 video + 226 text tokens in
+joint attention). Variants: see VARIANTS; "-regional" ones compile the repeated transformer blocks
+only (diffusers' compile_repeated_blocks), the others the whole model.
+
+Per variant: first-call seconds (compile, cold when TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 is set),
+forward ms (do_bench median), denoising-loop seconds (`--steps` Euler steps on decreasing timesteps;
+compact variants run the first `--dense-steps` steps dense through the `dense_steps` option), the
+relative difference of the output to inductor-dense and to the same variant unquantized, and with
+--profile the per-kernel CUDA time of one forward, grouped (attention / GEMM / other).
+Writes $OUT/e2e-<model>.json after every variant, so a run stopped at its time limit keeps its results.
+"""
+import argparse
+import contextlib
+import json
+import os
+import re
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import compact_compile
+from compact_compile.schedule import at_step
+
+MODELS = {
+    "wan1.3b": dict(cls="WanTransformer3DModel", window=(3, 3, 3), latent=(1, 16, 21, 60, 104), text=(1, 512, 4096),
+                    config=dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+                                out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30,
+                                cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+                                rope_max_seq_len=1024)),
+    "wan14b": dict(cls="WanTransformer3DModel", window=(3, 5, 5), latent=(1, 16, 21, 90, 160), text=(1, 512, 4096),
+                   config=dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
+                               out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40,
+                               cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+                               rope_max_seq_len=1024)),
+    "cogvideox5b": dict(cls="CogVideoXTransformer3DModel", window=(3, 3, 3), latent=(1, 13, 16, 60, 90),
+                        text=(1, 226, 4096),
+                        config=dict(num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16,
+                                    time_embed_dim=512, text_embed_dim=4096, num_layers=42, sample_width=90,
+                                    sample_height=60, sample_frames=49, patch_size=2, max_text_seq_length=226,
+                                    use_rotary_positional_embeddings=True)),
+}
+
+# name → torch.compile keyword arguments (None: eager); "WINDOW" is replaced by the model's window
+VARIANTS = {
+    "eager": None,
+    "inductor-dense": dict(backend="inductor"),
+    "inductor-no-attention": dict(backend="inductor"),  # attention replaced by a free op: the floor
+    "compact-dense-fp8": dict(backend="compact", options=dict(plan="dense", quantize="fp8")),
+    "compact-window": dict(backend="compact", options=dict(plan="window", window="WINDOW")),
+    "compact-window-flex": dict(backend="compact", options=dict(plan="window", window="WINDOW", kernel="flex")),
+    "compact-window-fp8": dict(backend="compact", options=dict(plan="window", window="WINDOW", quantize="fp8")),
+    "compact-window-int8": dict(backend="compact", options=dict(plan="window", window="WINDOW", quantize="int8")),
+    "compact-window-rectify": dict(backend="compact", options=dict(plan="window", window="WINDOW", rectify=True)),
+    "compact-dynamic-rectify": dict(backend="compact", options=dict(plan="dynamic", rectify=True)),
+    "inductor-dense-regional": dict(backend="inductor"),
+    "compact-window-regional": dict(backend="compact", options=dict(plan="window", window="WINDOW")),
+    "compact-window-fp8-regional": dict(backend="compact",
+                                        options=dict(plan="window", window="WINDOW", quantize="fp8")),
+}
+ATTENTION = re.compile(r"attn|attention|flash|fmha|sdpa|flex", re.I)
+GEMM = re.compile(r"gemm|cutlass|nvjet|xmma|scaled_mm|addmm|bmm|_mm|matmul|f8f8|sm90_", re.I)
+
+
+def build(spec):
+    import diffusers
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):                 # random init on the GPU, directly in bf16
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            model = getattr(diffusers, spec["cls"])(**spec["config"]).eval()
+        finally:
+            torch.set_default_dtype(torch.float32)
+    x = torch.randn(spec["latent"], device="cuda", dtype=torch.bfloat16)
+    text = torch.randn(spec["text"], device="cuda", dtype=torch.bfloat16)
+    return model, x, text
+
+
+def rotary(spec):
+    """CogVideoX-5B's 3D RoPE, as its pipeline passes it (None for Wan, which makes its own)."""
+    if spec["cls"] != "CogVideoXTransformer3DModel":
+        return None
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    t, h, w = grid_of(spec)
+    return get_3d_rotary_pos_embed(spec["config"]["attention_head_dim"], ((0, 0), (h, w)), (h, w), t, device="cuda")
+
+
+def compiled(model, name, spec, dense_steps):
+    kwargs = VARIANTS[name]
+    if kwargs is None:
+        return model
+    kwargs = json.loads(json.dumps(kwargs))
+    options = kwargs.get("options")
+    if options is not None:
+        options.update({k: spec["window"] for k, v in options.items() if v == "WINDOW"})
+        if name.endswith("-regional"):  # the patch embedding and the timestep are outside the block graphs
+            options["grid"] = grid_of(spec)
+        else:
+            options["dense_steps"] = dense_steps
+    if name.endswith("-regional"):
+        model.compile_repeated_blocks(dynamic=False, **kwargs)
+        return model
+    return torch.compile(model, dynamic=False, **kwargs)
+
+
+def grid_of(spec):
+    cfg = spec["config"]
+    if spec["cls"] == "WanTransformer3DModel":
+        pt, ph, pw = cfg["patch_size"]
+        _, _, t, h, w = spec["latent"]
+        return (t // pt, h // ph, w // pw)
+    _, t, _, h, w = spec["latent"]
+    return (t, h // cfg["patch_size"], w // cfg["patch_size"])
+
+
+@contextlib.contextmanager
+def free_attention(enabled):
+    """SDPA replaced by returning the query (same shape, no work): what the rest of the model costs."""
+    original = F.scaled_dot_product_attention
+    if enabled:
+        F.scaled_dot_product_attention = lambda q, k, v, *a, **kw: q
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def uncompile_blocks(model):
+    """Undo compile_repeated_blocks (it sets each block's compiled call in place)."""
+    for module in model.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+
+
+def forward(m, spec, x, t, text):
+    if spec["cls"] == "WanTransformer3DModel":
+        return m(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
+    return m(hidden_states=x, encoder_hidden_states=text, timestep=t, image_rotary_emb=spec["rotary"],
+             return_dict=False)[0]
+
+
+def denoise(m, spec, x, text, steps):
+    """Euler on the velocity over `steps` decreasing timesteps (the step clock sees a generation)."""
+    ts = torch.linspace(999, 0, steps + 1, device="cuda")
+    for i in range(steps):
+        v = forward(m, spec, x, ts[i:i + 1].round().long(), text)
+        x = x + (ts[i + 1] - ts[i]) / 1000 * v
+    return x
+
+
+def time_ms(fn, warmup_ms, rep_ms):
+    """Median forward ms: triton's do_bench, or for forwards over a second (the 14B model, dense)
+    the median of 3 CUDA-event-timed calls after one warm call (do_bench would take 8+ calls)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    if start.elapsed_time(end) < 1000:
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    times = []
+    for _ in range(3):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[1]
+
+
+def profile(m, spec, x, t, text):
+    """CUDA kernel time of one forward, by kernel, and grouped."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    forward(m, spec, x, t, text)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        forward(m, spec, x, t, text)
+        torch.cuda.synchronize()
+    kernels = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us > 0:
+            kernels.append(dict(name=e.key[:120], ms=us / 1000, calls=e.count))
+    kernels.sort(key=lambda k: -k["ms"])
+    groups = dict(attention=0.0, gemm=0.0, other=0.0)
+    for k in kernels:
+        groups["attention" if ATTENTION.search(k["name"]) else "gemm" if GEMM.search(k["name"]) else "other"] += k["ms"]
+    return dict(groups_ms=groups, top=kernels[:25])
+
+
+def run(args):
+    spec = MODELS[args.model]
+    model, x, text = build(spec)
+    spec["rotary"] = rotary(spec)
+    t = torch.tensor([500], device="cuda")
+    out_path = os.path.join(os.environ.get("OUT", "."), f"e2e-{args.model}.json")
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                model=args.model, config=spec["config"], latent=spec["latent"], text=spec["text"],
+                window=spec["window"], steps=args.steps, dense_steps=args.dense_steps,
+                inductor_caches_disabled=os.environ.get("TORCHINDUCTOR_FORCE_DISABLE_CACHES") == "1")
+    print(json.dumps(meta), flush=True)
+    res, outs = {}, {}
+    for name in args.variants:
+        torch._dynamo.reset()
+        compact_compile.report(clear=True)
+        with torch.no_grad(), free_attention(name == "inductor-no-attention"):
+            m = compiled(model, name, spec, args.dense_steps)
+            t0 = time.time()
+            outs[name] = forward(m, spec, x, t, text)
+            torch.cuda.synchronize()
+            r = dict(first_call_s=time.time() - t0)
+            with at_step(args.dense_steps):  # a constant timestep is step 0: pin a sparse step
+                r["ms"] = time_ms(lambda: forward(m, spec, x, t, text), args.warmup_ms, args.rep_ms)
+                if name in args.profile:
+                    r["profile"] = profile(m, spec, x, t, text)
+            if args.steps:
+                denoise(m, spec, x, text, args.steps)
+                torch.cuda.synchronize()
+                t0 = time.time()
+                denoise(m, spec, x, text, args.steps)
+                torch.cuda.synchronize()
+                r["loop_s"] = time.time() - t0
+        r.update(describe(name, outs))
+        res[name] = r
+        print(name, json.dumps({k: v for k, v in r.items() if k != "profile"}), flush=True)
+        save(out_path, meta, res)
+        uncompile_blocks(model)
+        del m
+        torch.cuda.empty_cache()
+
+
+def describe(name, outs):
+    """Sites, density, kernel, quantized linears, and output differences."""
+    r = {}
+    if name.startswith("compact"):
+        rep = compact_compile.report()
+        rewritten = [s for s in rep.sites if s["rewritten"]]
+        r.update(sites=len(rep.sites), rewritten=len(rewritten),
+                 kernel=rewritten[0]["kernel"] if rewritten else None,
+                 density=sum(s["density"] for s in rewritten) / max(1, len(rewritten)),
+                 quantized=rep.quantized)
+    base = outs.get("inductor-dense", outs.get("inductor-dense-regional"))
+    if base is not None and outs[name] is not base:
+        r["rel_diff_vs_inductor_dense"] = rel(outs[name], base)
+    unquantized = re.sub(r"-(fp8|int8)", "", name).replace("compact-dense", "inductor-dense")
+    if unquantized != name and unquantized in outs:
+        r["rel_diff_vs_unquantized"] = rel(outs[name], outs[unquantized])
+    return r
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def save(path, meta, res):
+    for base in ("inductor-dense", "inductor-dense-regional"):
+        if base in res:
+            for name in res:
+                res[name][f"speedup_vs_{base}"] = res[base]["ms"] / res[name]["ms"]
+    with open(path, "w") as f:
+        json.dump(dict(meta, results=res), f, indent=1)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model", choices=MODELS)
+    ap.add_argument("variants", nargs="*", default=["inductor-dense", "compact-window"])
+    ap.add_argument("--steps", type=int, default=0, help="denoising-loop steps (0: no loop)")
+    ap.add_argument("--dense-steps", type=int, default=0, help="compact variants: first N steps dense")
+    ap.add_argument("--profile", nargs="*", default=[], help="variants to profile")
+    ap.add_argument("--warmup-ms", type=int, default=500)
+    ap.add_argument("--rep-ms", type=int, default=3000)
+    args = ap.parse_args()
+    unknown = [v for v in args.variants + args.profile if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""How much quality does each sparse mode keep? Generate with dense attention and with every sparse
+mode from the same noise on the trained video DiT (examples/video_dit), and compare.
+
+    python benchmarks/fidelity.py [--checkpoint PATH] [--videos 8 --steps 20 --cfg 3 --dense-steps 4]
+                                  [--modes NAME ...] [--device cuda|cpu]
+
+Per mode and sweep point: PSNR and SSIM (torchmetrics) of every video against the dense one, the
+per-layer attention-output relative error (each site's sparse output vs dense attention on the same
+q/k/v, along the sparse run's own trajectory), and the achieved sparsity counted honestly (dense
+warm-up steps and dense layers count as dense) and over the sparse steps only. The kernel-noise
+floor (dense SDPA vs dense FlexAttention / our Triton kernel over every block) is stated beside it.
+Writes $OUT/fidelity.json, fidelity_pareto.png, and a strip + GIF of dense vs the best sparse mode.
+
+Adding a mode is one line in MODES: name → (backend options, swept option, values).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import compact_compile  # noqa: E402
+from compact_compile.kernels.rectified import RectifiedSparse  # noqa: E402
+from compact_compile.schedule import CLOCK, ScheduledKernel, dense_attention  # noqa: E402
+from examples.video_dit.model import CHECKPOINT, load_model  # noqa: E402
+from examples.video_dit.sample import fixed_noise, sample, save_gif, save_strip  # noqa: E402
+
+CALIBRATED = "calibrated"   # stands for the plan calibrated in this run, searched at the swept recall τ
+# alone (λ = ∞): the default cost limit λ = 0.011 stops this small model's search near dense at every τ
+MODES = {
+    "window (STA-like)": (dict(plan="window"), "window", [(1, 1, 1), (1, 3, 3), (3, 3, 3), (3, 5, 5)]),
+    "top-k, no rectification": (dict(plan="dynamic"), "p_remain", [0.3, 0.5, 0.7, 0.9]),
+    "dynamic + rectified": (dict(plan="dynamic", rectify=True), "p_remain", [0.3, 0.5, 0.7, 0.9]),
+    "calibrated": (dict(plan=CALIBRATED), "recall", [0.7, 0.8, 0.9, 0.95]),
+    "calibrated + rectified": (dict(plan=CALIBRATED, rectify=True), "recall", [0.7, 0.8, 0.9, 0.95]),
+    "window + rectified": (dict(plan="window", rectify=True), "window", [(1, 1, 1), (1, 3, 3), (3, 3, 3)]),
+}
+FLOOR = {"dense Flex": dict(plan="dense", kernel="flex"), "dense Triton": dict(plan="dense", kernel="triton")}
+BLOCK_SIZE = 64    # the 16×16×16 grid in 4×4×4 tiles: 64 blocks per row
+
+
+class Probe:
+    """observer option: per site call, the fraction of blocks computed and the relative error of
+    the site's output against dense attention on the same inputs."""
+
+    def __init__(self):
+        self.calls = []   # dict(site, step, density, error)
+
+    def __call__(self, site, layout, kernel):
+        def observed(q, k, v, scale=None):
+            out = kernel(q, k, v, scale)
+            dense = F.scaled_dot_product_attention(q, k, v, scale=scale)
+            err = ((out.float() - dense.float()).norm() / dense.float().norm()).item()
+            self.calls.append(dict(site=site, step=CLOCK.current, density=computed(kernel, q, k, v, scale),
+                                   error=err))
+            return out
+        return observed
+
+    def summary(self, dense_steps):
+        sparse = [c for c in self.calls if c["step"] is not None and c["step"] >= dense_steps]
+        sites = sorted({c["site"] for c in self.calls}, key=lambda s: [int(p) if p.isdigit() else p
+                                                                        for p in s.split(".")])
+        return dict(density=mean(c["density"] for c in self.calls),
+                    density_sparse_steps=mean(c["density"] for c in sparse),
+                    layer_error={s: mean(c["error"] for c in sparse if c["site"] == s) for s in sites})
+
+
+def computed(kernel, q, k, v, scale):
+    """Fraction of blocks this call computes (dense attention: all)."""
+    active = kernel.select(CLOCK.current) if isinstance(kernel, ScheduledKernel) else kernel
+    if active is dense_attention:
+        return 1.0
+    if isinstance(active, RectifiedSparse):
+        if active.dynamic:
+            return active.estimate(q, k, v, scale)[0].float().mean().item()
+        return active.static.float().mean().item()
+    return active.blocks.float().mean().item()
+
+
+def mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def quality(videos, reference):
+    """Per video: PSNR (dB, on [0, 1]) and SSIM (torchmetrics, frames as images) against `reference`."""
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    out = []
+    for a, b in zip(videos, reference):
+        a, b = (a + 1) / 2, (b + 1) / 2
+        mse = (a - b).pow(2).mean().item()
+        frames = lambda x: x.permute(1, 0, 2, 3)   # noqa: E731  [3, T, H, W] → [T, 3, H, W]
+        out.append(dict(psnr=10 * math.log10(1 / mse) if mse > 0 else float("inf"),
+                        ssim=ssim(frames(a), frames(b), data_range=1.0).item()))
+    return out
+
+
+def generate(model, options, noise, labels, args):
+    """Videos from `model` compiled with the compact backend and `options`, and its probe summary."""
+    torch._dynamo.reset()
+    compact_compile.report(clear=True)
+    probe = Probe()
+    fast = torch.compile(model, backend="compact", dynamic=False,
+                         options=dict(options, observer=probe, inner="aot_eager", block_size=BLOCK_SIZE))
+    videos = sample(fast, noise, labels, steps=args.steps, cfg=args.cfg, shift=args.shift)
+    return videos, probe.summary(args.dense_steps)
+
+
+def calibrate_plan(model, args):
+    """A Compact Attention calibration on other noise and labels than the evaluation's."""
+    labels = torch.arange(args.videos, 2 * args.videos) % 10
+    noise = fixed_noise(args.videos, seed=1000, device=args.device, dtype=dtype_on(args.device))
+    t0 = time.time()
+    with compact_compile.calibrate(model, dense_steps=args.dense_steps, inner="aot_eager",
+                                   options=dict(block_size=BLOCK_SIZE)) as cal:
+        sample(model, noise, labels, steps=args.steps, cfg=args.cfg, shift=args.shift)
+    print(f"calibrated in {time.time() - t0:.1f} s", flush=True)
+    return cal
+
+
+def run(args):
+    out = Path(os.environ.get("OUT", "."))
+    model = load_model(args.checkpoint, device=args.device, dtype=dtype_on(args.device))
+    labels = torch.arange(args.videos) % 10
+    noise = fixed_noise(args.videos, seed=0, device=args.device, dtype=dtype_on(args.device))
+    modes = {name: MODES[name] for name in (args.modes or MODES)}
+    floor = {n: o for n, o in FLOOR.items() if args.device == "cuda" or o["kernel"] != "triton"}
+    dense = sample(model, noise, labels, steps=args.steps, cfg=args.cfg, shift=args.shift)
+    result = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "CPU", torch=torch.__version__,
+                  checkpoint=str(args.checkpoint), videos=args.videos, steps=args.steps, cfg=args.cfg, shift=args.shift,
+                  dense_steps=args.dense_steps, block_size=BLOCK_SIZE, floor={}, modes={})
+    for name, options in floor.items():
+        videos, _ = generate(model, options, noise, labels, args)
+        result["floor"][name] = summarize(quality(videos, dense))
+        print(name, result["floor"][name], flush=True)
+    cal = calibrate_plan(model, args) if any(o.get("plan") == CALIBRATED for o, _, _ in modes.values()) else None
+    best = None
+    for name, (options, swept, values) in modes.items():
+        points = []
+        for value in values:
+            opts = dict(options)
+            if opts.get("plan") == CALIBRATED:
+                opts["plan"] = cal.search(recall=value, cost=math.inf)
+            else:
+                opts.update({swept: value, "dense_steps": args.dense_steps})
+            videos, probe = generate(model, opts, noise, labels, args)
+            point = dict({swept: value}, **probe, **summarize(quality(videos, dense)))
+            points.append(point)
+            print(name, json.dumps({k: v for k, v in point.items() if k != "layer_error"}), flush=True)
+            if 1 - point["density"] >= args.strip_sparsity and (best is None or point["psnr"] > best[0]):
+                best = (point["psnr"], f"{name}, {swept}={value}", videos)
+        result["modes"][name] = points
+        (out / "fidelity.json").write_text(json.dumps(result, indent=1))
+    pareto_plot(result, out / "fidelity_pareto.png")
+    if best is not None:
+        shown = range(min(3, args.videos))
+        rows = {}
+        for i in shown:
+            rows[f"dense #{i}"] = dense[i]
+            rows[f"{best[1]} #{i}"] = best[2][i]
+        save_strip(rows, out / "fidelity_strip.png")
+        save_gif({"dense": torch.cat([dense[i] for i in shown], -1),
+                  "sparse": torch.cat([best[2][i] for i in shown], -1)}, out / "fidelity.gif")
+        result["strip"] = best[1]
+    (out / "fidelity.json").write_text(json.dumps(result, indent=1))
+
+
+def dtype_on(device):
+    return torch.bfloat16 if device == "cuda" else torch.float32   # bf16 matmuls crawl on CPUs
+
+
+def summarize(per_video):
+    return dict(psnr=mean(v["psnr"] for v in per_video), psnr_min=min(v["psnr"] for v in per_video),
+                ssim=mean(v["ssim"] for v in per_video), per_video=per_video)
+
+
+def pareto_plot(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, points in result["modes"].items():
+        pts = sorted((1 - p["density"], p["psnr"]) for p in points)
+        ax.plot(*zip(*pts), marker="o", label=name)
+    for name, floor in result["floor"].items():
+        ax.axhline(min(floor["psnr"], 80), ls=":", color="grey")
+        ax.annotate(f"{name} vs SDPA", (0.01, min(floor["psnr"], 80)), fontsize=7, color="grey")
+    ax.set_xlabel(f"sparsity (1 − computed blocks), dense warm-up ({result['dense_steps']} of "
+                  f"{result['steps']} steps) counted")
+    ax.set_ylabel("PSNR vs dense (dB)")
+    ax.set_title(f"video DiT fidelity, {result['videos']} videos, {result['device']}")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", default=str(CHECKPOINT))
+    ap.add_argument("--videos", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--cfg", type=float, default=3.0)
+    ap.add_argument("--shift", type=float, default=1.0)
+    ap.add_argument("--dense-steps", type=int, default=4)
+    ap.add_argument("--modes", nargs="*", choices=list(MODES), help="default: every mode")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--strip-sparsity", type=float, default=0.6,
+                    help="the strip shows the best mode at least this sparse (warm-up counted)")
+    run(ap.parse_args())
+
+
+if __name__ == "__main__":
+    main()
