@@ -5,9 +5,10 @@ passed on every call), not the module. So quantization happens at the graph's bo
 weight input used only as the weight of `linear` calls is quantized once with torchao (the same
 configs `torchao.quantization.quantize_` applies to an `nn.Linear`), the inner compiler traces the
 graph with the quantized tensor subclass in its place, and every call passes the quantized weight
-instead of the parameter. The user's module is not modified (its bf16 weights stay, so the weights
-take 1.5× their bf16 memory) and a parameter changed in place after compiling
-(its version counter moves) is quantized again before the next call — never a stale weight.
+instead of the parameter (one copy per weight: QuantizedWeights). The user's module is not modified
+(its bf16 weights stay, so the weights take 1.5× their bf16 memory), and a parameter changed in
+place after compiling (its version counter moves) is quantized again before the next call — never a
+stale weight.
 
     fp8   float8 dynamic activations × float8 weights, per-row scales for bf16 weights (per-tensor
           otherwise); needs a CUDA GPU of compute capability ≥ 8.9 (Ada, Hopper) — refused elsewhere.
@@ -17,6 +18,8 @@ Linears whose in/out features are not multiples of 16 stay in their dtype (the f
 need aligned shapes); the report counts them.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch._functorch.config
@@ -87,14 +90,14 @@ def quantized_linears(gm: fx.GraphModule, example_inputs, kind: str | None, comp
     record_quantized(kind, quantized=len(index), kept=len(candidates) - len(index))
     if not index:
         return compile_inner(example_inputs)
-    weights = {i: quantize_weight(example_inputs[i], kind) for i in index}
-    seen = {i: _identity(example_inputs[i]) for i in index}
+    cache = QuantizedWeights(kind)
     # handed to the inner compiler as static fake tensors of Dynamo's fake mode: fakeified there
     # instead, a tensor Dynamo never saw gets size symbols without a source (an error at guard time)
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
     inputs = list(example_inputs)
     for i in index:
-        inputs[i] = fake_mode.from_tensor(weights[i], static_shapes=True) if fake_mode else weights[i]
+        q = cache.get(example_inputs[i])
+        inputs[i] = fake_mode.from_tensor(q, static_shapes=True) if fake_mode else q
     # torchao's tensors cannot be hashed into Inductor's cache keys (a traceback per graph otherwise)
     with torch._inductor.config.patch(fx_graph_cache=False), \
             torch._functorch.config.patch(enable_autograd_cache=False):
@@ -103,13 +106,31 @@ def quantized_linears(gm: fx.GraphModule, example_inputs, kind: str | None, comp
     def run(*args):
         args = list(args)
         for i in index:
-            if _identity(args[i]) != seen[i]:  # updated in place (or another tensor): quantize again
-                weights[i], seen[i] = quantize_weight(args[i], kind), _identity(args[i])
-            args[i] = weights[i]
+            args[i] = cache.get(args[i])
         return compiled(*args)
 
     return run
 
 
-def _identity(t: torch.Tensor) -> tuple[int, int]:
-    return t.data_ptr(), t._version
+class QuantizedWeights:
+    """Quantized copies of the weights a compiled graph is called with, made once per weight. One
+    graph can serve many weights (regional compilation calls one block graph with every block's),
+    so copies are kept per source tensor, and made again when it changes in place (its version
+    counter moves); a copy goes when its source tensor is freed."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._copies: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor:
+        key = id(weight)
+        hit = self._copies.get(key)
+        if hit is None or hit[0]() is not weight or hit[1] != weight._version:
+            hit = (weakref.ref(weight, lambda ref, key=key: self._forget(key, ref)), weight._version,
+                   quantize_weight(weight, self.kind))
+            self._copies[key] = hit
+        return hit[2]
+
+    def _forget(self, key: int, ref: weakref.ref) -> None:
+        if key in self._copies and self._copies[key][0] is ref:
+            del self._copies[key]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from support import raises_from_backend, rel_err, tiny_wan
+from support import WAN_GRID, raises_from_backend, rel_err, tiny_wan
 
 import compact_compile
 from compact_compile.quantize import QuantizeError, check_quantize_supported
@@ -61,6 +61,31 @@ def test_weight_changed_after_compile_is_quantized_again():
         after, want = fast(x), torchao_int8(model)(x)
     assert rel_err(after, want) < 1e-5
     assert rel_err(after, before) > 1e-2
+
+
+def test_regional_compile_quantizes_each_block_once(monkeypatch):
+    """compile_repeated_blocks: one block graph called with every block's weights; each weight is
+    quantized once (not again per call), and the result equals torchao's own quantize_ of the
+    blocks' linears under the same regional compile."""
+    import compact_compile.quantize as quantize
+
+    made = []
+    real = quantize.quantize_weight
+    monkeypatch.setattr(quantize, "quantize_weight", lambda w, kind: (made.append(w), real(w, kind))[1])
+    model, inputs = tiny_wan()
+    options = dict(plan="window", window=(1, 3, 3), block_size=64, grid=WAN_GRID, quantize="int8")
+    reference = copy.deepcopy(model)
+    torchao_quant.quantize_(reference, torchao_quant.Int8DynamicActivationInt8WeightConfig(),
+                            filter_fn=lambda m, name: isinstance(m, nn.Linear) and name.startswith("blocks."))
+    reference.compile_repeated_blocks(backend="compact", options=dict(options, quantize=None, inner="aot_eager"))
+    regional = copy.deepcopy(model)
+    regional.compile_repeated_blocks(backend="compact", options=dict(options, inner="aot_eager"))
+    with torch.no_grad():
+        want = reference(**inputs)[0]
+        out = [regional(**inputs)[0] for _ in range(2)][-1]
+    linears_per_block = 10   # attn1 and attn2: q, k, v, out; ffn: two
+    assert len(made) == len({id(w) for w in made}) == 2 * linears_per_block
+    assert rel_err(out, want) < 1e-5
 
 
 def test_int8_wan_through_the_sparse_backend_stays_close_to_unquantized():
