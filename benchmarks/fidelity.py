@@ -165,7 +165,7 @@ def run(args):
         rows = {}
         for i in shown:
             rows[f"dense #{i}"] = dense[i]
-            rows[f"{best[1]} #{i}"] = best[2][i]
+            rows[f"sparse #{i}"] = best[2][i]          # which mode: result["strip"]
         save_strip(rows, out / "fidelity_strip.png")
         save_gif({"dense": torch.cat([dense[i] for i in shown], -1),
                   "sparse": torch.cat([best[2][i] for i in shown], -1)}, out / "fidelity.gif")
@@ -193,7 +193,8 @@ def pareto_plot(result, path):
         ax.plot(*zip(*pts), marker="o", label=name)
     for name, floor in result["floor"].items():
         ax.axhline(min(floor["psnr"], 80), ls=":", color="grey")
-        ax.annotate(f"{name} vs SDPA", (0.01, min(floor["psnr"], 80)), fontsize=7, color="grey")
+        ax.text(0.01, min(floor["psnr"], 80), f"{name} vs SDPA", fontsize=7, color="grey",
+                transform=ax.get_yaxis_transform(), va="bottom")
     ax.set_xlabel(f"sparsity (1 − computed blocks), dense warm-up ({result['dense_steps']} of "
                   f"{result['steps']} steps) counted")
     ax.set_ylabel("PSNR vs dense (dB)")

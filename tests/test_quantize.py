@@ -6,12 +6,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchao.quantization as torchao_quant
 from support import WAN_GRID, raises_from_backend, rel_err, tiny_wan
 
 import compact_compile
 from compact_compile.quantize import QuantizeError, check_quantize_supported
-
-torchao_quant = pytest.importorskip("torchao.quantization")
 
 
 class MLP(nn.Module):
