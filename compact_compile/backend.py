@@ -63,7 +63,7 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
     gm.recompile()
     record([s.summary() for s in sites] + _foreign_attention(gm))
     compiled = quantized_linears(gm, example_inputs, opts.quantize,
-                                 lambda inputs: _compile_inner(gm, inputs, opts.inner, mode))
+                                 lambda inputs: _compile_inner(gm, inputs, opts.inner, mode or opts.mode))
     return with_step_clock(gm, compiled, schedule)
 
 

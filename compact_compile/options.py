@@ -23,6 +23,9 @@
                 with a warning and a report entry.
     quantize    None (default), "fp8" or "int8": torchao-quantized linear layers (dynamic activation and
                 weight quantization); fp8 needs compute capability ≥ 8.9.
+    mode        Inductor's mode when `options` are given (torch.compile takes `mode` or `options`,
+                not both): None or "max-autotune-no-cudagraphs". Modes with CUDA graphs are not
+                offered: a graph replay would freeze the per-step kernel choice of a schedule.
     inner       what compiles the rewritten graph: "inductor" (default), "aot_eager" or "eager".
     observer    advanced: a callable `(site_name, layout, kernel) -> kernel` that wraps every
                 rewritten site's kernel (calibration uses it to record attention statistics).
@@ -41,6 +44,7 @@ BUILTIN_PLANS = ("dense", "window", "dynamic")
 KERNELS = ("flex", "triton", "auto")
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 QUANTIZE = (None, "fp8", "int8")
+MODES = (None, "max-autotune-no-cudagraphs")
 
 
 class OptionsError(ValueError):
@@ -63,6 +67,7 @@ class CompactOptions:
     p_remain: float = 0.3
     drop: float = 0.9
     quantize: str | None = None
+    mode: str | None = None
     observer: Callable | None = None
 
     def __post_init__(self):
@@ -96,6 +101,8 @@ class CompactOptions:
             raise OptionsError(f"option 'rectify' must be False, True or \"rows\", not {self.rectify!r}")
         if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int) or self.dense_steps < 0:
             raise OptionsError(f"option 'dense_steps' must be an integer ≥ 0, not {self.dense_steps!r}")
+        if self.mode not in MODES:
+            raise OptionsError(f"option 'mode' must be one of {MODES}, not {self.mode!r}")
         if self.quantize not in QUANTIZE:
             raise OptionsError(f"option 'quantize' must be one of {QUANTIZE}, not {self.quantize!r}")
         if not isinstance(self.dynamic, bool):

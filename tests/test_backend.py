@@ -291,3 +291,24 @@ def test_entry_point_in_a_fresh_interpreter(tmp_path):
                  ("REWRITTEN", "MAXDIFF"))
     assert lines["REWRITTEN"] == "True 0.5"
     assert float(lines["MAXDIFF"]) < 1e-5
+
+
+def test_mode_option_reaches_inductor(monkeypatch):
+    """torch.compile refuses mode and options together; the mode option carries it."""
+    import torch._inductor.compile_fx as compile_fx
+
+    seen, real = [], compile_fx.compile_fx
+
+    def spy(gm, inputs, config_patches=None, **kwargs):
+        if kwargs:  # not the backend's call (e.g. the compiled FlexAttention's own)
+            return real(gm, inputs, config_patches=config_patches, **kwargs)
+        seen.append(config_patches)
+        return gm.forward
+
+    monkeypatch.setattr(compile_fx, "compile_fx", spy)
+    model, inputs = tiny_wan()
+    options = {"plan": "dense", "kernel": "flex", "mode": "max-autotune-no-cudagraphs"}
+    with torch.no_grad():
+        torch.compile(model, backend="compact", options=options)(**inputs)
+    assert seen == [torch._inductor.list_mode_options("max-autotune-no-cudagraphs")]
+    assert seen[0]["max_autotune"] and not seen[0].get("triton.cudagraphs", False)

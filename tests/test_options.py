@@ -70,6 +70,7 @@ BAD_VALUES = [
     ("inner", "cudagraphs"), ("inner", None), ("inner", "Inductor"),
     ("observer", 3), ("observer", "print"),
     ("dense_steps", -1), ("dense_steps", 1.5), ("dense_steps", True), ("dense_steps", "2"),
+    ("mode", "reduce-overhead"), ("mode", "max-autotune"), ("mode", 1),
     ("quantize", "int4"), ("quantize", "FP8"), ("quantize", 8), ("quantize", True),
 ]
 
