@@ -41,6 +41,7 @@ MODES = {
     "calibrated": (dict(plan=CALIBRATED), "recall", [0.7, 0.8, 0.9, 0.95]),
     "calibrated + rectified": (dict(plan=CALIBRATED, rectify=True), "recall", [0.7, 0.8, 0.9, 0.95]),
     "window + rectified": (dict(plan="window", rectify=True), "window", [(1, 1, 1), (1, 3, 3), (3, 3, 3)]),
+    "calibrated ∪ top-k + rectified": (dict(plan=CALIBRATED, dynamic=True, rectify=True), "recall", [0.7, 0.8]),
 }
 FLOOR = {"dense Flex": dict(plan="dense", kernel="flex"), "dense Triton": dict(plan="dense", kernel="triton")}
 BLOCK_SIZE = 64    # the 16×16×16 grid in 4×4×4 tiles: 64 blocks per row
