@@ -22,8 +22,8 @@ from .passes.grid import patch_embedding_grids
 from .passes.rewrite import rewrite_site
 from .passes.sites import OTHER, find_sites
 from .plan import PlanError
-from .quantize import quantized_linears
 from .planner import load_plan, site_blocks, site_layout
+from .quantize import quantized_linears
 from .report import record
 from .schedule import scheduled_kernel, site_schedule, with_step_clock
 
