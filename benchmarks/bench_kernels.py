@@ -12,6 +12,9 @@ Effective TFLOP/s = 4·B·H·S²·D·density / t (the work of the kept blocks on
 Run on the GPU machine:  python benchmarks/bench_kernels.py   (JSON to $OUT/kernels.json)
 Options: --shapes NAME... (substrings), --budget-s: past this many seconds the 50%-sparsity points
 of the big shapes (the slowest) are skipped, and the skips are recorded.
+--configs: instead, time every launch configuration in CONFIG_SWEEP (tile shape, warps, stages, TMA
+descriptor loads, automatic warp specialisation) at 90% sparsity against Flex and the autotuned
+choice, each checked against Flex (JSON to $OUT/kernel-configs.json).
 """
 from __future__ import annotations
 
@@ -37,6 +40,10 @@ SPARSITIES = [0.90, 0.95, 0.75, 0.50]   # 90% first: the autotuner tunes at the 
 PATTERNS = ["random", "window"]
 BLOCK = 128
 DEV = "cuda"
+CONFIG_SWEEP = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st, tma=tma, warp_specialize=ws)
+                for m, n, w, st in [(128, 128, 8, 2), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4),
+                                    (128, 64, 4, 3), (64, 128, 4, 3)]
+                for tma in (False, True) for ws in (False, True)]
 
 
 def bench(fn) -> float:
@@ -67,7 +74,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="*", default=None)
     ap.add_argument("--budget-s", type=float, default=240.0)
+    ap.add_argument("--configs", action="store_true")
     args = ap.parse_args()
+    if args.configs:
+        return config_sweep(args)
     t_start = time.time()
     torch.manual_seed(0)
     gen = torch.Generator(device=DEV).manual_seed(0)
@@ -137,6 +147,49 @@ def main():
     with open(path, "w") as f:
         json.dump(result, f, indent=1, default=str)
     print(f"wrote {path}; total {time.time() - t_start:.0f} s; skipped: {skipped or 'none'}")
+
+
+def config_sweep(args):
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                block_size=BLOCK, dtype="bfloat16", sparsity=0.9)
+    print(meta, flush=True)
+    rows = []
+    for name, B, H, S, D in [s for s in SHAPES if not args.shapes or any(p in s[0] for p in args.shapes)]:
+        q, k, v = (torch.randn(B, H, S, D, device=DEV, dtype=torch.bfloat16, generator=gen) for _ in range(3))
+        nb = triton.cdiv(S, BLOCK)
+        for pattern in PATTERNS:
+            blocks = make_blocks(pattern, H, nb, 0.9, gen)
+            eff = 4 * B * H * S * S * D * blocks.float().mean().item()
+            flex = FlexBlockSparse(blocks.expand(H, nb, nb), S, BLOCK)
+            ours = TritonBlockSparse(blocks, S, BLOCK)
+            num, idx = ours.block_lists(DEV)
+            ref = flex(q, k, v)
+            flex_ms = bench(lambda: flex(q, k, v))
+            ours(q, k, v)
+            auto = dict(config="autotuned " + str(ts.chosen_config()), ms=bench(lambda: ours(q, k, v)))
+            for c in [None] + CONFIG_SWEEP:
+                r = dict(shape=name, pattern=pattern, flex_ms=flex_ms, autotuned_ms=auto["ms"])
+                if c is None:
+                    r.update(auto)
+                else:
+                    r["config"] = c
+                    try:
+                        run = lambda: ts.block_sparse_attention(q, k, v, num, idx, BLOCK, config=c)  # noqa: E731
+                        r.update(errors(run(), ref), ms=bench(run), **ts.chosen_config())
+                    except Exception as e:  # a configuration this Triton cannot build: record why
+                        r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                if "ms" in r:
+                    r.update(tflops_eff=eff / r["ms"] / 1e9, speedup_vs_flex=flex_ms / r["ms"])
+                rows.append(r)
+                print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in r.items()}, flush=True)
+            del flex, ours, ref
+        del q, k, v
+        torch.cuda.empty_cache()
+    path = os.path.join(os.environ.get("OUT", "."), "kernel-configs.json")
+    with open(path, "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1, default=str)
+    print("wrote", path)
 
 
 def fused_variants(name, B, H, S, D, q, k, v, ours, out, gen, record, note_config):

@@ -53,6 +53,7 @@ VARIANTS = {
     "eager": None,
     "inductor-dense": dict(backend="inductor"),
     "inductor-no-attention": dict(backend="inductor"),  # attention replaced by a free op: the floor
+    "compact-no-attention-fp8": dict(backend="compact", options=dict(plan="dense", quantize="fp8")),  # fp8 floor
     "compact-dense-fp8": dict(backend="compact", options=dict(plan="dense", quantize="fp8")),
     "compact-window": dict(backend="compact", options=dict(plan="window", window="WINDOW")),
     "compact-window-flex": dict(backend="compact", options=dict(plan="window", window="WINDOW", kernel="flex")),
@@ -61,6 +62,8 @@ VARIANTS = {
     "compact-window-rectify": dict(backend="compact", options=dict(plan="window", window="WINDOW", rectify=True)),
     "compact-dynamic-rectify": dict(backend="compact", options=dict(plan="dynamic", rectify=True)),
     "inductor-dense-regional": dict(backend="inductor"),
+    "inductor-no-attention-regional": dict(backend="inductor"),
+    "compact-no-attention-fp8-regional": dict(backend="compact", options=dict(plan="dense", quantize="fp8")),
     "compact-window-regional": dict(backend="compact", options=dict(plan="window", window="WINDOW")),
     "compact-window-fp8-regional": dict(backend="compact",
                                         options=dict(plan="window", window="WINDOW", quantize="fp8")),
@@ -213,7 +216,7 @@ def run(args):
     for name in args.variants:
         torch._dynamo.reset()
         compact_compile.report(clear=True)
-        with torch.no_grad(), free_attention(name == "inductor-no-attention"):
+        with torch.no_grad(), free_attention("no-attention" in name):
             m = compiled(model, name, spec, args.dense_steps)
             t0 = time.time()
             outs[name] = forward(m, spec, x, t, text)

@@ -72,13 +72,16 @@ def triton_unsupported(device, dtype, head_dim: int, explicit: bool) -> str:
 def _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, SRC, k_off, v_off, offs_n, offs_d, j, S,
              stride_ks, stride_vs, qk_scale,
              PLAN_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-             HAS_SRC: tl.constexpr, UPCAST: tl.constexpr):
+             HAS_SRC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
     """One BLOCK_N key tile: step j of the flattened (list entry, sub-tile) loop."""
     SUB: tl.constexpr = PLAN_BLOCK // BLOCK_N          # kernel tiles per plan block
     kb = tl.load(idx_ptr + j // SUB)                   # listed key block
     n0 = kb * PLAN_BLOCK + (j % SUB) * BLOCK_N         # first tiled key position of this tile
     pos = n0 + offs_n
-    if HAS_SRC:   # gather: tiled key p lives at model row src[p]
+    if USE_TMA:   # k_base, v_base are tensor descriptors of this (batch, head)'s [S, D]; rows ≥ S read 0
+        k = k_base.load([n0, 0])
+        v = v_base.load([n0, 0])
+    elif HAS_SRC:   # gather: tiled key p lives at model row src[p]
         if MASK:
             rows = tl.load(SRC + pos, mask=pos < S, other=0).to(tl.int64)
         else:
@@ -88,12 +91,13 @@ def _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, SRC, k_off, v_off, offs_
     else:         # contiguous tile: 64-bit scalar start + 32-bit in-tile offsets k_off, v_off
         k_ptrs = k_base + n0.to(tl.int64) * stride_ks + k_off
         v_ptrs = v_base + n0.to(tl.int64) * stride_vs + v_off
-    if MASK:
-        k = tl.load(k_ptrs, mask=(pos < S)[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=(pos < S)[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs)
-        v = tl.load(v_ptrs)
+    if not USE_TMA:
+        if MASK:
+            k = tl.load(k_ptrs, mask=(pos < S)[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=(pos < S)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
     p_ty = v.dtype
     if UPCAST:
         k = k.to(tl.float32)
@@ -120,7 +124,8 @@ def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, SRC, R, OBAR,
               stride_rb, stride_rh, stride_rq, stride_cb, stride_ch, stride_cq,
               H, S, NK, qk_scale, S_BUCKET,
               HEAD_DIM: tl.constexpr, PLAN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              EVEN_S: tl.constexpr, HAS_SRC: tl.constexpr, HAS_RECT: tl.constexpr, UPCAST: tl.constexpr):
+              EVEN_S: tl.constexpr, HAS_SRC: tl.constexpr, HAS_RECT: tl.constexpr, UPCAST: tl.constexpr,
+              TMA_OK: tl.constexpr, USE_TMA: tl.constexpr):
     # grid: (query tiles, B·H); all tiles of one head run together, so its K/V stay in L2
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -142,6 +147,11 @@ def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, SRC, R, OBAR,
         q = q.to(tl.float32)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
+    if USE_TMA:   # Hopper's tensor-memory accelerator copies the K/V tiles (eligibility: `_tma_ok`)
+        k_base = tl.make_tensor_descriptor(k_base, shape=[S, HEAD_DIM], strides=[stride_ks, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
+        v_base = tl.make_tensor_descriptor(v_base, shape=[S, HEAD_DIM], strides=[stride_vs, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
     k_off = offs_n[:, None] * stride_ks + offs_d[None, :]
     v_off = offs_n[:, None] * stride_vs + offs_d[None, :]
 
@@ -160,7 +170,7 @@ def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, SRC, R, OBAR,
     for j in range(0, n_main * SUB):
         acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, SRC, k_off, v_off, offs_n, offs_d,
                                  j, S, stride_ks, stride_vs, qk_scale,
-                                 PLAN_BLOCK, BLOCK_N, False, HAS_SRC, UPCAST)
+                                 PLAN_BLOCK, BLOCK_N, False, HAS_SRC, UPCAST, USE_TMA)
     if not EVEN_S:
         # sub-tiles of block nk−1 that hold a key < S; each starts below S, so every row of the first
         # one has a finite score and m_i never stays −inf into a later tile
@@ -168,7 +178,7 @@ def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, SRC, R, OBAR,
         for j in range(n_main * SUB, n_main * SUB + n_tail):
             acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, SRC, k_off, v_off, offs_n, offs_d,
                                      j, S, stride_ks, stride_vs, qk_scale,
-                                     PLAN_BLOCK, BLOCK_N, True, HAS_SRC, UPCAST)
+                                     PLAN_BLOCK, BLOCK_N, True, HAS_SRC, UPCAST, USE_TMA)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]    # O = acc / l (a row with no kept block: 0)
     if HAS_RECT:    # rectified output R·O + Ō of this query block
@@ -180,11 +190,13 @@ def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, SRC, R, OBAR,
 
 
 # ---- launch configuration ---------------------------------------------------------------------------
-# sm90 candidates (BLOCK_M, BLOCK_N, num_warps, num_stages); the autotuner keys on head dim, seq-len
-# bucket, plan block and the fused extras, and Triton adds the argument dtypes to the key.
+# sm90 candidates (BLOCK_M, BLOCK_N, num_warps, num_stages, TMA loads of K/V); the autotuner keys on
+# head dim, seq-len bucket, plan block, the fused extras and TMA eligibility, and Triton adds the
+# argument dtypes. On an H100 at 90% sparsity TMA loads gave 2–5% (results/kernel-configs-*.json);
+# automatic warp specialisation (tl.range(warp_specialize=True)) gave nothing and fails to build at 4 warps.
 SM90_CONFIGS = [
-    (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3),
-    (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3),
+    (128, 128, 8, 3, True), (128, 128, 8, 2, True), (128, 128, 8, 3, False), (128, 128, 8, 2, False),
+    (128, 64, 8, 3, True), (128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 64, 4, 4, False),
 ]
 INTERPRET_CONFIG = dict(BLOCK_M=64, BLOCK_N=64)
 
@@ -195,20 +207,35 @@ def _fit(block_m: int, block_n: int, plan_block: int) -> tuple[int, int]:
 
 
 def _prune(configs, named_args, **kwargs):
-    pb = {**named_args, **kwargs}["PLAN_BLOCK"]
+    args = {**named_args, **kwargs}
     seen, out = set(), []
     for c in configs:
-        bm, bn = _fit(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], pb)
-        key = (bm, bn, c.num_warps, c.num_stages)
+        bm, bn = _fit(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], args["PLAN_BLOCK"])
+        tma = c.kwargs["USE_TMA"] and args["TMA_OK"]
+        key = (bm, bn, c.num_warps, c.num_stages, tma)
         if key not in seen:
             seen.add(key)
-            out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn), num_warps=c.num_warps, num_stages=c.num_stages))
+            out.append(triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, USE_TMA=tma), num_warps=c.num_warps,
+                                     num_stages=c.num_stages))
     return out
 
 
+def _tma_ok(*tensors) -> bool:
+    """Whether K/V tiles can come through TMA descriptors: the Triton build has device-side
+    descriptors, and every base address and row/head/batch stride is a multiple of 16 bytes."""
+    return hasattr(tl, "make_tensor_descriptor") and all(
+        t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:3]) for t in tensors)
+
+
+def _tma_scratch(size: int, alignment: int, stream):
+    """Global memory for the descriptors the kernel builds (Triton asks its allocator at launch)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 _attn_fwd_tuned = None if INTERPRET else triton.autotune(
-    configs=[triton.Config(dict(BLOCK_M=m, BLOCK_N=n), num_warps=w, num_stages=s) for m, n, w, s in SM90_CONFIGS],
-    key=["HEAD_DIM", "S_BUCKET", "PLAN_BLOCK", "HAS_SRC", "HAS_RECT"],
+    configs=[triton.Config(dict(BLOCK_M=m, BLOCK_N=n, USE_TMA=tma), num_warps=w, num_stages=s)
+             for m, n, w, s, tma in SM90_CONFIGS],
+    key=["HEAD_DIM", "S_BUCKET", "PLAN_BLOCK", "HAS_SRC", "HAS_RECT", "TMA_OK"],
     prune_configs_by={"early_config_prune": _prune},
 )(_attn_fwd)
 
@@ -254,7 +281,8 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, 
     `block_size` tokens, the count and the (ascending) indices of its key blocks.
     rectify: (R `[B, H, nq]`, Ō `[B, H, nq, D]`), anything broadcastable: write R·O + Ō instead.
     src `[S]` int32/int64: tiled position p reads q/k/v row src[p]; output row p goes to src[p].
-    config: dict(BLOCK_M=, BLOCK_N=, num_warps=, num_stages=) to bypass the autotuner.
+    config: dict(BLOCK_M=, BLOCK_N=, num_warps=, num_stages=, tma=) to bypass the autotuner; `tma`
+    loads K/V through TMA descriptors where the inputs allow it (`_tma_ok`), else it is ignored.
     """
     _check_qkv(q, k, v)
     if not triton_available(q.device):
@@ -297,13 +325,15 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, 
             H, S, nq, scale * LOG2E, triton.next_power_of_2(S))
     meta = dict(HEAD_DIM=D, PLAN_BLOCK=block_size, EVEN_S=S % block_size == 0,
                 HAS_SRC=src is not None, HAS_RECT=rectify is not None,
-                UPCAST=INTERPRET and q.dtype == torch.bfloat16)
+                UPCAST=INTERPRET and q.dtype == torch.bfloat16, TMA_OK=src is None and _tma_ok(k, v))
+    if meta["TMA_OK"] and not INTERPRET:   # any allocator serves; this one is torch's caching allocator
+        triton.set_allocator(_tma_scratch)
     if config is None and INTERPRET:
         config = INTERPRET_CONFIG
     if config is not None:
         bm, bn = _fit(config["BLOCK_M"], config["BLOCK_N"], block_size)
-        launch = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=config.get("num_warps", 4),
-                      num_stages=config.get("num_stages", 2))
+        launch = dict(BLOCK_M=bm, BLOCK_N=bn, USE_TMA=bool(config.get("tma")) and meta["TMA_OK"],
+                      num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
         kernel = _attn_fwd[(triton.cdiv(S, bm), B * H)](*args, **meta, **launch)
     else:
         grid = lambda m: (triton.cdiv(S, m["BLOCK_M"]), B * H)  # noqa: E731
