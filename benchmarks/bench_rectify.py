@@ -2,7 +2,9 @@
 
 Wan2.1-1.3B 480p shape (grid 21×30×52, B1 H12 S32760 D128, bf16, tokens already tiled):
   * cost: pooling + P̂ + selection + GAPR (estimate) and the R·O + Ō merge, as a share of the sparse
-    attention time, for a static window plan (~75% and ~90% sparse) and for the dynamic plan;
+    attention time, for a static window plan (~75% and ~90% sparse) and for the dynamic plan, on
+    FlexAttention; and on our Triton kernel, where a static plan's estimate runs inside the kernel
+    (after one pooling pass over k and v) — against the same kernel without rectification;
   * error vs dense attention (fp32 SDPA) at about equal density: plain window, window + rectify
     (block and rows), dynamic without and with rectification — on random inputs and on smooth
     inputs (a low-frequency field over the video grid plus noise, closer to real activations).
@@ -16,7 +18,9 @@ import torch.nn.functional as F
 import triton
 
 from compact_compile.kernels.flex import FlexBlockSparse
+from compact_compile.kernels.pool_triton import block_pool_triton
 from compact_compile.kernels.rectified import RectifiedSparse
+from compact_compile.kernels.triton_sparse import TritonBlockSparse
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import density, neighbour_blocks, window_blocks
 
@@ -64,6 +68,16 @@ def main():
             t_est = bench(lambda: kern.estimate(q, k, v))
             emit(kind="cost", plan=name, rectify=mode, sparsity=1 - density(blocks), sparse_ms=t_sparse,
                  rectified_ms=t_all, estimate_ms=t_est, overhead_share=(t_all - t_sparse) / t_sparse)
+        plain = TritonBlockSparse(blocks[None], layout.seq_len, 128)
+        fused = RectifiedSparse(layout, blocks[None], dynamic=False, rectify=True, kernel="triton")
+        unfused = RectifiedSparse(layout, blocks[None], dynamic=False, rectify=True)
+        t_sparse, t_all = bench(lambda: plain(q, k, v)), bench(lambda: fused(q, k, v))
+        t_pool = bench(lambda: (block_pool_triton(k, layout.n_video, 128, True),
+                                block_pool_triton(v, layout.n_video, 128, False)))
+        out, want = fused(q, k, v).float(), unfused(q, k, v).float()
+        emit(kind="cost-triton", plan=name, rectify="in-kernel estimate", sparsity=1 - density(blocks),
+             sparse_ms=t_sparse, rectified_ms=t_all, pool_ms=t_pool, overhead_share=(t_all - t_sparse) / t_sparse,
+             rel_diff_vs_flex_path=((out - want).norm() / want.norm()).item())
     for drop in (0.75, 0.9):
         kern = RectifiedSparse(layout, nbr[None], dynamic=True, rectify=True, drop=drop)
         keep = kern.estimate(q, k, v)[0]

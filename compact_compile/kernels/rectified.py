@@ -50,15 +50,16 @@ def block_pool(x: torch.Tensor, n_valid: int, block_size: int) -> tuple[torch.Te
     return mean, mad
 
 
+def _pool(x, n_valid: int, block_size: int, with_mad: bool):
+    if x.device.type == "cuda" and x.dtype != torch.float64:
+        return block_pool_triton(x, n_valid, block_size, with_mad)
+    return block_pool(x, n_valid, block_size)
+
+
 def pooled(q, k, v, n_video: int, block_size: int):
     """q̄, δq over all tokens; k̄, δk, v̄ over video tokens (text keys are never pooled)."""
-    if q.device.type == "cuda" and q.dtype != torch.float64:
-        (qm, qd), (km, kd), (vm, _) = (block_pool_triton(x, n, block_size, mad) for x, n, mad in
-                                       ((q, q.shape[-2], True), (k, n_video, True), (v, n_video, False)))
-    else:
-        (qm, qd), (km, kd), (vm, _) = (block_pool(x, n, block_size) for x, n in
-                                       ((q, q.shape[-2]), (k, n_video), (v, n_video)))
-    return qm, qd, km, kd, vm
+    return (*_pool(q, q.shape[-2], block_size, True), *_pool(k, n_video, block_size, True),
+            _pool(v, n_video, block_size, False)[0])
 
 
 def _estimate(pools, q, k_text, static, video_count, text_block, scale: float, block_size: int,
@@ -126,6 +127,10 @@ class RectifiedSparse:
         pos = torch.arange(nb * bs)
         self.video_count = ((pos < layout.n_video).view(nb, bs).sum(1)).float()
         self.text_block = torch.arange(layout.n_video, layout.seq_len) // bs
+        # a static plan's estimate runs inside the Triton kernel, from pooled keys and values; that
+        # kernel counts text keys in the normaliser only, so the blocks holding them must be kept
+        self.fused_estimate = (kernel == "triton" and rectify and not dynamic and not rows
+                               and bool(self.static[..., self.text_block.unique()].all()))
         self._device_data: dict[torch.device, tuple] = {}
         self._static_lists: dict[torch.device, tuple] = {}
 
@@ -148,6 +153,12 @@ class RectifiedSparse:
 
     def __call__(self, q, k, v, scale: float | None = None) -> torch.Tensor:
         L = self.layout
+        if self.fused_estimate:
+            (k_mean, k_mad), v_mean = _pool(k, L.n_video, L.block_size, True), _pool(v, L.n_video, L.block_size, False)[0]
+            num, idx = self._lists(q.device)
+            pools = tuple(t.float().contiguous() for t in (k_mean, k_mad, v_mean))
+            return block_sparse_attention(q, k, v, num, idx, L.block_size, scale,
+                                          estimate_from=(*pools, self._data(q.device)[0], L.n_video))
         keep, r, o_bar = self.estimate(q, k, v, scale)
         if self.kernel == "triton":  # R·O + Ō fused into the kernel's epilogue (per query block)
             fused = (r, o_bar) if self.rectify and not self.rows else None
