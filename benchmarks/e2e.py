@@ -65,6 +65,8 @@ VARIANTS = {
     "inductor-no-attention-regional": dict(backend="inductor"),
     "compact-no-attention-fp8-regional": dict(backend="compact", options=dict(plan="dense", quantize="fp8")),
     "compact-window-regional": dict(backend="compact", options=dict(plan="window", window="WINDOW")),
+    "compact-window-rectify-regional": dict(backend="compact", options=dict(plan="window", window="WINDOW",
+                                                                           rectify=True)),
     "compact-window-fp8-regional": dict(backend="compact",
                                         options=dict(plan="window", window="WINDOW", quantize="fp8")),
 }
