@@ -132,7 +132,7 @@ def free_attention(enabled):
     """SDPA replaced by returning the query (same shape, no work): what the rest of the model costs."""
     original = F.scaled_dot_product_attention
     if enabled:
-        F.scaled_dot_product_attention = lambda q, k, v, *a, **kw: q
+        F.scaled_dot_product_attention = lambda *a, **kw: a[0] if a else kw["query"]  # diffusers passes kwargs
     try:
         yield
     finally:
