@@ -20,6 +20,7 @@ import triton
 from compact_compile.kernels.flex import FlexBlockSparse
 from compact_compile.kernels.pool_triton import block_pool_triton
 from compact_compile.kernels.rectified import RectifiedSparse
+from compact_compile.kernels import triton_sparse as ts
 from compact_compile.kernels.triton_sparse import TritonBlockSparse
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import density, neighbour_blocks, window_blocks
@@ -74,10 +75,13 @@ def main():
         t_sparse, t_all = bench(lambda: plain(q, k, v)), bench(lambda: fused(q, k, v))
         t_pool = bench(lambda: (block_pool_triton(k, layout.n_video, 128, True),
                                 block_pool_triton(v, layout.n_video, 128, False)))
+        plain(q, k, v)
+        plain_config = ts.chosen_config()
         out, want = fused(q, k, v).float(), unfused(q, k, v).float()
         emit(kind="cost-triton", plan=name, rectify="in-kernel estimate", sparsity=1 - density(blocks),
              sparse_ms=t_sparse, rectified_ms=t_all, pool_ms=t_pool, overhead_share=(t_all - t_sparse) / t_sparse,
-             rel_diff_vs_flex_path=((out - want).norm() / want.norm()).item())
+             rel_diff_vs_flex_path=((out - want).norm() / want.norm()).item(),
+             fused_config=ts.chosen_config(), plain_config=plain_config)
     for drop in (0.75, 0.9):
         kern = RectifiedSparse(layout, nbr[None], dynamic=True, rectify=True, drop=drop)
         keep = kern.estimate(q, k, v)[0]

@@ -18,7 +18,7 @@ Extras, fused into the one pass:
 - rectification epilogue: with R `[B, H, nq]` and Ō `[B, H, nq, D]` (fp32, per query block),
   the kernel writes R·O + Ō;
 - or the rectification estimate itself (static plans): from the query tile and the pooled keys and
-  values, each program computes its block's R and Ō (pool_triton.rectify_block) before its loop;
+  values, each program computes its block's R and Ō (pool_triton.rectify_block) after its loop;
 - token permutation: with `src [S]`, tiled position p reads q/k/v rows at model position src[p]
   and output row p is stored at src[p], so the output comes back in model order.
 
@@ -150,11 +150,6 @@ def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, SRC, R, OBAR, KM, KD, VM, KEEP,
         q = q.to(tl.float32)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    if ESTIMATE:    # R and Ō estimated here (BLOCK_M = PLAN_BLOCK: this tile is the whole query block)
-        pooled_off = pid_bh.to(tl.int64) * NK * HEAD_DIM
-        r, o_bar = rectify_block(q, q_valid, KM + pooled_off, KD + pooled_off, VM + pooled_off,
-                                  KEEP + h * stride_keeph + qb * stride_keepq, k_base, offs_d, stride_ks,
-                                  NK, NV, S, qk_scale, PLAN_BLOCK, HEAD_DIM, 32)
     if USE_TMA:   # Hopper's tensor-memory accelerator copies the K/V tiles (eligibility: `_tma_ok`)
         k_base = tl.make_tensor_descriptor(k_base, shape=[S, HEAD_DIM], strides=[stride_ks, 1],
                                            block_shape=[BLOCK_N, HEAD_DIM])
@@ -188,6 +183,12 @@ def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, SRC, R, OBAR, KM, KD, VM, KEEP,
                                      j, S, stride_ks, stride_vs, qk_scale,
                                      PLAN_BLOCK, BLOCK_N, True, HAS_SRC, UPCAST, USE_TMA)
 
+    if ESTIMATE:    # R and Ō estimated here (BLOCK_M = PLAN_BLOCK: this tile is the whole query block),
+        # after the loop, so that nothing of it holds registers the loop needs
+        pooled_off = pid_bh.to(tl.int64) * NK * HEAD_DIM
+        r, o_bar = rectify_block(q, q_valid, KM + pooled_off, KD + pooled_off, VM + pooled_off,
+                                 KEEP + h * stride_keeph + qb * stride_keepq, K + b * stride_kb + h * stride_kh,
+                                 offs_d, stride_ks, NK, NV, S, qk_scale, PLAN_BLOCK, HEAD_DIM, 32)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]    # O = acc / l (a row with no kept block: 0)
     if HAS_RECT:    # rectified output R·O + Ō of this query block
         r = tl.load(R + b * stride_rb + h * stride_rh + qb * stride_rq)
