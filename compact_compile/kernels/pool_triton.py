@@ -1,5 +1,4 @@
-"""Rectification's pooled statistics in Triton: block means and mean absolute deviations of q, k, v
-in one read of each, and the per-block estimate R, Ō that the attention kernel computes from them.
+"""Block means and mean absolute deviations of q, k, v in one read of each (Triton).
 
 For block n of `BLOCK` tokens and the tokens i of it that count (w_i = 1: real tokens; for keys and
 values only video tokens),
@@ -50,55 +49,84 @@ def block_pool_triton(x: torch.Tensor, n_valid: int, block_size: int, with_mad: 
 
 
 @triton.jit
-def rectify_block(q, q_valid, km_ptr, kd_ptr, vm_ptr, keep_ptr, k_base, offs_d, stride_ks, NK, NV, S, qk_scale,
-                   PLAN_BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNK: tl.constexpr):
-    """R and Ō of this query block (rectified.py's per-block estimate, for a static plan), from its
-    q tile and the pooled keys/values `[NK, D]` (k̄, δk, v̄) of its (batch, head), in base 2:
-        s̄_m = q̄·k̄_m·c + log2(video tokens of m)       (text keys k_t, unpooled: q̄·k_t·c)
-        P̂_m = 2^(s̄_m − M) / Z,  Z = Σ_m 2^(s̄_m − M) + Σ_t 2^(q̄·k_t·c − M)
-        comp_m = skipped_m ∧ |q̄·k̄_m| > |δq·k̄_m| + |q̄·δk_m| ∧ m holds video tokens       (GAPR)
-        R = 1 − Σ_comp P̂_m,  Ō = Σ_comp P̂_m·v̄_m
-    with the running max M and the three sums updated chunk by chunk (as in the online softmax).
-    Blocks holding text keys must be kept (the caller checks): text then only enters Z."""
-    qf = tl.where(q_valid[:, None], q.to(tl.float32), 0.0)
-    count = tl.sum(q_valid.to(tl.float32), 0)
-    q_mean = tl.sum(qf, 0) / count
-    q_mad = tl.sum(tl.where(q_valid[:, None], tl.abs(qf - q_mean[None, :]), 0.0), 0) / count
-    m_run = -1.0e30          # finite: a chunk with no video block leaves every sum unchanged
-    z = 0.0
-    z_comp = 0.0
-    o_bar = tl.zeros([HEAD_DIM], tl.float32)
-    offs_c = tl.arange(0, CHUNK)
-    for c0 in range(0, NK, CHUNK):
-        mb = c0 + offs_c
-        ok = mb < NK
-        rows = mb[:, None] * HEAD_DIM + offs_d[None, :]
-        km = tl.load(km_ptr + rows, mask=ok[:, None], other=0.0)
-        kd = tl.load(kd_ptr + rows, mask=ok[:, None], other=0.0)
-        vm = tl.load(vm_ptr + rows, mask=ok[:, None], other=0.0)
-        gain = tl.sum(q_mean[None, :] * km, 1)
-        error = tl.abs(tl.sum(q_mad[None, :] * km, 1)) + tl.abs(tl.sum(q_mean[None, :] * kd, 1))
-        video = tl.minimum(tl.maximum(NV - mb * PLAN_BLOCK, 0), PLAN_BLOCK)
-        s = tl.where(ok & (video > 0), gain * qk_scale + tl.log2(tl.maximum(video, 1).to(tl.float32)), float("-inf"))
-        kept = tl.load(keep_ptr + mb, mask=ok, other=1)
-        comp = (kept == 0) & (tl.abs(gain) > error) & (video > 0) & ok
-        m_new = tl.maximum(m_run, tl.max(s, 0))
+def _estimate_static(QM, QD, KM, KD, VM, KEEP, K, R, OBAR, stride_keeph, stride_keepq,
+                     stride_kb, stride_kh, stride_ks, n_heads, NQ, NK, NV, S, qk_scale,
+                     PLAN_BLOCK: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, CH: tl.constexpr):
+    """R and Ō for BQ query blocks of one (batch, head) under a static plan: rectified.py's per-block
+    estimate as a small attention of pooled queries over pooled keys, in base 2 (c = scale·log2 e):
+        s̄_nm = q̄_n·k̄_m·c + log2(video tokens of m)      text keys k_t unpooled: q̄_n·k_t·c
+        comp_nm = skipped_nm ∧ |q̄_n·k̄_m| > |δq_n·k̄_m| + |q̄_n·δk_m| ∧ m holds video     (GAPR)
+        R_n = 1 − Σ_comp P̂_nm,  Ō_n = Σ_comp P̂_nm·v̄_m,   P̂_n = softmax_m over blocks and text keys
+    The normaliser and both sums run online over chunks of CH keys (running max as in FlashAttention).
+    Every block holding text keys is kept (the caller checks), so text enters the normaliser only."""
+    pid_q = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % n_heads
+    n = pid_q * BQ + tl.arange(0, BQ)
+    n_ok = n < NQ
+    cols = tl.arange(0, D)
+    q_rows = (bh * NQ + n)[:, None] * D + cols[None, :]
+    q_mean = tl.load(QM + q_rows, mask=n_ok[:, None], other=0.0)
+    q_mad = tl.load(QD + q_rows, mask=n_ok[:, None], other=0.0)
+    m_run = tl.full([BQ], -1.0e30, tl.float32)   # finite: a chunk with no video block changes nothing
+    z = tl.zeros([BQ], tl.float32)
+    z_comp = tl.zeros([BQ], tl.float32)
+    o_bar = tl.zeros([BQ, D], tl.float32)
+    offs_c = tl.arange(0, CH)
+    for c0 in range(0, NK, CH):
+        m = c0 + offs_c
+        m_ok = m < NK
+        k_rows = (bh * NK + m)[:, None] * D + cols[None, :]
+        k_mean = tl.load(KM + k_rows, mask=m_ok[:, None], other=0.0)
+        k_mad = tl.load(KD + k_rows, mask=m_ok[:, None], other=0.0)
+        v_mean = tl.load(VM + k_rows, mask=m_ok[:, None], other=0.0)
+        gain = tl.dot(q_mean, tl.trans(k_mean), input_precision="ieee")
+        error = (tl.abs(tl.dot(q_mad, tl.trans(k_mean), input_precision="ieee"))
+                 + tl.abs(tl.dot(q_mean, tl.trans(k_mad), input_precision="ieee")))
+        video = tl.minimum(tl.maximum(NV - m * PLAN_BLOCK, 0), PLAN_BLOCK)
+        s = tl.where((m_ok & (video > 0))[None, :],
+                     gain * qk_scale + tl.log2(tl.maximum(video, 1).to(tl.float32))[None, :], float("-inf"))
+        kept = tl.load(KEEP + h * stride_keeph + n[:, None] * stride_keepq + m[None, :],
+                       mask=n_ok[:, None] & m_ok[None, :], other=1)
+        comp = (kept == 0) & (tl.abs(gain) > error) & (video > 0)[None, :]
+        m_new = tl.maximum(m_run, tl.max(s, 1))
         alpha = tl.math.exp2(m_run - m_new)
-        e = tl.math.exp2(s - m_new)
-        e_comp = tl.where(comp, e, 0.0)
-        z = z * alpha + tl.sum(e, 0)
-        z_comp = z_comp * alpha + tl.sum(e_comp, 0)
-        o_bar = o_bar * alpha + tl.sum(e_comp[:, None] * vm, 0)
+        p = tl.math.exp2(s - m_new[:, None])
+        p_comp = tl.where(comp, p, 0.0)
+        z = z * alpha + tl.sum(p, 1)
+        z_comp = z_comp * alpha + tl.sum(p_comp, 1)
+        o_bar = o_bar * alpha[:, None] + tl.dot(p_comp, v_mean, input_precision="ieee")
         m_run = m_new
-    for t0 in range(NV, S, CHUNK):   # text keys (joint attention), one by one
-        rows = t0 + offs_c
-        ok = rows < S
-        kt = tl.load(k_base + rows[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=ok[:, None], other=0.0)
-        s = tl.where(ok, tl.sum(q_mean[None, :] * kt.to(tl.float32), 1) * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_run, tl.max(s, 0))
+    k_base = K + (bh // n_heads) * stride_kb + h * stride_kh
+    for t0 in range(NV, S, CH):   # text keys (joint attention), one by one
+        t = t0 + offs_c
+        k_text = tl.load(k_base + t[:, None].to(tl.int64) * stride_ks + cols[None, :], mask=(t < S)[:, None],
+                         other=0.0).to(tl.float32)
+        s = tl.where((t < S)[None, :], tl.dot(q_mean, tl.trans(k_text), input_precision="ieee") * qk_scale,
+                     float("-inf"))
+        m_new = tl.maximum(m_run, tl.max(s, 1))
         alpha = tl.math.exp2(m_run - m_new)
-        z = z * alpha + tl.sum(tl.math.exp2(s - m_new), 0)
+        z = z * alpha + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
         z_comp = z_comp * alpha
-        o_bar = o_bar * alpha
+        o_bar = o_bar * alpha[:, None]
         m_run = m_new
-    return 1.0 - z_comp / z, o_bar / z
+    tl.store(R + bh * NQ + n, 1.0 - z_comp / z, mask=n_ok)
+    tl.store(OBAR + q_rows, o_bar / z[:, None], mask=n_ok[:, None])
+
+
+def estimate_static_triton(pools, k, keep, n_video: int, scale: float, block_size: int):
+    """(R `[B, H, nq]`, Ō `[B, H, nq, D]`) float32 for a static plan's block map `keep` `[H or 1, nq,
+    nq]` (blocks holding text keys kept), from `pools` = (q̄, δq, k̄, δk, v̄) of `rectified.pooled`
+    in float32 and k `[B, H, S, D]` (its rows from n_video on are the text keys). One launch."""
+    q_mean = pools[0]
+    B, H, nq, D = q_mean.shape
+    pools = [t.float().contiguous() for t in pools]
+    keep = keep.to(device=k.device, dtype=torch.int8).contiguous()
+    r = torch.empty(B, H, nq, device=k.device, dtype=torch.float32)
+    o_bar = torch.empty(B, H, nq, D, device=k.device, dtype=torch.float32)
+    bq = 16 if nq <= 16 else 32
+    _estimate_static[(triton.cdiv(nq, bq), B * H)](
+        *pools, keep, k, r, o_bar, keep.stride(0) if keep.shape[0] > 1 else 0, keep.stride(1),
+        k.stride(0), k.stride(1), k.stride(2), H, nq, nq, n_video, k.shape[-2], scale * 1.4426950408889634,
+        PLAN_BLOCK=block_size, D=D, BQ=bq, CH=32, num_warps=4)
+    return r, o_bar

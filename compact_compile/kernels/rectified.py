@@ -31,8 +31,8 @@ import torch
 from ..layout import TokenLayout
 from .compiled import compiled
 from .flex import block_mask, flex, kv_block_lists
-from .pool_triton import block_pool_triton
-from .triton_sparse import block_sparse_attention
+from .pool_triton import block_pool_triton, estimate_static_triton
+from .triton_sparse import block_sparse_attention, triton_available
 
 
 def block_pool(x: torch.Tensor, n_valid: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,16 +50,15 @@ def block_pool(x: torch.Tensor, n_valid: int, block_size: int) -> tuple[torch.Te
     return mean, mad
 
 
-def _pool(x, n_valid: int, block_size: int, with_mad: bool):
-    if x.device.type == "cuda" and x.dtype != torch.float64:
-        return block_pool_triton(x, n_valid, block_size, with_mad)
-    return block_pool(x, n_valid, block_size)
-
-
 def pooled(q, k, v, n_video: int, block_size: int):
     """q̄, δq over all tokens; k̄, δk, v̄ over video tokens (text keys are never pooled)."""
-    return (*_pool(q, q.shape[-2], block_size, True), *_pool(k, n_video, block_size, True),
-            _pool(v, n_video, block_size, False)[0])
+    if q.device.type == "cuda" and q.dtype != torch.float64:
+        (qm, qd), (km, kd), (vm, _) = (block_pool_triton(x, n, block_size, mad) for x, n, mad in
+                                       ((q, q.shape[-2], True), (k, n_video, True), (v, n_video, False)))
+    else:
+        (qm, qd), (km, kd), (vm, _) = (block_pool(x, n, block_size) for x, n in
+                                       ((q, q.shape[-2]), (k, n_video), (v, n_video)))
+    return qm, qd, km, kd, vm
 
 
 def _estimate(pools, q, k_text, static, video_count, text_block, scale: float, block_size: int,
@@ -127,10 +126,10 @@ class RectifiedSparse:
         pos = torch.arange(nb * bs)
         self.video_count = ((pos < layout.n_video).view(nb, bs).sum(1)).float()
         self.text_block = torch.arange(layout.n_video, layout.seq_len) // bs
-        # a static plan's estimate runs inside the Triton kernel, from pooled keys and values; that
-        # kernel counts text keys in the normaliser only, so the blocks holding them must be kept
-        self.fused_estimate = (kernel == "triton" and rectify and not dynamic and not rows
-                               and bool(self.static[..., self.text_block.unique()].all()))
+        # a static plan's per-block estimate has a one-launch Triton kernel, which counts text keys in
+        # the normaliser only: the blocks holding them must be kept
+        self.static_estimate = (rectify and not dynamic and not rows
+                                and bool(self.static[..., self.text_block.unique()].all()))
         self._device_data: dict[torch.device, tuple] = {}
         self._static_lists: dict[torch.device, tuple] = {}
 
@@ -148,17 +147,15 @@ class RectifiedSparse:
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         static, video_count, text_block, _ = self._data(q.device)
         pools = pooled(q, k, v, L.n_video, L.block_size)
+        if (self.static_estimate and q.dtype != torch.float64 and triton_available(q.device)
+                and (q.device.type == "cuda" or self.kernel == "triton")):
+            r, o_bar = estimate_static_triton(pools, k, static, L.n_video, scale, L.block_size)
+            return static[None].expand(q.shape[0], q.shape[1], -1, -1), r, o_bar
         return estimate(pools, q if self.rows else None, k[:, :, L.n_video:], static, video_count, text_block,
                         scale, L.block_size, self.dynamic, self.rectify, self.rows, self.p_remain, self.drop)
 
     def __call__(self, q, k, v, scale: float | None = None) -> torch.Tensor:
         L = self.layout
-        if self.fused_estimate:
-            (k_mean, k_mad), v_mean = _pool(k, L.n_video, L.block_size, True), _pool(v, L.n_video, L.block_size, False)[0]
-            num, idx = self._lists(q.device)
-            pools = tuple(t.float().contiguous() for t in (k_mean, k_mad, v_mean))
-            return block_sparse_attention(q, k, v, num, idx, L.block_size, scale,
-                                          estimate_from=(*pools, self._data(q.device)[0], L.n_video))
         keep, r, o_bar = self.estimate(q, k, v, scale)
         if self.kernel == "triton":  # R·O + Ō fused into the kernel's epilogue (per query block)
             fused = (r, o_bar) if self.rectify and not self.rows else None

@@ -14,11 +14,9 @@ A new tile raises the max to m' = max(m_i, max_j s_ij·c); the old sums are resc
 α = 2^(m_i − m'), so l' = α·l + Σ_j p_ij, acc' = α·acc + P·V with p_ij = 2^(s_ij·c − m').
 At the end O_i = acc_i / l_i = softmax(s_i·scale)·V since 2^(x·log2 e) = e^x.
 
-Extras, fused into the one pass:
+Extras, both fused into the one pass:
 - rectification epilogue: with R `[B, H, nq]` and Ō `[B, H, nq, D]` (fp32, per query block),
   the kernel writes R·O + Ō;
-- or the rectification estimate itself (static plans): from the query tile and the pooled keys and
-  values, each program computes its block's R and Ō (pool_triton.rectify_block) after its loop;
 - token permutation: with `src [S]`, tiled position p reads q/k/v rows at model position src[p]
   and output row p is stored at src[p], so the output comes back in model order.
 
@@ -39,7 +37,6 @@ import triton
 import triton.language as tl
 
 from .flex import kv_block_lists
-from .pool_triton import rectify_block
 
 # Triton reads TRITON_INTERPRET when it is imported (its own library functions are jit-decorated then),
 # so the interpreter must be chosen before `import triton`: tests/conftest.py does it on CPU machines.
@@ -119,16 +116,16 @@ def _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, SRC, k_off, v_off, offs_
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["H", "S", "NK", "NV", "S_BUCKET"])  # one binary across sequence lengths
-def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, SRC, R, OBAR, KM, KD, VM, KEEP,
+@triton.jit(do_not_specialize=["H", "S", "NK", "S_BUCKET"])  # one binary across sequence lengths
+def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, SRC, R, OBAR,
               stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
               stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
               stride_nh, stride_nq, stride_ih, stride_iq,
-              stride_rb, stride_rh, stride_rq, stride_cb, stride_ch, stride_cq, stride_keeph, stride_keepq,
-              H, S, NK, NV, qk_scale, S_BUCKET,
+              stride_rb, stride_rh, stride_rq, stride_cb, stride_ch, stride_cq,
+              H, S, NK, qk_scale, S_BUCKET,
               HEAD_DIM: tl.constexpr, PLAN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              EVEN_S: tl.constexpr, HAS_SRC: tl.constexpr, HAS_RECT: tl.constexpr, ESTIMATE: tl.constexpr,
-              UPCAST: tl.constexpr, TMA_OK: tl.constexpr, USE_TMA: tl.constexpr):
+              EVEN_S: tl.constexpr, HAS_SRC: tl.constexpr, HAS_RECT: tl.constexpr, UPCAST: tl.constexpr,
+              TMA_OK: tl.constexpr, USE_TMA: tl.constexpr):
     # grid: (query tiles, B·H); all tiles of one head run together, so its K/V stay in L2
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -183,18 +180,11 @@ def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, SRC, R, OBAR, KM, KD, VM, KEEP,
                                      j, S, stride_ks, stride_vs, qk_scale,
                                      PLAN_BLOCK, BLOCK_N, True, HAS_SRC, UPCAST, USE_TMA)
 
-    if ESTIMATE:    # R and Ō estimated here (BLOCK_M = PLAN_BLOCK: this tile is the whole query block),
-        # after the loop, so that nothing of it holds registers the loop needs
-        pooled_off = pid_bh.to(tl.int64) * NK * HEAD_DIM
-        r, o_bar = rectify_block(q, q_valid, KM + pooled_off, KD + pooled_off, VM + pooled_off,
-                                 KEEP + h * stride_keeph + qb * stride_keepq, K + b * stride_kb + h * stride_kh,
-                                 offs_d, stride_ks, NK, NV, S, qk_scale, PLAN_BLOCK, HEAD_DIM, 32)
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]    # O = acc / l (a row with no kept block: 0)
     if HAS_RECT:    # rectified output R·O + Ō of this query block
         r = tl.load(R + b * stride_rb + h * stride_rh + qb * stride_rq)
-        o_bar = tl.load(OBAR + b * stride_cb + h * stride_ch + qb * stride_cq + offs_d)
-    if HAS_RECT or ESTIMATE:
-        out = out * r + o_bar[None, :]
+        ob = tl.load(OBAR + b * stride_cb + h * stride_ch + qb * stride_cq + offs_d)
+        out = out * r + ob[None, :]
     tl.store(Out + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=q_valid[:, None])
 
@@ -222,8 +212,6 @@ def _prune(configs, named_args, **kwargs):
     for c in configs:
         bm, bn = _fit(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], args["PLAN_BLOCK"])
         tma = c.kwargs["USE_TMA"] and args["TMA_OK"]
-        if args["ESTIMATE"] and bm != args["PLAN_BLOCK"]:
-            continue
         key = (bm, bn, c.num_warps, c.num_stages, tma)
         if key not in seen:
             seen.add(key)
@@ -247,7 +235,7 @@ def _tma_scratch(size: int, alignment: int, stream):
 _attn_fwd_tuned = None if INTERPRET else triton.autotune(
     configs=[triton.Config(dict(BLOCK_M=m, BLOCK_N=n, USE_TMA=tma), num_warps=w, num_stages=s)
              for m, n, w, s, tma in SM90_CONFIGS],
-    key=["HEAD_DIM", "S_BUCKET", "PLAN_BLOCK", "HAS_SRC", "HAS_RECT", "ESTIMATE", "TMA_OK"],
+    key=["HEAD_DIM", "S_BUCKET", "PLAN_BLOCK", "HAS_SRC", "HAS_RECT", "TMA_OK"],
     prune_configs_by={"early_config_prune": _prune},
 )(_attn_fwd)
 
@@ -285,18 +273,13 @@ def _check_qkv(q, k, v):
 
 
 def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, scale: float | None = None, *,
-                           rectify=None, estimate_from=None, src=None, out=None,
-                           config: dict | None = None) -> torch.Tensor:
+                           rectify=None, src=None, out=None, config: dict | None = None) -> torch.Tensor:
     """softmax(q·kᵀ·scale over the listed key blocks)·v, `[B, H, S, D]` in q's dtype (contiguous
     unless `out` is given).
 
     kv_num_blocks `[H or 1, nq]`, kv_indices `[H or 1, nq, nk]` int32: per query block of
     `block_size` tokens, the count and the (ascending) indices of its key blocks.
     rectify: (R `[B, H, nq]`, Ō `[B, H, nq, D]`), anything broadcastable: write R·O + Ō instead.
-    estimate_from: (k̄, δk, v̄ float32 `[B, H, nq, D]` from `block_pool_triton` over the first
-    n_video tokens, keep `[H or 1, nq, nq]` the plan's block map, n_video): estimate R and Ō inside
-    the kernel (`pool_triton.rectify_block`) and write R·O + Ō; tokens from n_video on are text keys, and every
-    block holding one must be kept.
     src `[S]` int32/int64: tiled position p reads q/k/v row src[p]; output row p goes to src[p].
     config: dict(BLOCK_M=, BLOCK_N=, num_warps=, num_stages=, tma=) to bypass the autotuner; `tma`
     loads K/V through TMA descriptors where the inputs allow it (`_tma_ok`), else it is ignored.
@@ -333,26 +316,15 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, 
     else:
         r = obar = None
         r_strides = c_strides = (0, 0, 0)
-    n_video, pooled, keep, keep_strides = S, (None,) * 3, None, (0, 0)
-    if estimate_from is not None:
-        *pooled, keep, n_video = estimate_from
-        if rectify is not None or src is not None:
-            raise ValueError("estimate_from computes R and Ō itself (no rectify=) and needs tiled inputs (no src=)")
-        if any(t.shape != (B, H, nq, D) or t.dtype != torch.float32 or not t.is_contiguous() for t in pooled):
-            raise ValueError(f"k̄, δk, v̄ must be contiguous float32 [{B}, {H}, {nq}, {D}]")
-        if keep.dim() != 3 or keep.shape[0] not in (1, H) or keep.shape[1:] != (nq, nq):
-            raise ValueError(f"keep must be [H or 1, {nq}, {nq}]; got {tuple(keep.shape)}")
-        keep = keep.to(device=q.device, dtype=torch.int8).contiguous()
-        keep_strides = (keep.stride(0) if keep.shape[0] > 1 else 0, keep.stride(1))
     scale = D ** -0.5 if scale is None else scale
     head_stride = lambda t: t.stride(0) if t.shape[0] > 1 else 0  # noqa: E731
-    args = (q, k, v, out, num, idx, src, r, obar, *pooled, keep,
+    args = (q, k, v, out, num, idx, src, r, obar,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             head_stride(num), num.stride(1), head_stride(idx), idx.stride(1),
-            *r_strides, *c_strides, *keep_strides,
-            H, S, nq, n_video, scale * LOG2E, triton.next_power_of_2(S))
+            *r_strides, *c_strides,
+            H, S, nq, scale * LOG2E, triton.next_power_of_2(S))
     meta = dict(HEAD_DIM=D, PLAN_BLOCK=block_size, EVEN_S=S % block_size == 0,
-                HAS_SRC=src is not None, HAS_RECT=rectify is not None, ESTIMATE=estimate_from is not None,
+                HAS_SRC=src is not None, HAS_RECT=rectify is not None,
                 UPCAST=INTERPRET and q.dtype == torch.bfloat16, TMA_OK=src is None and _tma_ok(k, v))
     if meta["TMA_OK"] and not INTERPRET:   # any allocator serves; this one is torch's caching allocator
         triton.set_allocator(_tma_scratch)
@@ -360,7 +332,6 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, 
         config = INTERPRET_CONFIG
     if config is not None:
         bm, bn = _fit(config["BLOCK_M"], config["BLOCK_N"], block_size)
-        bm = block_size if meta["ESTIMATE"] else bm   # the estimate needs the whole query block in one tile
         launch = dict(BLOCK_M=bm, BLOCK_N=bn, USE_TMA=bool(config.get("tma")) and meta["TMA_OK"],
                       num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
         kernel = _attn_fwd[(triton.cdiv(S, bm), B * H)](*args, **meta, **launch)

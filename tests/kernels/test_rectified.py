@@ -148,16 +148,16 @@ def test_triton_kernel_path_equals_reference(rows):
 
 @settings(max_examples=8, deadline=None)
 @given(sites(), st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
-def test_estimate_inside_triton_kernel_equals_reference(site, dtype):
-    """Static plan + rectify on the Triton kernel: R and Ō estimated inside the kernel from the query
-    tile and pooled keys/values (pool_triton.rectify_block) give the float64 reference's output —
-    partial last blocks, text keys before or after the video, several heads with their own maps."""
+def test_static_plan_estimate_in_one_triton_launch_equals_reference(site, dtype):
+    """Static plan + rectify: R and Ō from the one-launch Triton estimate (pool_triton._estimate_static:
+    pooled queries attending to pooled keys) give the float64 reference's output — partial last
+    blocks, text keys before or after the video, several heads with their own maps."""
     layout, static, g, _ = site
     device = "cuda" if torch.cuda.is_available() else "cpu"
     static = static | torch.eye(layout.n_blocks, dtype=torch.bool)
     q, k, v = (x.to(device) for x in inputs(layout, g, dtype, D=32))
     kern = RectifiedSparse(layout, static, dynamic=False, rectify=True, kernel="triton")
-    assert kern.fused_estimate
+    assert kern.static_estimate
     out = kern(q, k, v)
     ref, _ = rectified_attention_reference(*(x.cpu().double() for x in (q, k, v)), n_video=layout.n_video,
                                            block_size=BS, static=static, dynamic=False, rectify=True)
@@ -165,13 +165,13 @@ def test_estimate_inside_triton_kernel_equals_reference(site, dtype):
     assert (out.cpu().double() - ref).norm() / ref.norm() < tol
 
 
-def test_estimate_stays_outside_the_kernel_when_a_text_block_may_be_skipped():
-    """The in-kernel estimate counts text keys in the normaliser only; a plan that may skip a block
-    holding text takes the separate estimate, which the reference matches too."""
+def test_static_estimate_stays_general_when_a_text_block_may_be_skipped():
+    """The one-launch estimate counts text keys in the normaliser only; a plan that may skip a block
+    holding text takes the general estimate, which the reference matches too."""
     layout = TokenLayout((1, 4, 8), (1, 4, 4), BS, 9, False)
     static = torch.eye(layout.n_blocks, dtype=torch.bool)[None]
     kern = RectifiedSparse(layout, static, dynamic=False, rectify=True, kernel="triton")
-    assert not kern.fused_estimate
+    assert not kern.static_estimate
     g = torch.Generator().manual_seed(3)
     q, k, v = inputs(layout, g, torch.float32)
     ref, _ = rectified_attention_reference(q.double(), k.double(), v.double(), n_video=layout.n_video,
