@@ -1,4 +1,5 @@
-"""Block means and mean absolute deviations of q, k, v in one read of each (Triton).
+"""Rectification's pooled statistics in Triton: block means and mean absolute deviations of q, k, v
+in one read of each, and from them a static plan's estimate R, Ō in one launch.
 
 For block n of `BLOCK` tokens and the tokens i of it that count (w_i = 1: real tokens; for keys and
 values only video tokens),
@@ -15,43 +16,54 @@ import triton.language as tl
 
 
 @triton.jit
-def _pool(X, MEAN, MAD, stride_b, stride_h, stride_s, n_heads, n_valid,
-          BLOCK: tl.constexpr, D: tl.constexpr, WITH_MAD: tl.constexpr):
-    blk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b, h = bh // n_heads, bh % n_heads
+def _pool_tile(X, MEAN, MAD, stride_b, stride_h, stride_s, b, h, blk, out_row, n_valid,
+               BLOCK: tl.constexpr, D: tl.constexpr, WITH_MAD: tl.constexpr):
     rows = blk * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, D)
     valid = rows < n_valid
-    x = tl.load(X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + rows[:, None].to(tl.int64) * stride_s
-                + cols[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    x = tl.load(X + b * stride_b + h * stride_h + rows[:, None].to(tl.int64) * stride_s + cols[None, :],
+                mask=valid[:, None], other=0.0).to(tl.float32)
     count = tl.maximum(tl.sum(valid.to(tl.float32), 0), 1.0)
     mean = tl.sum(x, 0) / count
-    out = (bh.to(tl.int64) * tl.num_programs(0) + blk) * D + cols
-    tl.store(MEAN + out, mean)
+    tl.store(MEAN + out_row * D + cols, mean)
     if WITH_MAD:
         dev = tl.where(valid[:, None], tl.abs(x - mean[None, :]), 0.0)
-        tl.store(MAD + out, tl.sum(dev, 0) / count)
+        tl.store(MAD + out_row * D + cols, tl.sum(dev, 0) / count)
 
 
-def block_pool_triton(x: torch.Tensor, n_valid: int, block_size: int, with_mad: bool = True):
-    """(mean, mad or None), float32 `[B, H, n_blocks, D]`, over the first `n_valid` tokens of each
-    block of x `[B, H, S, D]` (last dim contiguous); a block with no valid token gets zeros."""
-    B, H, S, D = x.shape
-    if x.stride(-1) != 1:
-        x = x.contiguous()
+@triton.jit
+def _pool_qkv(Q, K, V, QM, QD, KM, KD, VM, sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, n_heads, n_q, n_kv,
+              BLOCK: tl.constexpr, D: tl.constexpr):
+    """q̄, δq over the first n_q tokens, k̄, δk, v̄ over the first n_kv: one launch, three tiles per
+    program."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h, out_row = bh // n_heads, bh % n_heads, bh * tl.num_programs(0) + blk
+    _pool_tile(Q, QM, QD, sqb, sqh, sqs, b, h, blk, out_row, n_q, BLOCK, D, True)
+    _pool_tile(K, KM, KD, skb, skh, sks, b, h, blk, out_row, n_kv, BLOCK, D, True)
+    _pool_tile(V, VM, VM, svb, svh, svs, b, h, blk, out_row, n_kv, BLOCK, D, False)
+
+
+def _num_warps(block_size: int, D: int) -> int:
+    return 8 if block_size * D >= 8192 else 4
+
+
+def block_pool_qkv_triton(q, k, v, n_kv: int, block_size: int):
+    """(q̄, δq, k̄, δk, v̄) float32 `[B, H, n_blocks, D]` of q, k, v `[B, H, S, D]` (last dims
+    contiguous): queries over all S tokens, keys and values over their first n_kv."""
+    B, H, S, D = q.shape
     nb = triton.cdiv(S, block_size)
-    mean = torch.empty(B, H, nb, D, device=x.device, dtype=torch.float32)
-    mad = torch.empty_like(mean) if with_mad else mean
-    _pool[(nb, B * H)](x, mean, mad, x.stride(0), x.stride(1), x.stride(2), H, n_valid,
-                       BLOCK=block_size, D=D, WITH_MAD=with_mad, num_warps=8 if block_size * D >= 8192 else 4)
-    return mean, (mad if with_mad else None)
+    out = [torch.empty(B, H, nb, D, device=q.device, dtype=torch.float32) for _ in range(5)]
+    _pool_qkv[(nb, B * H)](q, k, v, *out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], H, S, n_kv,
+                           BLOCK=block_size, D=D, num_warps=_num_warps(block_size, D))
+    return tuple(out)
 
 
 @triton.jit
 def _estimate_static(QM, QD, KM, KD, VM, KEEP, K, R, OBAR, stride_keeph, stride_keepq,
                      stride_kb, stride_kh, stride_ks, n_heads, NQ, NK, NV, S, qk_scale,
-                     PLAN_BLOCK: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, CH: tl.constexpr):
+                     PLAN_BLOCK: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, CH: tl.constexpr,
+                     PRECISION: tl.constexpr):
     """R and Ō for BQ query blocks of one (batch, head) under a static plan: rectified.py's per-block
     estimate as a small attention of pooled queries over pooled keys, in base 2 (c = scale·log2 e):
         s̄_nm = q̄_n·k̄_m·c + log2(video tokens of m)      text keys k_t unpooled: q̄_n·k_t·c
@@ -80,9 +92,9 @@ def _estimate_static(QM, QD, KM, KD, VM, KEEP, K, R, OBAR, stride_keeph, stride_
         k_mean = tl.load(KM + k_rows, mask=m_ok[:, None], other=0.0)
         k_mad = tl.load(KD + k_rows, mask=m_ok[:, None], other=0.0)
         v_mean = tl.load(VM + k_rows, mask=m_ok[:, None], other=0.0)
-        gain = tl.dot(q_mean, tl.trans(k_mean), input_precision="ieee")
-        error = (tl.abs(tl.dot(q_mad, tl.trans(k_mean), input_precision="ieee"))
-                 + tl.abs(tl.dot(q_mean, tl.trans(k_mad), input_precision="ieee")))
+        gain = tl.dot(q_mean, tl.trans(k_mean), input_precision=PRECISION)
+        error = (tl.abs(tl.dot(q_mad, tl.trans(k_mean), input_precision=PRECISION))
+                 + tl.abs(tl.dot(q_mean, tl.trans(k_mad), input_precision=PRECISION)))
         video = tl.minimum(tl.maximum(NV - m * PLAN_BLOCK, 0), PLAN_BLOCK)
         s = tl.where((m_ok & (video > 0))[None, :],
                      gain * qk_scale + tl.log2(tl.maximum(video, 1).to(tl.float32))[None, :], float("-inf"))
@@ -95,14 +107,14 @@ def _estimate_static(QM, QD, KM, KD, VM, KEEP, K, R, OBAR, stride_keeph, stride_
         p_comp = tl.where(comp, p, 0.0)
         z = z * alpha + tl.sum(p, 1)
         z_comp = z_comp * alpha + tl.sum(p_comp, 1)
-        o_bar = o_bar * alpha[:, None] + tl.dot(p_comp, v_mean, input_precision="ieee")
+        o_bar = o_bar * alpha[:, None] + tl.dot(p_comp, v_mean, input_precision=PRECISION)
         m_run = m_new
     k_base = K + (bh // n_heads) * stride_kb + h * stride_kh
     for t0 in range(NV, S, CH):   # text keys (joint attention), one by one
         t = t0 + offs_c
         k_text = tl.load(k_base + t[:, None].to(tl.int64) * stride_ks + cols[None, :], mask=(t < S)[:, None],
                          other=0.0).to(tl.float32)
-        s = tl.where((t < S)[None, :], tl.dot(q_mean, tl.trans(k_text), input_precision="ieee") * qk_scale,
+        s = tl.where((t < S)[None, :], tl.dot(q_mean, tl.trans(k_text), input_precision=PRECISION) * qk_scale,
                      float("-inf"))
         m_new = tl.maximum(m_run, tl.max(s, 1))
         alpha = tl.math.exp2(m_run - m_new)
@@ -124,9 +136,10 @@ def estimate_static_triton(pools, k, keep, n_video: int, scale: float, block_siz
     keep = keep.to(device=k.device, dtype=torch.int8).contiguous()
     r = torch.empty(B, H, nq, device=k.device, dtype=torch.float32)
     o_bar = torch.empty(B, H, nq, D, device=k.device, dtype=torch.float32)
-    bq = 16 if nq <= 16 else 32
-    _estimate_static[(triton.cdiv(nq, bq), B * H)](
+    # 16 query blocks per program: enough programs to fill the GPU at video sizes (nq ≥ 256). The
+    # pooled dots run on tensor cores in 3×TF32 (fp32-accurate); the interpreter computes them in fp32.
+    _estimate_static[(triton.cdiv(nq, 16), B * H)](
         *pools, keep, k, r, o_bar, keep.stride(0) if keep.shape[0] > 1 else 0, keep.stride(1),
         k.stride(0), k.stride(1), k.stride(2), H, nq, nq, n_video, k.shape[-2], scale * 1.4426950408889634,
-        PLAN_BLOCK=block_size, D=D, BQ=bq, CH=32, num_warps=4)
+        PLAN_BLOCK=block_size, D=D, BQ=16, CH=32, PRECISION="tf32x3" if k.is_cuda else "ieee", num_warps=4)
     return r, o_bar

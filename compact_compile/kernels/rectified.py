@@ -31,7 +31,7 @@ import torch
 from ..layout import TokenLayout
 from .compiled import compiled
 from .flex import block_mask, flex, kv_block_lists
-from .pool_triton import block_pool_triton, estimate_static_triton
+from .pool_triton import block_pool_qkv_triton, estimate_static_triton
 from .triton_sparse import block_sparse_attention, triton_available
 
 
@@ -53,11 +53,9 @@ def block_pool(x: torch.Tensor, n_valid: int, block_size: int) -> tuple[torch.Te
 def pooled(q, k, v, n_video: int, block_size: int):
     """q̄, δq over all tokens; k̄, δk, v̄ over video tokens (text keys are never pooled)."""
     if q.device.type == "cuda" and q.dtype != torch.float64:
-        (qm, qd), (km, kd), (vm, _) = (block_pool_triton(x, n, block_size, mad) for x, n, mad in
-                                       ((q, q.shape[-2], True), (k, n_video, True), (v, n_video, False)))
-    else:
-        (qm, qd), (km, kd), (vm, _) = (block_pool(x, n, block_size) for x, n in
-                                       ((q, q.shape[-2]), (k, n_video), (v, n_video)))
+        return block_pool_qkv_triton(q, k, v, n_video, block_size)
+    (qm, qd), (km, kd), (vm, _) = (block_pool(x, n, block_size) for x, n in
+                                   ((q, q.shape[-2]), (k, n_video), (v, n_video)))
     return qm, qd, km, kd, vm
 
 

@@ -113,19 +113,17 @@ def test_every_block_kept_is_dense_attention():
     assert (out.double() - dense).norm() / dense.norm() < 1e-5
 
 
-@pytest.mark.parametrize("with_mad", [True, False])
-def test_triton_block_pool_equals_reference(with_mad):
-    from compact_compile.kernels.pool_triton import block_pool_triton
+@pytest.mark.parametrize("n_kv", [100, 70, 0])
+def test_triton_block_pool_equals_reference(n_kv):
+    """q over every token, k and v over the first n_kv (video) tokens, strided heads, partial last block."""
+    from compact_compile.kernels.pool_triton import block_pool_qkv_triton
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 3, 100, 64, generator=g).transpose(1, 2).contiguous().transpose(1, 2)  # strided heads
-    for n_valid in (100, 70, 0):
-        mean, mad = block_pool_triton(x, n_valid, 32, with_mad)
-        want_mean, want_mad = block_pool(x, n_valid, 32)
-        torch.testing.assert_close(mean, want_mean, rtol=1e-5, atol=1e-6)
-        if with_mad:
-            torch.testing.assert_close(mad, want_mad, rtol=1e-5, atol=1e-6)
-        else:
-            assert mad is None
+    q, k, v = (torch.randn(2, 3, 100, 64, generator=g).transpose(1, 2).contiguous().transpose(1, 2)
+               for _ in range(3))
+    got = block_pool_qkv_triton(q, k, v, n_kv, 32)
+    (qm, qd), (km, kd), (vm, _) = block_pool(q, 100, 32), block_pool(k, n_kv, 32), block_pool(v, n_kv, 32)
+    for a, b in zip(got, (qm, qd, km, kd, vm)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("rows", [False, True])
