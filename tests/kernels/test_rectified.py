@@ -120,7 +120,8 @@ def test_triton_block_pool_equals_reference(n_kv):
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, 3, 100, 64, generator=g).transpose(1, 2).contiguous().transpose(1, 2)
                for _ in range(3))
-    got = block_pool_qkv_triton(q, k, v, n_kv, 32)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    got = [t.cpu() for t in block_pool_qkv_triton(q.to(device), k.to(device), v.to(device), n_kv, 32)]
     (qm, qd), (km, kd), (vm, _) = block_pool(q, 100, 32), block_pool(k, n_kv, 32), block_pool(v, n_kv, 32)
     for a, b in zip(got, (qm, qd, km, kd, vm)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
