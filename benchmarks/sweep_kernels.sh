@@ -11,4 +11,8 @@ done
 timeout "$LIMIT" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_rectified.py tests/kernels/test_flex.py \
   > "$OUT/sweep-rectified-flex.txt" 2>&1 &
 wait
-for f in "$OUT"/sweep-*.txt; do echo "$(basename "$f"): $(tail -n 1 "$f")"; done
+for f in "$OUT"/sweep-*.txt; do
+  echo "$(basename "$f"): $(tail -n 1 "$f")"
+  grep -E "^E   +(Assertion|assert|.*Error)|^E +Failing test case|^E +(c|site)=|^E +'(S|D|dtype|bs|block_m|block_n|tma|sharpness|scale)'" "$f" | head -20
+done
+cat "$OUT"/sweep-*.txt > "$OUT/sweep-all.log"; rm -f "$OUT"/sweep-triton-*.txt

@@ -72,7 +72,7 @@ def triton_unsupported(device, dtype, head_dim: int, explicit: bool) -> str:
 def _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, SRC, k_off, v_off, offs_n, offs_d, j, S,
              stride_ks, stride_vs, qk_scale,
              PLAN_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-             HAS_SRC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr):
+             HAS_SRC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr):
     """One BLOCK_N key tile: step j of the flattened (list entry, sub-tile) loop."""
     SUB: tl.constexpr = PLAN_BLOCK // BLOCK_N          # kernel tiles per plan block
     kb = tl.load(idx_ptr + j // SUB)                   # listed key block
@@ -102,7 +102,7 @@ def _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, SRC, k_off, v_off, offs_
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    qk = tl.dot(q, tl.trans(k))                         # s_ij = q_i·k_j, fp32
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)      # s_ij = q_i·k_j, fp32
     if MASK:
         qk = tl.where((pos < S)[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)   # m' = max(m, max_j s_ij·c)
@@ -112,7 +112,7 @@ def _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, SRC, k_off, v_off, offs_
     p = p.to(p_ty)
     if UPCAST:
         p = p.to(tl.float32)
-    acc = tl.dot(p, v, acc * alpha[:, None])            # acc' = α·acc + P·V
+    acc = tl.dot(p, v, acc * alpha[:, None], input_precision=PRECISION)   # acc' = α·acc + P·V
     return acc, l_i, m_new
 
 
@@ -125,7 +125,7 @@ def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, SRC, R, OBAR,
               H, S, NK, qk_scale, S_BUCKET,
               HEAD_DIM: tl.constexpr, PLAN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               EVEN_S: tl.constexpr, HAS_SRC: tl.constexpr, HAS_RECT: tl.constexpr, UPCAST: tl.constexpr,
-              TMA_OK: tl.constexpr, USE_TMA: tl.constexpr):
+              TMA_OK: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr):
     # grid: (query tiles, B·H); all tiles of one head run together, so its K/V stay in L2
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -170,7 +170,7 @@ def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, SRC, R, OBAR,
     for j in range(0, n_main * SUB):
         acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, SRC, k_off, v_off, offs_n, offs_d,
                                  j, S, stride_ks, stride_vs, qk_scale,
-                                 PLAN_BLOCK, BLOCK_N, False, HAS_SRC, UPCAST, USE_TMA)
+                                 PLAN_BLOCK, BLOCK_N, False, HAS_SRC, UPCAST, USE_TMA, PRECISION)
     if not EVEN_S:
         # sub-tiles of block nk−1 that hold a key < S; each starts below S, so every row of the first
         # one has a finite score and m_i never stays −inf into a later tile
@@ -178,7 +178,7 @@ def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, SRC, R, OBAR,
         for j in range(n_main * SUB, n_main * SUB + n_tail):
             acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, SRC, k_off, v_off, offs_n, offs_d,
                                      j, S, stride_ks, stride_vs, qk_scale,
-                                     PLAN_BLOCK, BLOCK_N, True, HAS_SRC, UPCAST, USE_TMA)
+                                     PLAN_BLOCK, BLOCK_N, True, HAS_SRC, UPCAST, USE_TMA, PRECISION)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]    # O = acc / l (a row with no kept block: 0)
     if HAS_RECT:    # rectified output R·O + Ō of this query block
@@ -325,7 +325,9 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, 
             H, S, nq, scale * LOG2E, triton.next_power_of_2(S))
     meta = dict(HEAD_DIM=D, PLAN_BLOCK=block_size, EVEN_S=S % block_size == 0,
                 HAS_SRC=src is not None, HAS_RECT=rectify is not None,
-                UPCAST=INTERPRET and q.dtype == torch.bfloat16, TMA_OK=src is None and _tma_ok(k, v))
+                UPCAST=INTERPRET and q.dtype == torch.bfloat16, TMA_OK=src is None and _tma_ok(k, v),
+                # fp32 inputs get fp32 dots, not TF32: torch's own fp32 matmul default
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     if meta["TMA_OK"] and not INTERPRET:   # any allocator serves; this one is torch's caching allocator
         triton.set_allocator(_tma_scratch)
     if config is None and INTERPRET:
