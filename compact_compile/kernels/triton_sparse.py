@@ -227,9 +227,9 @@ def _tma_ok(*tensors) -> bool:
         t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride()[:3]) for t in tensors)
 
 
-def _tma_scratch(size: int, alignment: int, stream):
-    """Global memory for the descriptors the kernel builds (Triton asks its allocator at launch)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+def _tma_scratch(device):
+    """Triton's allocator for the global memory of the descriptors the kernel builds, on `device`."""
+    return lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device=device)
 
 
 _attn_fwd_tuned = None if INTERPRET else triton.autotune(
@@ -329,7 +329,7 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, 
                 # fp32 inputs get fp32 dots, not TF32: torch's own fp32 matmul default
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     if meta["TMA_OK"] and not INTERPRET:   # any allocator serves; this one is torch's caching allocator
-        triton.set_allocator(_tma_scratch)
+        triton.set_allocator(_tma_scratch(q.device))
     if config is None and INTERPRET:
         config = INTERPRET_CONFIG
     if config is not None:
