@@ -20,6 +20,9 @@ Extras, both fused into the one pass:
 - token permutation: with `src [S]`, tiled position p reads q/k/v rows at model position src[p]
   and output row p is stored at src[p], so the output comes back in model order.
 
+On Hopper the K/V tiles come through TMA tensor descriptors where the strides allow (autotuned
+against pointer loads; rows past S read as zeros). fp32 inputs get IEEE fp32 dots, not TF32.
+
 Partial last block (S not a multiple of the block size): only key block nk−1 can hold keys ≥ S,
 and it is the last entry of a sorted list, so the main loop runs unmasked and only that entry is
 handled by a masked tail loop (keys ≥ S get −inf); query rows ≥ S are not stored.
