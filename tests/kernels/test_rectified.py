@@ -177,3 +177,30 @@ def test_static_estimate_stays_general_when_a_text_block_may_be_skipped():
                                            block_size=BS, static=static, dynamic=False, rectify=True)
     out = kern(*(x.to("cuda" if torch.cuda.is_available() else "cpu") for x in (q, k, v)))
     assert (out.cpu().double() - ref).norm() / ref.norm() < 1e-5
+
+
+@pytest.mark.parametrize("block_size, n_text, text_first", [(32, 0, False), (64, 37, False), (64, 21, True)])
+def test_static_estimate_in_one_triton_launch_equals_general_estimate(block_size, n_text, text_first):
+    """R and Ō of the one-launch estimate equal the general (torch) estimate's at larger blocks, where
+    the last video block is partial and text shares a block with video. Keys and values nearly
+    constant per block, so GAPR trusts the pooled estimate and many skipped blocks are compensated."""
+    from compact_compile.kernels.pool_triton import estimate_static_triton
+    from compact_compile.kernels.rectified import _estimate, pooled
+    layout = TokenLayout((3, 8, 10), (1, 4, 8), block_size, n_text, text_first)   # 240 video tokens
+    nb, S = layout.n_blocks, layout.seq_len
+    g = torch.Generator().manual_seed(block_size + n_text)
+    static = torch.eye(nb, dtype=torch.bool)[None] | (text_blocks(layout) if n_text else False)
+    kern = RectifiedSparse(layout, static, dynamic=False, rectify=True, kernel="triton")
+    assert kern.static_estimate
+    centre = lambda: torch.randn(1, 2, nb, 1, 32, generator=g).expand(-1, -1, -1, block_size, -1).reshape(  # noqa: E731
+        1, 2, -1, 32)[:, :, :S]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = ((centre() + 0.05 * torch.randn(1, 2, S, 32, generator=g)).to(device) for _ in range(3))
+    pools = pooled(q, k, v, layout.n_video, block_size)
+    r, o_bar = estimate_static_triton(pools, k, static.to(device), layout.n_video, 32 ** -0.5, block_size)
+    _, r_ref, o_bar_ref = _estimate(pools, None, k[:, :, layout.n_video:], static.to(device),
+                                    kern.video_count.to(device), kern.text_block.to(device), 32 ** -0.5,
+                                    block_size, False, True, False, 0.3, 0.9)
+    assert (r_ref < 0.99).float().mean() > 0.5, "most query blocks should get compensation"
+    torch.testing.assert_close(r, r_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(o_bar, o_bar_ref, rtol=1e-5, atol=1e-6)
