@@ -88,7 +88,7 @@ def reorder_cost(layout):
     x = torch.randn(B, S, 3, H, D, device=dev, dtype=dt)
     cos, sin = torch.randn(S, D, device=dev, dtype=dt), torch.randn(S, D, device=dev, dtype=dt)
     handle = register_site(FlexBlockSparse(blocks[None], S, 128))
-    untiled = torch.compile(Site(lambda q, k, v: torch.ops.compact.attention(q, k, v, handle, None)), dynamic=False)
+    untiled = torch.compile(Site(lambda q, k, v: torch.ops.compact.attention(q, k, v, handle, None, [])), dynamic=False)
     compact = torch.compile(Site(F.scaled_dot_product_attention), backend="compact", dynamic=False,
                             options=dict(plan="window", window=(3, 3, 3), grid=GRID))
     dense = torch.compile(Site(F.scaled_dot_product_attention), dynamic=False)

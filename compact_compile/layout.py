@@ -14,8 +14,8 @@ neighbours, so those blocks stay compact.
 In joint text+video attention the text tokens are moved after the video tokens, so that video blocks
 start on a block boundary; text blocks are always computed densely.
 
-The map is plain integer arithmetic on `arange`, so the rewritten graph computes it in place and
-Inductor fuses the gather into the kernels that produce q, k, v (no index tensor in memory).
+The map is plain integer arithmetic on `arange`, computed once per layout and device; the rewritten
+graph loads it as an index (kernels/ops.py `tile_index`).
 """
 from __future__ import annotations
 

@@ -153,8 +153,15 @@ class ScheduledKernel:
                 return kernel
         return self.kernels[-1]
 
-    def __call__(self, q, k, v, scale=None):
-        return self.select(CLOCK.current)(q, k, v, scale)
+    @property
+    def pooled_inputs(self) -> bool:
+        return any(getattr(k, "pooled_inputs", False) for k in self.kernels)
+
+    def __call__(self, q, k, v, scale=None, pools=None):
+        kernel = self.select(CLOCK.current)
+        if pools is not None and getattr(kernel, "pooled_inputs", False):
+            return kernel(q, k, v, scale, pools)
+        return kernel(q, k, v, scale)
 
 
 def scheduled_kernel(schedule: dict | None, site: str, kernel, range_blocks, make_kernel):

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from compact_compile.kernels.reference import token_mask
+from compact_compile.kernels.reference import rectified_attention_reference, token_mask
 from compact_compile.layout import TokenLayout
 
 # ----------------------------------------------------------------------------------------------
@@ -83,6 +83,33 @@ def masked_sdpa(masks_by_len: dict[int, list[torch.Tensor]]):
     torch.nn.functional.scaled_dot_product_attention = sdpa
     try:
         yield masked
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
+@contextlib.contextmanager
+def rectified_sdpa(layout: TokenLayout, static: torch.Tensor, **options):
+    """Patch F.scaled_dot_product_attention: self-attention over layout.seq_len tokens becomes the
+    float64 rectified reference (kernels/reference.py) of block map `static`, computed in tile order
+    and returned in the model's. Yields a list of the sequence lengths it handled."""
+    original = F.scaled_dot_product_attention
+    src = layout.source_index()
+    handled = []
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if query.shape[-2] == key.shape[-2] == layout.seq_len:
+            assert attn_mask is None and not is_causal and dropout_p == 0.0
+            handled.append(query.shape[-2])
+            tiled = [x.index_select(-2, src.to(x.device)) for x in (query, key, value)]
+            out, _ = rectified_attention_reference(*tiled, n_video=layout.n_video, block_size=layout.block_size,
+                                                   static=static, scale=scale, **options)
+            return torch.empty_like(out).index_copy_(-2, src, out).to(query.dtype)
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, enable_gqa=enable_gqa)
+
+    torch.nn.functional.scaled_dot_product_attention = sdpa
+    try:
+        yield handled
     finally:
         torch.nn.functional.scaled_dot_product_attention = original
 

@@ -4,7 +4,8 @@ Opaque to Inductor (an extern call), so whatever runs inside (a compiled FlexAtt
 Triton kernel later) is chosen at run time. The site's static data (block map, kernel) lives in a
 process-wide table; the graph carries only the integer handle.
 q, k, v arrive in tiled token order (layout.py); the output is in the same order, contiguous.
-`torch.ops.compact.tile_index` gives the graph the index of that order.
+`torch.ops.compact.tile_index` gives the graph the index of that order; `torch.ops.compact.tile_pool`
+does the reorder and rectification's block pooling in one pass.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Callable
 import torch
 
 from ..layout import TokenLayout
+from .rectified import tile_pooled
 
 SiteKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "float | None"], torch.Tensor]
 
@@ -33,12 +35,16 @@ def site_kernel(handle: int) -> SiteKernel:
 
 
 @torch.library.custom_op("compact::attention", mutates_args=())
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, scale: float | None = None) -> torch.Tensor:
-    return _SITES[handle](q, k, v, scale).contiguous()
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, scale: float | None,
+              pools: list[torch.Tensor]) -> torch.Tensor:
+    """`pools`: (q̄, δq, k̄, δk, v̄) from `tile_pool` for a site kernel with `pooled_inputs`, else []."""
+    kernel = _SITES[handle]
+    out = kernel(q, k, v, scale, pools) if pools else kernel(q, k, v, scale)
+    return out.contiguous()
 
 
 @attention.register_fake
-def _(q, k, v, handle, scale=None):
+def _(q, k, v, handle, scale, pools):
     return q.new_empty(q.shape[:-1] + v.shape[-1:])
 
 
@@ -61,3 +67,22 @@ def tile_index(like: torch.Tensor, grid: list[int], tile: list[int], block_size:
 def _(like, grid, tile, block_size, n_text, text_first, inverse):
     n = grid[0] * grid[1] * grid[2] + n_text
     return torch.empty(n, dtype=torch.int64, device=like.device)
+
+
+@torch.library.custom_op("compact::tile_pool", mutates_args=())
+def tile_pool(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: list[int], tile: list[int], block_size: int,
+              n_text: int, text_first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                      torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v in tile order (contiguous) and their block statistics (q̄, δq, k̄, δk, v̄, float32
+    `[B, H, n_blocks, D]`; keys and values over video tokens only): `rectified.tile_pooled`."""
+    layout = TokenLayout(tuple(grid), tuple(tile), block_size, n_text, text_first)
+    tiled, pools = tile_pooled(q, k, v, _tile_index(layout, q.device, False), layout.n_video, block_size)
+    return tuple(x.contiguous() for x in tiled) + tuple(pools)
+
+
+@tile_pool.register_fake
+def _(q, k, v, grid, tile, block_size, n_text, text_first):
+    B, H, S, _ = q.shape
+    nb = -(-S // block_size)
+    stats = [x.new_empty(B, H, nb, x.shape[-1], dtype=torch.float32) for x in (q, q, k, k, v)]
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), *stats)

@@ -5,7 +5,7 @@ For block n of `BLOCK` tokens and the tokens i of it that count (w_i = 1: real t
 values only video tokens),
     x̄_n  = Σ_i w_i·x_i / Σ_i w_i
     δx_n = Σ_i w_i·|x_i − x̄_n| / Σ_i w_i
-The tile [BLOCK, D] stays in registers between the two sums, so the tensor is read once; Inductor's
+A [BLOCK, COLS] slice stays in registers between the two sums, so the tensor is read once; Inductor's
 version of the same math (rectified.block_pool, the reference and CPU path) reads it twice or more.
 """
 from __future__ import annotations
@@ -16,13 +16,21 @@ import triton.language as tl
 
 
 @triton.jit
-def _pool_tile(X, MEAN, MAD, stride_b, stride_h, stride_s, b, h, blk, out_row, n_valid,
-               BLOCK: tl.constexpr, D: tl.constexpr, WITH_MAD: tl.constexpr):
+def _pool_tile(X, OUT, SRC, MEAN, MAD, stride_b, stride_h, stride_s, b, h, bh, blk, out_row, c0, n_valid, S,
+               BLOCK: tl.constexpr, D: tl.constexpr, COLS: tl.constexpr, WITH_MAD: tl.constexpr,
+               GATHER: tl.constexpr):
+    """Mean (and deviation) of one [BLOCK, COLS] slice of block `blk`; with GATHER its rows are read
+    at model positions SRC[row] and also written, in tile order, to OUT (contiguous [B, H, S, D])."""
     rows = blk * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, D)
+    cols = c0 + tl.arange(0, COLS)
+    in_seq = rows < S
+    src = tl.load(SRC + rows, mask=in_seq, other=0).to(tl.int64) if GATHER else rows.to(tl.int64)
+    x = tl.load(X + b * stride_b + h * stride_h + src[:, None] * stride_s + cols[None, :],
+                mask=in_seq[:, None], other=0.0)
+    if GATHER:
+        tl.store(OUT + (bh * S + rows[:, None].to(tl.int64)) * D + cols[None, :], x, mask=in_seq[:, None])
     valid = rows < n_valid
-    x = tl.load(X + b * stride_b + h * stride_h + rows[:, None].to(tl.int64) * stride_s + cols[None, :],
-                mask=valid[:, None], other=0.0).to(tl.float32)
+    x = tl.where(valid[:, None], x.to(tl.float32), 0.0)
     count = tl.maximum(tl.sum(valid.to(tl.float32), 0), 1.0)
     mean = tl.sum(x, 0) / count
     tl.store(MEAN + out_row * D + cols, mean)
@@ -32,31 +40,60 @@ def _pool_tile(X, MEAN, MAD, stride_b, stride_h, stride_s, b, h, blk, out_row, n
 
 
 @triton.jit
-def _pool_qkv(Q, K, V, QM, QD, KM, KD, VM, sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, n_heads, n_q, n_kv,
-              BLOCK: tl.constexpr, D: tl.constexpr):
-    """q̄, δq over the first n_q tokens, k̄, δk, v̄ over the first n_kv: one launch, three tiles per
-    program."""
+def _pool_qkv(Q, K, V, QT, KT, VT, SRC, QM, QD, KM, KD, VM, sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
+              n_heads, S, n_kv, BLOCK: tl.constexpr, D: tl.constexpr, COLS: tl.constexpr, GATHER: tl.constexpr):
+    """q̄, δq over all S tokens, k̄, δk, v̄ over the first n_kv, in one launch (and, with GATHER,
+    q, k, v in tile order). Means and deviations are per column, so a program takes a [BLOCK, COLS]
+    slice of one block of one of the three tensors: small tiles, many programs in flight, and the
+    loads are what bounds it."""
     blk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    SPLIT: tl.constexpr = D // COLS
+    which = tl.program_id(2) // SPLIT
+    c0 = (tl.program_id(2) % SPLIT) * COLS
     b, h, out_row = bh // n_heads, bh % n_heads, bh * tl.num_programs(0) + blk
-    _pool_tile(Q, QM, QD, sqb, sqh, sqs, b, h, blk, out_row, n_q, BLOCK, D, True)
-    _pool_tile(K, KM, KD, skb, skh, sks, b, h, blk, out_row, n_kv, BLOCK, D, True)
-    _pool_tile(V, VM, VM, svb, svh, svs, b, h, blk, out_row, n_kv, BLOCK, D, False)
+    if which == 0:
+        _pool_tile(Q, QT, SRC, QM, QD, sqb, sqh, sqs, b, h, bh, blk, out_row, c0, S, S,
+                   BLOCK, D, COLS, True, GATHER)
+    elif which == 1:
+        _pool_tile(K, KT, SRC, KM, KD, skb, skh, sks, b, h, bh, blk, out_row, c0, n_kv, S,
+                   BLOCK, D, COLS, True, GATHER)
+    else:
+        _pool_tile(V, VT, SRC, VM, VM, svb, svh, svs, b, h, bh, blk, out_row, c0, n_kv, S,
+                   BLOCK, D, COLS, False, GATHER)
 
 
-def _num_warps(block_size: int, D: int) -> int:
-    return 8 if block_size * D >= 8192 else 4
+POOL_CONFIG = dict(COLS=64, num_warps=2)
 
 
-def block_pool_qkv_triton(q, k, v, n_kv: int, block_size: int):
-    """(q̄, δq, k̄, δk, v̄) float32 `[B, H, n_blocks, D]` of q, k, v `[B, H, S, D]` (last dims
-    contiguous): queries over all S tokens, keys and values over their first n_kv."""
+def _pool_launch(q, k, v, n_kv: int, block_size: int, src, config: dict | None):
     B, H, S, D = q.shape
     nb = triton.cdiv(S, block_size)
-    out = [torch.empty(B, H, nb, D, device=q.device, dtype=torch.float32) for _ in range(5)]
-    _pool_qkv[(nb, B * H)](q, k, v, *out, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], H, S, n_kv,
-                           BLOCK=block_size, D=D, num_warps=_num_warps(block_size, D))
-    return tuple(out)
+    config = {**POOL_CONFIG, **(config or {})}
+    cols = min(config["COLS"], D)
+    pools = [torch.empty(B, H, nb, D, device=q.device, dtype=torch.float32) for _ in range(5)]
+    tiled = [torch.empty(B, H, S, D, device=q.device, dtype=x.dtype) for x in (q, k, v)] if src is not None else [q] * 3
+    _pool_qkv[(nb, B * H, 3 * (D // cols))](q, k, v, *tiled, q if src is None else src, *pools,
+                                            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], H, S, n_kv,
+                                            BLOCK=block_size, D=D, COLS=cols, GATHER=src is not None,
+                                            num_warps=config["num_warps"])
+    return tuple(tiled), tuple(pools)
+
+
+def block_pool_qkv_triton(q, k, v, n_kv: int, block_size: int, config: dict | None = None):
+    """(q̄, δq, k̄, δk, v̄) float32 `[B, H, n_blocks, D]` of q, k, v `[B, H, S, D]` (last dims
+    contiguous): queries over all S tokens, keys and values over their first n_kv. `config`
+    (COLS=, num_warps=) overrides POOL_CONFIG (benchmarks)."""
+    return _pool_launch(q, k, v, n_kv, block_size, None, config)[1]
+
+
+def tile_pool_qkv_triton(q, k, v, src, n_kv: int, block_size: int, config: dict | None = None):
+    """((q, k, v) in tile order, contiguous, (q̄, δq, k̄, δk, v̄) as block_pool_qkv_triton's) in one
+    pass over q, k, v `[B, H, S, D]` in model order: tiled row p is model row src[p]. Rectification's
+    pooling rides on the reorder the sparse path does anyway."""
+    if src.shape != (q.shape[-2],) or src.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"src must be an int32/int64 [S={q.shape[-2]}] index; got {src.dtype} {tuple(src.shape)}")
+    return _pool_launch(q, k, v, n_kv, block_size, src.contiguous(), config)
 
 
 @triton.jit
@@ -126,20 +163,26 @@ def _estimate_static(QM, QD, KM, KD, VM, KEEP, K, R, OBAR, stride_keeph, stride_
     tl.store(OBAR + q_rows, o_bar / z[:, None], mask=n_ok[:, None])
 
 
-def estimate_static_triton(pools, k, keep, n_video: int, scale: float, block_size: int):
+ESTIMATE_CONFIG = dict(BQ=16, CH=32, num_warps=4, num_stages=3)
+
+
+def estimate_static_triton(pools, k, keep, n_video: int, scale: float, block_size: int, config: dict | None = None):
     """(R `[B, H, nq]`, Ō `[B, H, nq, D]`) float32 for a static plan's block map `keep` `[H or 1, nq,
     nq]` (blocks holding text keys kept), from `pools` = (q̄, δq, k̄, δk, v̄) of `rectified.pooled`
-    in float32 and k `[B, H, S, D]` (its rows from n_video on are the text keys). One launch."""
+    in float32 and k `[B, H, S, D]` (its rows from n_video on are the text keys). One launch.
+    `config` (BQ=, CH=, num_warps=, num_stages=) overrides ESTIMATE_CONFIG (benchmarks)."""
     q_mean = pools[0]
     B, H, nq, D = q_mean.shape
+    config = {**ESTIMATE_CONFIG, **(config or {})}
     pools = [t.float().contiguous() for t in pools]
     keep = keep.to(device=k.device, dtype=torch.int8).contiguous()
     r = torch.empty(B, H, nq, device=k.device, dtype=torch.float32)
     o_bar = torch.empty(B, H, nq, D, device=k.device, dtype=torch.float32)
-    # 16 query blocks per program: enough programs to fill the GPU at video sizes (nq ≥ 256). The
-    # pooled dots run on tensor cores in 3×TF32 (fp32-accurate); the interpreter computes them in fp32.
-    _estimate_static[(triton.cdiv(nq, 16), B * H)](
+    # The pooled dots run on tensor cores in 3×TF32 (fp32-accurate); the interpreter computes them in fp32.
+    _estimate_static[(triton.cdiv(nq, config["BQ"]), B * H)](
         *pools, keep, k, r, o_bar, keep.stride(0) if keep.shape[0] > 1 else 0, keep.stride(1),
         k.stride(0), k.stride(1), k.stride(2), H, nq, nq, n_video, k.shape[-2], scale * 1.4426950408889634,
-        PLAN_BLOCK=block_size, D=D, BQ=16, CH=32, PRECISION="tf32x3" if k.is_cuda else "ieee", num_warps=4)
+        PLAN_BLOCK=block_size, D=D, BQ=config["BQ"], CH=config["CH"],
+        PRECISION="tf32x3" if k.is_cuda else "ieee", num_warps=config["num_warps"],
+        num_stages=config["num_stages"])
     return r, o_bar

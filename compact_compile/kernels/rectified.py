@@ -31,7 +31,7 @@ import torch
 from ..layout import TokenLayout
 from .compiled import compiled
 from .flex import block_mask, flex, kv_block_lists
-from .pool_triton import block_pool_qkv_triton, estimate_static_triton
+from .pool_triton import block_pool_qkv_triton, estimate_static_triton, tile_pool_qkv_triton
 from .triton_sparse import block_sparse_attention, triton_available
 
 
@@ -50,13 +50,27 @@ def block_pool(x: torch.Tensor, n_valid: int, block_size: int) -> tuple[torch.Te
     return mean, mad
 
 
+def _pool_on_gpu(q, k, v) -> bool:
+    return (q.device.type == "cuda" and q.dtype != torch.float64 and q.shape == k.shape == v.shape
+            and all(x.stride(-1) == 1 for x in (q, k, v)))
+
+
 def pooled(q, k, v, n_video: int, block_size: int):
     """q̄, δq over all tokens; k̄, δk, v̄ over video tokens (text keys are never pooled)."""
-    if q.device.type == "cuda" and q.dtype != torch.float64:
+    if _pool_on_gpu(q, k, v):
         return block_pool_qkv_triton(q, k, v, n_video, block_size)
     (qm, qd), (km, kd), (vm, _) = (block_pool(x, n, block_size) for x, n in
                                    ((q, q.shape[-2]), (k, n_video), (v, n_video)))
     return qm, qd, km, kd, vm
+
+
+def tile_pooled(q, k, v, src, n_video: int, block_size: int):
+    """((q, k, v) gathered into tile order (row p = model row src[p]), their `pooled` statistics):
+    on the GPU one pass over each tensor, so the pooling costs little beyond the reorder itself."""
+    if _pool_on_gpu(q, k, v):
+        return tile_pool_qkv_triton(q, k, v, src, n_video, block_size)
+    tiled = tuple(x.index_select(-2, src) for x in (q, k, v))
+    return tiled, pooled(*tiled, n_video, block_size)
 
 
 def _estimate(pools, q, k_text, static, video_count, text_block, scale: float, block_size: int,
@@ -139,12 +153,15 @@ class RectifiedSparse:
                                                                               self.layout.block_size))
         return self._device_data[device]
 
-    def estimate(self, q, k, v, scale: float | None = None):
-        """(keep `[B, H, nq, nk]`, R, Ō) for these inputs; R and Ō are None without rectification."""
+    pooled_inputs = True   # the rewrite may hand over (q̄, δq, k̄, δk, v̄), pooled with the reorder
+
+    def estimate(self, q, k, v, scale: float | None = None, pools=None):
+        """(keep `[B, H, nq, nk]`, R, Ō) for these inputs; R and Ō are None without rectification.
+        `pools`: `pooled(q, k, v, …)` if already computed."""
         L = self.layout
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         static, video_count, text_block, _ = self._data(q.device)
-        pools = pooled(q, k, v, L.n_video, L.block_size)
+        pools = pooled(q, k, v, L.n_video, L.block_size) if pools is None else pools
         if (self.static_estimate and q.dtype != torch.float64 and triton_available(q.device)
                 and (q.device.type == "cuda" or self.kernel == "triton")):
             r, o_bar = estimate_static_triton(pools, k, static, L.n_video, scale, L.block_size)
@@ -152,14 +169,12 @@ class RectifiedSparse:
         return estimate(pools, q if self.rows else None, k[:, :, L.n_video:], static, video_count, text_block,
                         scale, L.block_size, self.dynamic, self.rectify, self.rows, self.p_remain, self.drop)
 
-    def __call__(self, q, k, v, scale: float | None = None) -> torch.Tensor:
+    def __call__(self, q, k, v, scale: float | None = None, pools=None) -> torch.Tensor:
         L = self.layout
-        keep, r, o_bar = self.estimate(q, k, v, scale)
+        keep, r, o_bar = self.estimate(q, k, v, scale, pools)
         if self.kernel == "triton":  # R·O + Ō fused into the kernel's epilogue (per query block)
             fused = (r, o_bar) if self.rectify and not self.rows else None
-            o = torch.cat([self._triton(q[b:b + 1], k[b:b + 1], v[b:b + 1], keep[b], scale,
-                                        None if fused is None else (r[b:b + 1], o_bar[b:b + 1]))
-                           for b in range(q.shape[0])])
+            o = self._triton(q, k, v, keep, scale, fused)
             return merge(o, r, o_bar, L.block_size) if self.rows else o
         static_mask = self._data(q.device)[3]
         bm = static_mask if static_mask is not None else block_mask(keep, L.seq_len, L.block_size)
@@ -167,11 +182,17 @@ class RectifiedSparse:
         return merge(o, r, o_bar, L.block_size) if self.rectify else o
 
     def _triton(self, q, k, v, keep, scale, rectify):
-        if self.dynamic:
-            num, idx = kv_block_lists(keep)
-        else:
-            num, idx = self._lists(q.device)
-        return block_sparse_attention(q, k, v, num, idx, self.layout.block_size, scale, rectify=rectify)
+        """A static plan's block lists serve the whole batch in one launch; a dynamic plan's choice
+        differs per batch element: one launch each, written into one output."""
+        bs = self.layout.block_size
+        if not self.dynamic:
+            return block_sparse_attention(q, k, v, *self._lists(q.device), bs, scale, rectify=rectify)
+        out = q.new_empty(q.shape)
+        for b in range(q.shape[0]):
+            part = None if rectify is None else (rectify[0][b:b + 1], rectify[1][b:b + 1])
+            block_sparse_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], *kv_block_lists(keep[b]), bs, scale,
+                                   rectify=part, out=out[b:b + 1])
+        return out
 
     def _lists(self, device):
         if device not in self._static_lists:

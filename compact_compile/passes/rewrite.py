@@ -1,14 +1,19 @@
 """Replace an eligible SDPA node by tiled block-sparse attention:
 
     src = compact.tile_index(q, layout…)          # tiled position -> model position
-    o   = compact.attention(q[:, :, src], k[:, :, src], v[:, :, src], handle, scale)
+    o   = compact.attention(q[:, :, src], k[:, :, src], v[:, :, src], handle, scale, [])
     out = o[:, :, compact.tile_index(o, layout…, inverse=True)]   # back to the model's order
 
-The index is computed once per layout and device. Inductor fuses the gathers into the kernels that
-produce q, k, v (RoPE, norms) and into the copy that feeds the output projection, so the reorder
-costs about one pass over v.
+Where the site's kernel rectifies, `compact.tile_pool` replaces the three gathers: it reorders q, k, v
+and computes their block statistics (q̄, δq, k̄, δk, v̄) in one pass, handed to `compact.attention`.
+
+The index is computed once per layout and device. Inductor fuses a gather into a pointwise producer
+of q, k, v where it can; after a reduction (RMSNorm, then RoPE) it is a pass of its own, one read
+and one write of the tensor.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -18,15 +23,23 @@ from ..layout import TokenLayout
 from .sites import Site, sdpa_arguments
 
 
-def rewrite_site(gm: fx.GraphModule, site: Site, layout: TokenLayout, handle: int) -> None:
+def rewrite_site(gm: fx.GraphModule, site: Site, layout: TokenLayout, handle: int, pooled: bool = False) -> None:
+    """`pooled`: the site's kernel takes rectification's block statistics, so q, k, v are reordered
+    by `compact.tile_pool`, which computes them in the same pass."""
     a = sdpa_arguments(site.node)
     fields = (list(layout.grid), list(layout.tile), layout.block_size, layout.n_text, layout.text_first)
     index = torch.ops.compact.tile_index.default
     graph = gm.graph
     with graph.inserting_before(site.node):
-        src = graph.call_function(index, (a["query"],) + fields + (False,))
-        q, k, v = (graph.call_function(torch.index_select, (a[n], -2, src)) for n in ("query", "key", "value"))
-        o = graph.call_function(torch.ops.compact.attention.default, (q, k, v, handle, site.scale))
+        if pooled:
+            out = graph.call_function(torch.ops.compact.tile_pool.default,
+                                      (a["query"], a["key"], a["value"]) + fields)
+            q, k, v, *pools = (graph.call_function(operator.getitem, (out, i)) for i in range(8))
+            o = graph.call_function(torch.ops.compact.attention.default, (q, k, v, handle, site.scale, pools))
+        else:
+            src = graph.call_function(index, (a["query"],) + fields + (False,))
+            q, k, v = (graph.call_function(torch.index_select, (a[n], -2, src)) for n in ("query", "key", "value"))
+            o = graph.call_function(torch.ops.compact.attention.default, (q, k, v, handle, site.scale, []))
         dst = graph.call_function(index, (o,) + fields + (True,))
         out = graph.call_function(torch.index_select, (o, -2, dst))
     out.meta.update(site.node.meta)

@@ -105,10 +105,10 @@ def test_attention_op_fake_matches_real_strides():
 
     handle = register_site(kernel)
     q, k, v = (torch.randn(2, 40, 3, 16).transpose(1, 2) for _ in range(3))
-    out = torch.ops.compact.attention(q, k, v, handle, 0.3)
+    out = torch.ops.compact.attention(q, k, v, handle, 0.3, [])
     assert out.is_contiguous()
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.3))
-    torch.library.opcheck(torch.ops.compact.attention.default, (q, k, v, handle, 0.3),
+    torch.library.opcheck(torch.ops.compact.attention.default, (q, k, v, handle, 0.3, []),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 

@@ -1,0 +1,119 @@
+"""Where rectification's pooling should run (issue 4), at the Wan2.1-1.3B 480p shape (B1 H12 S32760
+D128 bf16, grid 21×30×52, 128-token blocks).
+
+  * pool:     our one-launch pooling kernel (pool_triton._pool_qkv) for a few slice widths and warp
+              counts, as effective bandwidth over the bytes of q, k, v;
+  * estimate: the static plan's one-launch estimate (pool_triton._estimate_static), a few tilings;
+  * graph:    the producers of a Wan attention site as Inductor compiles them (RMSNorm over the
+              heads, RoPE, the [B, S, H, D] → [B, H, S, D] view and the gather into tile order),
+              alone, with our pooling kernel after them, and with the pooling written as torch ops
+              in the same graph (rectified.block_pool), which Inductor may fuse into the producers.
+Writes $OUT/pooling.json and $OUT/pooling_graph_code.py (Inductor's code for the fused graph).
+"""
+import json
+import os
+
+import torch
+import triton
+from torch._inductor.utils import run_and_get_code
+
+from compact_compile.kernels.pool_triton import block_pool_qkv_triton, estimate_static_triton
+from compact_compile.kernels.rectified import block_pool
+from compact_compile.layout import TokenLayout, auto_tile
+from compact_compile.masks import window_blocks
+
+GRID, H, D, BS = (21, 30, 52), 12, 128, 128
+dev, dt = "cuda", torch.bfloat16
+bench = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")  # noqa: E731
+rows = []
+
+
+def emit(**row):
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def rope(x, cos, sin):
+    """diffusers' real-valued Wan RoPE: interleaved pairs (x1, x2) rotated by (cos, sin)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 0::2]
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], -1).flatten(-2).type_as(x)
+
+
+def producers(xq, xk, xv, wq, wk, cos, sin, src):
+    """q, k, v of a Wan self-attention site in tile order, from the projections' outputs [B, S, H·D]."""
+    def norm(x, w):
+        return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)).type_as(x) * w
+    q = rope(norm(xq, wq).unflatten(-1, (H, D)), cos, sin)
+    k = rope(norm(xk, wk).unflatten(-1, (H, D)), cos, sin)
+    v = xv.unflatten(-1, (H, D))
+    return [t.transpose(1, 2).index_select(-2, src) for t in (q, k, v)]
+
+
+def main():
+    print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name(), flush=True)
+    layout = TokenLayout(GRID, auto_tile(GRID, BS), BS)
+    S = layout.seq_len
+    g = torch.Generator(device=dev).manual_seed(0)
+    q, k, v = (torch.randn(1, H, S, D, device=dev, dtype=dt, generator=g) for _ in range(3))
+    qkv_bytes = 3 * q.numel() * q.element_size()
+
+    for cols in (32, 64, 128):
+        for warps in (2, 4, 8):
+            ms = bench(lambda: block_pool_qkv_triton(q, k, v, S, BS, config=dict(COLS=cols, num_warps=warps)))
+            emit(kind="pool", COLS=cols, num_warps=warps, ms=ms, TBps=qkv_bytes / ms / 1e9)
+
+    pools = block_pool_qkv_triton(q, k, v, S, BS)
+    for frac, window in (("~72%", (5, 5, 5)), ("~91%", (3, 3, 3))):
+        keep = window_blocks(layout, window)[None].to(dev)
+        for bq, ch, warps, stages in ((16, 32, 4, 3), (16, 64, 4, 3), (32, 32, 4, 3), (32, 64, 4, 3),
+                                      (64, 32, 4, 3), (16, 32, 4, 1), (16, 32, 2, 3), (16, 128, 4, 2),
+                                      (32, 128, 8, 2), (64, 64, 8, 3)):
+            cfg = dict(BQ=bq, CH=ch, num_warps=warps, num_stages=stages)
+            try:
+                ms = bench(lambda: estimate_static_triton(pools, k, keep, S, D ** -0.5, BS, config=cfg))
+            except Exception as e:  # a tiling may not fit in shared memory
+                emit(kind="estimate", sparsity=frac, **cfg, error=str(e)[:200])
+                continue
+            emit(kind="estimate", sparsity=frac, **cfg, ms=ms)
+
+    # the producers of one site, compiled by Inductor, with and without pooling
+    B1 = 1
+    xq, xk, xv = (torch.randn(B1, S, H * D, device=dev, dtype=dt, generator=g) for _ in range(3))
+    wq, wk = (1 + 0.1 * torch.randn(H * D, device=dev, dtype=dt, generator=g) for _ in range(2))
+    angle = torch.rand(S, 1, D, device=dev, generator=g) * 6.28
+    cos, sin = angle.cos(), angle.sin()
+    src = layout.source_index(dev)
+    args = (xq, xk, xv, wq, wk, cos, sin, src)
+
+    def with_graph_pooling(*a):
+        qt, kt, vt = producers(*a)
+        (qm, qd), (km, kd), (vm, _) = (block_pool(t, S, BS) for t in (qt, kt, vt))
+        return qt, kt, vt, qm, qd, km, kd, vm
+
+    plain = torch.compile(producers)
+    fused = torch.compile(with_graph_pooling)
+    plain(*args)
+    _, code = run_and_get_code(fused, *args)
+    with open(os.path.join(os.environ.get("OUT", "."), "pooling_graph_code.py"), "w") as f:
+        f.write("\n\n# ----- next file -----\n\n".join(code))
+    qt, kt, vt, *graph_pools = fused(*args)
+    ours = block_pool_qkv_triton(qt, kt, vt, S, BS)
+    diff = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(graph_pools, ours))
+
+    def then_kernel():
+        qt, kt, vt = plain(*args)
+        return block_pool_qkv_triton(qt, kt, vt, S, BS)
+
+    t_plain, t_fused, t_kernel = bench(lambda: plain(*args)), bench(lambda: fused(*args)), bench(then_kernel)
+    emit(kind="graph", producers_ms=t_plain, producers_then_pool_kernel_ms=t_kernel,
+         producers_with_graph_pooling_ms=t_fused, pool_kernel_extra_ms=t_kernel - t_plain,
+         graph_pooling_extra_ms=t_fused - t_plain, max_rel_diff_graph_vs_kernel=diff)
+
+    json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                   shape=dict(B=1, H=H, S=S, D=D, grid=GRID, block=BS, dtype="bf16"), rows=rows),
+              open(os.path.join(os.environ.get("OUT", "."), "pooling.json"), "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
