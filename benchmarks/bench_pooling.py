@@ -1,9 +1,13 @@
 """Where rectification's pooling should run (issue 4), at the Wan2.1-1.3B 480p shape (B1 H12 S32760
 D128 bf16, grid 21×30×52, 128-token blocks).
 
-  * pool:     our one-launch pooling kernel (pool_triton._pool_qkv) for a few slice widths and warp
+  * pool:     our pooling kernel (pool_triton._pool_qkv, one launch) for a few slice widths and warp
               counts, as effective bandwidth over the bytes of q, k, v;
-  * estimate: the static plan's one-launch estimate (pool_triton._estimate_static), a few tilings;
+  * reorder:  the gather into tile order as Inductor compiles it, against our reorder that pools in
+              the same pass (compact.tile_pool), from q, k, v in the model's [B, S, H, D] storage;
+  * estimate: the static plan's estimate (estimate_triton.py), a few tilings, key shares and dot
+              precisions, in GPU time per kernel (profiler: the host's launch overhead would
+              dominate CUDA-event timing of so short a call);
   * graph:    the producers of a Wan attention site as Inductor compiles them (RMSNorm over the
               heads, RoPE, the [B, S, H, D] → [B, H, S, D] view and the gather into tile order),
               alone, with our pooling kernel after them, and with the pooling written as torch ops
@@ -17,10 +21,12 @@ import torch
 import triton
 from torch._inductor.utils import run_and_get_code
 
-from compact_compile.kernels.pool_triton import block_pool_qkv_triton, estimate_static_triton
+from compact_compile.kernels.estimate_triton import estimate_static_triton
+from compact_compile.kernels.pool_triton import block_pool_qkv_triton, tile_pool_qkv_triton
 from compact_compile.kernels.rectified import block_pool
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import window_blocks
+from gpu_profile import kernel_times, matching
 
 GRID, H, D, BS = (21, 30, 52), 12, 128, 128
 dev, dt = "cuda", torch.bfloat16
@@ -58,24 +64,39 @@ def main():
     q, k, v = (torch.randn(1, H, S, D, device=dev, dtype=dt, generator=g) for _ in range(3))
     qkv_bytes = 3 * q.numel() * q.element_size()
 
-    for cols in (32, 64, 128):
-        for warps in (2, 4, 8):
+    for cols in (64, 128):
+        for warps in (2, 4):
             ms = bench(lambda: block_pool_qkv_triton(q, k, v, S, BS, config=dict(COLS=cols, num_warps=warps)))
             emit(kind="pool", COLS=cols, num_warps=warps, ms=ms, TBps=qkv_bytes / ms / 1e9)
+
+    # the reorder alone (Inductor's gathers) against the reorder that also pools (compact.tile_pool)
+    src = layout.source_index(dev)
+    model_order = [x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v)]   # [B, S, H, D] storage
+    gathers = torch.compile(lambda q, k, v: [x.index_select(-2, src) for x in (q, k, v)])
+    t_gather = bench(lambda: gathers(*model_order))
+    for cols in (64, 128):
+        for warps in (2, 4):
+            cfg = dict(COLS=cols, num_warps=warps)
+            ms = bench(lambda: tile_pool_qkv_triton(*model_order, src, S, BS, config=cfg))
+            emit(kind="reorder", inductor_gather_ms=t_gather, tile_pool_ms=ms, **cfg,
+                 tile_pool_TBps=2 * qkv_bytes / ms / 1e9, pooling_extra_ms=ms - t_gather)
 
     pools = block_pool_qkv_triton(q, k, v, S, BS)
     for frac, window in (("~72%", (5, 5, 5)), ("~91%", (3, 3, 3))):
         keep = window_blocks(layout, window)[None].to(dev)
-        for bq, ch, warps, stages in ((16, 32, 4, 3), (16, 64, 4, 3), (32, 32, 4, 3), (32, 64, 4, 3),
-                                      (64, 32, 4, 3), (16, 32, 4, 1), (16, 32, 2, 3), (16, 128, 4, 2),
-                                      (32, 128, 8, 2), (64, 64, 8, 3)):
-            cfg = dict(BQ=bq, CH=ch, num_warps=warps, num_stages=stages)
+        for bq, ch, keys, warps, stages, precision in (
+                (16, 32, 256, 4, 3, "tf32x3"), (16, 32, 64, 4, 1, "tf32x3"), (16, 32, 32, 4, 1, "tf32x3"),
+                (32, 32, 64, 4, 1, "tf32x3"), (32, 32, 32, 4, 1, "tf32x3"), (64, 32, 64, 4, 1, "tf32x3"),
+                (64, 32, 32, 8, 1, "tf32x3"), (16, 16, 32, 4, 1, "tf32x3"), (16, 32, 64, 4, 1, "tf32"),
+                (32, 32, 32, 4, 1, "tf32")):
+            cfg = dict(BQ=bq, CH=ch, KEYS=keys, num_warps=warps, num_stages=stages, precision=precision)
             try:
-                ms = bench(lambda: estimate_static_triton(pools, k, keep, S, D ** -0.5, BS, config=cfg))
+                times = kernel_times(lambda: estimate_static_triton(pools, k, keep, S, D ** -0.5, BS, config=cfg))
             except Exception as e:  # a tiling may not fit in shared memory
                 emit(kind="estimate", sparsity=frac, **cfg, error=str(e)[:200])
                 continue
-            emit(kind="estimate", sparsity=frac, **cfg, ms=ms)
+            emit(kind="estimate", sparsity=frac, **cfg, gpu_us=matching(times, "_estimate_share", "_merge_shares"),
+                 kernels_us=times)
 
     # the producers of one site, compiled by Inductor, with and without pooling
     B1 = 1
@@ -83,7 +104,6 @@ def main():
     wq, wk = (1 + 0.1 * torch.randn(H * D, device=dev, dtype=dt, generator=g) for _ in range(2))
     angle = torch.rand(S, 1, D, device=dev, generator=g) * 6.28
     cos, sin = angle.cos(), angle.sin()
-    src = layout.source_index(dev)
     args = (xq, xk, xv, wq, wk, cos, sin, src)
 
     def with_graph_pooling(*a):

@@ -9,12 +9,19 @@ Wan2.1-1.3B 480p shape (grid 21×30×52, B1 H12 S32760 D128, bf16, tokens alread
   * error vs dense attention (fp32 SDPA) at about equal density: plain window, window + rectify
     (block and rows), dynamic without and with rectification — on random inputs and on smooth
     inputs (a low-frequency field over the video grid plus noise, closer to real activations).
-Writes $OUT/rectify.json.
+  * cost in a compiled site: a Wan self-attention layer (projections, RMSNorm, RoPE, attention,
+    output projection) compiled with backend="compact", the window plans plain and rectified (where
+    the reorder also pools, compact.tile_pool), next to Inductor's dense layer; wall time (CUDA
+    events) and GPU time per kernel (profiler).
+`--site-only` runs the last part only. Writes $OUT/rectify.json.
 """
+import copy
 import json
 import os
+import sys
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 import triton
 
@@ -24,6 +31,7 @@ from compact_compile.kernels import triton_sparse as ts
 from compact_compile.kernels.triton_sparse import TritonBlockSparse
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import density, neighbour_blocks, window_blocks
+from gpu_profile import kernel_times
 
 GRID, H, D = (21, 30, 52), 12, 128
 dev, dt = "cuda", torch.bfloat16
@@ -50,10 +58,62 @@ def smooth_inputs(layout, g):
     return out
 
 
+class WanSelfAttention(nn.Module):
+    """diffusers' Wan 2.1 self-attention at the 1.3B width (RoPE as real-valued interleaved pairs)."""
+
+    def __init__(self, dim: int = H * D):
+        super().__init__()
+        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = nn.RMSNorm(dim, eps=1e-6), nn.RMSNorm(dim, eps=1e-6)
+
+    def forward(self, x, cos, sin):
+        def rope(t):
+            x1, x2 = t.unflatten(-1, (H, D)).unflatten(-1, (-1, 2)).unbind(-1)
+            return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2).type_as(t)
+        q, k = rope(self.norm_q(self.to_q(x))), rope(self.norm_k(self.to_k(x)))
+        v = self.to_v(x).unflatten(-1, (H, D))
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.to_out(o.transpose(1, 2).flatten(2))
+
+
+def site_costs(layout, g):
+    """ms per layer call, compiled: Inductor dense, and compact plain vs rectified per plan/kernel."""
+    S = layout.seq_len
+    layer = WanSelfAttention().to(dev, dt).eval()
+    x = torch.randn(1, S, H * D, device=dev, dtype=dt, generator=g)
+    angle = torch.rand(S, 1, D // 2, device=dev, generator=g) * 6.28
+    args = (x, angle.cos().to(dt), angle.sin().to(dt))
+    variants = [("inductor dense", "inductor", {})]
+    for window in ((5, 5, 5), (3, 3, 3)):
+        for kernel in ("triton", "flex"):
+            for rectify in (False, True):
+                variants.append((f"window{window} {kernel}{' rectify' if rectify else ''}", "compact",
+                                 dict(plan="window", window=window, grid=GRID, kernel=kernel, rectify=rectify)))
+    with torch.no_grad():
+        ref = layer(*args).float()
+        for name, backend, options in variants:
+            torch._dynamo.reset()
+            model = torch.compile(copy.deepcopy(layer), backend=backend, **({"options": options} if options else {}))
+            out = model(*args).float()
+            gpu = kernel_times(lambda: model(*args))
+            emit(kind="site", variant=name, window=options.get("window"), kernel=options.get("kernel"),
+                 rectify=options.get("rectify"), ms=bench(lambda: model(*args)), gpu_total_us=sum(gpu.values()),
+                 rel_err_vs_dense=((out - ref).norm() / ref.norm()).item(), kernels_us=gpu)
+
+
 def main():
     print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name(), flush=True)
     layout = TokenLayout(GRID, auto_tile(GRID, 128), 128)
     g = torch.Generator(device=dev).manual_seed(0)
+    if "--site-only" not in sys.argv:
+        kernel_costs_and_errors(layout, g)
+    site_costs(layout, g)
+    json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                   shape=dict(B=1, H=H, S=layout.seq_len, D=D, grid=GRID, tile=layout.tile, dtype="bf16"), rows=rows),
+              open(os.path.join(os.environ.get("OUT", "."), "rectify.json"), "w"), indent=1)
+
+
+def kernel_costs_and_errors(layout, g):
     rand = [torch.randn(1, H, layout.seq_len, D, device=dev, dtype=dt, generator=g) for _ in range(3)]
     nbr = neighbour_blocks(layout)
     plans = {"window(5,5,5)": window_blocks(layout, (5, 5, 5)), "window(3,3,3)": window_blocks(layout, (3, 3, 3))}
@@ -77,6 +137,9 @@ def main():
         t_pool = bench(lambda: pooled(q, k, v, layout.n_video, 128))
         t_est, t_general = bench(lambda: kern.estimate(q, k, v)), bench(lambda: general.estimate(q, k, v))
         (_, r, o_bar), (_, r_ref, o_bar_ref) = kern.estimate(q, k, v), general.estimate(q, k, v)
+        gpu_plain, gpu_rect = kernel_times(lambda: plain(q, k, v)), kernel_times(lambda: kern(q, k, v))
+        emit(kind="gpu-triton", plan=name, sparsity=1 - density(blocks), plain_total_us=sum(gpu_plain.values()),
+             rectified_total_us=sum(gpu_rect.values()), plain_us=gpu_plain, rectified_us=gpu_rect)
         emit(kind="cost-triton", plan=name, rectify=True, sparsity=1 - density(blocks), sparse_ms=t_sparse,
              rectified_ms=t_all, estimate_ms=t_est, pool_ms=t_pool, general_estimate_ms=t_general,
              overhead_share=(t_all - t_sparse) / t_sparse, config=ts.chosen_config(),
@@ -105,9 +168,6 @@ def main():
         for name, kern in variants.items():
             keep = kern.estimate(q, k, v)[0]
             emit(kind="error", data=data, variant=name, density=keep.float().mean().item(), rel_err=err(kern(q, k, v)))
-    json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                   shape=dict(B=1, H=H, S=layout.seq_len, D=D, grid=GRID, tile=layout.tile, dtype="bf16"), rows=rows),
-              open(os.path.join(os.environ.get("OUT", "."), "rectify.json"), "w"), indent=1)
 
 
 if __name__ == "__main__":

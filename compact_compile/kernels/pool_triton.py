@@ -1,5 +1,6 @@
 """Rectification's pooled statistics in Triton: block means and mean absolute deviations of q, k, v
-in one read of each, and from them a static plan's estimate R, Ō in one launch.
+in one read of each (optionally while reordering them into tile order). estimate_triton.py turns
+them into a static plan's R, Ō.
 
 For block n of `BLOCK` tokens and the tokens i of it that count (w_i = 1: real tokens; for keys and
 values only video tokens),
@@ -63,13 +64,14 @@ def _pool_qkv(Q, K, V, QT, KT, VT, SRC, QM, QD, KM, KD, VM, sqb, sqh, sqs, skb, 
                    BLOCK, D, COLS, False, GATHER)
 
 
-POOL_CONFIG = dict(COLS=64, num_warps=2)
+# per pass: pooling alone, and pooling while reordering (measured on an H100, BENCHMARKS.md)
+POOL_CONFIG = {False: dict(COLS=64, num_warps=2), True: dict(COLS=128, num_warps=4)}
 
 
 def _pool_launch(q, k, v, n_kv: int, block_size: int, src, config: dict | None):
     B, H, S, D = q.shape
     nb = triton.cdiv(S, block_size)
-    config = {**POOL_CONFIG, **(config or {})}
+    config = {**POOL_CONFIG[src is not None], **(config or {})}
     cols = min(config["COLS"], D)
     pools = [torch.empty(B, H, nb, D, device=q.device, dtype=torch.float32) for _ in range(5)]
     tiled = [torch.empty(B, H, S, D, device=q.device, dtype=x.dtype) for x in (q, k, v)] if src is not None else [q] * 3
@@ -94,95 +96,3 @@ def tile_pool_qkv_triton(q, k, v, src, n_kv: int, block_size: int, config: dict 
     if src.shape != (q.shape[-2],) or src.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"src must be an int32/int64 [S={q.shape[-2]}] index; got {src.dtype} {tuple(src.shape)}")
     return _pool_launch(q, k, v, n_kv, block_size, src.contiguous(), config)
-
-
-@triton.jit
-def _estimate_static(QM, QD, KM, KD, VM, KEEP, K, R, OBAR, stride_keeph, stride_keepq,
-                     stride_kb, stride_kh, stride_ks, n_heads, NQ, NK, NV, S, qk_scale,
-                     PLAN_BLOCK: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, CH: tl.constexpr,
-                     PRECISION: tl.constexpr):
-    """R and Ō for BQ query blocks of one (batch, head) under a static plan: rectified.py's per-block
-    estimate as a small attention of pooled queries over pooled keys, in base 2 (c = scale·log2 e):
-        s̄_nm = q̄_n·k̄_m·c + log2(video tokens of m)      text keys k_t unpooled: q̄_n·k_t·c
-        comp_nm = skipped_nm ∧ |q̄_n·k̄_m| > |δq_n·k̄_m| + |q̄_n·δk_m| ∧ m holds video     (GAPR)
-        R_n = 1 − Σ_comp P̂_nm,  Ō_n = Σ_comp P̂_nm·v̄_m,   P̂_n = softmax_m over blocks and text keys
-    The normaliser and both sums run online over chunks of CH keys (running max as in FlashAttention).
-    Every block holding text keys is kept (the caller checks), so text enters the normaliser only."""
-    pid_q = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    h = bh % n_heads
-    n = pid_q * BQ + tl.arange(0, BQ)
-    n_ok = n < NQ
-    cols = tl.arange(0, D)
-    q_rows = (bh * NQ + n)[:, None] * D + cols[None, :]
-    q_mean = tl.load(QM + q_rows, mask=n_ok[:, None], other=0.0)
-    q_mad = tl.load(QD + q_rows, mask=n_ok[:, None], other=0.0)
-    m_run = tl.full([BQ], -1.0e30, tl.float32)   # finite: a chunk with no video block changes nothing
-    z = tl.zeros([BQ], tl.float32)
-    z_comp = tl.zeros([BQ], tl.float32)
-    o_bar = tl.zeros([BQ, D], tl.float32)
-    offs_c = tl.arange(0, CH)
-    for c0 in range(0, NK, CH):
-        m = c0 + offs_c
-        m_ok = m < NK
-        k_rows = (bh * NK + m)[:, None] * D + cols[None, :]
-        k_mean = tl.load(KM + k_rows, mask=m_ok[:, None], other=0.0)
-        k_mad = tl.load(KD + k_rows, mask=m_ok[:, None], other=0.0)
-        v_mean = tl.load(VM + k_rows, mask=m_ok[:, None], other=0.0)
-        gain = tl.dot(q_mean, tl.trans(k_mean), input_precision=PRECISION)
-        error = (tl.abs(tl.dot(q_mad, tl.trans(k_mean), input_precision=PRECISION))
-                 + tl.abs(tl.dot(q_mean, tl.trans(k_mad), input_precision=PRECISION)))
-        video = tl.minimum(tl.maximum(NV - m * PLAN_BLOCK, 0), PLAN_BLOCK)
-        s = tl.where((m_ok & (video > 0))[None, :],
-                     gain * qk_scale + tl.log2(tl.maximum(video, 1).to(tl.float32))[None, :], float("-inf"))
-        kept = tl.load(KEEP + h * stride_keeph + n[:, None] * stride_keepq + m[None, :],
-                       mask=n_ok[:, None] & m_ok[None, :], other=1)
-        comp = (kept == 0) & (tl.abs(gain) > error) & (video > 0)[None, :]
-        m_new = tl.maximum(m_run, tl.max(s, 1))
-        alpha = tl.math.exp2(m_run - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        p_comp = tl.where(comp, p, 0.0)
-        z = z * alpha + tl.sum(p, 1)
-        z_comp = z_comp * alpha + tl.sum(p_comp, 1)
-        o_bar = o_bar * alpha[:, None] + tl.dot(p_comp, v_mean, input_precision=PRECISION)
-        m_run = m_new
-    k_base = K + (bh // n_heads) * stride_kb + h * stride_kh
-    for t0 in range(NV, S, CH):   # text keys (joint attention), one by one
-        t = t0 + offs_c
-        k_text = tl.load(k_base + t[:, None].to(tl.int64) * stride_ks + cols[None, :], mask=(t < S)[:, None],
-                         other=0.0).to(tl.float32)
-        s = tl.where((t < S)[None, :], tl.dot(q_mean, tl.trans(k_text), input_precision=PRECISION) * qk_scale,
-                     float("-inf"))
-        m_new = tl.maximum(m_run, tl.max(s, 1))
-        alpha = tl.math.exp2(m_run - m_new)
-        z = z * alpha + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
-        z_comp = z_comp * alpha
-        o_bar = o_bar * alpha[:, None]
-        m_run = m_new
-    tl.store(R + bh * NQ + n, 1.0 - z_comp / z, mask=n_ok)
-    tl.store(OBAR + q_rows, o_bar / z[:, None], mask=n_ok[:, None])
-
-
-ESTIMATE_CONFIG = dict(BQ=16, CH=32, num_warps=4, num_stages=3)
-
-
-def estimate_static_triton(pools, k, keep, n_video: int, scale: float, block_size: int, config: dict | None = None):
-    """(R `[B, H, nq]`, Ō `[B, H, nq, D]`) float32 for a static plan's block map `keep` `[H or 1, nq,
-    nq]` (blocks holding text keys kept), from `pools` = (q̄, δq, k̄, δk, v̄) of `rectified.pooled`
-    in float32 and k `[B, H, S, D]` (its rows from n_video on are the text keys). One launch.
-    `config` (BQ=, CH=, num_warps=, num_stages=) overrides ESTIMATE_CONFIG (benchmarks)."""
-    q_mean = pools[0]
-    B, H, nq, D = q_mean.shape
-    config = {**ESTIMATE_CONFIG, **(config or {})}
-    pools = [t.float().contiguous() for t in pools]
-    keep = keep.to(device=k.device, dtype=torch.int8).contiguous()
-    r = torch.empty(B, H, nq, device=k.device, dtype=torch.float32)
-    o_bar = torch.empty(B, H, nq, D, device=k.device, dtype=torch.float32)
-    # The pooled dots run on tensor cores in 3×TF32 (fp32-accurate); the interpreter computes them in fp32.
-    _estimate_static[(triton.cdiv(nq, config["BQ"]), B * H)](
-        *pools, keep, k, r, o_bar, keep.stride(0) if keep.shape[0] > 1 else 0, keep.stride(1),
-        k.stride(0), k.stride(1), k.stride(2), H, nq, nq, n_video, k.shape[-2], scale * 1.4426950408889634,
-        PLAN_BLOCK=block_size, D=D, BQ=config["BQ"], CH=config["CH"],
-        PRECISION="tf32x3" if k.is_cuda else "ieee", num_warps=config["num_warps"],
-        num_stages=config["num_stages"])
-    return r, o_bar

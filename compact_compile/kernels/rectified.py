@@ -31,7 +31,8 @@ import torch
 from ..layout import TokenLayout
 from .compiled import compiled
 from .flex import block_mask, flex, kv_block_lists
-from .pool_triton import block_pool_qkv_triton, estimate_static_triton, tile_pool_qkv_triton
+from .estimate_triton import estimate_static_triton
+from .pool_triton import block_pool_qkv_triton, tile_pool_qkv_triton
 from .triton_sparse import block_sparse_attention, triton_available
 
 
@@ -138,7 +139,7 @@ class RectifiedSparse:
         pos = torch.arange(nb * bs)
         self.video_count = ((pos < layout.n_video).view(nb, bs).sum(1)).float()
         self.text_block = torch.arange(layout.n_video, layout.seq_len) // bs
-        # a static plan's per-block estimate has a one-launch Triton kernel, which counts text keys in
+        # a static plan's per-block estimate has a Triton kernel (estimate_triton.py), which counts text keys in
         # the normaliser only: the blocks holding them must be kept
         self.static_estimate = (rectify and not dynamic and not rows
                                 and bool(self.static[..., self.text_block.unique()].all()))
@@ -150,7 +151,8 @@ class RectifiedSparse:
             static = self.static.to(device)
             self._device_data[device] = (static, self.video_count.to(device), self.text_block.to(device),
                                          None if self.dynamic else block_mask(static[None], self.layout.seq_len,
-                                                                              self.layout.block_size))
+                                                                              self.layout.block_size),
+                                         static.to(torch.int8))   # as the Triton estimate reads it
         return self._device_data[device]
 
     pooled_inputs = True   # the rewrite may hand over (q̄, δq, k̄, δk, v̄), pooled with the reorder
@@ -160,11 +162,11 @@ class RectifiedSparse:
         `pools`: `pooled(q, k, v, …)` if already computed."""
         L = self.layout
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        static, video_count, text_block, _ = self._data(q.device)
+        static, video_count, text_block, _, static_i8 = self._data(q.device)
         pools = pooled(q, k, v, L.n_video, L.block_size) if pools is None else pools
         if (self.static_estimate and q.dtype != torch.float64 and triton_available(q.device)
                 and (q.device.type == "cuda" or self.kernel == "triton")):
-            r, o_bar = estimate_static_triton(pools, k, static, L.n_video, scale, L.block_size)
+            r, o_bar = estimate_static_triton(pools, k, static_i8, L.n_video, scale, L.block_size)
             return static[None].expand(q.shape[0], q.shape[1], -1, -1), r, o_bar
         return estimate(pools, q if self.rows else None, k[:, :, L.n_video:], static, video_count, text_block,
                         scale, L.block_size, self.dynamic, self.rectify, self.rows, self.p_remain, self.drop)

@@ -114,55 +114,6 @@ def test_every_block_kept_is_dense_attention():
 
 
 @pytest.mark.parametrize("rows", [False, True])
-@pytest.mark.parametrize("queries", ["near-constant", "random"])
-def test_rectification_helps_when_skipped_blocks_are_near_constant(rows, queries):
-    """Keys and values nearly constant inside each block: pooled estimates are almost exact, so the
-    rectified output is far closer to dense attention than plain block-sparse attention — per block
-    when the queries are near-constant too, per row ("rows") whatever the queries."""
-    layout = TokenLayout((2, 8, 8), (1, 4, 4), BS)
-    nb = layout.n_blocks
-    g = torch.Generator().manual_seed(0)
-    noise = lambda: 0.01 * torch.randn(1, 2, layout.seq_len, 16, generator=g)  # noqa: E731
-    centre = lambda: torch.randn(1, 2, nb, 1, 16, generator=g).expand(-1, -1, -1, BS, -1).reshape(1, 2, -1, 16)  # noqa: E731
-    k, v = centre() + noise(), centre() + noise()
-    q = centre() + noise() if queries == "near-constant" else torch.randn(1, 2, layout.seq_len, 16, generator=g)
-    static = torch.eye(nb, dtype=torch.bool)[None]
-    dense = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
-    plain = RectifiedSparse(layout, static, dynamic=False, rectify=False)(q, k, v)
-    fixed = RectifiedSparse(layout, static, dynamic=False, rectify=True, rows=rows)(q, k, v)
-    err = lambda o: ((o.double() - dense).norm() / dense.norm()).item()  # noqa: E731
-    if rows or queries == "near-constant":
-        assert err(fixed) < 0.1 * err(plain), (err(fixed), err(plain))
-    else:  # block means of random queries estimate little, and GAPR then declines to compensate
-        assert err(fixed) < err(plain), (err(fixed), err(plain))
-
-
-def test_every_block_kept_is_dense_attention():
-    layout = TokenLayout((2, 5, 6), (1, 4, 4), BS, 7, True)
-    g = torch.Generator().manual_seed(1)
-    q, k, v = inputs(layout, g, torch.float32)
-    out = RectifiedSparse(layout, dense_blocks(layout)[None], dynamic=True, rectify=True)(q, k, v)
-    dense = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
-    assert (out.double() - dense).norm() / dense.norm() < 1e-5
-
-
-@pytest.mark.parametrize("n_kv, cols", [(100, 64), (70, 16), (0, 32)])
-def test_triton_block_pool_equals_reference(n_kv, cols):
-    """q over every token, k and v over the first n_kv (video) tokens, strided heads, partial last
-    block; each block whole or split into column slices."""
-    from compact_compile.kernels.pool_triton import block_pool_qkv_triton
-    g = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(2, 3, 100, 64, generator=g).transpose(1, 2).contiguous().transpose(1, 2)
-               for _ in range(3))
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    got = [t.cpu() for t in block_pool_qkv_triton(q.to(device), k.to(device), v.to(device), n_kv, 32,
-                                                    config=dict(COLS=cols))]
-    (qm, qd), (km, kd), (vm, _) = block_pool(q, 100, 32), block_pool(k, n_kv, 32), block_pool(v, n_kv, 32)
-    for a, b in zip(got, (qm, qd, km, kd, vm)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("rows", [False, True])
 def test_triton_kernel_path_equals_reference(rows):
     """On the Triton kernel (R·O + Ō fused in its epilogue per block; merged after it per row), on
     the GPU when there is one (pooling by the Triton pool kernel too), else in the interpreter."""
@@ -182,8 +133,8 @@ def test_triton_kernel_path_equals_reference(rows):
 
 @settings(max_examples=8, deadline=None)
 @given(sites(), st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
-def test_static_plan_estimate_in_one_triton_launch_equals_reference(site, dtype):
-    """Static plan + rectify: R and Ō from the one-launch Triton estimate (pool_triton._estimate_static:
+def test_static_plan_estimate_in_triton_equals_reference(site, dtype):
+    """Static plan + rectify: R and Ō from the Triton estimate (estimate_triton.py:
     pooled queries attending to pooled keys) give the float64 reference's output — partial last
     blocks, text keys before or after the video, several heads with their own maps."""
     layout, static, g, _ = site
@@ -200,7 +151,7 @@ def test_static_plan_estimate_in_one_triton_launch_equals_reference(site, dtype)
 
 
 def test_static_estimate_stays_general_when_a_text_block_may_be_skipped():
-    """The one-launch estimate counts text keys in the normaliser only; a plan that may skip a block
+    """The Triton estimate counts text keys in the normaliser only; a plan that may skip a block
     holding text takes the general estimate, which the reference matches too."""
     layout = TokenLayout((1, 4, 8), (1, 4, 4), BS, 9, False)
     static = torch.eye(layout.n_blocks, dtype=torch.bool)[None]
@@ -214,14 +165,16 @@ def test_static_estimate_stays_general_when_a_text_block_may_be_skipped():
     assert (out.cpu().double() - ref).norm() / ref.norm() < 1e-5
 
 
+@pytest.mark.parametrize("keys_per_share", [64, 16])
 @pytest.mark.parametrize("block_size, n_text, text_first", [(32, 0, False), (64, 37, False), (64, 21, True)])
-def test_static_estimate_in_one_triton_launch_equals_general_estimate(block_size, n_text, text_first):
-    """R and Ō of the one-launch estimate equal the general (torch) estimate's at larger blocks, where
-    the last video block is partial and text shares a block with video. Keys and values nearly
-    constant per block, so GAPR trusts the pooled estimate and many skipped blocks are compensated."""
-    from compact_compile.kernels.pool_triton import estimate_static_triton
+def test_static_estimate_in_triton_equals_general_estimate(block_size, n_text, text_first, keys_per_share):
+    """R and Ō of the Triton estimate equal the general (torch) estimate's at larger blocks, where the
+    last video block is partial and text shares a block with video, with the keys in one share or
+    split into several. Keys and values nearly constant per block, so GAPR trusts the pooled
+    estimate and many skipped blocks are compensated."""
+    from compact_compile.kernels.estimate_triton import estimate_static_triton
     from compact_compile.kernels.rectified import _estimate, pooled
-    layout = TokenLayout((3, 8, 10), (1, 4, 8), block_size, n_text, text_first)   # 240 video tokens
+    layout = TokenLayout((4, 15, 20), (1, 4, 8), block_size, n_text, text_first)   # 1200 video tokens
     nb, S = layout.n_blocks, layout.seq_len
     g = torch.Generator().manual_seed(block_size + n_text)
     static = torch.eye(nb, dtype=torch.bool)[None] | (text_blocks(layout) if n_text else False)
@@ -232,7 +185,8 @@ def test_static_estimate_in_one_triton_launch_equals_general_estimate(block_size
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q, k, v = ((centre() + 0.05 * torch.randn(1, 2, S, 32, generator=g)).to(device) for _ in range(3))
     pools = pooled(q, k, v, layout.n_video, block_size)
-    r, o_bar = estimate_static_triton(pools, k, static.to(device), layout.n_video, 32 ** -0.5, block_size)
+    r, o_bar = estimate_static_triton(pools, k, static.to(device), layout.n_video, 32 ** -0.5, block_size,
+                                      config=dict(KEYS=keys_per_share, CH=16))
     _, r_ref, o_bar_ref = _estimate(pools, None, k[:, :, layout.n_video:], static.to(device),
                                     kern.video_count.to(device), kern.text_block.to(device), 32 ** -0.5,
                                     block_size, False, True, False, 0.3, 0.9)

@@ -1,0 +1,157 @@
+"""A static plan's rectification estimate R, Ō in Triton, from the pooled statistics of
+pool_triton.py: rectified.py's per-block estimate, computed as a small attention of pooled queries
+over pooled keys, in base 2 (c = scale·log2 e):
+
+    s̄_nm = q̄_n·k̄_m·c + log2(video tokens of m)        text keys k_t enter unpooled: q̄_n·k_t·c
+    comp_nm = skipped_nm ∧ |q̄_n·k̄_m| > |δq_n·k̄_m| + |q̄_n·δk_m| ∧ m holds video       (GAPR)
+    R_n = 1 − Σ_comp P̂_nm,   Ō_n = Σ_comp P̂_nm·v̄_m,   P̂_n = softmax over key blocks and text keys
+
+The problem is tiny (blocks² · D per head) but serial along the keys, so the keys are split
+(FlashDecoding's split-KV): each program keeps, over its share of the keys, the running max m, the
+normaliser z = Σ 2^(s̄−m), its compensated part z_c and the unnormalised Ō, and a second launch
+merges the shares: with M = max_s m_s and w_s = 2^(m_s − M),
+    R = 1 − Σ_s w_s·z_c,s / Σ_s w_s·z_s,     Ō = Σ_s w_s·Ō_s / Σ_s w_s·z_s.
+Every block holding text keys is kept (the caller checks), so text enters the normaliser only; it
+gets a share of its own.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _estimate_share(QM, QD, KM, KD, VM, KEEP, K, PART_M, PART_Z, PART_ZC, PART_O, stride_keeph, stride_keepq,
+                    stride_kb, stride_kh, stride_ks, n_heads, NQ, NK, NV, S, n_shares, qk_scale,
+                    PLAN_BLOCK: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, CH: tl.constexpr,
+                    KEYS: tl.constexpr, PRECISION: tl.constexpr):
+    """(m, z, z_c, Ō) of BQ query blocks of one (batch, head) over one share of the keys: video key
+    blocks [share·KEYS, (share+1)·KEYS), or, for the share after the last of those, the text keys."""
+    pid_q = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    share = tl.program_id(2)
+    h = bh % n_heads
+    n = pid_q * BQ + tl.arange(0, BQ)
+    n_ok = n < NQ
+    cols = tl.arange(0, D)
+    q_rows = (bh * NQ + n)[:, None] * D + cols[None, :]
+    q_mean = tl.load(QM + q_rows, mask=n_ok[:, None], other=0.0)
+    m_run = tl.full([BQ], -1.0e30, tl.float32)   # finite: keys that all get −inf change nothing
+    z = tl.zeros([BQ], tl.float32)
+    z_comp = tl.zeros([BQ], tl.float32)
+    o_bar = tl.zeros([BQ, D], tl.float32)
+    offs_c = tl.arange(0, CH)
+    lo = share * KEYS
+    if lo < NK:
+        q_mad = tl.load(QD + q_rows, mask=n_ok[:, None], other=0.0)
+        hi = tl.minimum(lo + KEYS, NK)
+        for c0 in range(lo, hi, CH):
+            m = c0 + offs_c
+            m_ok = m < hi
+            k_rows = (bh * NK + m)[:, None] * D + cols[None, :]
+            k_mean = tl.load(KM + k_rows, mask=m_ok[:, None], other=0.0)
+            k_mad = tl.load(KD + k_rows, mask=m_ok[:, None], other=0.0)
+            v_mean = tl.load(VM + k_rows, mask=m_ok[:, None], other=0.0)
+            gain = tl.dot(q_mean, tl.trans(k_mean), input_precision=PRECISION)
+            error = (tl.abs(tl.dot(q_mad, tl.trans(k_mean), input_precision=PRECISION))
+                     + tl.abs(tl.dot(q_mean, tl.trans(k_mad), input_precision=PRECISION)))
+            video = tl.minimum(tl.maximum(NV - m * PLAN_BLOCK, 0), PLAN_BLOCK)
+            s = tl.where((m_ok & (video > 0))[None, :],
+                         gain * qk_scale + tl.log2(tl.maximum(video, 1).to(tl.float32))[None, :], float("-inf"))
+            kept = tl.load(KEEP + h * stride_keeph + n[:, None] * stride_keepq + m[None, :],
+                           mask=n_ok[:, None] & m_ok[None, :], other=1)
+            comp = (kept == 0) & (tl.abs(gain) > error) & (video > 0)[None, :]
+            m_new = tl.maximum(m_run, tl.max(s, 1))
+            alpha = tl.math.exp2(m_run - m_new)
+            p = tl.math.exp2(s - m_new[:, None])
+            p_comp = tl.where(comp, p, 0.0)
+            z = z * alpha + tl.sum(p, 1)
+            z_comp = z_comp * alpha + tl.sum(p_comp, 1)
+            o_bar = o_bar * alpha[:, None] + tl.dot(p_comp, v_mean, input_precision=PRECISION)
+            m_run = m_new
+    else:   # text keys (joint attention), one by one
+        k_base = K + (bh // n_heads) * stride_kb + h * stride_kh
+        for t0 in range(NV, S, CH):
+            t = t0 + offs_c
+            k_text = tl.load(k_base + t[:, None].to(tl.int64) * stride_ks + cols[None, :], mask=(t < S)[:, None],
+                             other=0.0).to(tl.float32)
+            s = tl.where((t < S)[None, :],
+                         tl.dot(q_mean, tl.trans(k_text), input_precision=PRECISION) * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_run, tl.max(s, 1))
+            z = z * tl.math.exp2(m_run - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+            m_run = m_new
+    part = (bh * n_shares + share) * NQ + n
+    tl.store(PART_M + part, m_run, mask=n_ok)
+    tl.store(PART_Z + part, z, mask=n_ok)
+    tl.store(PART_ZC + part, z_comp, mask=n_ok)
+    tl.store(PART_O + part[:, None] * D + cols[None, :], o_bar, mask=n_ok[:, None])
+
+
+@triton.jit
+def _merge_shares(PART_M, PART_Z, PART_ZC, PART_O, R, OBAR, NQ, n_shares, D: tl.constexpr, BN: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    n = pid * BN + tl.arange(0, BN)
+    n_ok = n < NQ
+    cols = tl.arange(0, D)
+    m_max = tl.full([BN], -1.0e30, tl.float32)
+    for s in range(n_shares):
+        m_max = tl.maximum(m_max, tl.load(PART_M + (bh * n_shares + s) * NQ + n, mask=n_ok, other=-1.0e30))
+    z = tl.zeros([BN], tl.float32)
+    z_comp = tl.zeros([BN], tl.float32)
+    o_bar = tl.zeros([BN, D], tl.float32)
+    for s in range(n_shares):
+        part = (bh * n_shares + s) * NQ + n
+        w = tl.math.exp2(tl.load(PART_M + part, mask=n_ok, other=-1.0e30) - m_max)
+        z += w * tl.load(PART_Z + part, mask=n_ok, other=0.0)
+        z_comp += w * tl.load(PART_ZC + part, mask=n_ok, other=0.0)
+        o_bar += w[:, None] * tl.load(PART_O + part[:, None] * D + cols[None, :], mask=n_ok[:, None], other=0.0)
+    z = tl.where(n_ok, z, 1.0)
+    tl.store(R + bh * NQ + n, 1.0 - z_comp / z, mask=n_ok)
+    tl.store(OBAR + (bh * NQ + n)[:, None] * D + cols[None, :], o_bar / z[:, None], mask=n_ok[:, None])
+
+
+# 32 key blocks per share: 8 shares at Wan 480p (256 blocks). Measured on an H100 (BENCHMARKS.md):
+# the dots dominate, so splitting the keys gains little; the dot precision is what counts.
+ESTIMATE_CONFIG = dict(BQ=16, CH=32, KEYS=32, num_warps=4, num_stages=1)
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """Tensor-core precision of the pooled dots: for fp16/bf16 inputs TF32 (its 11-bit significand
+    is as fine as fp16's and finer than bf16's, so the means lose nothing the inputs had); for fp32
+    inputs 3×TF32, accurate to fp32 at about twice the time. The interpreter computes in fp32."""
+    if device.type != "cuda":
+        return "ieee"
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def estimate_static_triton(pools, k, keep, n_video: int, scale: float, block_size: int, config: dict | None = None):
+    """(R `[B, H, nq]`, Ō `[B, H, nq, D]`) float32 for a static plan's block map `keep` `[H or 1, nq,
+    nq]` (blocks holding text keys kept), from `pools` = (q̄, δq, k̄, δk, v̄) of `rectified.pooled`
+    in float32 and k `[B, H, S, D]` (its rows from n_video on are the text keys).
+    `config` (BQ=, CH=, KEYS=, num_warps=, num_stages=, precision=) overrides ESTIMATE_CONFIG and
+    `dot_precision(k.dtype)` (benchmarks)."""
+    B, H, nq, D = pools[0].shape
+    config = {**ESTIMATE_CONFIG, **(config or {})}
+    if config["KEYS"] % config["CH"]:
+        raise ValueError(f"KEYS ({config['KEYS']}) must be a multiple of CH ({config['CH']})")
+    pools = [t.float().contiguous() for t in pools]
+    keep = keep.to(device=k.device, dtype=torch.int8).contiguous()
+    S = k.shape[-2]
+    n_shares = triton.cdiv(nq, config["KEYS"]) + (S > n_video)
+    part_m, part_z, part_zc = torch.empty(3, B * H, n_shares, nq, device=k.device, dtype=torch.float32)
+    part_o = torch.empty(B * H, n_shares, nq, D, device=k.device, dtype=torch.float32)
+    _estimate_share[(triton.cdiv(nq, config["BQ"]), B * H, n_shares)](
+        *pools, keep, k, part_m, part_z, part_zc, part_o, keep.stride(0) if keep.shape[0] > 1 else 0,
+        keep.stride(1), k.stride(0), k.stride(1), k.stride(2), H, nq, nq, n_video, S, n_shares, scale * LOG2E,
+        PLAN_BLOCK=block_size, D=D, BQ=config["BQ"], CH=config["CH"], KEYS=config["KEYS"],
+        PRECISION=config.get("precision", dot_precision(k.dtype, k.device)), num_warps=config["num_warps"],
+        num_stages=config["num_stages"])
+    r = torch.empty(B, H, nq, device=k.device, dtype=torch.float32)
+    o_bar = torch.empty(B, H, nq, D, device=k.device, dtype=torch.float32)
+    _merge_shares[(triton.cdiv(nq, 32), B * H)](part_m, part_z, part_zc, part_o, r, o_bar, nq, n_shares,
+                                                D=D, BN=32, num_warps=4)
+    return r, o_bar
