@@ -6,10 +6,10 @@ over pooled keys, in base 2 (c = scale·log2 e):
     comp_nm = skipped_nm ∧ |q̄_n·k̄_m| > |δq_n·k̄_m| + |q̄_n·δk_m| ∧ m holds video       (GAPR)
     R_n = 1 − Σ_comp P̂_nm,   Ō_n = Σ_comp P̂_nm·v̄_m,   P̂_n = softmax over key blocks and text keys
 
-The problem is tiny (blocks² · D per head) but serial along the keys, so the keys are split
-(FlashDecoding's split-KV): each program keeps, over its share of the keys, the running max m, the
-normaliser z = Σ 2^(s̄−m), its compensated part z_c and the unnormalised Ō, and a second launch
-merges the shares: with M = max_s m_s and w_s = 2^(m_s − M),
+The problem is small (blocks² · D per head) but serial along the keys, so long sequences split
+them (FlashDecoding's split-KV): each program keeps, over its share of the keys, the running max m,
+the normaliser z = Σ 2^(s̄−m), its compensated part z_c and the unnormalised Ō, and a second
+launch merges the shares: with M = max_s m_s and w_s = 2^(m_s − M),
     R = 1 − Σ_s w_s·z_c,s / Σ_s w_s·z_s,     Ō = Σ_s w_s·Ō_s / Σ_s w_s·z_s.
 Every block holding text keys is kept (the caller checks), so text enters the normaliser only; it
 gets a share of its own.
@@ -114,9 +114,10 @@ def _merge_shares(PART_M, PART_Z, PART_ZC, PART_O, R, OBAR, NQ, n_shares, D: tl.
     tl.store(OBAR + (bh * NQ + n)[:, None] * D + cols[None, :], o_bar / z[:, None], mask=n_ok[:, None])
 
 
-# 32 key blocks per share: 8 shares at Wan 480p (256 blocks). Measured on an H100 (BENCHMARKS.md):
-# the dots dominate, so splitting the keys gains little; the dot precision is what counts.
-ESTIMATE_CONFIG = dict(BQ=16, CH=32, KEYS=32, num_warps=4, num_stages=1)
+# Measured on an H100 at Wan 480p (256 blocks, BENCHMARKS.md): the dots dominate, and one share of
+# 256 key blocks per program beat 2–8 smaller shares (22.6 µs against 26.5–36.6 µs with the merge);
+# longer sequences (Wan 720p: 591 blocks) still get several shares.
+ESTIMATE_CONFIG = dict(BQ=32, CH=32, KEYS=256, num_warps=4, num_stages=3, BN=16)
 
 
 def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -132,7 +133,7 @@ def estimate_static_triton(pools, k, keep, n_video: int, scale: float, block_siz
     """(R `[B, H, nq]`, Ō `[B, H, nq, D]`) float32 for a static plan's block map `keep` `[H or 1, nq,
     nq]` (blocks holding text keys kept), from `pools` = (q̄, δq, k̄, δk, v̄) of `rectified.pooled`
     in float32 and k `[B, H, S, D]` (its rows from n_video on are the text keys).
-    `config` (BQ=, CH=, KEYS=, num_warps=, num_stages=, precision=) overrides ESTIMATE_CONFIG and
+    `config` (BQ=, CH=, KEYS=, num_warps=, num_stages=, BN=, precision=) overrides ESTIMATE_CONFIG and
     `dot_precision(k.dtype)` (benchmarks)."""
     B, H, nq, D = pools[0].shape
     config = {**ESTIMATE_CONFIG, **(config or {})}
@@ -152,6 +153,6 @@ def estimate_static_triton(pools, k, keep, n_video: int, scale: float, block_siz
         num_stages=config["num_stages"])
     r = torch.empty(B, H, nq, device=k.device, dtype=torch.float32)
     o_bar = torch.empty(B, H, nq, D, device=k.device, dtype=torch.float32)
-    _merge_shares[(triton.cdiv(nq, 32), B * H)](part_m, part_z, part_zc, part_o, r, o_bar, nq, n_shares,
-                                                D=D, BN=32, num_warps=4)
+    _merge_shares[(triton.cdiv(nq, config["BN"]), B * H)](part_m, part_z, part_zc, part_o, r, o_bar, nq, n_shares,
+                                                          D=D, BN=config["BN"], num_warps=4)
     return r, o_bar
