@@ -12,7 +12,8 @@ Wan2.1-1.3B 480p shape (grid 21×30×52, B1 H12 S32760 D128, bf16, tokens alread
   * cost in a compiled site: a Wan self-attention layer (projections, RMSNorm, RoPE, attention,
     output projection) compiled with backend="compact", the window plans plain and rectified (where
     the reorder also pools, compact.tile_pool), next to Inductor's dense layer; wall time (CUDA
-    events) and GPU time per kernel (profiler).
+    events) and GPU time per kernel (profiler); and the dynamic plan (online top-k + rectify) at
+    about 75% and 90% sparsity.
 `--site-only` runs the last part only. Writes $OUT/rectify.json.
 """
 import copy
@@ -25,13 +26,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import triton
 
+import compact_compile
 from compact_compile.kernels.flex import FlexBlockSparse
 from compact_compile.kernels.rectified import RectifiedSparse, pooled
 from compact_compile.kernels import triton_sparse as ts
 from compact_compile.kernels.triton_sparse import TritonBlockSparse
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import density, neighbour_blocks, window_blocks
-from gpu_profile import kernel_times
+from gpu_profile import kernel_times, matching
 
 GRID, H, D = (21, 30, 52), 12, 128
 dev, dt = "cuda", torch.bfloat16
@@ -89,6 +91,10 @@ def site_costs(layout, g):
             for rectify in (False, True):
                 variants.append((f"window{window} {kernel}{' rectify' if rectify else ''}", "compact",
                                  dict(plan="window", window=window, grid=GRID, kernel=kernel, rectify=rectify)))
+    for drop in (0.75, 0.9):   # at least (1 − drop) of the key blocks; p_remain small so that bound decides
+        for kernel in ("triton", "flex"):
+            variants.append((f"dynamic drop={drop} {kernel} rectify", "compact",
+                             dict(plan="dynamic", grid=GRID, kernel=kernel, rectify=True, drop=drop, p_remain=0.05)))
     with torch.no_grad():
         ref = layer(*args).float()
         for name, backend, options in variants:
@@ -96,8 +102,11 @@ def site_costs(layout, g):
             model = torch.compile(copy.deepcopy(layer), backend=backend, **({"options": options} if options else {}))
             out = model(*args).float()
             gpu = kernel_times(lambda: model(*args))
+            site = compact_compile.report().sites[-1] if backend == "compact" else {}
             emit(kind="site", variant=name, window=options.get("window"), kernel=options.get("kernel"),
                  rectify=options.get("rectify"), ms=bench(lambda: model(*args)), gpu_total_us=sum(gpu.values()),
+                 attention_us=matching(gpu, "_attn_fwd", "flex_attention", "sdpa"),
+                 density=site.get("min_density", site.get("density")),
                  rel_err_vs_dense=((out - ref).norm() / ref.norm()).item(), kernels_us=gpu)
 
 

@@ -54,7 +54,8 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
         if opts.observer is not None:
             kernel = opts.observer(site.name, layout, kernel)
         handle = register_site(kernel)
-        rewrite_site(gm, site, layout, handle, pooled=getattr(kernel, "pooled_inputs", False))
+        rewrite_site(gm, site, layout, handle, pooled=getattr(kernel, "pooled_inputs", False),
+                     merge_outside=getattr(kernel, "merges_outside", False))
         site.density = density(blocks)
         site.extras.update(tile=layout.tile, block_size=layout.block_size, kernel=kind,
                            dynamic=opts.dynamic, rectify=opts.rectify)

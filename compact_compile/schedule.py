@@ -157,11 +157,25 @@ class ScheduledKernel:
     def pooled_inputs(self) -> bool:
         return any(getattr(k, "pooled_inputs", False) for k in self.kernels)
 
+    @property
+    def merges_outside(self) -> bool:
+        return any(getattr(k, "merges_outside", False) for k in self.kernels)
+
     def __call__(self, q, k, v, scale=None, pools=None):
         kernel = self.select(CLOCK.current)
         if pools is not None and getattr(kernel, "pooled_inputs", False):
             return kernel(q, k, v, scale, pools)
         return kernel(q, k, v, scale)
+
+    def parts(self, q, k, v, scale, pools):
+        """(O, R, Ō) as RectifiedSparse.parts; a step whose kernel merges itself (or is dense) gives
+        its output with R = 1, Ō = 0 (per query block, as many as `pools` has)."""
+        kernel = self.select(CLOCK.current)
+        if getattr(kernel, "merges_outside", False):
+            return kernel.parts(q, k, v, scale, pools)
+        o = self(q, k, v, scale, pools)
+        B, H, nq = pools[0].shape[:3]
+        return o, o.new_ones(B, H, nq, dtype=torch.float32), o.new_zeros(B, H, nq, o.shape[-1], dtype=torch.float32)
 
 
 def scheduled_kernel(schedule: dict | None, site: str, kernel, range_blocks, make_kernel):

@@ -16,7 +16,7 @@ from support import (COG_GRID, COG_TEXT, WAN_GRID, masked_sdpa, model_order_mask
                      rel_err, tiny_cogvideox, tiny_wan, to_double)
 
 import compact_compile
-from compact_compile.kernels.rectified import tile_pooled
+from compact_compile.kernels.rectified import RectifiedSparse, tile_pooled
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import video_site_blocks, window_blocks
 from compact_compile.passes.sites import CROSS, JOINT, VIDEO
@@ -221,11 +221,14 @@ def test_cogvideox_window_equals_masked_float64_reference():
 @pytest.mark.parametrize("model_name", ["wan", "cogvideox"])
 def test_rectified_window_equals_float64_reference(model_name, monkeypatch):
     """plan="window" + rectify: every self-attention site reorders and pools q, k, v in one op
-    (compact.tile_pool) and its kernel uses those statistics; the model equals the float64 model with
-    each site replaced by the rectified reference (video-only and joint text-first sites)."""
+    (compact.tile_pool), its kernel uses those statistics, and (FlexAttention on CPU) hands O, R, Ō
+    back for the graph to merge; the model equals the float64 model with each site replaced by the
+    rectified reference (video-only and joint text-first sites)."""
     from compact_compile.kernels import ops
-    pooled_calls = []
+    pooled_calls, parts_calls = [], []
     monkeypatch.setattr(ops, "tile_pooled", lambda *a: pooled_calls.append(1) or tile_pooled(*a))
+    parts = RectifiedSparse.parts
+    monkeypatch.setattr(RectifiedSparse, "parts", lambda *a: parts_calls.append(1) or parts(*a))
     model, inputs = tiny_wan() if model_name == "wan" else tiny_cogvideox()
     grid, n_text, S = (WAN_GRID, 0, WAN_S) if model_name == "wan" else (COG_GRID, COG_TEXT, COG_S)
     layout = TokenLayout(grid, auto_tile(grid, 64), 64, n_text, text_first=n_text > 0)
@@ -234,7 +237,7 @@ def test_rectified_window_equals_float64_reference(model_name, monkeypatch):
         out = torch.compile(model, backend="compact", fullgraph=True,
                             options={"plan": "window", "window": (1, 1, 1), "block_size": 64, "rectify": True,
                                      "inner": "aot_eager"})(**inputs)[0]
-    assert len(pooled_calls) == 2
+    assert len(pooled_calls) == len(parts_calls) == 2
     ref_model = copy.deepcopy(model).double()
     with torch.no_grad(), rectified_sdpa(layout, blocks, dynamic=False, rectify=True) as handled:
         ref = ref_model(**to_double(inputs))[0]
@@ -242,6 +245,21 @@ def test_rectified_window_equals_float64_reference(model_name, monkeypatch):
     assert relative(out, ref) < 1e-5
     plain, _ = reference_f64(model, inputs, {S: [model_order_mask(layout, blocks)]})
     assert relative(plain, ref) > 1e-4                 # rectification changes the result: the test can fail
+
+
+def test_rectified_with_dense_steps_runs_dense_then_rectified():
+    """rectify under a step schedule: the dense step's kernel has no parts of its own (R = 1, Ō = 0
+    stand in), so step 0 equals the uncompiled model and step 1 the schedule-free rectified model."""
+    model, inputs = tiny_wan()
+    options = {"plan": "window", "window": (1, 1, 1), "block_size": 64, "rectify": True, "inner": "aot_eager"}
+    scheduled = torch.compile(model, backend="compact", options=dict(options, dense_steps=1))
+    rectified = torch.compile(copy.deepcopy(model), backend="compact", options=options)
+    at = [dict(inputs, timestep=torch.tensor([t])) for t in (900, 800)]
+    with torch.no_grad():
+        steps = [scheduled(**x)[0] for x in at]
+        dense, sparse = model(**at[0])[0], rectified(**at[1])[0]
+    assert relative(steps[0], dense) < 1e-5
+    assert relative(steps[1], sparse) < 1e-6 and relative(steps[1], model(**at[1])[0]) > 1e-3
 
 
 # ----------------------------------------------------------------------------------------------

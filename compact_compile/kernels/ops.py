@@ -48,6 +48,22 @@ def _(q, k, v, handle, scale, pools):
     return q.new_empty(q.shape[:-1] + v.shape[-1:])
 
 
+@torch.library.custom_op("compact::attention_parts", mutates_args=())
+def attention_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, scale: float | None,
+                    pools: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(O_sparse, R `[B, H, nq]`, Ō `[B, H, nq, Dv]`) of a site kernel with `merges_outside`: the
+    graph computes R·O + Ō itself, where Inductor fuses it into the reorder back to model order."""
+    o, r, o_bar = _SITES[handle].parts(q, k, v, scale, pools)
+    return o.contiguous(), r.contiguous(), o_bar.contiguous()
+
+
+@attention_parts.register_fake
+def _(q, k, v, handle, scale, pools):
+    B, H, nq = pools[0].shape[:3]
+    return (q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty(B, H, nq, dtype=torch.float32),
+            q.new_empty(B, H, nq, v.shape[-1], dtype=torch.float32))
+
+
 @functools.cache
 def _tile_index(layout: TokenLayout, device: torch.device, inverse: bool) -> torch.Tensor:
     return (layout.target_index if inverse else layout.source_index)(device)

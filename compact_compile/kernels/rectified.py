@@ -117,14 +117,16 @@ def _estimate(pools, q, k_text, static, video_count, text_block, scale: float, b
     return keep, r, o_bar
 
 
-def _merge(o, r, o_bar, block_size: int):
+def merge_blocks(o, r, o_bar, block_size: int):
+    """R·O + Ō in o's dtype, R and Ō per query block (or per row); plain torch, so that a rewritten
+    graph can hold it (passes/rewrite.py) for Inductor to fuse with what follows."""
     if r.shape[-1] != o.shape[-2]:  # per query block: broadcast to its rows
         r = r.repeat_interleave(block_size, -1)[..., : o.shape[-2]]
         o_bar = o_bar.repeat_interleave(block_size, -2)[..., : o.shape[-2], :]
     return (r[..., None] * o.to(r.dtype) + o_bar).to(o.dtype)
 
 
-estimate, merge = compiled(_estimate, eager_on_cpu=True), compiled(_merge, eager_on_cpu=True)
+estimate, merge = compiled(_estimate, eager_on_cpu=True), compiled(merge_blocks, eager_on_cpu=True)
 
 
 class RectifiedSparse:
@@ -171,17 +173,30 @@ class RectifiedSparse:
         return estimate(pools, q if self.rows else None, k[:, :, L.n_video:], static, video_count, text_block,
                         scale, L.block_size, self.dynamic, self.rectify, self.rows, self.p_remain, self.drop)
 
-    def __call__(self, q, k, v, scale: float | None = None, pools=None) -> torch.Tensor:
+    @property
+    def merges_outside(self) -> bool:
+        """Whether `parts` applies: FlexAttention has no epilogue for R·O + Ō, so a rewritten graph
+        does it (per block only: per-row R, Ō have a shape of their own)."""
+        return self.kernel != "triton" and self.rectify and not self.rows
+
+    def parts(self, q, k, v, scale: float | None = None, pools=None):
+        """(O over the kept blocks by FlexAttention, R, Ō): the output is merge_blocks(O, R, Ō)
+        (R, Ō are None without rectification)."""
         L = self.layout
         keep, r, o_bar = self.estimate(q, k, v, scale, pools)
-        if self.kernel == "triton":  # R·O + Ō fused into the kernel's epilogue (per query block)
-            fused = (r, o_bar) if self.rectify and not self.rows else None
-            o = self._triton(q, k, v, keep, scale, fused)
-            return merge(o, r, o_bar, L.block_size) if self.rows else o
         static_mask = self._data(q.device)[3]
         bm = static_mask if static_mask is not None else block_mask(keep, L.seq_len, L.block_size)
-        o = flex(q, k, v, block_mask=bm, scale=scale)
-        return merge(o, r, o_bar, L.block_size) if self.rectify else o
+        return flex(q, k, v, block_mask=bm, scale=scale), r, o_bar
+
+    def __call__(self, q, k, v, scale: float | None = None, pools=None) -> torch.Tensor:
+        L = self.layout
+        if self.kernel != "triton":
+            o, r, o_bar = self.parts(q, k, v, scale, pools)
+            return merge(o, r, o_bar, L.block_size) if self.rectify else o
+        keep, r, o_bar = self.estimate(q, k, v, scale, pools)
+        fused = (r, o_bar) if self.rectify and not self.rows else None   # R·O + Ō in the kernel's epilogue
+        o = self._triton(q, k, v, keep, scale, fused)
+        return merge(o, r, o_bar, L.block_size) if self.rows else o
 
     def _triton(self, q, k, v, keep, scale, rectify):
         """A static plan's block lists serve the whole batch in one launch; a dynamic plan's choice

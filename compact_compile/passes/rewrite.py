@@ -19,13 +19,17 @@ import torch
 import torch.fx as fx
 
 from ..kernels import ops  # noqa: F401  (registers the torch.ops.compact ops)
+from ..kernels.rectified import merge_blocks
 from ..layout import TokenLayout
 from .sites import Site, sdpa_arguments
 
 
-def rewrite_site(gm: fx.GraphModule, site: Site, layout: TokenLayout, handle: int, pooled: bool = False) -> None:
+def rewrite_site(gm: fx.GraphModule, site: Site, layout: TokenLayout, handle: int, pooled: bool = False,
+                 merge_outside: bool = False) -> None:
     """`pooled`: the site's kernel takes rectification's block statistics, so q, k, v are reordered
-    by `compact.tile_pool`, which computes them in the same pass."""
+    by `compact.tile_pool`, which computes them in the same pass. `merge_outside` (with `pooled`):
+    the kernel returns O, R, Ō (`compact.attention_parts`) and the graph merges R·O + Ō, so that
+    Inductor fuses the merge into the reorder back to model order."""
     a = sdpa_arguments(site.node)
     fields = (list(layout.grid), list(layout.tile), layout.block_size, layout.n_text, layout.text_first)
     index = torch.ops.compact.tile_index.default
@@ -35,7 +39,13 @@ def rewrite_site(gm: fx.GraphModule, site: Site, layout: TokenLayout, handle: in
             out = graph.call_function(torch.ops.compact.tile_pool.default,
                                       (a["query"], a["key"], a["value"]) + fields)
             q, k, v, *pools = (graph.call_function(operator.getitem, (out, i)) for i in range(8))
-            o = graph.call_function(torch.ops.compact.attention.default, (q, k, v, handle, site.scale, pools))
+            if merge_outside:
+                parts = graph.call_function(torch.ops.compact.attention_parts.default,
+                                            (q, k, v, handle, site.scale, pools))
+                o_r_obar = [graph.call_function(operator.getitem, (parts, i)) for i in range(3)]
+                o = graph.call_function(merge_blocks, (*o_r_obar, layout.block_size))
+            else:
+                o = graph.call_function(torch.ops.compact.attention.default, (q, k, v, handle, site.scale, pools))
         else:
             src = graph.call_function(index, (a["query"],) + fields + (False,))
             q, k, v = (graph.call_function(torch.index_select, (a[n], -2, src)) for n in ("query", "key", "value"))

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compact_compile.kernels.rectified import RectifiedSparse, block_pool
+from compact_compile.kernels.rectified import RectifiedSparse, block_pool, merge_blocks
 from compact_compile.kernels.reference import rectified_attention_reference
 from compact_compile.layout import TokenLayout
 from compact_compile.masks import dense_blocks, text_blocks
@@ -48,8 +48,7 @@ def test_selection_and_estimates_equal_reference(site):
     assert torch.equal(keep, ref_keep)
     mask = keep.repeat_interleave(BS, -1).repeat_interleave(BS, -2)[..., :layout.seq_len, :layout.seq_len]
     sparse = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    from compact_compile.kernels.rectified import _merge
-    torch.testing.assert_close(_merge(sparse, r, o_bar, BS), ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(merge_blocks(sparse, r, o_bar, BS), ref, rtol=1e-9, atol=1e-9)
 
 
 @settings(max_examples=6, deadline=None)
