@@ -118,8 +118,7 @@ def _estimate(pools, q, k_text, static, video_count, text_block, scale: float, b
 
 
 def merge_blocks(o, r, o_bar, block_size: int):
-    """R·O + Ō in o's dtype, R and Ō per query block (or per row); plain torch, so that a rewritten
-    graph can hold it (passes/rewrite.py) for Inductor to fuse with what follows."""
+    """R·O + Ō in o's dtype, R and Ō per query block (or per row)."""
     if r.shape[-1] != o.shape[-2]:  # per query block: broadcast to its rows
         r = r.repeat_interleave(block_size, -1)[..., : o.shape[-2]]
         o_bar = o_bar.repeat_interleave(block_size, -2)[..., : o.shape[-2], :]
@@ -175,8 +174,8 @@ class RectifiedSparse:
 
     @property
     def merges_outside(self) -> bool:
-        """Whether `parts` applies: FlexAttention has no epilogue for R·O + Ō, so a rewritten graph
-        does it (per block only: per-row R, Ō have a shape of their own)."""
+        """Whether a rewritten graph should call `parts` and merge R·O + Ō itself: FlexAttention has
+        no epilogue for it (per block only: per-row R, Ō have a shape of their own)."""
         return self.kernel != "triton" and self.rectify and not self.rows
 
     def parts(self, q, k, v, scale: float | None = None, pools=None):

@@ -6,6 +6,10 @@
 
 Where the site's kernel rectifies, `compact.tile_pool` replaces the three gathers: it reorders q, k, v
 and computes their block statistics (q̄, δq, k̄, δk, v̄) in one pass, handed to `compact.attention`.
+A kernel without an epilogue for R·O + Ō (FlexAttention) returns O, R, Ō instead
+(`compact.attention_parts`), and the graph merges them on the way back to model order:
+
+    out = R[dst // B] · O[dst] + Ō[dst // B]        (B the block size; one pass, fused by Inductor)
 
 The index is computed once per layout and device. Inductor fuses a gather into a pointwise producer
 of q, k, v where it can; after a reduction (RMSNorm, then RoPE) it is a pass of its own, one read
@@ -19,22 +23,30 @@ import torch
 import torch.fx as fx
 
 from ..kernels import ops  # noqa: F401  (registers the torch.ops.compact ops)
-from ..kernels.rectified import merge_blocks
 from ..layout import TokenLayout
 from .sites import Site, sdpa_arguments
+
+
+def merge_in_model_order(o, r, o_bar, dst, block_size: int):
+    """R·O + Ō back in the model's token order, written as gathers and arithmetic that Inductor
+    compiles into one pass: model token i is tiled row dst[i] of block dst[i] // block_size."""
+    block = torch.div(dst, block_size, rounding_mode="floor")
+    merged = r.index_select(-1, block)[..., None] * o.index_select(-2, dst).to(r.dtype) + o_bar.index_select(-2, block)
+    return merged.to(o.dtype)
 
 
 def rewrite_site(gm: fx.GraphModule, site: Site, layout: TokenLayout, handle: int, pooled: bool = False,
                  merge_outside: bool = False) -> None:
     """`pooled`: the site's kernel takes rectification's block statistics, so q, k, v are reordered
     by `compact.tile_pool`, which computes them in the same pass. `merge_outside` (with `pooled`):
-    the kernel returns O, R, Ō (`compact.attention_parts`) and the graph merges R·O + Ō, so that
-    Inductor fuses the merge into the reorder back to model order."""
+    the kernel returns O, R, Ō (`compact.attention_parts`) and the graph merges R·O + Ō in the same
+    pass that returns the output to model order."""
     a = sdpa_arguments(site.node)
     fields = (list(layout.grid), list(layout.tile), layout.block_size, layout.n_text, layout.text_first)
     index = torch.ops.compact.tile_index.default
     graph = gm.graph
     with graph.inserting_before(site.node):
+        dst = graph.call_function(index, (a["query"],) + fields + (True,))
         if pooled:
             out = graph.call_function(torch.ops.compact.tile_pool.default,
                                       (a["query"], a["key"], a["value"]) + fields)
@@ -42,16 +54,16 @@ def rewrite_site(gm: fx.GraphModule, site: Site, layout: TokenLayout, handle: in
             if merge_outside:
                 parts = graph.call_function(torch.ops.compact.attention_parts.default,
                                             (q, k, v, handle, site.scale, pools))
-                o_r_obar = [graph.call_function(operator.getitem, (parts, i)) for i in range(3)]
-                o = graph.call_function(merge_blocks, (*o_r_obar, layout.block_size))
+                o, r, o_bar = (graph.call_function(operator.getitem, (parts, i)) for i in range(3))
+                out = graph.call_function(merge_in_model_order, (o, r, o_bar, dst, layout.block_size))
             else:
                 o = graph.call_function(torch.ops.compact.attention.default, (q, k, v, handle, site.scale, pools))
+                out = graph.call_function(torch.index_select, (o, -2, dst))
         else:
             src = graph.call_function(index, (a["query"],) + fields + (False,))
             q, k, v = (graph.call_function(torch.index_select, (a[n], -2, src)) for n in ("query", "key", "value"))
             o = graph.call_function(torch.ops.compact.attention.default, (q, k, v, handle, site.scale, []))
-        dst = graph.call_function(index, (o,) + fields + (True,))
-        out = graph.call_function(torch.index_select, (o, -2, dst))
+            out = graph.call_function(torch.index_select, (o, -2, dst))
     out.meta.update(site.node.meta)
     site.node.replace_all_uses_with(out)
     graph.erase_node(site.node)
