@@ -141,7 +141,7 @@ def kernel_costs_and_errors(layout, g):
         plain = TritonBlockSparse(blocks[None], layout.seq_len, 128)
         kern = RectifiedSparse(layout, blocks[None], dynamic=False, rectify=True, kernel="triton")
         general = RectifiedSparse(layout, blocks[None], dynamic=False, rectify=True, kernel="triton")
-        general.static_estimate = False  # the Inductor-compiled estimate that dynamic plans use
+        general.text_kept = False  # takes the torch (Inductor-compiled) estimate instead
         t_sparse, t_all = bench(lambda: plain(q, k, v)), bench(lambda: kern(q, k, v))
         t_pool = bench(lambda: pooled(q, k, v, layout.n_video, 128))
         t_est, t_general = bench(lambda: kern.estimate(q, k, v)), bench(lambda: general.estimate(q, k, v))

@@ -24,8 +24,8 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _estimate_share(QM, QD, KM, KD, VM, KEEP, K, PART_M, PART_Z, PART_ZC, PART_O, stride_keeph, stride_keepq,
-                    stride_kb, stride_kh, stride_ks, n_heads, NQ, NK, NV, S, n_shares, qk_scale,
+def _estimate_share(QM, QD, KM, KD, VM, KEEP, K, PART_M, PART_Z, PART_ZC, PART_O, stride_keepb, stride_keeph,
+                    stride_keepq, stride_kb, stride_kh, stride_ks, n_heads, NQ, NK, NV, S, n_shares, qk_scale,
                     PLAN_BLOCK: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, CH: tl.constexpr,
                     KEYS: tl.constexpr, PRECISION: tl.constexpr):
     """(m, z, z_c, Ō) of BQ query blocks of one (batch, head) over one share of the keys: video key
@@ -61,7 +61,8 @@ def _estimate_share(QM, QD, KM, KD, VM, KEEP, K, PART_M, PART_Z, PART_ZC, PART_O
             video = tl.minimum(tl.maximum(NV - m * PLAN_BLOCK, 0), PLAN_BLOCK)
             s = tl.where((m_ok & (video > 0))[None, :],
                          gain * qk_scale + tl.log2(tl.maximum(video, 1).to(tl.float32))[None, :], float("-inf"))
-            kept = tl.load(KEEP + h * stride_keeph + n[:, None] * stride_keepq + m[None, :],
+            kept = tl.load(KEEP + (bh // n_heads) * stride_keepb + h * stride_keeph + n[:, None] * stride_keepq
+                           + m[None, :],
                            mask=n_ok[:, None] & m_ok[None, :], other=1)
             comp = (kept == 0) & (tl.abs(gain) > error) & (video > 0)[None, :]
             m_new = tl.maximum(m_run, tl.max(s, 1))
@@ -130,8 +131,8 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
 
 
 def estimate_static_triton(pools, k, keep, n_video: int, scale: float, block_size: int, config: dict | None = None):
-    """(R `[B, H, nq]`, Ō `[B, H, nq, D]`) float32 for a static plan's block map `keep` `[H or 1, nq,
-    nq]` (blocks holding text keys kept), from `pools` = (q̄, δq, k̄, δk, v̄) of `rectified.pooled`
+    """(R `[B, H, nq]`, Ō `[B, H, nq, D]`) float32 for the block map `keep` `[H or 1, nq, nq]` of a
+    static plan, or `[B, H, nq, nq]` chosen online (blocks holding text keys kept), from `pools` = (q̄, δq, k̄, δk, v̄) of `rectified.pooled`
     in float32 and k `[B, H, S, D]` (its rows from n_video on are the text keys).
     `config` (BQ=, CH=, KEYS=, num_warps=, num_stages=, BN=, precision=) overrides ESTIMATE_CONFIG and
     `dot_precision(k.dtype)` (benchmarks)."""
@@ -141,13 +142,14 @@ def estimate_static_triton(pools, k, keep, n_video: int, scale: float, block_siz
         raise ValueError(f"KEYS ({config['KEYS']}) must be a multiple of CH ({config['CH']})")
     pools = [t.float().contiguous() for t in pools]
     keep = keep.to(device=k.device, dtype=torch.int8).contiguous()
+    keep = keep if keep.dim() == 4 else keep[None]
+    keep_strides = [st if n > 1 else 0 for st, n in zip(keep.stride()[:2], keep.shape[:2])] + [keep.stride(2)]
     S = k.shape[-2]
     n_shares = triton.cdiv(nq, config["KEYS"]) + (S > n_video)
     part_m, part_z, part_zc = torch.empty(3, B * H, n_shares, nq, device=k.device, dtype=torch.float32)
     part_o = torch.empty(B * H, n_shares, nq, D, device=k.device, dtype=torch.float32)
     _estimate_share[(triton.cdiv(nq, config["BQ"]), B * H, n_shares)](
-        *pools, keep, k, part_m, part_z, part_zc, part_o, keep.stride(0) if keep.shape[0] > 1 else 0,
-        keep.stride(1), k.stride(0), k.stride(1), k.stride(2), H, nq, nq, n_video, S, n_shares, scale * LOG2E,
+        *pools, keep, k, part_m, part_z, part_zc, part_o, *keep_strides, k.stride(0), k.stride(1), k.stride(2), H, nq, nq, n_video, S, n_shares, scale * LOG2E,
         PLAN_BLOCK=block_size, D=D, BQ=config["BQ"], CH=config["CH"], KEYS=config["KEYS"],
         PRECISION=config.get("precision", dot_precision(k.dtype, k.device)), num_warps=config["num_warps"],
         num_stages=config["num_stages"])

@@ -32,6 +32,15 @@ def kv_block_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return num, idx
 
 
+def block_mask_from_lists(num: torch.Tensor, idx: torch.Tensor, seq_len: int, block_size: int) -> BlockMask:
+    """BlockMask of kept-block lists (`kv_block_lists`), kept blocks computed whole: for CUDA, or a
+    CPU sequence of whole blocks (see `block_mask`)."""
+    # the partial-block lists are empty. A separate tensor for them: one tensor in both roles
+    # breaks Inductor's CPU flex template.
+    return BlockMask.from_kv_blocks(torch.zeros_like(num), idx.clone(), num, idx, BLOCK_SIZE=block_size,
+                                    seq_lengths=(seq_len, seq_len), compute_q_blocks=False)
+
+
 def block_mask(blocks: torch.Tensor, seq_len: int, block_size: int) -> BlockMask:
     """BlockMask of bool `blocks` `[B or 1, H or 1, n_blocks, n_blocks]`, kept blocks computed whole.
 
@@ -39,11 +48,7 @@ def block_mask(blocks: torch.Tensor, seq_len: int, block_size: int) -> BlockMask
     masks the padding (`kv_idx < seq_len`): Inductor's CPU flex kernel (torch 2.13) reads
     uninitialised memory for some partial tails (NaN rows, e.g. at 8, 24 or 40 tokens)."""
     if blocks.device.type != "cpu" or seq_len % block_size == 0:
-        num, idx = kv_block_lists(blocks)
-        # the partial-block lists are empty. A separate tensor for them: one tensor in both roles
-        # breaks Inductor's CPU flex template.
-        return BlockMask.from_kv_blocks(torch.zeros_like(num), idx.clone(), num, idx, BLOCK_SIZE=block_size,
-                                        seq_lengths=(seq_len, seq_len), compute_q_blocks=False)
+        return block_mask_from_lists(*kv_block_lists(blocks), seq_len, block_size)
     full, tail = blocks.clone(), torch.zeros_like(blocks)
     full[..., -1], tail[..., -1] = False, blocks[..., -1]
     (num, idx), (tail_num, tail_idx) = kv_block_lists(full), kv_block_lists(tail)

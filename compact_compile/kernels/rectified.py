@@ -27,12 +27,14 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
 
 from ..layout import TokenLayout
 from .compiled import compiled
-from .flex import block_mask, flex, kv_block_lists
+from .flex import block_mask, block_mask_from_lists, flex, kv_block_lists
 from .estimate_triton import estimate_static_triton
 from .pool_triton import block_pool_qkv_triton, tile_pool_qkv_triton
+from .select_triton import MAX_BLOCKS, select_blocks_triton
 from .triton_sparse import block_sparse_attention, triton_available
 
 
@@ -140,10 +142,10 @@ class RectifiedSparse:
         pos = torch.arange(nb * bs)
         self.video_count = ((pos < layout.n_video).view(nb, bs).sum(1)).float()
         self.text_block = torch.arange(layout.n_video, layout.seq_len) // bs
-        # a static plan's per-block estimate has a Triton kernel (estimate_triton.py), which counts text keys in
-        # the normaliser only: the blocks holding them must be kept
-        self.static_estimate = (rectify and not dynamic and not rows
-                                and bool(self.static[..., self.text_block.unique()].all()))
+        self.k_min = math.floor((1 - drop) * nb)
+        # the Triton estimate (estimate_triton.py) counts text keys in the normaliser only: the blocks
+        # holding them must be kept
+        self.text_kept = bool(self.static[..., self.text_block.unique()].all())
         self._device_data: dict[torch.device, tuple] = {}
         self._static_lists: dict[torch.device, tuple] = {}
 
@@ -161,16 +163,36 @@ class RectifiedSparse:
     def estimate(self, q, k, v, scale: float | None = None, pools=None):
         """(keep `[B, H, nq, nk]`, R, Ō) for these inputs; R and Ō are None without rectification.
         `pools`: `pooled(q, k, v, …)` if already computed."""
+        keep, _, r, o_bar = self._choose(q, k, v, scale, pools)
+        return keep.bool(), r, o_bar
+
+    def _on_triton(self, q) -> bool:
+        """Whether the choice and the estimate run as Triton kernels (select_triton.py,
+        estimate_triton.py) rather than as torch code compiled by Inductor."""
+        return (not self.rows and self.text_kept and q.dtype != torch.float64 and triton_available(q.device)
+                and (q.device.type == "cuda" or self.kernel == "triton")
+                and (not self.dynamic or triton.next_power_of_2(self.layout.n_blocks) <= MAX_BLOCKS))
+
+    def _choose(self, q, k, v, scale, pools):
+        """(keep, its block lists (kv_num, kv_indices) `[B, H, …]` or None, R, Ō)."""
         L = self.layout
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         static, video_count, text_block, _, static_i8 = self._data(q.device)
         pools = pooled(q, k, v, L.n_video, L.block_size) if pools is None else pools
-        if (self.static_estimate and q.dtype != torch.float64 and triton_available(q.device)
-                and (q.device.type == "cuda" or self.kernel == "triton")):
-            r, o_bar = estimate_static_triton(pools, k, static_i8, L.n_video, scale, L.block_size)
-            return static[None].expand(q.shape[0], q.shape[1], -1, -1), r, o_bar
-        return estimate(pools, q if self.rows else None, k[:, :, L.n_video:], static, video_count, text_block,
-                        scale, L.block_size, self.dynamic, self.rectify, self.rows, self.p_remain, self.drop)
+        if not self._on_triton(q):
+            keep, r, o_bar = estimate(pools, q if self.rows else None, k[:, :, L.n_video:], static, video_count,
+                                      text_block, scale, L.block_size, self.dynamic, self.rectify, self.rows,
+                                      self.p_remain, self.drop)
+            return keep, None, r, o_bar
+        lists = None
+        if self.dynamic:
+            keep, *lists = select_blocks_triton(pools[0], pools[2], k, static_i8, L.n_video, scale, L.block_size,
+                                                self.p_remain, self.k_min)
+        else:
+            keep = static_i8[None].expand(q.shape[0], q.shape[1], -1, -1)
+        r, o_bar = (estimate_static_triton(pools, k, keep, L.n_video, scale, L.block_size) if self.rectify
+                    else (None, None))
+        return keep, lists, r, o_bar
 
     @property
     def merges_outside(self) -> bool:
@@ -182,9 +204,11 @@ class RectifiedSparse:
         """(O over the kept blocks by FlexAttention, R, Ō): the output is merge_blocks(O, R, Ō)
         (R, Ō are None without rectification)."""
         L = self.layout
-        keep, r, o_bar = self.estimate(q, k, v, scale, pools)
-        static_mask = self._data(q.device)[3]
-        bm = static_mask if static_mask is not None else block_mask(keep, L.seq_len, L.block_size)
+        keep, lists, r, o_bar = self._choose(q, k, v, scale, pools)
+        bm = self._data(q.device)[3]
+        if bm is None:
+            bm = (block_mask_from_lists(*lists, L.seq_len, L.block_size) if lists is not None and q.is_cuda
+                  else block_mask(keep.bool(), L.seq_len, L.block_size))
         return flex(q, k, v, block_mask=bm, scale=scale), r, o_bar
 
     def __call__(self, q, k, v, scale: float | None = None, pools=None) -> torch.Tensor:
@@ -192,21 +216,23 @@ class RectifiedSparse:
         if self.kernel != "triton":
             o, r, o_bar = self.parts(q, k, v, scale, pools)
             return merge(o, r, o_bar, L.block_size) if self.rectify else o
-        keep, r, o_bar = self.estimate(q, k, v, scale, pools)
+        keep, lists, r, o_bar = self._choose(q, k, v, scale, pools)
         fused = (r, o_bar) if self.rectify and not self.rows else None   # R·O + Ō in the kernel's epilogue
-        o = self._triton(q, k, v, keep, scale, fused)
+        o = self._triton(q, k, v, keep, lists, scale, fused)
         return merge(o, r, o_bar, L.block_size) if self.rows else o
 
-    def _triton(self, q, k, v, keep, scale, rectify):
+    def _triton(self, q, k, v, keep, lists, scale, rectify):
         """A static plan's block lists serve the whole batch in one launch; a dynamic plan's choice
-        differs per batch element: one launch each, written into one output."""
+        (its `lists`, else made from `keep`) differs per batch element: one launch each, written into
+        one output."""
         bs = self.layout.block_size
         if not self.dynamic:
             return block_sparse_attention(q, k, v, *self._lists(q.device), bs, scale, rectify=rectify)
         out = q.new_empty(q.shape)
         for b in range(q.shape[0]):
             part = None if rectify is None else (rectify[0][b:b + 1], rectify[1][b:b + 1])
-            block_sparse_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], *kv_block_lists(keep[b]), bs, scale,
+            num, idx = (lists[0][b], lists[1][b]) if lists is not None else kv_block_lists(keep[b].bool())
+            block_sparse_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], num, idx, bs, scale,
                                    rectify=part, out=out[b:b + 1])
         return out
 

@@ -141,7 +141,7 @@ def test_static_plan_estimate_in_triton_equals_reference(site, dtype):
     static = static | torch.eye(layout.n_blocks, dtype=torch.bool)
     q, k, v = (x.to(device) for x in inputs(layout, g, dtype, D=32))
     kern = RectifiedSparse(layout, static, dynamic=False, rectify=True, kernel="triton")
-    assert kern.static_estimate
+    assert kern.text_kept
     out = kern(q, k, v)
     ref, _ = rectified_attention_reference(*(x.cpu().double() for x in (q, k, v)), n_video=layout.n_video,
                                            block_size=BS, static=static, dynamic=False, rectify=True)
@@ -155,7 +155,7 @@ def test_static_estimate_stays_general_when_a_text_block_may_be_skipped():
     layout = TokenLayout((1, 4, 8), (1, 4, 4), BS, 9, False)
     static = torch.eye(layout.n_blocks, dtype=torch.bool)[None]
     kern = RectifiedSparse(layout, static, dynamic=False, rectify=True, kernel="triton")
-    assert not kern.static_estimate
+    assert not kern.text_kept
     g = torch.Generator().manual_seed(3)
     q, k, v = inputs(layout, g, torch.float32)
     ref, _ = rectified_attention_reference(q.double(), k.double(), v.double(), n_video=layout.n_video,
@@ -178,7 +178,7 @@ def test_static_estimate_in_triton_equals_general_estimate(block_size, n_text, t
     g = torch.Generator().manual_seed(block_size + n_text)
     static = torch.eye(nb, dtype=torch.bool)[None] | (text_blocks(layout) if n_text else False)
     kern = RectifiedSparse(layout, static, dynamic=False, rectify=True, kernel="triton")
-    assert kern.static_estimate
+    assert kern.text_kept
     centre = lambda: torch.randn(1, 2, nb, 1, 32, generator=g).expand(-1, -1, -1, block_size, -1).reshape(  # noqa: E731
         1, 2, -1, 32)[:, :, :S]
     device = "cuda" if torch.cuda.is_available() else "cpu"

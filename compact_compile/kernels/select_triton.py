@@ -1,0 +1,102 @@
+"""The dynamic plan's online block choice in Triton: rectified.py's selection, and the block lists
+the attention kernels read, in one launch.
+
+Per query block n, from pooled statistics (pool_triton.py), in base 2 (c = scale·log2 e):
+    P̂_n = softmax over key blocks m of  q̄_n·k̄_m·c + log2(video tokens of m),  text keys unpooled
+          (q̄_n·k_t·c) with each text key's mass added to the block holding it
+    chosen = the fewest top blocks of P̂_n whose mass exceeds p_remain, at least k_min of them
+    keep   = static ∪ chosen;  the list: kept blocks ascending, then the others
+A program holds whole rows of P̂ (BQ query blocks × all key blocks, padded to a power of two), sorts
+them, and reads the cut-off from the sorted prefix sums. Blocks tied with the last chosen one are all
+kept (torch's sort keeps as many as `covering`, in an order of its own): a tie can only add blocks.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .estimate_triton import LOG2E, dot_precision
+
+MAX_BLOCKS = 512   # whole rows live in registers: longer sequences take the general (torch) path
+
+
+@triton.jit
+def _select_blocks(QM, KM, K, STATIC, KEEP, NUM, IDX, stride_sh, stride_sq, stride_kb, stride_kh, stride_ks,
+                   n_heads, NQ, NK, NV, S, qk_scale, p_remain, k_min,
+                   PLAN_BLOCK: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, NKP: tl.constexpr,
+                   CH: tl.constexpr, PRECISION: tl.constexpr):
+    pid_q = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % n_heads
+    n = pid_q * BQ + tl.arange(0, BQ)
+    n_ok = n < NQ
+    cols = tl.arange(0, D)
+    m = tl.arange(0, NKP)
+    m_ok = m < NK
+    q_mean = tl.load(QM + (bh * NQ + n)[:, None] * D + cols[None, :], mask=n_ok[:, None], other=0.0)
+    k_mean = tl.load(KM + (bh * NK + m)[:, None] * D + cols[None, :], mask=m_ok[:, None], other=0.0)
+    video = tl.minimum(tl.maximum(NV - m * PLAN_BLOCK, 0), PLAN_BLOCK)
+    s = tl.where((m_ok & (video > 0))[None, :],
+                 tl.dot(q_mean, tl.trans(k_mean), input_precision=PRECISION) * qk_scale
+                 + tl.log2(tl.maximum(video, 1).to(tl.float32))[None, :], float("-inf"))
+    row_max = tl.max(s, 1)
+    text_mass = tl.zeros([BQ, NKP], tl.float32)   # Σ 2^(s_t − row_max) of the text keys in block m
+    z_text = tl.zeros([BQ], tl.float32)
+    k_base = K + (bh // n_heads) * stride_kb + h * stride_kh
+    for t0 in range(NV, S, CH):
+        t = t0 + tl.arange(0, CH)
+        k_text = tl.load(k_base + t[:, None].to(tl.int64) * stride_ks + cols[None, :], mask=(t < S)[:, None],
+                         other=0.0).to(tl.float32)
+        s_t = tl.where((t < S)[None, :],
+                       tl.dot(q_mean, tl.trans(k_text), input_precision=PRECISION) * qk_scale, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(s_t, 1))
+        alpha = tl.math.exp2(row_max - new_max)
+        p_t = tl.math.exp2(s_t - new_max[:, None])
+        owner = ((t[:, None] // PLAN_BLOCK) == m[None, :]).to(tl.float32)     # [CH, NKP] one-hot
+        text_mass = text_mass * alpha[:, None] + tl.dot(p_t, owner, input_precision="ieee")
+        z_text = z_text * alpha + tl.sum(p_t, 1)
+        row_max = new_max
+    p_video = tl.math.exp2(s - row_max[:, None])
+    p = (p_video + text_mass) / (tl.sum(p_video, 1) + z_text)[:, None]
+    p = tl.where(m_ok[None, :], p, 0.0)
+
+    ranked = tl.sort(p, 1, descending=True)
+    covering = 1 + tl.sum((tl.cumsum(ranked, 1) <= p_remain).to(tl.int32), 1)
+    covering = tl.minimum(tl.maximum(covering, k_min), NK)
+    cutoff = tl.sum(tl.where(m[None, :] == covering[:, None] - 1, ranked, 0.0), 1)
+    static = tl.load(STATIC + h * stride_sh + n[:, None] * stride_sq + m[None, :],
+                     mask=n_ok[:, None] & m_ok[None, :], other=0)
+    keep = ((static != 0) | (p >= cutoff[:, None])) & m_ok[None, :]
+
+    rows = (bh * NQ + n)[:, None] * NK
+    ok = n_ok[:, None] & m_ok[None, :]
+    tl.store(KEEP + rows + m[None, :], keep.to(tl.int8), mask=ok)
+    kept = keep.to(tl.int32)
+    num = tl.sum(kept, 1)
+    pos = tl.where(keep, tl.cumsum(kept, 1) - 1, num[:, None] + tl.cumsum(1 - kept, 1) - 1)
+    tl.store(IDX + rows + pos, m[None, :].to(tl.int32) + tl.zeros([BQ, NKP], tl.int32), mask=ok)
+    tl.store(NUM + bh * NQ + n, num, mask=n_ok)
+
+
+def select_blocks_triton(q_mean, k_mean, k, static, n_video: int, scale: float, block_size: int,
+                         p_remain: float, k_min: int):
+    """(keep int8 `[B, H, nq, nk]`, kv_num int32 `[B, H, nq]`, kv_indices int32 `[B, H, nq, nk]`) from
+    q̄, k̄ float32 `[B, H, n_blocks, D]`, k `[B, H, S, D]` (rows from n_video on: text keys) and the
+    static blocks `static` `[H or 1, nq, nk]` (int8 or bool), which must hold every text block."""
+    B, H, nq, D = q_mean.shape
+    nk = k_mean.shape[-2]
+    nkp = triton.next_power_of_2(nk)
+    if nkp > MAX_BLOCKS:
+        raise ValueError(f"{nk} key blocks: the Triton selection holds at most {MAX_BLOCKS} per row")
+    static = static.to(device=k.device, dtype=torch.int8).contiguous()
+    keep = torch.empty(B, H, nq, nk, device=k.device, dtype=torch.int8)
+    num = torch.empty(B, H, nq, device=k.device, dtype=torch.int32)
+    idx = torch.empty(B, H, nq, nk, device=k.device, dtype=torch.int32)
+    _select_blocks[(triton.cdiv(nq, 16), B * H)](
+        q_mean.float().contiguous(), k_mean.float().contiguous(), k, static, keep, num, idx,
+        static.stride(0) if static.shape[0] > 1 else 0, static.stride(1), k.stride(0), k.stride(1), k.stride(2),
+        H, nq, nk, n_video, k.shape[-2], scale * LOG2E, p_remain, k_min,
+        PLAN_BLOCK=block_size, D=D, BQ=16, NKP=nkp, CH=16, PRECISION=dot_precision(k.dtype, k.device),
+        num_warps=8 if nkp >= 256 else 4)
+    return keep, num, idx
