@@ -8,6 +8,7 @@ D128 bf16, grid 21×30×52, 128-token blocks).
   * estimate: the static plan's estimate (estimate_triton.py), a few tilings, key shares and dot
               precisions, in GPU time per kernel (profiler: the host's launch overhead would
               dominate CUDA-event timing of so short a call);
+  * select:   the dynamic plan's online choice and block lists (select_triton.py), a few tilings;
   * graph:    the producers of a Wan attention site as Inductor compiles them (RMSNorm over the
               heads, RoPE, the [B, S, H, D] → [B, H, S, D] view and the gather into tile order),
               alone, with our pooling kernel after them, and with the pooling written as torch ops
@@ -24,8 +25,9 @@ from torch._inductor.utils import run_and_get_code
 from compact_compile.kernels.estimate_triton import estimate_static_triton
 from compact_compile.kernels.pool_triton import block_pool_qkv_triton, tile_pool_qkv_triton
 from compact_compile.kernels.rectified import block_pool
+from compact_compile.kernels.select_triton import select_blocks_triton
 from compact_compile.layout import TokenLayout, auto_tile
-from compact_compile.masks import window_blocks
+from compact_compile.masks import neighbour_blocks, window_blocks
 from gpu_profile import kernel_times, matching
 
 GRID, H, D, BS = (21, 30, 52), 12, 128, 128
@@ -97,6 +99,17 @@ def main():
             continue
         emit(kind="estimate", **cfg, gpu_us=matching(times, "_estimate_share", "_merge_shares"),
              kernels_us=times)
+
+    static = neighbour_blocks(layout)[None].to(dev)   # the dynamic plan's static part
+    for bq, warps in ((16, 4), (16, 8), (32, 8), (32, 16)):
+        cfg = dict(BQ=bq, num_warps=warps)
+        try:
+            times = kernel_times(lambda: select_blocks_triton(pools[0], pools[2], k, static, S, D ** -0.5, BS, 0.05,
+                                                              25, config=cfg))
+        except Exception as e:  # a tiling may not fit
+            emit(kind="select", **cfg, error=str(e)[:200])
+            continue
+        emit(kind="select", **cfg, gpu_us=matching(times, "_select_blocks"))
 
     # the producers of one site, compiled by Inductor, with and without pooling
     B1 = 1

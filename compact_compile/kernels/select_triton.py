@@ -79,11 +79,15 @@ def _select_blocks(QM, KM, K, STATIC, KEEP, NUM, IDX, stride_sh, stride_sq, stri
     tl.store(NUM + bh * NQ + n, num, mask=n_ok)
 
 
+SELECT_CONFIG = dict(BQ=16, num_warps=8)
+
+
 def select_blocks_triton(q_mean, k_mean, k, static, n_video: int, scale: float, block_size: int,
-                         p_remain: float, k_min: int):
+                         p_remain: float, k_min: int, config: dict | None = None):
     """(keep int8 `[B, H, nq, nk]`, kv_num int32 `[B, H, nq]`, kv_indices int32 `[B, H, nq, nk]`) from
     q̄, k̄ float32 `[B, H, n_blocks, D]`, k `[B, H, S, D]` (rows from n_video on: text keys) and the
-    static blocks `static` `[H or 1, nq, nk]` (int8 or bool), which must hold every text block."""
+    static blocks `static` `[H or 1, nq, nk]` (int8 or bool), which must hold every text block.
+    `config` (BQ=, num_warps=) overrides SELECT_CONFIG (benchmarks)."""
     B, H, nq, D = q_mean.shape
     nk = k_mean.shape[-2]
     nkp = triton.next_power_of_2(nk)
@@ -93,10 +97,11 @@ def select_blocks_triton(q_mean, k_mean, k, static, n_video: int, scale: float, 
     keep = torch.empty(B, H, nq, nk, device=k.device, dtype=torch.int8)
     num = torch.empty(B, H, nq, device=k.device, dtype=torch.int32)
     idx = torch.empty(B, H, nq, nk, device=k.device, dtype=torch.int32)
-    _select_blocks[(triton.cdiv(nq, 16), B * H)](
+    config = {**SELECT_CONFIG, **(config or {})}
+    _select_blocks[(triton.cdiv(nq, config["BQ"]), B * H)](
         q_mean.float().contiguous(), k_mean.float().contiguous(), k, static, keep, num, idx,
         static.stride(0) if static.shape[0] > 1 else 0, static.stride(1), k.stride(0), k.stride(1), k.stride(2),
         H, nq, nk, n_video, k.shape[-2], scale * LOG2E, p_remain, k_min,
-        PLAN_BLOCK=block_size, D=D, BQ=16, NKP=nkp, CH=16, PRECISION=dot_precision(k.dtype, k.device),
-        num_warps=8 if nkp >= 256 else 4)
+        PLAN_BLOCK=block_size, D=D, BQ=config["BQ"], NKP=nkp, CH=16, PRECISION=dot_precision(k.dtype, k.device),
+        num_warps=config["num_warps"])
     return keep, num, idx
