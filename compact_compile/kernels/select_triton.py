@@ -79,7 +79,7 @@ def _select_blocks(QM, KM, K, STATIC, KEEP, NUM, IDX, stride_sh, stride_sq, stri
     tl.store(NUM + bh * NQ + n, num, mask=n_ok)
 
 
-SELECT_CONFIG = dict(BQ=16, num_warps=8)
+SELECT_CONFIG = dict(BQ=16, num_warps=4)   # H100 sweep: 47 µs, against 61–164 µs (BENCHMARKS.md)
 
 
 def select_blocks_triton(q_mean, k_mean, k, static, n_video: int, scale: float, block_size: int,
