@@ -16,7 +16,7 @@ from support import (COG_GRID, COG_TEXT, WAN_GRID, masked_sdpa, model_order_mask
                      rel_err, tiny_cogvideox, tiny_wan, to_double)
 
 import compact_compile
-from compact_compile.kernels.rectified import RectifiedSparse, tile_pooled
+from compact_compile.kernels.rectified import RectifiedSparse, pooled, tile_pooled
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import video_site_blocks, window_blocks
 from compact_compile.passes.sites import CROSS, JOINT, VIDEO
@@ -224,9 +224,10 @@ def test_rectified_window_equals_float64_reference(model_name, monkeypatch):
     (compact.tile_pool), its kernel uses those statistics, and (FlexAttention on CPU) hands O, R, Ō
     back for the graph to merge; the model equals the float64 model with each site replaced by the
     rectified reference (video-only and joint text-first sites)."""
-    from compact_compile.kernels import ops
-    pooled_calls, parts_calls = [], []
-    monkeypatch.setattr(ops, "tile_pooled", lambda *a: pooled_calls.append(1) or tile_pooled(*a))
+    from compact_compile.kernels import ops, rectified
+    tile_pool_calls, pool_calls, parts_calls = [], [], []
+    monkeypatch.setattr(ops, "tile_pooled", lambda *a: tile_pool_calls.append(1) or tile_pooled(*a))
+    monkeypatch.setattr(rectified, "pooled", lambda *a: pool_calls.append(1) or pooled(*a))
     parts = RectifiedSparse.parts
     monkeypatch.setattr(RectifiedSparse, "parts", lambda *a: parts_calls.append(1) or parts(*a))
     model, inputs = tiny_wan() if model_name == "wan" else tiny_cogvideox()
@@ -237,7 +238,7 @@ def test_rectified_window_equals_float64_reference(model_name, monkeypatch):
         out = torch.compile(model, backend="compact", fullgraph=True,
                             options={"plan": "window", "window": (1, 1, 1), "block_size": 64, "rectify": True,
                                      "inner": "aot_eager"})(**inputs)[0]
-    assert len(pooled_calls) == len(parts_calls) == 2
+    assert len(tile_pool_calls) == len(pool_calls) == len(parts_calls) == 2   # the kernel pooled nothing again
     ref_model = copy.deepcopy(model).double()
     with torch.no_grad(), rectified_sdpa(layout, blocks, dynamic=False, rectify=True) as handled:
         ref = ref_model(**to_double(inputs))[0]

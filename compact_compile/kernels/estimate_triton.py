@@ -24,6 +24,12 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def video_tokens(m, NV, PLAN_BLOCK: tl.constexpr):
+    """Video tokens in key block m (tile order: video first, NV of them)."""
+    return tl.minimum(tl.maximum(NV - m * PLAN_BLOCK, 0), PLAN_BLOCK)
+
+
+@triton.jit
 def _estimate_share(QM, QD, KM, KD, VM, KEEP, K, PART_M, PART_Z, PART_ZC, PART_O, stride_keepb, stride_keeph,
                     stride_keepq, stride_kb, stride_kh, stride_ks, n_heads, NQ, NK, NV, S, n_shares, qk_scale,
                     PLAN_BLOCK: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, CH: tl.constexpr,
@@ -58,7 +64,7 @@ def _estimate_share(QM, QD, KM, KD, VM, KEEP, K, PART_M, PART_Z, PART_ZC, PART_O
             gain = tl.dot(q_mean, tl.trans(k_mean), input_precision=PRECISION)
             error = (tl.abs(tl.dot(q_mad, tl.trans(k_mean), input_precision=PRECISION))
                      + tl.abs(tl.dot(q_mean, tl.trans(k_mad), input_precision=PRECISION)))
-            video = tl.minimum(tl.maximum(NV - m * PLAN_BLOCK, 0), PLAN_BLOCK)
+            video = video_tokens(m, NV, PLAN_BLOCK)
             s = tl.where((m_ok & (video > 0))[None, :],
                          gain * qk_scale + tl.log2(tl.maximum(video, 1).to(tl.float32))[None, :], float("-inf"))
             kept = tl.load(KEEP + (bh // n_heads) * stride_keepb + h * stride_keeph + n[:, None] * stride_keepq
@@ -132,8 +138,9 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
 
 def estimate_static_triton(pools, k, keep, n_video: int, scale: float, block_size: int, config: dict | None = None):
     """(R `[B, H, nq]`, Ō `[B, H, nq, D]`) float32 for the block map `keep` `[H or 1, nq, nq]` of a
-    static plan, or `[B, H, nq, nq]` chosen online (blocks holding text keys kept), from `pools` = (q̄, δq, k̄, δk, v̄) of `rectified.pooled`
-    in float32 and k `[B, H, S, D]` (its rows from n_video on are the text keys).
+    static plan, or `[B, H, nq, nq]` chosen online (blocks holding text keys kept), from `pools` =
+    (q̄, δq, k̄, δk, v̄) of `rectified.pooled` in float32 and k `[B, H, S, D]` (its rows from
+    n_video on are the text keys).
     `config` (BQ=, CH=, KEYS=, num_warps=, num_stages=, BN=, precision=) overrides ESTIMATE_CONFIG and
     `dot_precision(k.dtype)` (benchmarks)."""
     B, H, nq, D = pools[0].shape
@@ -149,7 +156,8 @@ def estimate_static_triton(pools, k, keep, n_video: int, scale: float, block_siz
     part_m, part_z, part_zc = torch.empty(3, B * H, n_shares, nq, device=k.device, dtype=torch.float32)
     part_o = torch.empty(B * H, n_shares, nq, D, device=k.device, dtype=torch.float32)
     _estimate_share[(triton.cdiv(nq, config["BQ"]), B * H, n_shares)](
-        *pools, keep, k, part_m, part_z, part_zc, part_o, *keep_strides, k.stride(0), k.stride(1), k.stride(2), H, nq, nq, n_video, S, n_shares, scale * LOG2E,
+        *pools, keep, k, part_m, part_z, part_zc, part_o, *keep_strides, k.stride(0), k.stride(1), k.stride(2),
+        H, nq, nq, n_video, S, n_shares, scale * LOG2E,
         PLAN_BLOCK=block_size, D=D, BQ=config["BQ"], CH=config["CH"], KEYS=config["KEYS"],
         PRECISION=config.get("precision", dot_precision(k.dtype, k.device)), num_warps=config["num_warps"],
         num_stages=config["num_stages"])

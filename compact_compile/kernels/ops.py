@@ -1,7 +1,7 @@
 """`torch.ops.compact.attention`: the op every rewritten attention site calls.
 
-Opaque to Inductor (an extern call), so whatever runs inside (a compiled FlexAttention today, our
-Triton kernel later) is chosen at run time. The site's static data (block map, kernel) lives in a
+Opaque to Inductor (an extern call), so whatever runs inside (a compiled FlexAttention or our
+Triton kernel) is chosen at run time. The site's static data (block map, kernel) lives in a
 process-wide table; the graph carries only the integer handle.
 q, k, v arrive in tiled token order (layout.py); the output is in the same order, contiguous.
 `torch.ops.compact.tile_index` gives the graph the index of that order; `torch.ops.compact.tile_pool`

@@ -70,6 +70,9 @@ POOL_CONFIG = {False: dict(COLS=64, num_warps=2), True: dict(COLS=128, num_warps
 
 def _pool_launch(q, k, v, n_kv: int, block_size: int, src, config: dict | None):
     B, H, S, D = q.shape
+    if D < 16 or D & (D - 1) or not q.shape == k.shape == v.shape:
+        raise ValueError(f"q, k, v must share one shape with a power-of-two head dim ≥ 16; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     nb = triton.cdiv(S, block_size)
     config = {**POOL_CONFIG[src is not None], **(config or {})}
     cols = min(config["COLS"], D)

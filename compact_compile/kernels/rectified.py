@@ -35,7 +35,7 @@ from .flex import block_mask, block_mask_from_lists, flex, kv_block_lists
 from .estimate_triton import estimate_static_triton
 from .pool_triton import block_pool_qkv_triton, tile_pool_qkv_triton
 from .select_triton import MAX_BLOCKS, select_blocks_triton
-from .triton_sparse import block_sparse_attention, triton_available
+from .triton_sparse import HEAD_DIMS, block_sparse_attention, triton_available
 
 
 def block_pool(x: torch.Tensor, n_valid: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,9 +53,14 @@ def block_pool(x: torch.Tensor, n_valid: int, block_size: int) -> tuple[torch.Te
     return mean, mad
 
 
+def _triton_shapes(q, k, v) -> bool:
+    """q, k, v as the pooling, estimate and choice kernels take them: one shape, a head dim of
+    HEAD_DIMS (powers of two), contiguous rows."""
+    return q.shape == k.shape == v.shape and q.shape[-1] in HEAD_DIMS and all(x.stride(-1) == 1 for x in (q, k, v))
+
+
 def _pool_on_gpu(q, k, v) -> bool:
-    return (q.device.type == "cuda" and q.dtype != torch.float64 and q.shape == k.shape == v.shape
-            and all(x.stride(-1) == 1 for x in (q, k, v)))
+    return q.device.type == "cuda" and q.dtype != torch.float64 and _triton_shapes(q, k, v)
 
 
 def pooled(q, k, v, n_video: int, block_size: int):
@@ -77,7 +82,7 @@ def tile_pooled(q, k, v, src, n_video: int, block_size: int):
 
 
 def _estimate(pools, q, k_text, static, video_count, text_block, scale: float, block_size: int,
-              dynamic: bool, rectify: bool, rows: bool, p_remain: float, drop: float):
+              dynamic: bool, rectify: bool, rows: bool, p_remain: float, k_min: int):
     """keep `[B, H, nq, nk]` bool, and (if rectify) R `[B, H, nq|S]`, Ō `[B, H, nq|S, D]`, in float32
     (float64 for float64 inputs). `pools` from `pooled`; q is used only per row."""
     q_mean, q_mad, k_mean, k_mad, v_mean = pools
@@ -96,7 +101,6 @@ def _estimate(pools, q, k_text, static, video_count, text_block, scale: float, b
     if dynamic:
         p_sorted, order = p_block.sort(-1, descending=True)
         covering = 1 + (p_sorted.cumsum(-1) <= p_remain).sum(-1, keepdim=True)
-        k_min = math.floor((1 - drop) * nb)
         chosen = torch.arange(nb, device=keep.device) < covering.clamp(min=k_min)
         keep |= torch.zeros_like(keep).scatter(-1, order, chosen.expand(keep.shape))
     if not rectify:
@@ -164,12 +168,14 @@ class RectifiedSparse:
         """(keep `[B, H, nq, nk]`, R, Ō) for these inputs; R and Ō are None without rectification.
         `pools`: `pooled(q, k, v, …)` if already computed."""
         keep, _, r, o_bar = self._choose(q, k, v, scale, pools)
-        return keep.bool(), r, o_bar
+        return keep.bool().expand(q.shape[0], q.shape[1], -1, -1), r, o_bar
 
-    def _on_triton(self, q) -> bool:
+    def _on_triton(self, q, k, v) -> bool:
         """Whether the choice and the estimate run as Triton kernels (select_triton.py,
-        estimate_triton.py) rather than as torch code compiled by Inductor."""
-        return (not self.rows and self.text_kept and q.dtype != torch.float64 and triton_available(q.device)
+        estimate_triton.py) rather than as torch code compiled by Inductor. The estimate counts text
+        keys in the normaliser only, so it needs the blocks holding them kept."""
+        return (not self.rows and (self.text_kept or not self.rectify) and q.dtype != torch.float64
+                and _triton_shapes(q, k, v) and triton_available(q.device)
                 and (q.device.type == "cuda" or self.kernel == "triton")
                 and (not self.dynamic or triton.next_power_of_2(self.layout.n_blocks) <= MAX_BLOCKS))
 
@@ -179,17 +185,17 @@ class RectifiedSparse:
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         static, video_count, text_block, _, static_i8 = self._data(q.device)
         pools = pooled(q, k, v, L.n_video, L.block_size) if pools is None else pools
-        if not self._on_triton(q):
+        if not self._on_triton(q, k, v):
             keep, r, o_bar = estimate(pools, q if self.rows else None, k[:, :, L.n_video:], static, video_count,
                                       text_block, scale, L.block_size, self.dynamic, self.rectify, self.rows,
-                                      self.p_remain, self.drop)
+                                      self.p_remain, self.k_min)
             return keep, None, r, o_bar
         lists = None
         if self.dynamic:
             keep, *lists = select_blocks_triton(pools[0], pools[2], k, static_i8, L.n_video, scale, L.block_size,
                                                 self.p_remain, self.k_min)
         else:
-            keep = static_i8[None].expand(q.shape[0], q.shape[1], -1, -1)
+            keep = static_i8            # [H or 1, nq, nk]: the estimate broadcasts it
         r, o_bar = (estimate_static_triton(pools, k, keep, L.n_video, scale, L.block_size) if self.rectify
                     else (None, None))
         return keep, lists, r, o_bar

@@ -7,8 +7,8 @@ Per query block n, from pooled statistics (pool_triton.py), in base 2 (c = scale
     chosen = the fewest top blocks of P̂_n whose mass exceeds p_remain, at least k_min of them
     keep   = static ∪ chosen;  the list: kept blocks ascending, then the others
 A program holds whole rows of P̂ (BQ query blocks × all key blocks, padded to a power of two), sorts
-them, and reads the cut-off from the sorted prefix sums. Blocks tied with the last chosen one are all
-kept (torch's sort keeps as many as `covering`, in an order of its own): a tie can only add blocks.
+them, and reads the cut-off from the sorted prefix sums. Exactly `covering` blocks are chosen, as in
+torch; blocks tied at the cut-off go by block index (torch's sort orders ties its own way).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .estimate_triton import LOG2E, dot_precision
+from .estimate_triton import LOG2E, dot_precision, video_tokens
 
 MAX_BLOCKS = 512   # whole rows live in registers: longer sequences take the general (torch) path
 
@@ -36,7 +36,7 @@ def _select_blocks(QM, KM, K, STATIC, KEEP, NUM, IDX, stride_sh, stride_sq, stri
     m_ok = m < NK
     q_mean = tl.load(QM + (bh * NQ + n)[:, None] * D + cols[None, :], mask=n_ok[:, None], other=0.0)
     k_mean = tl.load(KM + (bh * NK + m)[:, None] * D + cols[None, :], mask=m_ok[:, None], other=0.0)
-    video = tl.minimum(tl.maximum(NV - m * PLAN_BLOCK, 0), PLAN_BLOCK)
+    video = video_tokens(m, NV, PLAN_BLOCK)
     s = tl.where((m_ok & (video > 0))[None, :],
                  tl.dot(q_mean, tl.trans(k_mean), input_precision=PRECISION) * qk_scale
                  + tl.log2(tl.maximum(video, 1).to(tl.float32))[None, :], float("-inf"))
@@ -67,7 +67,12 @@ def _select_blocks(QM, KM, K, STATIC, KEEP, NUM, IDX, stride_sh, stride_sq, stri
     cutoff = tl.sum(tl.where(m[None, :] == covering[:, None] - 1, ranked, 0.0), 1)
     static = tl.load(STATIC + h * stride_sh + n[:, None] * stride_sq + m[None, :],
                      mask=n_ok[:, None] & m_ok[None, :], other=0)
-    keep = ((static != 0) | (p >= cutoff[:, None])) & m_ok[None, :]
+    # exactly `covering` blocks: those above the cut-off, then ties at it by block index
+    above = p > cutoff[:, None]
+    tied = (p == cutoff[:, None]) & m_ok[None, :]
+    need = covering - tl.sum(above.to(tl.int32), 1)
+    chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), 1) <= need[:, None]))
+    keep = ((static != 0) | chosen) & m_ok[None, :]
 
     rows = (bh * NQ + n)[:, None] * NK
     ok = n_ok[:, None] & m_ok[None, :]

@@ -1,12 +1,13 @@
 """Replace an eligible SDPA node by tiled block-sparse attention:
 
     src = compact.tile_index(q, layout…)          # tiled position -> model position
+    dst = compact.tile_index(q, layout…, inverse=True)   # model position -> tiled position
     o   = compact.attention(q[:, :, src], k[:, :, src], v[:, :, src], handle, scale, [])
-    out = o[:, :, compact.tile_index(o, layout…, inverse=True)]   # back to the model's order
+    out = o[:, :, dst]                                     # back to the model's order
 
-Where the site's kernel rectifies, `compact.tile_pool` replaces the three gathers: it reorders q, k, v
-and computes their block statistics (q̄, δq, k̄, δk, v̄) in one pass, handed to `compact.attention`.
-A kernel without an epilogue for R·O + Ō (FlexAttention) returns O, R, Ō instead
+Where the site's kernel rectifies or chooses blocks online, `compact.tile_pool` replaces the three
+gathers: it reorders q, k, v and computes their block statistics (q̄, δq, k̄, δk, v̄) in one pass,
+handed to `compact.attention`. A kernel without an epilogue for R·O + Ō (FlexAttention) returns O, R, Ō instead
 (`compact.attention_parts`), and the graph merges them on the way back to model order:
 
     out = R[dst // B] · O[dst] + Ō[dst // B]        (B the block size; one pass, fused by Inductor)

@@ -22,9 +22,9 @@ def test_block_pool_equals_reference(n_kv, cols):
     """q over every token, k and v over the first n_kv (video) tokens, strided heads, partial last
     block; each block whole or split into column slices."""
     q, k, v = model_layout(torch.Generator().manual_seed(2), 2, 3, 100, 64, torch.float32)
-    got = [t.cpu() for t in block_pool_qkv_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), n_kv, 32,
-                                                  config=dict(COLS=cols))]
-    (qm, qd), (km, kd), (vm, _) = block_pool(q, 100, 32), block_pool(k, n_kv, 32), block_pool(v, n_kv, 32)
+    got = [t.cpu().double() for t in block_pool_qkv_triton(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), n_kv, 32,
+                                                           config=dict(COLS=cols))]
+    (qm, qd), (km, kd), (vm, _) = (block_pool(x.double(), n, 32) for x, n in ((q, 100), (k, n_kv), (v, n_kv)))
     for a, b in zip(got, (qm, qd, km, kd, vm)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -52,7 +52,10 @@ def test_tile_pool_equals_gather_then_pool(grid, n_text, text_first, block_size,
         torch.testing.assert_close(got.cpu().double(), w, rtol=1e-5, atol=1e-5)
 
 
-def test_tile_pool_rejects_a_wrong_index():
+def test_bad_inputs_are_one_clear_error():
     q = torch.randn(1, 1, 40, 16)
     with pytest.raises(ValueError, match="src must be an int32/int64"):
         tile_pool_qkv_triton(q, q, q, torch.arange(39), 40, 16)
+    for other in (torch.randn(1, 1, 40, 24), torch.randn(1, 1, 40, 32)):   # head dim not a power of two; v ≠ q
+        with pytest.raises(ValueError, match="one shape with a power-of-two head dim"):
+            block_pool_qkv_triton(other, other, other if other.shape[-1] == 24 else q, 40, 16)

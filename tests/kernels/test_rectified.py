@@ -188,7 +188,7 @@ def test_static_estimate_in_triton_equals_general_estimate(block_size, n_text, t
                                       config=dict(KEYS=keys_per_share, CH=16))
     _, r_ref, o_bar_ref = _estimate(pools, None, k[:, :, layout.n_video:], static.to(device),
                                     kern.video_count.to(device), kern.text_block.to(device), 32 ** -0.5,
-                                    block_size, False, True, False, 0.3, 0.9)
+                                    block_size, False, True, False, 0.3, 0)
     assert (r_ref < 0.99).float().mean() > 0.5, "most query blocks should get compensation"
     torch.testing.assert_close(r, r_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(o_bar, o_bar_ref, rtol=1e-5, atol=1e-6)

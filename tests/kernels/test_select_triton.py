@@ -1,8 +1,6 @@
 """The dynamic plan's block choice in Triton (kernels/select_triton.py) against the torch estimate it
 replaces (rectified._estimate, itself checked against the float64 reference in test_rectified.py),
 on the GPU when there is one, else in Triton's interpreter."""
-import math
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -33,9 +31,9 @@ def test_choice_and_lists_equal_the_torch_estimate(grid, n_text, text_first, p_r
     kern = RectifiedSparse(layout, static, dynamic=True, rectify=False, p_remain=p_remain, drop=drop)
     pools = pooled(q, k, v, layout.n_video, BS)
     want, _, _ = _estimate(pools, None, k[:, :, layout.n_video:], static.to(DEVICE), kern.video_count.to(DEVICE),
-                           kern.text_block.to(DEVICE), 32 ** -0.5, BS, True, False, False, p_remain, drop)
+                           kern.text_block.to(DEVICE), 32 ** -0.5, BS, True, False, False, p_remain, kern.k_min)
     keep, num, idx = select_blocks_triton(pools[0], pools[2], k, static, layout.n_video, 32 ** -0.5, BS, p_remain,
-                                          math.floor((1 - drop) * nb))
+                                          kern.k_min)
     assert (keep.bool() != want).float().mean() <= 0.01
     assert torch.equal(num, keep.sum(-1, dtype=torch.int32))
     keep, num, idx = keep.cpu().bool(), num.cpu(), idx.cpu().long()
@@ -56,6 +54,19 @@ def test_at_least_k_min_and_the_static_blocks():
     pools = pooled(q, k, v, layout.n_video, BS)
     keep, num, _ = select_blocks_triton(pools[0], pools[2], k, static, layout.n_video, 0.25, BS, 0.0, 5)
     assert keep[0, 0, :, 0].all() and (num >= 5).all()
+
+
+def test_ties_at_the_cut_off_keep_exactly_the_covering_count():
+    """Zero queries: every block gets P̂ = 1/8. p_remain 0.3 covers 3 blocks (cumulative 0.125, 0.25,
+    0.375), so exactly 3 are chosen, not all 8 tied ones: the first three by index."""
+    layout = TokenLayout((2, 8, 8), (1, 4, 4), BS)
+    nb = layout.n_blocks
+    k = torch.randn(1, 1, layout.seq_len, 16, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    q_mean = torch.zeros(1, 1, nb, 16, device=DEVICE)
+    keep, num, _ = select_blocks_triton(q_mean, pooled(k, k, k, layout.n_video, BS)[2], k,
+                                        torch.zeros(1, nb, nb), layout.n_video, 0.25, BS, 0.3, 0)
+    assert nb == 8 and (num == 3).all()
+    assert torch.equal(keep[0, 0].cpu().bool(), (torch.arange(nb) < 3).expand(nb, nb))
 
 
 def test_too_many_blocks_is_one_clear_error():
