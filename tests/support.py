@@ -60,58 +60,58 @@ def model_order_mask(layout: TokenLayout, blocks: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
+def _sdpa_for_self_attention(seq_lens, attention):
+    """Patch F.scaled_dot_product_attention: self-attention over S tokens, S in `seq_lens`, runs
+    `attention(q, k, v, scale)` instead (no mask, dropout or causality allowed there); every other
+    call runs the original. Yields a list that collects the sequence lengths of the calls replaced."""
+    original = F.scaled_dot_product_attention
+    replaced = []
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        S = query.shape[-2]
+        if S == key.shape[-2] and S in seq_lens:
+            assert attn_mask is None and not is_causal and dropout_p == 0.0
+            replaced.append(S)
+            return attention(query, key, value, scale)
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, enable_gqa=enable_gqa)
+
+    torch.nn.functional.scaled_dot_product_attention = sdpa
+    try:
+        yield replaced
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+
+
 def masked_sdpa(masks_by_len: dict[int, list[torch.Tensor]]):
-    """Patch F.scaled_dot_product_attention: self-attention calls over S tokens (S a key of
-    `masks_by_len`) use the next mask of that list, in call order (one per site), in float64.
-    Yields a list that collects the sequence lengths of the calls that were masked."""
+    """Self-attention calls over S tokens (S a key of `masks_by_len`) use the next mask of that list,
+    in call order (one per site), in float64 (`_sdpa_for_self_attention`)."""
     original = F.scaled_dot_product_attention
     counters = {s: 0 for s in masks_by_len}
-    masked = []
 
-    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        S, Sk = query.shape[-2], key.shape[-2]
-        if S == Sk and S in masks_by_len:
-            assert attn_mask is None and not is_causal and dropout_p == 0.0
-            mask = masks_by_len[S][counters[S] % len(masks_by_len[S])]
-            counters[S] += 1
-            masked.append(S)
-            return original(query.double(), key.double(), value.double(), attn_mask=mask.to(query.device),
-                            scale=scale).to(query.dtype)
-        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                        scale=scale, enable_gqa=enable_gqa)
+    def masked(query, key, value, scale):
+        S = query.shape[-2]
+        mask = masks_by_len[S][counters[S] % len(masks_by_len[S])]
+        counters[S] += 1
+        return original(query.double(), key.double(), value.double(), attn_mask=mask.to(query.device),
+                        scale=scale).to(query.dtype)
 
-    torch.nn.functional.scaled_dot_product_attention = sdpa
-    try:
-        yield masked
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = original
+    return _sdpa_for_self_attention(masks_by_len, masked)
 
 
-@contextlib.contextmanager
 def rectified_sdpa(layout: TokenLayout, static: torch.Tensor, **options):
-    """Patch F.scaled_dot_product_attention: self-attention over layout.seq_len tokens becomes the
-    float64 rectified reference (kernels/reference.py) of block map `static`, computed in tile order
-    and returned in the model's. Yields a list of the sequence lengths it handled."""
-    original = F.scaled_dot_product_attention
+    """Self-attention over layout.seq_len tokens becomes the float64 rectified reference
+    (kernels/reference.py) of block map `static`, computed in tile order and returned in the model's
+    (`_sdpa_for_self_attention`)."""
     src = layout.source_index()
-    handled = []
 
-    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if query.shape[-2] == key.shape[-2] == layout.seq_len:
-            assert attn_mask is None and not is_causal and dropout_p == 0.0
-            handled.append(query.shape[-2])
-            tiled = [x.index_select(-2, src.to(x.device)) for x in (query, key, value)]
-            out, _ = rectified_attention_reference(*tiled, n_video=layout.n_video, block_size=layout.block_size,
-                                                   static=static, scale=scale, **options)
-            return torch.empty_like(out).index_copy_(-2, src, out).to(query.dtype)
-        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                        scale=scale, enable_gqa=enable_gqa)
+    def rectified(query, key, value, scale):
+        tiled = [x.index_select(-2, src.to(x.device)) for x in (query, key, value)]
+        out, _ = rectified_attention_reference(*tiled, n_video=layout.n_video, block_size=layout.block_size,
+                                               static=static, scale=scale, **options)
+        return torch.empty_like(out).index_copy_(-2, src, out).to(query.dtype)
 
-    torch.nn.functional.scaled_dot_product_attention = sdpa
-    try:
-        yield handled
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = original
+    return _sdpa_for_self_attention({layout.seq_len}, rectified)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
