@@ -9,8 +9,6 @@ Shape: Wan2.1-1.3B 480p 81 frames = grid (21, 30, 52) = 32760 tokens, B1 H12 D12
     module calling our op on untiled tokens (no gathers).
 Writes $OUT/attention.json.
 """
-import json
-import os
 import sys
 
 import torch
@@ -21,19 +19,14 @@ from compact_compile.kernels.flex import FlexBlockSparse
 from compact_compile.kernels.ops import register_site
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import density, window_blocks
+from timing import Results, bench
 
 GRID, H, D, B = (21, 30, 52), 12, 128, 1
 S = GRID[0] * GRID[1] * GRID[2]
 dev, dt = "cuda", torch.bfloat16
-OUT = os.environ.get("OUT", ".")
-bench = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")  # noqa: E731
 flops = 4 * B * H * S * S * D
-rows = []
-
-
-def emit(**row):
-    rows.append(row)
-    print(json.dumps(row), flush=True)
+results = Results("attention.json")
+emit = results.emit
 
 
 def closest_window(layout, target):
@@ -61,9 +54,7 @@ def main():
             emit(impl=f"flex-{name}", sparsity=round(1 - dens, 4), ms=ms, speedup=sdpa / ms,
                  tflops_effective=flops * dens / ms / 1e9)
     reorder_cost(layout)
-    json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                   shape=dict(B=B, H=H, S=S, D=D, grid=GRID, tile=layout.tile, dtype="bf16"), rows=rows),
-              open(os.path.join(OUT, "attention.json"), "w"), indent=1)
+    results.save(shape=dict(B=B, H=H, S=S, D=D, grid=GRID, tile=layout.tile, dtype="bf16"))
 
 
 class Site(torch.nn.Module):

@@ -12,7 +12,7 @@ from compact_compile.kernels import triton_sparse as ts
 from compact_compile.kernels.flex import kv_block_lists
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import window_blocks
-from gpu_profile import kernel_times, matching
+from timing import kernel_times, matching
 
 GRID, H, D = (21, 30, 52), 12, 128
 

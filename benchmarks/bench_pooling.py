@@ -15,7 +15,6 @@ D128 bf16, grid 21×30×52, 128-token blocks).
               in the same graph (rectified.block_pool), which Inductor may fuse into the producers.
 Writes $OUT/pooling.json and $OUT/pooling_graph_code.py (Inductor's code for the fused graph).
 """
-import json
 import os
 
 import torch
@@ -28,17 +27,12 @@ from compact_compile.kernels.rectified import block_pool
 from compact_compile.kernels.select_triton import select_blocks_triton
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import neighbour_blocks, window_blocks
-from gpu_profile import kernel_times, matching
+from timing import Results, bench, kernel_times, matching
 
 GRID, H, D, BS = (21, 30, 52), 12, 128, 128
 dev, dt = "cuda", torch.bfloat16
-bench = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")  # noqa: E731
-rows = []
-
-
-def emit(**row):
-    rows.append(row)
-    print(json.dumps(row), flush=True)
+results = Results("pooling.json")
+emit = results.emit
 
 
 def rope(x, cos, sin):
@@ -143,9 +137,7 @@ def main():
          producers_with_graph_pooling_ms=t_fused, pool_kernel_extra_ms=t_kernel - t_plain,
          graph_pooling_extra_ms=t_fused - t_plain, max_rel_diff_graph_vs_kernel=diff)
 
-    json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                   shape=dict(B=1, H=H, S=S, D=D, grid=GRID, block=BS, dtype="bf16"), rows=rows),
-              open(os.path.join(os.environ.get("OUT", "."), "pooling.json"), "w"), indent=1)
+    results.save(shape=dict(B=1, H=H, S=S, D=D, grid=GRID, block=BS, dtype="bf16"))
 
 
 if __name__ == "__main__":

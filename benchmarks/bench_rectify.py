@@ -17,8 +17,6 @@ Wan2.1-1.3B 480p shape (grid 21×30×52, B1 H12 S32760 D128, bf16, tokens alread
 `--site-only` runs the last part only. Writes $OUT/rectify.json.
 """
 import copy
-import json
-import os
 import sys
 
 import torch
@@ -33,17 +31,12 @@ from compact_compile.kernels import triton_sparse as ts
 from compact_compile.kernels.triton_sparse import TritonBlockSparse
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import density, neighbour_blocks, window_blocks
-from gpu_profile import kernel_times, matching
+from timing import Results, bench, kernel_times, matching
 
 GRID, H, D = (21, 30, 52), 12, 128
 dev, dt = "cuda", torch.bfloat16
-bench = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")  # noqa: E731
-rows = []
-
-
-def emit(**row):
-    rows.append(row)
-    print(json.dumps(row), flush=True)
+results = Results("rectify.json")
+emit = results.emit
 
 
 def smooth_inputs(layout, g):
@@ -117,9 +110,7 @@ def main():
     if "--site-only" not in sys.argv:
         kernel_costs_and_errors(layout, g)
     site_costs(layout, g)
-    json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                   shape=dict(B=1, H=H, S=layout.seq_len, D=D, grid=GRID, tile=layout.tile, dtype="bf16"), rows=rows),
-              open(os.path.join(os.environ.get("OUT", "."), "rectify.json"), "w"), indent=1)
+    results.save(shape=dict(B=1, H=H, S=layout.seq_len, D=D, grid=GRID, tile=layout.tile, dtype="bf16"))
 
 
 def kernel_costs_and_errors(layout, g):

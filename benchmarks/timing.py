@@ -1,0 +1,53 @@
+"""What the GPU benchmarks share: timing and a record of the rows they measure.
+
+`bench` times a call with CUDA events (median after warm-up, triton.testing.do_bench), host launch
+overhead included; `kernel_times` gives GPU time per kernel from the CUDA profiler, without it.
+"""
+import json
+import os
+
+import torch
+import triton
+from torch.profiler import ProfilerActivity, profile
+
+
+def bench(fn) -> float:
+    """Median ms per call of fn, CUDA events, after warm-up."""
+    return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+
+
+def kernel_times(fn, calls: int = 20) -> dict[str, float]:
+    """{kernel name: µs of GPU time per call of fn}, over `calls` calls after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    times = {}
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us > 0:
+            times[e.key] = times.get(e.key, 0.0) + us / calls
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
+def matching(times: dict[str, float], *needles: str) -> float:
+    """µs per call of the kernels whose names contain any of `needles`."""
+    return sum(us for name, us in times.items() if any(n in name for n in needles))
+
+
+class Results:
+    """Rows printed as they are measured, then saved with the device and versions to $OUT/`name`."""
+
+    def __init__(self, name: str):
+        self.name, self.rows = name, []
+
+    def emit(self, **row) -> None:
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    def save(self, **meta) -> None:
+        with open(os.path.join(os.environ.get("OUT", "."), self.name), "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                           **meta, rows=self.rows), f, indent=1)
