@@ -4,6 +4,8 @@ everything to Inductor.
     torch.compile(model, backend="compact", options={"plan": "window"})
 
 Registered through the `torch_dynamo_backends` entry point, so no import is needed.
+graph → sites (passes/sites.py) → a SiteSpec each (planner.py) → the site's runtime (kernels/site.py),
+registered under a handle → the SDPA node rewritten into an op carrying that handle (passes/rewrite.py).
 """
 from __future__ import annotations
 
@@ -12,20 +14,17 @@ import warnings
 import torch
 import torch.fx as fx
 
-from .kernels.flex import FlexBlockSparse
 from .kernels.ops import register_site
-from .kernels.rectified import RectifiedSparse
-from .kernels.triton_sparse import TritonBlockSparse, triton_unsupported
-from .masks import density
+from .kernels.site import make_site
 from .options import CompactOptions
 from .passes.grid import patch_embedding_grids
 from .passes.rewrite import rewrite_site
 from .passes.sites import OTHER, find_sites
 from .plan import PlanError
-from .planner import load_plan, site_blocks, site_layout
+from .planner import load_plan, site_spec
 from .quantize import quantized_linears
 from .report import record
-from .schedule import scheduled_kernel, site_schedule, with_step_clock
+from .schedule import site_schedule, with_step_clock
 
 
 def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None, mode: str | None = None):
@@ -39,28 +38,21 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
                 _plan_misfit(opts, site, PlanError(f"the plan has a mask for site {site.name!r}, which cannot "
                                                    f"be rewritten: {site.reason}"))
             continue
-        layout = site_layout(opts, plan, site)
         try:
-            blocks = site_blocks(opts, plan, site, layout)
+            spec = site_spec(opts, plan, schedule, site)
         except PlanError as e:
             _plan_misfit(opts, site, e)
             continue
-        kind = _kernel_kind(opts, site)
-        kernel = _site_kernel(opts, layout, blocks, kind)
-        kernel = scheduled_kernel(schedule, site.name, kernel,
-                                  lambda entry, blocks=blocks, name=site.name: (
-                                      blocks if entry == name else plan.sites[entry].blocks),
-                                  lambda b, layout=layout, kind=kind: _site_kernel(opts, layout, b, kind))
+        runtime = make_site(spec)
         if opts.observer is not None:
-            kernel = opts.observer(site.name, layout, kernel)
-        handle = register_site(kernel)
-        rewrite_site(gm, site, layout, handle, pooled=getattr(kernel, "pooled_inputs", False),
-                     merge_outside=getattr(kernel, "merges_outside", False))
-        site.density = density(blocks)
-        site.extras.update(tile=layout.tile, block_size=layout.block_size, kernel=kind,
-                           dynamic=opts.dynamic, rectify=opts.rectify)
-        if opts.dynamic:  # the online choice adds blocks: at least (1 - drop) of each row
-            site.extras.update(min_density=max(density(blocks), 1 - opts.drop))
+            runtime = opts.observer(spec, runtime)
+        rewrite_site(gm, site, spec, register_site(runtime))
+        site.density = spec.density
+        site.extras.update(tile=spec.layout.tile, block_size=spec.layout.block_size, kernel=spec.kernel,
+                           kernel_reason=spec.kernel_reason, dynamic=spec.selection is not None,
+                           rectify=spec.rectify or False)
+        if spec.selection is not None:   # the online choice adds blocks: at least (1 - drop) of each row
+            site.extras.update(min_density=max(spec.density, 1 - spec.selection.drop))
     gm.recompile()
     record([s.summary() for s in sites] + _foreign_attention(gm))
     compiled = quantized_linears(gm, example_inputs, opts.quantize,
@@ -76,31 +68,11 @@ def _plan_misfit(opts: CompactOptions, site, error: PlanError) -> None:
     site.reason = f"plan mismatch: {error}"
 
 
-def _kernel_kind(opts: CompactOptions, site) -> str:
-    """"triton" where our kernel applies (CUDA sm80+, head dim 16–128), else "flex"; an explicit
-    kernel="triton" that cannot apply says why in the report."""
-    if opts.kernel == "flex":
-        return "flex"
-    why = triton_unsupported(site.device, getattr(torch, site.dtype, None), site.q_shape[-1],
-                             explicit=opts.kernel == "triton")
-    if why and opts.kernel == "triton":
-        site.extras.update(kernel_note=f"Triton kernel not used ({why}): FlexAttention instead")
-    return "flex" if why else "triton"
-
-
-def _site_kernel(opts: CompactOptions, layout, blocks, kind: str):
-    if not (opts.dynamic or opts.rectify):
-        cls = TritonBlockSparse if kind == "triton" else FlexBlockSparse
-        return cls(blocks, layout.seq_len, layout.block_size)
-    return RectifiedSparse(layout, blocks, dynamic=opts.dynamic, rectify=bool(opts.rectify),
-                           rows=opts.rectify == "rows", p_remain=opts.p_remain, drop=opts.drop, kernel=kind)
-
-
 def _foreign_attention(gm: fx.GraphModule) -> list[dict]:
     """Attention the backend cannot see as SDPA (e.g. diffusers' flex attention backend)."""
     flex = getattr(torch.ops.higher_order, "flex_attention", None)
     return [dict(site=n.name, kind=OTHER, q=[], k=[], dtype="", rewritten=False, grid=None, grid_source="",
-                 n_text=0, text_first=None, density=None,
+                 n_text=0, text_first=None, density=None, key_mask=False,
                  reason="flex_attention call, not SDPA: set the diffusers attention backend to 'native'")
             for n in gm.graph.nodes if n.op == "call_function" and flex is not None and n.target is flex]
 

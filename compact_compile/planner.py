@@ -1,13 +1,17 @@
-"""Give each eligible site its token layout and block map, from a built-in plan or a plan file."""
+"""Give each eligible site its SiteSpec: token layout, block maps per step range, online choice,
+rectification, key mask and kernel, from the options, a built-in plan or a plan file."""
 from __future__ import annotations
 
 import torch
 
+from .kernels.registry import choose_kernel, kernel_class
 from .layout import TokenLayout, auto_tile
 from .masks import dense_blocks, neighbour_blocks, video_site_blocks, window_blocks
 from .options import CompactOptions, OptionsError
 from .passes.sites import Site
 from .plan import Plan, PlanError
+from .schedule import range_site_name
+from .spec import Selection, SiteSpec, StepRange
 
 
 def load_plan(options: CompactOptions) -> Plan | None:
@@ -27,6 +31,35 @@ def load_plan(options: CompactOptions) -> Plan | None:
         raise OptionsError(f"option 'dense_steps' {options.dense_steps} contradicts the plan's schedule "
                            f"({schedule['dense_steps']} dense steps)")
     return plan
+
+
+def site_spec(options: CompactOptions, plan: Plan | None, schedule: dict | None, site: Site) -> SiteSpec:
+    """The site's spec; raises PlanError when the plan does not fit it. A step range whose block map
+    holds every block runs the kernel's dense path (the same result, faster than listing them all)."""
+    layout = site_layout(options, plan, site)
+    blocks = site_blocks(options, plan, site, layout)
+    if schedule:
+        bounds = [tuple(r) for r in schedule["ranges"]]
+        maps = [blocks if i == 0 else _range_blocks(options, plan, range_site_name(site.name, i, bounds), site, layout)
+                for i in range(len(bounds))]
+    else:
+        bounds, maps = [(0, None)], [blocks]
+    ranges = tuple(StepRange(a, b, None if m.all() else m) for (a, b), m in zip(bounds, maps))
+    rectify = {False: None, True: "block", "rows": "rows"}[options.rectify]
+    dtype = getattr(torch, site.dtype)
+    kernel, why = choose_kernel(options.kernel, site.device, dtype, site.q_shape[-1], layout.block_size, site.key_mask)
+    return SiteSpec(site.name, layout, ranges,
+                    selection=Selection(options.p_remain, options.drop) if options.dynamic else None,
+                    rectify=rectify, key_mask=site.key_mask, kernel=kernel, kernel_reason=why,
+                    merge_in_graph=rectify == "block" and not kernel_class(kernel).fuses_rectify)
+
+
+def _range_blocks(options, plan, entry: str, site: Site, layout: TokenLayout) -> torch.Tensor:
+    """Block map of a later step range: the plan's entry for it, the built-in map otherwise."""
+    if plan is None:
+        return site_blocks(options, plan, site, layout)
+    blocks = plan.sites[entry].blocks
+    return blocks | video_site_blocks(layout, neighbour_blocks(layout)) if options.dynamic else blocks
 
 
 def site_layout(options: CompactOptions, plan: Plan | None, site: Site) -> TokenLayout:

@@ -33,8 +33,9 @@ In a plan the schedule is `plan.info["schedule"]`; the `dense_steps` option give
     {"dense_steps": 15, "ranges": [[15, 30], [30, null]], "step_source": "timestep"}
 Steps below `dense_steps` are dense; range i (start ≤ step < end, end null = open) uses the site's
 block map `name` for i = 0 and the extra plan entry `f"{name}@{start}"` for i > 0 (one mask reused
-over neighbouring steps). The first K layers being dense is baked into the block maps (all ones);
-a scheduled site whose block map is all ones runs plain SDPA rather than Flex.
+over neighbouring steps). The first K layers being dense is baked into the block maps (all ones).
+The planner turns this into each site's step ranges (spec.py); a site's runtime (kernels/site.py)
+reads the CLOCK on every call.
 """
 from __future__ import annotations
 
@@ -44,7 +45,6 @@ import re
 import warnings
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger("compact_compile")
 
@@ -123,76 +123,22 @@ def range_site_name(site: str, index: int, ranges) -> str:
 
 # ---- runtime -----------------------------------------------------------------------------------
 
-def dense_attention(q, k, v, scale=None):
-    """Full attention; in tiled order it equals full attention in model order (a permutation)."""
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+_warned_unknown_step = False
 
 
-class ScheduledKernel:
-    """A site's kernel under a plan schedule: dense below `dense_steps`, else the kernel of the step
-    range containing the current step (the last range beyond its end, the first when the step is
-    unknown)."""
-
-    _warned_unknown = False
-
-    def __init__(self, site: str, dense_steps: int, ranges, kernels):
-        self.site, self.dense_steps, self.ranges, self.kernels = site, dense_steps, ranges, kernels
-
-    def select(self, step: int | None):
-        if step is None:
-            if not ScheduledKernel._warned_unknown:
-                ScheduledKernel._warned_unknown = True
-                warnings.warn("compact: the plan has a step schedule but no timestep was seen (no `timestep` "
-                              "input in the compiled graph?): sparse masks are used at every step. Pin a step "
-                              "with compact_compile.schedule.at_step(n) to choose.", stacklevel=2)
-            return self.kernels[0]
-        if step < self.dense_steps:
-            return dense_attention
-        for (a, b), kernel in zip(self.ranges, self.kernels):
-            if b is None or step < b:
-                return kernel
-        return self.kernels[-1]
-
-    @property
-    def pooled_inputs(self) -> bool:
-        return any(getattr(k, "pooled_inputs", False) for k in self.kernels)
-
-    @property
-    def merges_outside(self) -> bool:
-        return any(getattr(k, "merges_outside", False) for k in self.kernels)
-
-    def __call__(self, q, k, v, scale=None, pools=None):
-        kernel = self.select(CLOCK.current)
-        if pools is not None and getattr(kernel, "pooled_inputs", False):
-            return kernel(q, k, v, scale, pools)
-        return kernel(q, k, v, scale)
-
-    def parts(self, q, k, v, scale, pools):
-        """(O, R, Ō) as RectifiedSparse.parts; a step whose kernel merges itself (or is dense) gives
-        its output with R = 1, Ō = 0 (per query block, as many as `pools` has)."""
-        kernel = self.select(CLOCK.current)
-        if getattr(kernel, "merges_outside", False):
-            return kernel.parts(q, k, v, scale, pools)
-        o = self(q, k, v, scale, pools)
-        B, H, nq = pools[0].shape[:3]
-        return o, o.new_ones(B, H, nq, dtype=torch.float32), o.new_zeros(B, H, nq, o.shape[-1], dtype=torch.float32)
+def warn_unknown_step() -> None:
+    """Once per process: a scheduled site ran without ever seeing a timestep."""
+    global _warned_unknown_step
+    if not _warned_unknown_step:
+        _warned_unknown_step = True
+        warnings.warn("compact: the plan has a step schedule but no timestep was seen (no `timestep` input in the "
+                      "compiled graph?): sparse masks are used at every step. Pin a step with "
+                      "compact_compile.schedule.at_step(n) to choose.", stacklevel=3)
 
 
-def scheduled_kernel(schedule: dict | None, site: str, kernel, range_blocks, make_kernel):
-    """`kernel` itself without a schedule; else a ScheduledKernel over the per-range block maps
-    (`range_blocks(entry)`: the block map of plan entry `entry`, `site` itself for the first range;
-    `make_kernel(blocks)` builds the kernels of the other ranges the way the backend built `kernel`)."""
-    if not schedule:
-        return kernel
-    ranges = [tuple(r) for r in schedule["ranges"]]
-    kernels = []
-    for i in range(len(ranges)):
-        blocks = range_blocks(range_site_name(site, i, ranges))
-        if blocks.all():
-            kernels.append(dense_attention)        # a dense layer: SDPA beats Flex with every block
-        else:
-            kernels.append(kernel if i == 0 else make_kernel(blocks))
-    return ScheduledKernel(site, int(schedule["dense_steps"]), ranges, kernels)
+def reset_warnings() -> None:
+    global _warned_unknown_step
+    _warned_unknown_step = False
 
 
 def site_schedule(plan, dense_steps: int) -> dict | None:

@@ -13,7 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from compact_compile.kernels.reference import rectified_attention_reference, token_mask
+from compact_compile.kernels.registry import kernel_class, kv_block_lists
+from compact_compile.kernels.site import make_site
 from compact_compile.layout import TokenLayout
+from compact_compile.spec import Selection, SiteSpec, single_range
 
 # ----------------------------------------------------------------------------------------------
 # errors raised inside a backend reach the caller wrapped in BackendCompilerFailed
@@ -43,6 +46,39 @@ def raises_from_backend(exc_type, match: str | None = None):
     if match is not None:
         assert re.search(match, str(err)), f"{match!r} not found in {str(err)!r}"
     info.root = err
+
+
+# ----------------------------------------------------------------------------------------------
+# kernels and site runtimes built the way the backend builds them
+
+
+def flat_layout(seq_len: int, block_size: int) -> TokenLayout:
+    """A layout whose tiled order is the model's order: for kernel tests on plain sequences."""
+    return TokenLayout((1, 1, seq_len), (1, 1, block_size), block_size)
+
+
+def kernel_attend(name: str, blocks, q, k, v, scale=None, key_valid=None, rectify=None, block_size: int = 64):
+    """Kernel `name` over bool `blocks` `[B or H or 1, …, nb, nb]`, as a site runtime calls it."""
+    kernel = kernel_class(name)(flat_layout(q.shape[-2], block_size))
+    prepared = kernel.prepare(tuple(x.to(q.device) for x in kv_block_lists(blocks)))
+    return kernel.attend(q, k, v, prepared, scale, key_valid, rectify)
+
+
+def site_runtime(layout: TokenLayout, blocks, *, kernel: str = "flex", rectify=None, dynamic: bool = False,
+                 p_remain: float = 0.3, drop: float = 0.9, key_mask: bool = False):
+    """The runtime of one site with one static block map (`rectify`: None, "block", "rows")."""
+    selection = Selection(p_remain, drop) if dynamic else None
+    spec = SiteSpec("site", layout, single_range(blocks.bool()), selection=selection, rectify=rectify,
+                    key_mask=key_mask, kernel=kernel)
+    return make_site(spec)
+
+
+def rectified_site(layout: TokenLayout, static, *, dynamic: bool, rectify: bool, rows: bool = False,
+                   p_remain: float = 0.3, drop: float = 0.9, kernel: str = "flex"):
+    """`site_runtime` in the options' terms: online choice if `dynamic`, rectification per block or
+    per row (`rows`) if `rectify`."""
+    return site_runtime(layout, static, kernel=kernel, rectify=("rows" if rows else "block") if rectify else None,
+                        dynamic=dynamic, p_remain=p_remain, drop=drop)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ from support import (COG_GRID, COG_TEXT, WAN_GRID, masked_sdpa, model_order_mask
                      rel_err, tiny_cogvideox, tiny_wan, to_double)
 
 import compact_compile
-from compact_compile.kernels.rectified import RectifiedSparse, pooled, tile_pooled
+from compact_compile.kernels.rectified import pooled, tile_pooled
+from compact_compile.kernels.site import SiteAttention
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import video_site_blocks, window_blocks
 from compact_compile.passes.sites import CROSS, JOINT, VIDEO
@@ -34,10 +35,10 @@ class CallCounter:
     def __init__(self):
         self.calls = {}
 
-    def __call__(self, name, layout, kernel):
-        def counted(q, k, v, scale=None):
-            self.calls[name] = self.calls.get(name, 0) + 1
-            return kernel(q, k, v, scale)
+    def __call__(self, spec, site):
+        def counted(q, k, v, scale=None, pools=None, key_valid=None):
+            self.calls[spec.name] = self.calls.get(spec.name, 0) + 1
+            return site(q, k, v, scale, pools, key_valid)
         return counted
 
 
@@ -224,12 +225,13 @@ def test_rectified_window_equals_float64_reference(model_name, monkeypatch):
     (compact.tile_pool), its kernel uses those statistics, and (FlexAttention on CPU) hands O, R, Ō
     back for the graph to merge; the model equals the float64 model with each site replaced by the
     rectified reference (video-only and joint text-first sites)."""
-    from compact_compile.kernels import ops, rectified
+    from compact_compile.kernels import ops, rectified, site
     tile_pool_calls, pool_calls, parts_calls = [], [], []
     monkeypatch.setattr(ops, "tile_pooled", lambda *a: tile_pool_calls.append(1) or tile_pooled(*a))
-    monkeypatch.setattr(rectified, "pooled", lambda *a: pool_calls.append(1) or pooled(*a))
-    parts = RectifiedSparse.parts
-    monkeypatch.setattr(RectifiedSparse, "parts", lambda *a: parts_calls.append(1) or parts(*a))
+    for module in (rectified, site):   # pooled inside tile_pooled, or (it must not) by the site again
+        monkeypatch.setattr(module, "pooled", lambda *a: pool_calls.append(1) or pooled(*a))
+    parts = SiteAttention.parts
+    monkeypatch.setattr(SiteAttention, "parts", lambda *a: parts_calls.append(1) or parts(*a))
     model, inputs = tiny_wan() if model_name == "wan" else tiny_cogvideox()
     grid, n_text, S = (WAN_GRID, 0, WAN_S) if model_name == "wan" else (COG_GRID, COG_TEXT, COG_S)
     layout = TokenLayout(grid, auto_tile(grid, 64), 64, n_text, text_first=n_text > 0)

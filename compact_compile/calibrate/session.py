@@ -23,7 +23,8 @@ import inspect
 
 import torch
 
-from ..schedule import CLOCK, check_ranges, dense_attention
+from ..kernels.registry import sdpa_dense
+from ..schedule import CLOCK, check_ranges
 from .build import build_plan
 from .patterns import DEFAULT_GROUPS
 from .stats import CalibrationStats, dense_attention_with_mass, save_stats
@@ -104,14 +105,14 @@ class Calibration:
             self._plan = None
         return gens[-1]
 
-    def _observe(self, site: str, layout, kernel):
-        return _RecordingKernel(self, site, layout)
+    def _observe(self, spec, site):
+        return _RecordingKernel(self, spec.name, spec.layout)
 
-    def _attend(self, site, layout, q, k, v, scale):
+    def _attend(self, site, layout, q, k, v, scale, key_valid):
         stats = self._stats_for(self._step) if self._active else None
         if stats is None:
-            return dense_attention(q, k, v, scale)
-        out, mass = dense_attention_with_mass(q, k, v, scale, layout.block_size)
+            return sdpa_dense(q, k, v, scale, key_valid)
+        out, mass = dense_attention_with_mass(q, k, v, scale, layout.block_size, key_valid)
         stats.site(site, layout, q.shape[1], q.shape[3]).add(mass)
         self._plan = None
         return out
@@ -153,13 +154,14 @@ class Calibration:
 
 
 class _RecordingKernel:
-    """A site kernel that computes dense attention and records its block mass."""
+    """A site runtime that computes dense attention and records its block mass (a dense plan's sites
+    take no pooled statistics, so `__call__` is all the op needs)."""
 
     def __init__(self, session: Calibration, site: str, layout):
         self.session, self.site, self.layout = session, site, layout
 
-    def __call__(self, q, k, v, scale=None):
-        return self.session._attend(self.site, self.layout, q, k, v, scale)
+    def __call__(self, q, k, v, scale=None, pools=None, key_valid=None):
+        return self.session._attend(self.site, self.layout, q, k, v, scale, key_valid)
 
 
 def calibrate(model: torch.nn.Module, *, recall: float = 0.9, cost: float = 0.011, dense_steps: int = 15,

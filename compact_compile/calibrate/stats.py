@@ -43,8 +43,10 @@ def row_counts(seq_len: int, block_size: int) -> torch.Tensor:
 
 
 def block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float | None = None, *,
-               dtype: torch.dtype = torch.float64, chunk_rows: int | None = None) -> torch.Tensor:
-    """A `[B, H, nb, nb]` in `dtype`, from q, k `[B, H, S, D]`, computed in query chunks."""
+               dtype: torch.dtype = torch.float64, chunk_rows: int | None = None,
+               key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """A `[B, H, nb, nb]` in `dtype`, from q, k `[B, H, S, D]`, computed in query chunks; keys that
+    `key_valid` (bool `[B or 1, S]`) excludes carry no mass."""
     B, H, S, D = q.shape
     nb = -(-S // block_size)
     scale = D ** -0.5 if scale is None else scale
@@ -55,7 +57,7 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float |
     pad_k = nb * block_size - S
     for r0 in range(0, S, chunk_rows):
         r1 = min(S, r0 + chunk_rows)
-        p = torch.softmax((q[:, :, r0:r1].to(dtype) @ kt) * scale, dim=-1)          # [B, H, c, S]
+        p = _masked_softmax((q[:, :, r0:r1].to(dtype) @ kt) * scale, key_valid)    # [B, H, c, S]
         p = F.pad(p, (0, pad_k)).unflatten(-1, (nb, block_size)).sum(-1)          # Σ_{j∈m}: [B, H, c, nb]
         pad_q = -(r1 - r0) % block_size
         p = F.pad(p, (0, 0, 0, pad_q)).unflatten(-2, (-1, block_size)).sum(-2)   # Σ_{i∈n}: [B, H, c/bs, nb]
@@ -63,12 +65,20 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float |
     return out / row_counts(S, block_size).to(out)[:, None]
 
 
-def block_mass_reference(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float | None = None) -> torch.Tensor:
+def _masked_softmax(logits: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
+    if key_valid is None:
+        return torch.softmax(logits, dim=-1)
+    logits = logits.masked_fill(~key_valid.bool()[:, None, None, :], float("-inf"))
+    return torch.softmax(logits, dim=-1).nan_to_num(0.0)   # a query with no valid key has no mass
+
+
+def block_mass_reference(q: torch.Tensor, k: torch.Tensor, block_size: int, scale: float | None = None,
+                         key_valid: torch.Tensor | None = None) -> torch.Tensor:
     """The definition, written differently for tests: full float64 softmax, then block indicator
     matrices E (token → block): A = diag(1/|n|)·Eᵀ·P·E. O(S²) memory."""
     S, D = q.shape[-2], q.shape[-1]
     scale = D ** -0.5 if scale is None else scale
-    p = torch.softmax(q.double() @ k.double().transpose(-1, -2) * scale, dim=-1)
+    p = _masked_softmax(q.double() @ k.double().transpose(-1, -2) * scale, key_valid)
     e = F.one_hot(torch.arange(S, device=q.device) // block_size).double()
     return (e.T @ p @ e) / e.sum(0)[:, None]
 
@@ -94,23 +104,25 @@ def _flash_with_lse(q, k, v, scale):
     return out, lse
 
 
-def dense_attention_with_mass(q, k, v, scale: float | None, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(full attention output in q's dtype, A `[B, H, nb, nb]`). The output is the same dense
-    attention the model computes; the statistic costs one extra pass (CUDA) or a chunked fp32
-    recomputation (elsewhere)."""
+def dense_attention_with_mass(q, k, v, scale: float | None, block_size: int,
+                              key_valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(full attention output in q's dtype, A `[B, H, nb, nb]`), keys that `key_valid` excludes left
+    out of both. The output is the same dense attention the model computes; the statistic costs one
+    extra pass (CUDA) or a chunked fp32 recomputation (elsewhere)."""
+    mask = None if key_valid is None else key_valid.bool()[:, None, None, :]
     if q.is_cuda:
         from . import triton_mass
 
         if triton_mass.supported(q):
-            got = _flash_with_lse(q, k, v, scale)
+            got = _flash_with_lse(q, k, v, scale) if key_valid is None else None
             if got is None:
-                out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-                lse = triton_mass.row_lse(q, k, scale)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+                lse = triton_mass.row_lse(q, k, scale, key_valid=key_valid)
             else:
                 out, lse = got
-            return out, triton_mass.block_mass(q, k, lse, block_size, scale)
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    return out, block_mass(q, k, block_size, scale, dtype=torch.float32)   # fp32: 2× faster, ~1e-7 off
+            return out, triton_mass.block_mass(q, k, lse, block_size, scale, key_valid=key_valid)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out, block_mass(q, k, block_size, scale, dtype=torch.float32, key_valid=key_valid)   # fp32: 2× faster
 
 
 # ---- accumulation -------------------------------------------------------------------------------

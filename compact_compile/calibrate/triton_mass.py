@@ -17,8 +17,8 @@ product and one exp2 per score — FlashAttention's forward without the PV produ
 FlashAttention over the key tiles, m' = max(m, max_j s_ij·c), l' = l·2^(m − m') + Σ_j 2^(s_ij·c − m'),
 lse = (m + log2 l)·ln 2.
 
-Keys ≥ S (partial last block) are masked out of the sums; query rows ≥ S load lse = +inf, so their
-p is 2^(−inf) = 0. With TRITON_INTERPRET=1 the kernels run on CPU tensors (tests): there bf16
+Keys ≥ S (partial last block) and keys a key-padding mask excludes are masked out of the sums;
+query rows ≥ S load lse = +inf, so their p is 2^(−inf) = 0. With TRITON_INTERPRET=1 the kernels run on CPU tensors (tests): there bf16
 `tl.dot` is wrong (triton-lang/triton#11584), so bf16 tiles are upcast to fp32 for the dots.
 """
 from __future__ import annotations
@@ -64,12 +64,12 @@ def _query_tile(Q, stride_qb, stride_qh, stride_qs, H, S,
 
 
 @triton.jit
-def _block_mass_kernel(Q, K, LSE, OUT,
+def _block_mass_kernel(Q, K, LSE, OUT, KV_VALID,
                        stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-                       stride_lb, stride_lh, stride_ob, stride_oh, stride_oq,
+                       stride_lb, stride_lh, stride_ob, stride_oh, stride_oq, stride_mb,
                        H, S, NK, qk_scale,
                        HEAD_DIM: tl.constexpr, PLAN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                       BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, HAS_KEYMASK: tl.constexpr):
     b, h, offs_m, valid_m, q = _query_tile(Q, stride_qb, stride_qh, stride_qs, H, S, HEAD_DIM, BLOCK_M, UPCAST)
     pid_m = tl.program_id(0)
     offs_n = tl.arange(0, BLOCK_N)
@@ -84,6 +84,8 @@ def _block_mass_kernel(Q, K, LSE, OUT,
         for sub in tl.static_range(SUB):
             pos = kb * PLAN_BLOCK + sub * BLOCK_N + offs_n
             valid_n = pos < S
+            if HAS_KEYMASK:   # key-padding: excluded keys carry no mass
+                valid_n = valid_n & (tl.load(KV_VALID + b * stride_mb + pos, mask=pos < S, other=0) != 0)
             k = tl.load(k_base + pos[:, None] * stride_ks + offs_d[None, :], mask=valid_n[:, None], other=0.0)
             if UPCAST:
                 k = k.to(tl.float32)
@@ -95,10 +97,11 @@ def _block_mass_kernel(Q, K, LSE, OUT,
 
 
 @triton.jit
-def _row_lse_kernel(Q, K, LSE,
-                    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_lb, stride_lh,
+def _row_lse_kernel(Q, K, LSE, KV_VALID,
+                    stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_lb, stride_lh, stride_mb,
                     H, S, qk_scale,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                    HAS_KEYMASK: tl.constexpr):
     b, h, offs_m, valid_m, q = _query_tile(Q, stride_qb, stride_qh, stride_qs, H, S, HEAD_DIM, BLOCK_M, UPCAST)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -108,12 +111,16 @@ def _row_lse_kernel(Q, K, LSE,
     for n0 in range(0, S, BLOCK_N):   # the first tile has a key < S, so m_i is finite after it
         pos = n0 + offs_n
         valid_n = pos < S
+        if HAS_KEYMASK:
+            valid_n = valid_n & (tl.load(KV_VALID + b * stride_mb + pos, mask=pos < S, other=0) != 0)
         k = tl.load(k_base + pos[:, None] * stride_ks + offs_d[None, :], mask=valid_n[:, None], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k)) * qk_scale
         s = tl.where(valid_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))                                          # m'
+        if HAS_KEYMASK:   # no valid key yet: exponents against 0 (2^(−inf) = 0), not −inf − −inf = NaN
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)  # l'
         m_i = m_new
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453                                # natural log
@@ -137,23 +144,34 @@ def _launch_config(config: dict | None, plan_block: int | None = None) -> dict:
     return c
 
 
-def row_lse(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, config: dict | None = None) -> torch.Tensor:
-    """ln Σ_j exp(scale·q_i·k_j), `[B, H, S]` fp32."""
+def _key_mask(key_valid, q) -> tuple[torch.Tensor, int]:
+    """(the int8 key mask `[B or 1, S]` and its batch stride) for the kernels; a dummy when None."""
+    if key_valid is None:
+        return q, 0
+    m = key_valid.to(device=q.device, dtype=torch.int8).contiguous()
+    return m, (m.stride(0) if m.shape[0] > 1 else 0)
+
+
+def row_lse(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, config: dict | None = None,
+            key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """ln Σ_j exp(scale·q_i·k_j) over the keys `key_valid` (bool `[B or 1, S]`) keeps, `[B, H, S]` fp32."""
     q, k = _check(q, k)
     B, H, S, D = q.shape
     scale = D ** -0.5 if scale is None else scale
     c = _launch_config(config)
+    mask, mask_stride = _key_mask(key_valid, q)
     lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
     _row_lse_kernel[(triton.cdiv(S, c["BLOCK_M"]), B * H)](
-        q, k, lse, *q.stride()[:3], *k.stride()[:3], *lse.stride()[:2], H, S, scale * LOG2E,
+        q, k, lse, mask, *q.stride()[:3], *k.stride()[:3], *lse.stride()[:2], mask_stride, H, S, scale * LOG2E,
         HEAD_DIM=D, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], UPCAST=INTERPRET and q.dtype == torch.bfloat16,
-        num_warps=c["num_warps"], num_stages=c["num_stages"])
+        HAS_KEYMASK=key_valid is not None, num_warps=c["num_warps"], num_stages=c["num_stages"])
     return lse
 
 
 def block_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, block_size: int, scale: float | None = None,
-               config: dict | None = None) -> torch.Tensor:
-    """A `[B, H, nb, nb]` fp32 (see stats.py) from q, k `[B, H, S, D]` and the row lse `[B, H, S]`."""
+               config: dict | None = None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """A `[B, H, nb, nb]` fp32 (see stats.py) from q, k `[B, H, S, D]` and the row lse `[B, H, S]`
+    (over the same keys: those `key_valid` keeps)."""
     q, k = _check(q, k)
     B, H, S, D = q.shape
     if block_size not in (16, 32, 64, 128, 256):
@@ -165,12 +183,14 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, block_size: 
     scale = D ** -0.5 if scale is None else scale
     nb = triton.cdiv(S, block_size)
     c = _launch_config(config, block_size)
+    mask, mask_stride = _key_mask(key_valid, q)
     out = torch.zeros(B, H, nb, nb, device=q.device, dtype=torch.float32)
     _block_mass_kernel[(triton.cdiv(S, c["BLOCK_M"]), B * H)](
-        q, k, lse, out, *q.stride()[:3], *k.stride()[:3], *lse.stride()[:2], *out.stride()[:3],
+        q, k, lse, out, mask, *q.stride()[:3], *k.stride()[:3], *lse.stride()[:2], *out.stride()[:3], mask_stride,
         H, S, nb, scale * LOG2E,
         HEAD_DIM=D, PLAN_BLOCK=block_size, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
-        UPCAST=INTERPRET and q.dtype == torch.bfloat16, num_warps=c["num_warps"], num_stages=c["num_stages"])
+        UPCAST=INTERPRET and q.dtype == torch.bfloat16, HAS_KEYMASK=key_valid is not None,
+        num_warps=c["num_warps"], num_stages=c["num_stages"])
     counts = torch.full((nb,), float(block_size), device=q.device)
     counts[-1] = S - (nb - 1) * block_size
     return out / counts[:, None]

@@ -1,8 +1,8 @@
-"""`torch.ops.compact.attention`: the op every rewritten attention site calls.
+"""`torch.ops.compact.*`: the ops every rewritten attention site calls.
 
-Opaque to Inductor (an extern call), so whatever runs inside (a compiled FlexAttention or our
-Triton kernel) is chosen at run time. The site's static data (block map, kernel) lives in a
-process-wide table; the graph carries only the integer handle.
+Opaque to Inductor (extern calls), so whatever runs inside (FlashAttention-4, our Triton kernel, a
+compiled FlexAttention) is chosen at run time. Each site's runtime (site.py) lives in a process-wide
+table; the graph carries only the integer handle.
 q, k, v arrive in tiled token order (layout.py); the output is in the same order, contiguous.
 `torch.ops.compact.tile_index` gives the graph the index of that order; `torch.ops.compact.tile_pool`
 does the reorder and rectification's block pooling in one pass.
@@ -11,22 +11,20 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Callable
 
 import torch
 
 from ..layout import TokenLayout
 from .rectified import tile_pooled
-
-SiteKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "float | None"], torch.Tensor]
+from .site import SiteKernel
 
 _SITES: dict[int, SiteKernel] = {}
 _next_handle = itertools.count()
 
 
-def register_site(kernel: SiteKernel) -> int:
+def register_site(site: SiteKernel) -> int:
     handle = next(_next_handle)
-    _SITES[handle] = kernel
+    _SITES[handle] = site
     return handle
 
 
@@ -36,29 +34,29 @@ def site_kernel(handle: int) -> SiteKernel:
 
 @torch.library.custom_op("compact::attention", mutates_args=())
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, scale: float | None,
-              pools: list[torch.Tensor]) -> torch.Tensor:
-    """`pools`: (q̄, δq, k̄, δk, v̄) from `tile_pool` for a site kernel with `pooled_inputs`, else []."""
-    kernel = _SITES[handle]
-    out = kernel(q, k, v, scale, pools) if pools else kernel(q, k, v, scale)
-    return out.contiguous()
+              pools: list[torch.Tensor], key_valid: torch.Tensor | None) -> torch.Tensor:
+    """`pools`: (q̄, δq, k̄, δk, v̄) from `tile_pool` where the site's spec is pooled, else [];
+    `key_valid`: bool `[B, S]` in tile order where it has a key-padding mask, else None."""
+    return _SITES[handle](q, k, v, scale, pools or None, key_valid).contiguous()
 
 
 @attention.register_fake
-def _(q, k, v, handle, scale, pools):
+def _(q, k, v, handle, scale, pools, key_valid):
     return q.new_empty(q.shape[:-1] + v.shape[-1:])
 
 
 @torch.library.custom_op("compact::attention_parts", mutates_args=())
 def attention_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, scale: float | None,
-                    pools: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(O_sparse, R `[B, H, nq]`, Ō `[B, H, nq, Dv]`) of a site kernel with `merges_outside`: the
+                    pools: list[torch.Tensor], key_valid: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(O_sparse, R `[B, H, nq]`, Ō `[B, H, nq, Dv]`) of a site whose spec merges in the graph: the
     graph computes R·O + Ō itself, where Inductor fuses it into the reorder back to model order."""
-    o, r, o_bar = _SITES[handle].parts(q, k, v, scale, pools)
+    o, r, o_bar = _SITES[handle].parts(q, k, v, scale, pools, key_valid)
     return o.contiguous(), r.contiguous(), o_bar.contiguous()
 
 
 @attention_parts.register_fake
-def _(q, k, v, handle, scale, pools):
+def _(q, k, v, handle, scale, pools, key_valid):
     B, H, nq = pools[0].shape[:3]
     return (q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty(B, H, nq, dtype=torch.float32),
             q.new_empty(B, H, nq, v.shape[-1], dtype=torch.float32))
@@ -87,17 +85,18 @@ def _(like, grid, tile, block_size, n_text, text_first, inverse):
 
 @torch.library.custom_op("compact::tile_pool", mutates_args=())
 def tile_pool(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: list[int], tile: list[int], block_size: int,
-              n_text: int, text_first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                      torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              n_text: int, text_first: bool, key_valid: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                         torch.Tensor, torch.Tensor]:
     """q, k, v in tile order (contiguous) and their block statistics (q̄, δq, k̄, δk, v̄, float32
-    `[B, H, n_blocks, D]`; keys and values over video tokens only): `rectified.tile_pooled`."""
+    `[B, H, n_blocks, D]`; keys and values over valid video tokens only): `rectified.tile_pooled`."""
     layout = TokenLayout(tuple(grid), tuple(tile), block_size, n_text, text_first)
-    tiled, pools = tile_pooled(q, k, v, _tile_index(layout, q.device, False), layout.n_video, block_size)
+    tiled, pools = tile_pooled(q, k, v, _tile_index(layout, q.device, False), layout.n_video, block_size, key_valid)
     return tuple(x.contiguous() for x in tiled) + tuple(pools)
 
 
 @tile_pool.register_fake
-def _(q, k, v, grid, tile, block_size, n_text, text_first):
+def _(q, k, v, grid, tile, block_size, n_text, text_first, key_valid):
     B, H, S, _ = q.shape
     nb = -(-S // block_size)
     stats = [x.new_empty(B, H, nb, x.shape[-1], dtype=torch.float32) for x in (q, q, k, k, v)]

@@ -21,6 +21,12 @@ from block means (q̄, k̄, v̄) at a cost of O(blocks²·D):
 `rows=True` estimates P̂, GAPR, R and Ō per query row (keys still pooled): 1/B of dense cost
 instead of 1/B² — finer, and measurably so or not (benchmarks/bench_rectify.py).
 Pooled means count only real tokens: the last block may be partial and padding never enters a mean.
+Key-padding masks (`key_valid`) exclude keys everywhere: from the pooled means, the counts c_m and
+the text keys.
+
+The site runtime (site.py) calls `choose` and `merge_blocks`; the Triton kernels (pool_triton.py,
+estimate_triton.py, select_triton.py) compute the same where they apply, the torch code here
+elsewhere (and is their reference).
 """
 from __future__ import annotations
 
@@ -29,25 +35,27 @@ import math
 import torch
 import triton
 
-from ..layout import TokenLayout
 from .compiled import compiled
-from .flex import block_mask, block_mask_from_lists, flex, kv_block_lists
 from .estimate_triton import estimate_static_triton
 from .pool_triton import block_pool_qkv_triton, tile_pool_qkv_triton
 from .select_triton import MAX_BLOCKS, select_blocks_triton
-from .triton_sparse import HEAD_DIMS, block_sparse_attention, triton_available
+from .triton_sparse import HEAD_DIMS, triton_available
 
 
-def block_pool(x: torch.Tensor, n_valid: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def block_pool(x: torch.Tensor, n_valid: int, block_size: int, key_valid: torch.Tensor | None = None):
     """Mean and mean absolute deviation of x `[B, H, S, D]` over the first `n_valid` tokens of each
-    block (zeros for a block with none): the reference and CPU path of pool_triton."""
+    block that `key_valid` (bool `[B or 1, S]`) keeps (zeros for a block with none): the reference
+    and CPU path of pool_triton."""
     B, H, S, D = x.shape
     nb = -(-S // block_size)
     pad = nb * block_size - S
     x = x.to(torch.promote_types(x.dtype, torch.float32))
     xb = torch.nn.functional.pad(x, (0, 0, 0, pad)).view(B, H, nb, block_size, D)
-    w = (torch.arange(nb * block_size, device=x.device) < n_valid).to(x.dtype).view(nb, block_size, 1)
-    count = w.sum(1).clamp(min=1)
+    w = (torch.arange(nb * block_size, device=x.device) < n_valid)[None]
+    if key_valid is not None:
+        w = w & torch.nn.functional.pad(key_valid.to(x.device, torch.bool), (0, pad))
+    w = w.to(x.dtype).view(w.shape[0], 1, nb, block_size, 1)
+    count = w.sum(3).clamp(min=1)
     mean = (xb * w).sum(3) / count
     mad = ((xb - mean[:, :, :, None]).abs() * w).sum(3) / count
     return mean, mad
@@ -59,32 +67,43 @@ def _triton_shapes(q, k, v) -> bool:
     return q.shape == k.shape == v.shape and q.shape[-1] in HEAD_DIMS and all(x.stride(-1) == 1 for x in (q, k, v))
 
 
-def _pool_on_gpu(q, k, v) -> bool:
-    return q.device.type == "cuda" and q.dtype != torch.float64 and _triton_shapes(q, k, v)
+def _pool_on_gpu(q, k, v, key_valid) -> bool:
+    return key_valid is None and q.device.type == "cuda" and q.dtype != torch.float64 and _triton_shapes(q, k, v)
 
 
-def pooled(q, k, v, n_video: int, block_size: int):
-    """q̄, δq over all tokens; k̄, δk, v̄ over video tokens (text keys are never pooled)."""
-    if _pool_on_gpu(q, k, v):
+def pooled(q, k, v, n_video: int, block_size: int, key_valid=None):
+    """q̄, δq over all tokens; k̄, δk, v̄ over the valid video keys (text keys are never pooled)."""
+    if _pool_on_gpu(q, k, v, key_valid):
         return block_pool_qkv_triton(q, k, v, n_video, block_size)
-    (qm, qd), (km, kd), (vm, _) = (block_pool(x, n, block_size) for x, n in
-                                   ((q, q.shape[-2]), (k, n_video), (v, n_video)))
+    (qm, qd), (km, kd), (vm, _) = (block_pool(x, n, block_size, mask) for x, n, mask in
+                                   ((q, q.shape[-2], None), (k, n_video, key_valid), (v, n_video, key_valid)))
     return qm, qd, km, kd, vm
 
 
-def tile_pooled(q, k, v, src, n_video: int, block_size: int):
+def tile_pooled(q, k, v, src, n_video: int, block_size: int, key_valid=None):
     """((q, k, v) gathered into tile order (row p = model row src[p]), their `pooled` statistics):
-    on the GPU one pass over each tensor, so the pooling costs little beyond the reorder itself."""
-    if _pool_on_gpu(q, k, v):
+    on the GPU one pass over each tensor, so the pooling costs little beyond the reorder itself.
+    `key_valid` is in tile order."""
+    if _pool_on_gpu(q, k, v, key_valid):
         return tile_pool_qkv_triton(q, k, v, src, n_video, block_size)
     tiled = tuple(x.index_select(-2, src) for x in (q, k, v))
-    return tiled, pooled(*tiled, n_video, block_size)
+    return tiled, pooled(*tiled, n_video, block_size, key_valid)
+
+
+def valid_counts(video_count: torch.Tensor, n_video: int, block_size: int, key_valid: torch.Tensor | None):
+    """Valid video keys per key block: `[nk]` without a key mask, else `[B, 1, 1, nk]`."""
+    if key_valid is None:
+        return video_count
+    nb = video_count.shape[-1]
+    video = torch.nn.functional.pad(key_valid[:, :n_video], (0, nb * block_size - n_video)).view(-1, nb, block_size)
+    return video.sum(-1).to(video_count.dtype)[:, None, None, :]
 
 
 def _estimate(pools, q, k_text, static, video_count, text_block, scale: float, block_size: int,
-              dynamic: bool, rectify: bool, rows: bool, p_remain: float, k_min: int):
+              dynamic: bool, rectify: bool, rows: bool, p_remain: float, k_min: int, text_valid=None):
     """keep `[B, H, nq, nk]` bool, and (if rectify) R `[B, H, nq|S]`, Ō `[B, H, nq|S, D]`, in float32
-    (float64 for float64 inputs). `pools` from `pooled`; q is used only per row."""
+    (float64 for float64 inputs). `pools` from `pooled`; q is used only per row. `video_count` from
+    `valid_counts`; `text_valid` bool `[B, n_text]` excludes text keys."""
     q_mean, q_mad, k_mean, k_mad, v_mean = pools
     nb = q_mean.shape[-2]
     k_text = k_text.to(q_mean.dtype)
@@ -93,6 +112,8 @@ def _estimate(pools, q, k_text, static, video_count, text_block, scale: float, b
     def block_probs(qx):  # P̂ over key blocks for queries qx [B, H, n, D] (block means or rows)
         video = (qx @ k_mean.transpose(-1, -2)) * scale + log_count
         text = (qx @ k_text.transpose(-1, -2)) * scale
+        if text_valid is not None:
+            text = text.masked_fill(~text_valid[:, None, None, :], -math.inf)
         p = torch.cat([video, text], -1).softmax(-1)
         return p[..., :nb].index_add(-1, text_block, p[..., nb:])
 
@@ -134,115 +155,25 @@ def merge_blocks(o, r, o_bar, block_size: int):
 estimate, merge = compiled(_estimate, eager_on_cpu=True), compiled(merge_blocks, eager_on_cpu=True)
 
 
-class RectifiedSparse:
-    """A site kernel: block-sparse attention over `static` blocks (∪ online choices if `dynamic`),
-    rectified unless `rectify` is False."""
+def on_triton(q, k, v, *, rows: bool, rectify: bool, dynamic: bool, text_kept: bool, n_blocks: int,
+              explicit_triton: bool, key_valid) -> bool:
+    """Whether the choice and the estimate run as Triton kernels (select_triton.py,
+    estimate_triton.py) rather than as torch code compiled by Inductor. The estimate counts text
+    keys in the normaliser only, so it needs the blocks holding them kept; neither takes key masks."""
+    return (not rows and key_valid is None and (text_kept or not rectify) and q.dtype != torch.float64
+            and _triton_shapes(q, k, v) and triton_available(q.device)
+            and (q.device.type == "cuda" or explicit_triton)
+            and (not dynamic or triton.next_power_of_2(n_blocks) <= MAX_BLOCKS))
 
-    def __init__(self, layout: TokenLayout, static: torch.Tensor, *, dynamic: bool, rectify: bool,
-                 rows: bool = False, p_remain: float = 0.3, drop: float = 0.9, kernel: str = "flex"):
-        self.layout, self.static, self.kernel = layout, static.bool(), kernel
-        self.dynamic, self.rectify, self.rows, self.p_remain, self.drop = dynamic, rectify, rows, p_remain, drop
-        bs, nb = layout.block_size, layout.n_blocks
-        pos = torch.arange(nb * bs)
-        self.video_count = ((pos < layout.n_video).view(nb, bs).sum(1)).float()
-        self.text_block = torch.arange(layout.n_video, layout.seq_len) // bs
-        self.k_min = math.floor((1 - drop) * nb)
-        # the Triton estimate (estimate_triton.py) counts text keys in the normaliser only: the blocks
-        # holding them must be kept
-        self.text_kept = bool(self.static[..., self.text_block.unique()].all())
-        self._device_data: dict[torch.device, tuple] = {}
-        self._static_lists: dict[torch.device, tuple] = {}
 
-    def _data(self, device):
-        if device not in self._device_data:
-            static = self.static.to(device)
-            self._device_data[device] = (static, self.video_count.to(device), self.text_block.to(device),
-                                         None if self.dynamic else block_mask(static[None], self.layout.seq_len,
-                                                                              self.layout.block_size),
-                                         static.to(torch.int8))   # as the Triton estimate reads it
-        return self._device_data[device]
-
-    pooled_inputs = True   # the rewrite may hand over (q̄, δq, k̄, δk, v̄), pooled with the reorder
-
-    def estimate(self, q, k, v, scale: float | None = None, pools=None):
-        """(keep `[B, H, nq, nk]`, R, Ō) for these inputs; R and Ō are None without rectification.
-        `pools`: `pooled(q, k, v, …)` if already computed."""
-        keep, _, r, o_bar = self._choose(q, k, v, scale, pools)
-        return keep.bool().expand(q.shape[0], q.shape[1], -1, -1), r, o_bar
-
-    def _on_triton(self, q, k, v) -> bool:
-        """Whether the choice and the estimate run as Triton kernels (select_triton.py,
-        estimate_triton.py) rather than as torch code compiled by Inductor. The estimate counts text
-        keys in the normaliser only, so it needs the blocks holding them kept."""
-        return (not self.rows and (self.text_kept or not self.rectify) and q.dtype != torch.float64
-                and _triton_shapes(q, k, v) and triton_available(q.device)
-                and (q.device.type == "cuda" or self.kernel == "triton")
-                and (not self.dynamic or triton.next_power_of_2(self.layout.n_blocks) <= MAX_BLOCKS))
-
-    def _choose(self, q, k, v, scale, pools):
-        """(keep, its block lists (kv_num, kv_indices) `[B, H, …]` or None, R, Ō)."""
-        L = self.layout
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        static, video_count, text_block, _, static_i8 = self._data(q.device)
-        pools = pooled(q, k, v, L.n_video, L.block_size) if pools is None else pools
-        if not self._on_triton(q, k, v):
-            keep, r, o_bar = estimate(pools, q if self.rows else None, k[:, :, L.n_video:], static, video_count,
-                                      text_block, scale, L.block_size, self.dynamic, self.rectify, self.rows,
-                                      self.p_remain, self.k_min)
-            return keep, None, r, o_bar
-        lists = None
-        if self.dynamic:
-            keep, *lists = select_blocks_triton(pools[0], pools[2], k, static_i8, L.n_video, scale, L.block_size,
-                                                self.p_remain, self.k_min)
-        else:
-            keep = static_i8            # [H or 1, nq, nk]: the estimate broadcasts it
-        r, o_bar = (estimate_static_triton(pools, k, keep, L.n_video, scale, L.block_size) if self.rectify
-                    else (None, None))
-        return keep, lists, r, o_bar
-
-    @property
-    def merges_outside(self) -> bool:
-        """Whether a rewritten graph should call `parts` and merge R·O + Ō itself: FlexAttention has
-        no epilogue for it (per block only: per-row R, Ō have a shape of their own)."""
-        return self.kernel != "triton" and self.rectify and not self.rows
-
-    def parts(self, q, k, v, scale: float | None = None, pools=None):
-        """(O over the kept blocks by FlexAttention, R, Ō): the output is merge_blocks(O, R, Ō)
-        (R, Ō are None without rectification)."""
-        L = self.layout
-        keep, lists, r, o_bar = self._choose(q, k, v, scale, pools)
-        bm = self._data(q.device)[3]
-        if bm is None:
-            bm = (block_mask_from_lists(*lists, L.seq_len, L.block_size) if lists is not None and q.is_cuda
-                  else block_mask(keep.bool(), L.seq_len, L.block_size))
-        return flex(q, k, v, block_mask=bm, scale=scale), r, o_bar
-
-    def __call__(self, q, k, v, scale: float | None = None, pools=None) -> torch.Tensor:
-        L = self.layout
-        if self.kernel != "triton":
-            o, r, o_bar = self.parts(q, k, v, scale, pools)
-            return merge(o, r, o_bar, L.block_size) if self.rectify else o
-        keep, lists, r, o_bar = self._choose(q, k, v, scale, pools)
-        fused = (r, o_bar) if self.rectify and not self.rows else None   # R·O + Ō in the kernel's epilogue
-        o = self._triton(q, k, v, keep, lists, scale, fused)
-        return merge(o, r, o_bar, L.block_size) if self.rows else o
-
-    def _triton(self, q, k, v, keep, lists, scale, rectify):
-        """A static plan's block lists serve the whole batch in one launch; a dynamic plan's choice
-        (its `lists`, else made from `keep`) differs per batch element: one launch each, written into
-        one output."""
-        bs = self.layout.block_size
-        if not self.dynamic:
-            return block_sparse_attention(q, k, v, *self._lists(q.device), bs, scale, rectify=rectify)
-        out = q.new_empty(q.shape)
-        for b in range(q.shape[0]):
-            part = None if rectify is None else (rectify[0][b:b + 1], rectify[1][b:b + 1])
-            num, idx = (lists[0][b], lists[1][b]) if lists is not None else kv_block_lists(keep[b].bool())
-            block_sparse_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], num, idx, bs, scale,
-                                   rectify=part, out=out[b:b + 1])
-        return out
-
-    def _lists(self, device):
-        if device not in self._static_lists:
-            self._static_lists[device] = kv_block_lists(self.static.to(device))
-        return self._static_lists[device]
+def choose_triton(pools, k, static_i8, n_video: int, scale: float, block_size: int, *, dynamic: bool,
+                  rectify: bool, p_remain: float, k_min: int):
+    """(keep, its block lists or None, R, Ō) from the Triton kernels; keep is int8, `[H or 1, nq, nk]`
+    for static plans (the estimate broadcasts it)."""
+    lists = None
+    keep = static_i8
+    if dynamic:
+        keep, *lists = select_blocks_triton(pools[0], pools[2], k, static_i8, n_video, scale, block_size,
+                                            p_remain, k_min)
+    r, o_bar = (estimate_static_triton(pools, k, keep, n_video, scale, block_size) if rectify else (None, None))
+    return keep, lists, r, o_bar

@@ -13,10 +13,14 @@ def token_mask(blocks: torch.Tensor, seq_len: int, block_size: int) -> torch.Ten
     return blocks.repeat_interleave(block_size, -1).repeat_interleave(block_size, -2)[..., :seq_len, :seq_len]
 
 
-def block_sparse_attention_reference(q, k, v, blocks, block_size: int, scale: float | None = None):
-    """softmax(q·kᵀ·scale masked to the kept blocks)·v in float64; q, k, v `[B, H, S, D]`, blocks
-    `[H or 1, n_blocks, n_blocks]`. Returns float64."""
+def block_sparse_attention_reference(q, k, v, blocks, block_size: int, scale: float | None = None,
+                                     key_valid=None):
+    """softmax(q·kᵀ·scale masked to the kept blocks, and to the keys `key_valid` keeps)·v in float64;
+    q, k, v `[B, H, S, D]`, blocks `[H or 1, n_blocks, n_blocks]` or `[B or 1, H or 1, …]`,
+    key_valid bool `[B or 1, S]`. A query that keeps no key gets 0. Returns float64."""
     mask = token_mask(blocks.to(q.device), q.shape[-2], block_size)
+    if key_valid is not None:
+        mask = mask & key_valid.to(q.device, torch.bool)[:, None, None, :]
     return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, scale=scale)
 
 

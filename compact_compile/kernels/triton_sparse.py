@@ -1,9 +1,10 @@
 """Block-sparse attention forward in Triton, over compacted key-block lists.
 
-Per (head, query block) the plan keeps a list of key blocks: `kv_num_blocks [H or 1, nq]` and
-`kv_indices [H or 1, nq, nk]` (kept first, ascending: `flex.kv_block_lists`), broadcast over batch
-(and over heads when the first dim is 1). One program computes BLOCK_M query rows of one (batch,
-head) and walks only its listed key blocks: no scan over a dense bitmap.
+Per (batch, head, query block) a list of key blocks: `kv_num_blocks [B or 1, H or 1, nq]` and
+`kv_indices [B or 1, H or 1, nq, nk]` (kept first, ascending: `registry.kv_block_lists`), broadcast
+where a dim is 1 (static plans: over the batch; head-agnostic plans: over heads too). One program
+computes BLOCK_M query rows of one (batch, head) and walks only its listed key blocks: no scan over
+a dense bitmap.
 
 Online softmax (FlashAttention-2) in base 2. For query row i and the key tiles j seen so far, with
 s_ij = q_i·k_j and c = scale·log2(e):
@@ -14,11 +15,11 @@ A new tile raises the max to m' = max(m_i, max_j s_ij·c); the old sums are resc
 α = 2^(m_i − m'), so l' = α·l + Σ_j p_ij, acc' = α·acc + P·V with p_ij = 2^(s_ij·c − m').
 At the end O_i = acc_i / l_i = softmax(s_i·scale)·V since 2^(x·log2 e) = e^x.
 
-Extras, both fused into the one pass:
+Extras, fused into the one pass:
+- key-padding masks: with `key_valid [B, S]`, keys where it is 0 score −inf (a row that has seen no
+  valid key yet keeps m = 0 as its exponent base, so the zeros it adds are zeros, not NaN);
 - rectification epilogue: with R `[B, H, nq]` and Ō `[B, H, nq, D]` (fp32, per query block),
-  the kernel writes R·O + Ō;
-- token permutation: with `src [S]`, tiled position p reads q/k/v rows at model position src[p]
-  and output row p is stored at src[p], so the output comes back in model order.
+  the kernel writes R·O + Ō.
 
 On Hopper the K/V tiles come through TMA tensor descriptors where the strides allow (autotuned
 against pointer loads; rows past S read as zeros). fp32 inputs get IEEE fp32 dots, not TF32.
@@ -39,7 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .flex import kv_block_lists
+from ..layout import TokenLayout
+from .registry import sdpa_dense
 
 # Triton reads TRITON_INTERPRET when it is imported (its own library functions are jit-decorated then),
 # so the interpreter must be chosen before `import triton`: tests/conftest.py does it on CPU machines.
@@ -58,24 +60,11 @@ def triton_available(device) -> bool:
     return device.type == "cpu" and INTERPRET
 
 
-def triton_unsupported(device, dtype, head_dim: int, explicit: bool) -> str:
-    """Why the kernel does not apply ("" if it does). Unless asked for `explicit`ly, it runs on CUDA
-    GPUs only (the CPU interpreter is for tests)."""
-    device = torch.device(device)
-    if not triton_available(device) or (not explicit and device.type != "cuda"):
-        return f"no Triton on {device}"
-    if dtype not in DTYPES or (dtype == torch.float32 and not explicit):
-        return f"dtype {dtype}" + (" (its sm90 tiles are sized for fp16/bf16)" if dtype == torch.float32 else "")
-    if head_dim not in HEAD_DIMS:
-        return f"head dim {head_dim} (supported: {HEAD_DIMS})"
-    return ""
-
-
 @triton.jit
-def _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, SRC, k_off, v_off, offs_n, offs_d, j, S,
+def _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, valid_base, k_off, v_off, offs_n, j, S,
              stride_ks, stride_vs, qk_scale,
-             PLAN_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr,
-             HAS_SRC: tl.constexpr, UPCAST: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr):
+             PLAN_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, HAS_KEYMASK: tl.constexpr,
+             UPCAST: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr):
     """One BLOCK_N key tile: step j of the flattened (list entry, sub-tile) loop."""
     SUB: tl.constexpr = PLAN_BLOCK // BLOCK_N          # kernel tiles per plan block
     kb = tl.load(idx_ptr + j // SUB)                   # listed key block
@@ -84,17 +73,9 @@ def _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, SRC, k_off, v_off, offs_
     if USE_TMA:   # k_base, v_base are tensor descriptors of this (batch, head)'s [S, D]; rows ≥ S read 0
         k = k_base.load([n0, 0])
         v = v_base.load([n0, 0])
-    elif HAS_SRC:   # gather: tiled key p lives at model row src[p]
-        if MASK:
-            rows = tl.load(SRC + pos, mask=pos < S, other=0).to(tl.int64)
-        else:
-            rows = tl.load(SRC + pos).to(tl.int64)
-        k_ptrs = k_base + rows[:, None] * stride_ks + offs_d[None, :]
-        v_ptrs = v_base + rows[:, None] * stride_vs + offs_d[None, :]
     else:         # contiguous tile: 64-bit scalar start + 32-bit in-tile offsets k_off, v_off
         k_ptrs = k_base + n0.to(tl.int64) * stride_ks + k_off
         v_ptrs = v_base + n0.to(tl.int64) * stride_vs + v_off
-    if not USE_TMA:
         if MASK:
             k = tl.load(k_ptrs, mask=(pos < S)[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=(pos < S)[:, None], other=0.0)
@@ -108,7 +89,12 @@ def _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, SRC, k_off, v_off, offs_
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)      # s_ij = q_i·k_j, fp32
     if MASK:
         qk = tl.where((pos < S)[None, :], qk, float("-inf"))
+    if HAS_KEYMASK:   # key-padding: excluded keys score −inf
+        valid = tl.load(valid_base + pos, mask=pos < S, other=0)
+        qk = tl.where((valid != 0)[None, :], qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)   # m' = max(m, max_j s_ij·c)
+    if HAS_KEYMASK:   # a row with no valid key yet: exponents against 0, so 2^(−inf − 0) = 0, not NaN
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(qk * qk_scale - m_new[:, None])    # p_ij = 2^(s_ij·c − m')
     alpha = tl.math.exp2(m_i - m_new)                   # α = 2^(m − m')
     l_i = l_i * alpha + tl.sum(p, 1)                    # l' = α·l + Σ_j p_ij
@@ -120,14 +106,14 @@ def _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, SRC, k_off, v_off, offs_
 
 
 @triton.jit(do_not_specialize=["H", "S", "NK", "S_BUCKET"])  # one binary across sequence lengths
-def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, SRC, R, OBAR,
+def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, KV_VALID, R, OBAR,
               stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
               stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
-              stride_nh, stride_nq, stride_ih, stride_iq,
+              stride_nb, stride_nh, stride_nq, stride_ib, stride_ih, stride_iq, stride_mb,
               stride_rb, stride_rh, stride_rq, stride_cb, stride_ch, stride_cq,
               H, S, NK, qk_scale, S_BUCKET,
               HEAD_DIM: tl.constexpr, PLAN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              EVEN_S: tl.constexpr, HAS_SRC: tl.constexpr, HAS_RECT: tl.constexpr, UPCAST: tl.constexpr,
+              EVEN_S: tl.constexpr, HAS_KEYMASK: tl.constexpr, HAS_RECT: tl.constexpr, UPCAST: tl.constexpr,
               TMA_OK: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr):
     # grid: (query tiles, B·H); all tiles of one head run together, so its K/V stay in L2
     pid_m = tl.program_id(0)
@@ -140,11 +126,7 @@ def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, SRC, R, OBAR,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q_valid = offs_m < S
-    if HAS_SRC:
-        q_rows = tl.load(SRC + offs_m, mask=q_valid, other=0).to(tl.int64)
-    else:
-        q_rows = offs_m.to(tl.int64)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + q_rows[:, None] * stride_qs + offs_d[None, :],
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
                 mask=q_valid[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -157,38 +139,39 @@ def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, SRC, R, OBAR,
                                            block_shape=[BLOCK_N, HEAD_DIM])
     k_off = offs_n[:, None] * stride_ks + offs_d[None, :]
     v_off = offs_n[:, None] * stride_vs + offs_d[None, :]
+    valid_base = KV_VALID + b * stride_mb
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-    # this (head, query block)'s list; stride_nh = stride_ih = 0 when the lists broadcast over heads
-    idx_ptr = KV_IDX + h * stride_ih + qb * stride_iq
-    n = tl.load(KV_NUM + h * stride_nh + qb * stride_nq)
+    # this (batch, head, query block)'s list; the strides are 0 where the lists broadcast
+    idx_ptr = KV_IDX + b * stride_ib + h * stride_ih + qb * stride_iq
+    n = tl.load(KV_NUM + b * stride_nb + h * stride_nh + qb * stride_nq)
     SUB: tl.constexpr = PLAN_BLOCK // BLOCK_N
     n_main = n
     if not EVEN_S:   # the partial block nk−1, if listed, is the last entry: keep it for the tail
         last = tl.load(idx_ptr + tl.maximum(n - 1, 0))
         n_main = tl.where((n > 0) & (last == NK - 1), n - 1, n)
     for j in range(0, n_main * SUB):
-        acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, SRC, k_off, v_off, offs_n, offs_d,
+        acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, valid_base, k_off, v_off, offs_n,
                                  j, S, stride_ks, stride_vs, qk_scale,
-                                 PLAN_BLOCK, BLOCK_N, False, HAS_SRC, UPCAST, USE_TMA, PRECISION)
+                                 PLAN_BLOCK, BLOCK_N, False, HAS_KEYMASK, UPCAST, USE_TMA, PRECISION)
     if not EVEN_S:
         # sub-tiles of block nk−1 that hold a key < S; each starts below S, so every row of the first
-        # one has a finite score and m_i never stays −inf into a later tile
+        # one has a finite score and m_i never stays −inf into a later tile (unless keys are masked)
         n_tail = (n - n_main) * ((S - (NK - 1) * PLAN_BLOCK + BLOCK_N - 1) // BLOCK_N)
         for j in range(n_main * SUB, n_main * SUB + n_tail):
-            acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, SRC, k_off, v_off, offs_n, offs_d,
+            acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, valid_base, k_off, v_off, offs_n,
                                      j, S, stride_ks, stride_vs, qk_scale,
-                                     PLAN_BLOCK, BLOCK_N, True, HAS_SRC, UPCAST, USE_TMA, PRECISION)
+                                     PLAN_BLOCK, BLOCK_N, True, HAS_KEYMASK, UPCAST, USE_TMA, PRECISION)
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]    # O = acc / l (a row with no kept block: 0)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]    # O = acc / l (a row with no kept key: 0)
     if HAS_RECT:    # rectified output R·O + Ō of this query block
         r = tl.load(R + b * stride_rb + h * stride_rh + qb * stride_rq)
         ob = tl.load(OBAR + b * stride_cb + h * stride_ch + qb * stride_cq + offs_d)
         out = out * r + ob[None, :]
-    tl.store(Out + b * stride_ob + h * stride_oh + q_rows[:, None] * stride_os + offs_d[None, :],
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=q_valid[:, None])
 
 
@@ -238,7 +221,7 @@ def _tma_scratch(device):
 _attn_fwd_tuned = None if INTERPRET else triton.autotune(
     configs=[triton.Config(dict(BLOCK_M=m, BLOCK_N=n, USE_TMA=tma), num_warps=w, num_stages=s)
              for m, n, w, s, tma in SM90_CONFIGS],
-    key=["HEAD_DIM", "S_BUCKET", "PLAN_BLOCK", "HAS_SRC", "HAS_RECT", "TMA_OK"],
+    key=["HEAD_DIM", "S_BUCKET", "PLAN_BLOCK", "HAS_KEYMASK", "HAS_RECT", "TMA_OK"],
     prune_configs_by={"early_config_prune": _prune},
 )(_attn_fwd)
 
@@ -276,14 +259,15 @@ def _check_qkv(q, k, v):
 
 
 def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, scale: float | None = None, *,
-                           rectify=None, src=None, out=None, config: dict | None = None) -> torch.Tensor:
+                           key_valid=None, rectify=None, out=None, config: dict | None = None) -> torch.Tensor:
     """softmax(q·kᵀ·scale over the listed key blocks)·v, `[B, H, S, D]` in q's dtype (contiguous
     unless `out` is given).
 
-    kv_num_blocks `[H or 1, nq]`, kv_indices `[H or 1, nq, nk]` int32: per query block of
-    `block_size` tokens, the count and the (ascending) indices of its key blocks.
+    kv_num_blocks `[B or 1, H or 1, nq]`, kv_indices `[B or 1, H or 1, nq, nk]` int32 (a leading
+    dim may be left out): per query block of `block_size` tokens, the count and the (ascending)
+    indices of its key blocks (`registry.kv_block_lists`).
+    key_valid: bool `[B or 1, S]`: keys where it is False are excluded (key-padding masks).
     rectify: (R `[B, H, nq]`, Ō `[B, H, nq, D]`), anything broadcastable: write R·O + Ō instead.
-    src `[S]` int32/int64: tiled position p reads q/k/v row src[p]; output row p goes to src[p].
     config: dict(BLOCK_M=, BLOCK_N=, num_warps=, num_stages=, tma=) to bypass the autotuner; `tma`
     loads K/V through TMA descriptors where the inputs allow it (`_tma_ok`), else it is ignored.
     """
@@ -295,20 +279,25 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, 
     nq = triton.cdiv(S, block_size)
     if block_size not in (16, 32, 64, 128):
         raise ValueError(f"block size {block_size} not supported (16, 32, 64, 128)")
-    if kv_num_blocks.dim() != 2 or kv_num_blocks.shape[0] not in (1, H) or kv_num_blocks.shape[1] != nq:
-        raise ValueError(f"kv_num_blocks must be [H or 1, {nq}]; got {tuple(kv_num_blocks.shape)}")
-    if kv_indices.shape != (kv_num_blocks.shape[0], nq, nq):
-        raise ValueError(f"kv_indices must be [{kv_num_blocks.shape[0]}, {nq}, {nq}]; got {tuple(kv_indices.shape)}")
-    num = kv_num_blocks.to(device=q.device, dtype=torch.int32)
-    idx = kv_indices.to(device=q.device, dtype=torch.int32).contiguous()
+    num, idx = kv_num_blocks, kv_indices
+    num = num.reshape((1,) * (3 - num.dim()) + tuple(num.shape))
+    idx = idx.reshape((1,) * (4 - idx.dim()) + tuple(idx.shape))
+    if num.shape[0] not in (1, B) or num.shape[1] not in (1, H) or num.shape[2] != nq:
+        raise ValueError(f"kv_num_blocks must be [B or 1, H or 1, {nq}]; got {tuple(kv_num_blocks.shape)}")
+    if idx.shape[:3] != num.shape or idx.shape[3] != nq:
+        raise ValueError(f"kv_indices must be [{', '.join(map(str, num.shape))}, {nq}]; got {tuple(kv_indices.shape)}")
+    num = num.to(device=q.device, dtype=torch.int32)
+    idx = idx.to(device=q.device, dtype=torch.int32)
+    if idx.stride(-1) != 1:
+        idx = idx.contiguous()
     if out is None:
         out = torch.empty(B, H, S, D, device=q.device, dtype=q.dtype)
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError("out must be [B, H, S, D] in q's dtype with a contiguous last dim")
-    if src is not None:
-        if src.shape != (S,) or src.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"src must be an int32/int64 [S={S}] index; got {src.dtype} {tuple(src.shape)}")
-        src = src.to(q.device).contiguous()
+    if key_valid is not None:
+        if key_valid.dim() != 2 or key_valid.shape[0] not in (1, B) or key_valid.shape[1] != S:
+            raise ValueError(f"key_valid must be [B or 1, S] = [{B}, {S}]; got {tuple(key_valid.shape)}")
+        key_valid = key_valid.to(device=q.device, dtype=torch.int8).contiguous()
     if rectify is not None:
         r, obar = rectify
         r = r.to(device=q.device, dtype=torch.float32).expand(B, H, nq)
@@ -320,15 +309,16 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, 
         r = obar = None
         r_strides = c_strides = (0, 0, 0)
     scale = D ** -0.5 if scale is None else scale
-    head_stride = lambda t: t.stride(0) if t.shape[0] > 1 else 0  # noqa: E731
-    args = (q, k, v, out, num, idx, src, r, obar,
+    bstride = lambda t, d: t.stride(d) if t.shape[d] > 1 else 0  # noqa: E731  (broadcast dims: 0)
+    args = (q, k, v, out, num, idx, num if key_valid is None else key_valid, r, obar,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            head_stride(num), num.stride(1), head_stride(idx), idx.stride(1),
+            bstride(num, 0), bstride(num, 1), num.stride(2), bstride(idx, 0), bstride(idx, 1), idx.stride(2),
+            0 if key_valid is None else bstride(key_valid, 0),
             *r_strides, *c_strides,
             H, S, nq, scale * LOG2E, triton.next_power_of_2(S))
     meta = dict(HEAD_DIM=D, PLAN_BLOCK=block_size, EVEN_S=S % block_size == 0,
-                HAS_SRC=src is not None, HAS_RECT=rectify is not None,
-                UPCAST=INTERPRET and q.dtype == torch.bfloat16, TMA_OK=src is None and _tma_ok(k, v),
+                HAS_KEYMASK=key_valid is not None, HAS_RECT=rectify is not None,
+                UPCAST=INTERPRET and q.dtype == torch.bfloat16, TMA_OK=_tma_ok(k, v),
                 # fp32 inputs get fp32 dots, not TF32: torch's own fp32 matmul default
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     if meta["TMA_OK"] and not INTERPRET:   # any allocator serves; this one is torch's caching allocator
@@ -349,27 +339,34 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, 
     return out
 
 
-class TritonBlockSparse:
-    """Attention over the kept blocks of `blocks` (bool `[H or 1, n_blocks, n_blocks]`); the same
-    call as `FlexBlockSparse`, plus the fused extras: `rectify=(R, Ō)` and `src` (see
-    `block_sparse_attention`). The int32 block lists are built once per device."""
+class TritonKernel:
+    """Our Triton kernel: block lists as they are, key masks and the rectified epilogue in the one pass."""
 
-    def __init__(self, blocks: torch.Tensor, seq_len: int, block_size: int):
-        self.blocks, self.seq_len, self.block_size = blocks.bool(), seq_len, block_size
-        if self.blocks.dim() != 3 or self.blocks.shape[1:] != (triton.cdiv(seq_len, block_size),) * 2:
-            raise ValueError(f"blocks must be [H or 1, n, n] with n = ceil({seq_len}/{block_size}); "
-                             f"got {tuple(self.blocks.shape)}")
-        self._lists: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+    name = "triton"
+    fuses_rectify = True
 
-    def block_lists(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def __init__(self, layout: TokenLayout):
+        self.block_size = layout.block_size
+
+    @staticmethod
+    def unsupported(device, dtype, head_dim, block_size, explicit, key_mask=False) -> str:
+        """Unless asked for `explicit`ly it runs on CUDA GPUs only (the CPU interpreter is for tests),
+        and not on fp32, whose sm90 tiles it is not sized for."""
         device = torch.device(device)
-        if device not in self._lists:
-            num, idx = kv_block_lists(self.blocks.to(device))
-            self._lists[device] = (num.to(torch.int32).contiguous(), idx.to(torch.int32).contiguous())
-        return self._lists[device]
+        if not triton_available(device) or (not explicit and device.type != "cuda"):
+            return f"no Triton on {device}"
+        if dtype not in DTYPES or (dtype == torch.float32 and not explicit):
+            return f"dtype {dtype}" + (" (its sm90 tiles are sized for fp16/bf16)" if dtype == torch.float32 else "")
+        if head_dim not in HEAD_DIMS:
+            return f"head dim {head_dim} (supported: {HEAD_DIMS})"
+        return ""
 
-    def __call__(self, q, k, v, scale: float | None = None, *, rectify=None, src=None) -> torch.Tensor:
-        if q.shape[-2] != self.seq_len:
-            raise ValueError(f"this plan is for {self.seq_len} tokens; got {q.shape[-2]}")
-        num, idx = self.block_lists(q.device)
-        return block_sparse_attention(q, k, v, num, idx, self.block_size, scale, rectify=rectify, src=src)
+    def prepare(self, lists):
+        return tuple(x.to(torch.int32).contiguous() for x in lists)
+
+    def attend(self, q, k, v, prepared, scale, key_valid=None, rectify=None) -> torch.Tensor:
+        return block_sparse_attention(q, k, v, *prepared, self.block_size, scale, key_valid=key_valid,
+                                      rectify=rectify)
+
+    def dense(self, q, k, v, scale, key_valid=None) -> torch.Tensor:
+        return sdpa_dense(q, k, v, scale, key_valid)

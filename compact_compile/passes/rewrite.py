@@ -12,6 +12,9 @@ handed to `compact.attention`. A kernel without an epilogue for R·O + Ō (FlexA
 
     out = R[dst // B] · O[dst] + Ō[dst // B]        (B the block size; one pass, fused by Inductor)
 
+A key-padding mask (`attn_mask` [B, 1, 1, S], or a broadcast of it) reaches the op as `key_valid`,
+bool [B, S] in tile order.
+
 The index is computed once per layout and device. Inductor fuses a gather into a pointwise producer
 of q, k, v where it can; after a reduction (RMSNorm, then RoPE) it is a pass of its own, one read
 and one write of the tensor.
@@ -24,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from ..kernels import ops  # noqa: F401  (registers the torch.ops.compact ops)
-from ..layout import TokenLayout
+from ..spec import SiteSpec
 from .sites import Site, sdpa_arguments
 
 
@@ -36,34 +39,46 @@ def merge_in_model_order(o, r, o_bar, dst, block_size: int):
     return merged.to(o.dtype)
 
 
-def rewrite_site(gm: fx.GraphModule, site: Site, layout: TokenLayout, handle: int, pooled: bool = False,
-                 merge_outside: bool = False) -> None:
-    """`pooled`: the site's kernel takes rectification's block statistics, so q, k, v are reordered
-    by `compact.tile_pool`, which computes them in the same pass. `merge_outside` (with `pooled`):
-    the kernel returns O, R, Ō (`compact.attention_parts`) and the graph merges R·O + Ō in the same
-    pass that returns the output to model order."""
+def key_valid_in_tile_order(mask, src, batch: int):
+    """bool `[B, S]` in tile order from a key-padding mask that the site's classification proved to
+    be the same for every head and query (passes/masks.py): bool (True = attend) or additive 0/−inf."""
+    keys = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))[:, 0, 0, :]
+    valid = keys if keys.dtype == torch.bool else keys > float("-inf")
+    return valid.expand(batch, -1).index_select(-1, src)
+
+
+def rewrite_site(gm: fx.GraphModule, site: Site, spec: SiteSpec, handle: int) -> None:
+    """Replace the site's SDPA node by the spec's op. spec.pooled: the op takes rectification's block
+    statistics, so q, k, v are reordered by `compact.tile_pool`, which computes them in the same
+    pass. spec.merge_in_graph: the op returns O, R, Ō (`compact.attention_parts`) and the graph
+    merges R·O + Ō in the same pass that returns the output to model order. spec.key_mask: the
+    SDPA's attn_mask becomes a per-batch key mask in tile order."""
+    layout = spec.layout
     a = sdpa_arguments(site.node)
     fields = (list(layout.grid), list(layout.tile), layout.block_size, layout.n_text, layout.text_first)
     index = torch.ops.compact.tile_index.default
     graph = gm.graph
     with graph.inserting_before(site.node):
         dst = graph.call_function(index, (a["query"],) + fields + (True,))
-        if pooled:
-            out = graph.call_function(torch.ops.compact.tile_pool.default,
-                                      (a["query"], a["key"], a["value"]) + fields)
-            q, k, v, *pools = (graph.call_function(operator.getitem, (out, i)) for i in range(8))
-            if merge_outside:
-                parts = graph.call_function(torch.ops.compact.attention_parts.default,
-                                            (q, k, v, handle, site.scale, pools))
-                o, r, o_bar = (graph.call_function(operator.getitem, (parts, i)) for i in range(3))
-                out = graph.call_function(merge_in_model_order, (o, r, o_bar, dst, layout.block_size))
-            else:
-                o = graph.call_function(torch.ops.compact.attention.default, (q, k, v, handle, site.scale, pools))
-                out = graph.call_function(torch.index_select, (o, -2, dst))
-        else:
+        key_valid = None
+        if spec.key_mask or not spec.pooled:
             src = graph.call_function(index, (a["query"],) + fields + (False,))
+        if spec.key_mask:
+            key_valid = graph.call_function(key_valid_in_tile_order, (a["attn_mask"], src, site.q_shape[0]))
+        if spec.pooled:
+            out = graph.call_function(torch.ops.compact.tile_pool.default,
+                                      (a["query"], a["key"], a["value"]) + fields + (key_valid,))
+            q, k, v, *pools = (graph.call_function(operator.getitem, (out, i)) for i in range(8))
+        else:
             q, k, v = (graph.call_function(torch.index_select, (a[n], -2, src)) for n in ("query", "key", "value"))
-            o = graph.call_function(torch.ops.compact.attention.default, (q, k, v, handle, site.scale, []))
+            pools = []
+        call = (q, k, v, handle, site.scale, pools, key_valid)
+        if spec.merge_in_graph:
+            parts = graph.call_function(torch.ops.compact.attention_parts.default, call)
+            o, r, o_bar = (graph.call_function(operator.getitem, (parts, i)) for i in range(3))
+            out = graph.call_function(merge_in_model_order, (o, r, o_bar, dst, layout.block_size))
+        else:
+            o = graph.call_function(torch.ops.compact.attention.default, call)
             out = graph.call_function(torch.index_select, (o, -2, dst))
     out.meta.update(site.node.meta)
     site.node.replace_all_uses_with(out)

@@ -1,10 +1,11 @@
 """Find every scaled_dot_product_attention call in a Dynamo graph and decide what it is.
 
 A site is rewritten only when sparse attention over its blocks is the same computation as the SDPA
-call with some of the key blocks dropped: 4-D q/k/v, no dropout, not causal, no GQA, no attn_mask,
-queries and keys over the same tokens, and those tokens being the video grid (optionally with a
-text prefix or suffix whose position the graph proves). Anything else keeps the original call and
-carries the reason into the report.
+call with some of the key blocks dropped: 4-D q/k/v, no dropout, not causal, no GQA, no attn_mask
+or one the graph proves to be a key-padding mask (key_mask.py), queries and keys over the same
+tokens, and those tokens being the video grid (optionally with a text prefix or suffix whose
+position the graph proves). Anything else keeps the original call and carries the reason into the
+report.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .grid import GridCandidate, text_position
+from .key_mask import key_mask_reason
 
 VIDEO = "video self-attention"
 JOINT = "joint text+video"
@@ -44,6 +46,7 @@ class Site:
     n_text: int = 0
     text_first: bool = False
     density: float | None = None    # fraction of blocks computed, when rewritten
+    key_mask: bool = False          # attn_mask is a key-padding mask (rewritten with it)
     extras: dict = field(default_factory=dict)
 
     @property
@@ -54,7 +57,7 @@ class Site:
         return dict(site=self.name, kind=self.kind, q=list(self.q_shape), k=list(self.k_shape), dtype=self.dtype,
                     rewritten=self.rewritten, reason=self.reason or None, grid=self.grid, grid_source=self.grid_source,
                     n_text=self.n_text, text_first=self.text_first if self.n_text else None, density=self.density,
-                    **self.extras)
+                    key_mask=self.key_mask, **self.extras)
 
 
 def is_sdpa(node: fx.Node) -> bool:
@@ -96,6 +99,9 @@ def classify(node: fx.Node, grids: list[GridCandidate], grid_option=None, plan_g
         return site
     _locate_video(site, node, S, q.shape[0], grids, grid_option, plan_grid)
     site.reason = site.reason or _ineligible(a, q, k, v)
+    if not site.reason and a["attn_mask"] is not None:
+        site.reason = key_mask_reason(a["attn_mask"], Sk)
+        site.key_mask = not site.reason
     if isinstance(a["scale"], (int, float)) or a["scale"] is None:
         site.scale = None if a["scale"] is None else float(a["scale"])
     else:
@@ -110,8 +116,6 @@ def _ineligible(a: dict, q, k, v) -> str:
         return "causal attention"
     if a["enable_gqa"] is not False or not (q.shape[1] == k.shape[1] == v.shape[1]):
         return "grouped-query attention (heads of q, k, v differ)"
-    if a["attn_mask"] is not None:
-        return "attn_mask given (masked attention is kept dense)"
     if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
         return "q, k, v shapes do not broadcast like self-attention"
     if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:

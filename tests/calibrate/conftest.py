@@ -1,12 +1,12 @@
 """Calibration tests share the process-wide step clock: each starts and ends with a fresh one."""
 import pytest
 
-from compact_compile.schedule import CLOCK, ScheduledKernel
+from compact_compile.schedule import CLOCK, reset_warnings
 
 
 @pytest.fixture(autouse=True)
 def fresh_clock():
     CLOCK.reset()
-    ScheduledKernel._warned_unknown = False
+    reset_warnings()
     yield
     CLOCK.reset()

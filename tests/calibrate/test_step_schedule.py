@@ -1,13 +1,20 @@
-"""The step clock and scheduled kernels (schedule.py)."""
+"""The step clock (schedule.py) and how a site follows a plan's step schedule (spec.py, planner.py,
+kernels/site.py)."""
 import warnings
 
 import pytest
 import torch
+from support import kernel_attend
 
+from compact_compile.kernels.registry import sdpa_dense
+from compact_compile.kernels.site import make_site
+from compact_compile.layout import TokenLayout
+from compact_compile.options import CompactOptions
+from compact_compile.passes.sites import VIDEO, Site
 from compact_compile.plan import Plan, SitePlan
-from compact_compile.schedule import (CLOCK, ScheduledKernel, at_step, dense_attention, make_schedule,
-                                      scheduled_kernel, site_schedule, timestep_input,
-                                      with_step_clock)
+from compact_compile.planner import site_spec
+from compact_compile.schedule import CLOCK, at_step, make_schedule, site_schedule, timestep_input, with_step_clock
+from compact_compile.spec import SiteSpec, StepRange
 
 
 def feed(values):
@@ -36,46 +43,48 @@ def test_pinned_step_wins_and_nests():
     assert CLOCK.current == 0
 
 
-def _kernel(tag):
-    def k(q, kk, v, scale=None):
-        return torch.full_like(q, float(tag))
-    return k
+def test_range_index_dense_then_ranges():
+    b = torch.eye(4, dtype=torch.bool)[None]
+    spec = SiteSpec("s", TokenLayout((1, 4, 4), (1, 2, 2), 4), (StepRange(2, 5, b), StepRange(5, None, b)))
+    assert [spec.range_index(s) for s in (0, 1, 2, 4, 5, 40)] == [None, None, 0, 0, 1, 1]
+    assert spec.range_index(None) == 0                  # step unknown: the first range
+    dense_late = SiteSpec("s", spec.layout, (StepRange(2, 5, b), StepRange(5, None, None)))
+    assert dense_late.range_index(7) is None             # a range without blocks is dense
 
 
-def test_scheduled_kernel_selects_dense_then_ranges():
-    sk = ScheduledKernel("s", 2, [(2, 5), (5, None)], [_kernel(1), _kernel(2)])
-    assert [sk.select(s) for s in (0, 1)] == [dense_attention, dense_attention]
-    assert [sk.select(s)(torch.zeros(1), None, None)[0].item() for s in (2, 4, 5, 40)] == [1, 1, 2, 2]
-    with pytest.warns(UserWarning, match="no timestep was seen"):
-        assert sk.select(None)(torch.zeros(1), None, None)[0].item() == 1
+def _site(name, plan):
+    layout = TokenLayout(plan.grid, plan.tile, plan.block_size)
+    return Site(node=None, name=name, kind=VIDEO, q_shape=(1, 1, layout.seq_len, 8), k_shape=(1, 1, layout.seq_len, 8),
+                dtype="float32", device="cpu", grid=plan.grid)
+
+
+def test_site_follows_a_plans_schedule():
+    plan = Plan((2, 4, 4), (1, 2, 2), 4)
+    early, late = torch.eye(8, dtype=torch.bool)[None], torch.eye(8, dtype=torch.bool).roll(1, -1)[None] | torch.eye(8, dtype=torch.bool)
+    for name, blocks in (("a", early), ("a@6", late), ("b", torch.ones_like(early)), ("b@6", torch.ones_like(early))):
+        plan.sites[name] = SitePlan(1, 8, 32, 0, False, blocks)
+    opts = CompactOptions(plan=plan, kernel="flex")
+    unscheduled = site_spec(opts, plan, site_schedule(plan, 0), _site("a", plan))
+    assert [(r.start, r.end) for r in unscheduled.ranges] == [(0, None)] and not unscheduled.scheduled
+    plan.info["schedule"] = make_schedule(3, [(3, 6), (6, None)])
+    spec = site_spec(opts, plan, site_schedule(plan, 0), _site("a", plan))
+    assert [(r.start, r.end) for r in spec.ranges] == [(3, 6), (6, None)]
+    assert torch.equal(spec.ranges[0].blocks, early) and torch.equal(spec.ranges[1].blocks, late)
+    site = make_site(spec)
+    q, k, v = (torch.randn(1, 1, 32, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    with at_step(1):
+        torch.testing.assert_close(site(q, k, v), sdpa_dense(q, k, v, None))
+    with at_step(4):
+        torch.testing.assert_close(site(q, k, v), kernel_attend("flex", early, q, k, v, block_size=4))
+    with at_step(9):
+        torch.testing.assert_close(site(q, k, v), kernel_attend("flex", late, q, k, v, block_size=4))
+    with pytest.warns(UserWarning, match="no timestep was seen"):     # unknown step: the first range
+        torch.testing.assert_close(site(q, k, v), kernel_attend("flex", early, q, k, v, block_size=4))
     with warnings.catch_warnings():
         warnings.simplefilter("error")            # warned once only
-        sk.select(None)
-
-
-def test_scheduled_kernel_from_a_plan():
-    plan = Plan((2, 4, 4), (1, 2, 2), 4)
-    blocks = torch.eye(8, dtype=torch.bool)[None]
-    for name in ("a", "a@6", "b", "b@6"):
-        full = name.startswith("b")
-        plan.sites[name] = SitePlan(1, 8, 32, 0, False, torch.ones_like(blocks) if full else blocks)
-    k0 = _kernel(7)
-    built = []
-    range_blocks = lambda entry: plan.sites[entry].blocks  # noqa: E731
-    assert scheduled_kernel(site_schedule(plan, 0), "a", k0, range_blocks, built.append) is k0  # no schedule
-    plan.info["schedule"] = make_schedule(3, [(3, 6), (6, None)])
-    sk = scheduled_kernel(site_schedule(plan, 0), "a", k0, range_blocks,
-                          lambda b: (built.append(b), _kernel(8))[1])
-    assert sk.kernels[0] is k0 and torch.equal(built[0], blocks)
-    q = torch.randn(1, 1, 32, 8)
-    with at_step(1):
-        torch.testing.assert_close(sk(q, q, q), dense_attention(q, q, q))
-    with at_step(4):
-        assert sk(q, q, q).flatten()[0].item() == 7
-    with at_step(9):
-        assert sk(q, q, q).flatten()[0].item() == 8
-    dense_site = scheduled_kernel(site_schedule(plan, 0), "b", k0, range_blocks, lambda b: _kernel(8))
-    assert dense_site.kernels == [dense_attention, dense_attention]     # all-ones maps run plain SDPA
+        site(q, k, v)
+    dense_site = site_spec(opts, plan, site_schedule(plan, 0), _site("b", plan))
+    assert [r.blocks for r in dense_site.ranges] == [None, None]     # all-ones maps run the dense path
 
 
 def test_schedule_validation():

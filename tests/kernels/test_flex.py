@@ -1,4 +1,4 @@
-"""FlexBlockSparse (compiled FlexAttention over whole blocks) against the float64 reference.
+"""FlexKernel (compiled FlexAttention over whole blocks) against the float64 reference.
 
 Compiled flex costs several seconds per new shape on a CPU, so the property tests draw few examples.
 """
@@ -8,11 +8,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from support import flat_layout, kernel_attend
+
 from compact_compile.kernels import compiled
 from compact_compile.kernels.compiled import RecompileLimit
-from compact_compile.kernels.flex import FlexBlockSparse, kv_block_lists
+from compact_compile.kernels.flex import FlexKernel
 from compact_compile.kernels.ops import register_site
 from compact_compile.kernels.reference import block_sparse_attention_reference, token_mask
+from compact_compile.kernels.registry import kv_block_lists
 
 
 @st.composite
@@ -39,7 +42,7 @@ def check(problem, dtype, rtol):
     g = torch.Generator().manual_seed(seed)
     for blocks in maps:
         q, k, v = (torch.randn(B, H, S, D, generator=g).to(dtype) for _ in range(3))
-        out = FlexBlockSparse(blocks, S, bs)(q, k, v, scale)
+        out = kernel_attend("flex", blocks, q, k, v, scale, block_size=bs)
         ref = block_sparse_attention_reference(q, k, v, blocks, bs, scale)
         assert out.shape == (B, H, S, D) and out.dtype == dtype
         err = (out.double() - ref).abs().max().item()
@@ -76,12 +79,21 @@ def test_kv_block_lists():
     assert [idx[i, : num[i]].tolist() for i in range(3)] == [[0, 2], [2], [0, 1, 2]]
 
 
-def test_block_mask_is_built_once_per_device():
+def test_block_mask_is_built_once_per_prepared_map():
     blocks = torch.eye(3, dtype=torch.bool)[None]
-    kernel = FlexBlockSparse(blocks, 150, 64)
-    bm = kernel.block_mask(torch.device("cpu"))
-    assert kernel.block_mask(torch.device("cpu")) is bm
-    assert bm.BLOCK_SIZE == (64, 64) and bm.seq_lengths == (192, 192)  # CPU: padded to whole blocks
+    kernel = FlexKernel(flat_layout(192, 64))
+    prepared = kernel.prepare(kv_block_lists(blocks))
+    bm = kernel.block_mask(prepared, 1)
+    assert kernel.block_mask(prepared, 1) is bm
+    assert bm.BLOCK_SIZE == (64, 64) and bm.seq_lengths == (192, 192)
+    assert torch.equal(bm.to_dense().bool()[0, 0], blocks[0])
+
+
+def test_cpu_partial_tail_is_padded_and_masked():
+    blocks = torch.eye(3, dtype=torch.bool)[None]
+    kernel = FlexKernel(flat_layout(150, 64))
+    bm = kernel.block_mask(kernel.prepare(kv_block_lists(blocks)), 1)
+    assert bm.seq_lengths == (192, 192)          # CPU: padded to whole blocks, the padding masked
     assert torch.equal(bm.to_dense().bool()[0, 0], blocks[0])
 
 
@@ -91,25 +103,29 @@ def test_recompile_limit_raises_instead_of_falling_back_to_eager(monkeypatch):
     blocks = torch.ones(1, 2, 2, dtype=torch.bool)
     with torch.no_grad():
         q = torch.randn(1, 2, 100, 16)
-        FlexBlockSparse(blocks, 100, 64)(q, q, q)                  # the one allowed shape
-        q = torch.randn(1, 2, 101, 16)
+        kernel_attend("flex", blocks, q, q, q)                  # the one allowed shape
+        q = torch.randn(1, 2, 150, 16)
         with pytest.raises(RecompileLimit, match="MAX_SHAPES"):
-            FlexBlockSparse(blocks, 101, 64)(q, q, q)
+            kernel_attend("flex", blocks[:, :1, :1].expand(1, 3, 3), q, q, q)
 
 
 def test_attention_op_fake_matches_real_strides():
     """torch.ops.compact.attention: schema, fake tensor and AOT checks, with permuted (non-contiguous)
     inputs as Dynamo hands them over, and a kernel whose output is not contiguous."""
-    def kernel(q, k, v, scale):  # returns a (B, S, H, D)-strided tensor, like CPU SDPA on permuted q
-        return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).contiguous().transpose(1, 2)
+    def kernel(q, k, v, scale, pools=None, key_valid=None):  # (B, S, H, D)-strided, like CPU SDPA on permuted q
+        mask = None if key_valid is None else key_valid[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
 
     handle = register_site(kernel)
     q, k, v = (torch.randn(2, 40, 3, 16).transpose(1, 2) for _ in range(3))
-    out = torch.ops.compact.attention(q, k, v, handle, 0.3, [])
-    assert out.is_contiguous()
-    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.3))
-    torch.library.opcheck(torch.ops.compact.attention.default, (q, k, v, handle, 0.3, []),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    key_valid = torch.rand(2, 40) < 0.8
+    for valid in (None, key_valid):
+        out = torch.ops.compact.attention(q, k, v, handle, 0.3, [], valid)
+        assert out.is_contiguous()
+        torch.testing.assert_close(out, kernel(q, k, v, 0.3, None, valid))
+        torch.library.opcheck(torch.ops.compact.attention.default, (q, k, v, handle, 0.3, [], valid),
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
 
 
 @pytest.mark.parametrize("S, block_size", [(8, 16), (8, 64), (24, 64), (40, 64)])
@@ -117,10 +133,9 @@ def test_partial_tail_block_has_no_nan(S, block_size):
     """Inductor's CPU flex kernel returned NaN rows at these lengths (torch 2.13, data-dependent):
     the CPU path pads to whole blocks. Several draws, since the failure was intermittent."""
     blocks = torch.ones(1, 1, 1, dtype=torch.bool)
-    kern = FlexBlockSparse(blocks, S, block_size)
     for seed in range(4):
         g = torch.Generator().manual_seed(seed)
         q, k, v = (torch.randn(1, 2, S, 16, generator=g) for _ in range(3))
-        out = kern(q, k, v)
+        out = kernel_attend("flex", blocks, q, k, v, block_size=block_size)
         ref = block_sparse_attention_reference(q, k, v, blocks, block_size)
         assert torch.isfinite(out).all() and (out.double() - ref).norm() / ref.norm() < 1e-5

@@ -6,7 +6,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compact_compile.kernels.rectified import RectifiedSparse, block_pool, merge_blocks
+from support import rectified_site
+
+from compact_compile.kernels.rectified import block_pool, merge_blocks
 from compact_compile.kernels.reference import rectified_attention_reference
 from compact_compile.layout import TokenLayout
 from compact_compile.masks import dense_blocks, text_blocks
@@ -41,7 +43,7 @@ def test_selection_and_estimates_equal_reference(site):
     reference's rectified output once attention over the kept blocks is exact."""
     layout, static, g, cfg = site
     q, k, v = inputs(layout, g)
-    kern = RectifiedSparse(layout, static, dynamic=True, rectify=True, **cfg)
+    kern = rectified_site(layout, static, dynamic=True, rectify=True, **cfg)
     keep, r, o_bar = kern.estimate(q, k, v)
     ref, ref_keep = rectified_attention_reference(q, k, v, n_video=layout.n_video, block_size=BS, static=static,
                                                   dynamic=True, rectify=True, **cfg)
@@ -57,10 +59,10 @@ def test_kernel_equals_reference(site, dtype, dynamic):
     """The whole path (estimate → FlexAttention over the kept blocks → merge) in fp32/bf16."""
     layout, static, g, cfg = site
     q, k, v = inputs(layout, g, dtype)
-    kern = RectifiedSparse(layout, static | torch.eye(layout.n_blocks, dtype=torch.bool), dynamic=dynamic,
+    kern = rectified_site(layout, static | torch.eye(layout.n_blocks, dtype=torch.bool), dynamic=dynamic,
                            rectify=True, **cfg)
     keep, _, _ = kern.estimate(q, k, v)
-    out = kern(q, k, v)
+    out = kern(q, k, v, None)
     ref, _ = rectified_attention_reference(q, k, v, n_video=layout.n_video, block_size=BS, static=static,
                                            dynamic=dynamic, rectify=True, keep=keep, **cfg)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
@@ -94,8 +96,8 @@ def test_rectification_helps_when_skipped_blocks_are_near_constant(rows, queries
     q = centre() + noise() if queries == "near-constant" else torch.randn(1, 2, layout.seq_len, 16, generator=g)
     static = torch.eye(nb, dtype=torch.bool)[None]
     dense = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
-    plain = RectifiedSparse(layout, static, dynamic=False, rectify=False)(q, k, v)
-    fixed = RectifiedSparse(layout, static, dynamic=False, rectify=True, rows=rows)(q, k, v)
+    plain = rectified_site(layout, static, dynamic=False, rectify=False)(q, k, v)
+    fixed = rectified_site(layout, static, dynamic=False, rectify=True, rows=rows)(q, k, v)
     err = lambda o: ((o.double() - dense).norm() / dense.norm()).item()  # noqa: E731
     if rows or queries == "near-constant":
         assert err(fixed) < 0.1 * err(plain), (err(fixed), err(plain))
@@ -107,7 +109,7 @@ def test_every_block_kept_is_dense_attention():
     layout = TokenLayout((2, 5, 6), (1, 4, 4), BS, 7, True)
     g = torch.Generator().manual_seed(1)
     q, k, v = inputs(layout, g, torch.float32)
-    out = RectifiedSparse(layout, dense_blocks(layout)[None], dynamic=True, rectify=True)(q, k, v)
+    out = rectified_site(layout, dense_blocks(layout)[None], dynamic=True, rectify=True)(q, k, v)
     dense = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     assert (out.double() - dense).norm() / dense.norm() < 1e-5
 
@@ -121,9 +123,9 @@ def test_triton_kernel_path_equals_reference(rows):
     g = torch.Generator().manual_seed(5)
     q, k, v = (x.to(device) for x in inputs(layout, g, torch.float16))
     static = (torch.eye(layout.n_blocks, dtype=torch.bool) | text_blocks(layout))[None]
-    kern = RectifiedSparse(layout, static, dynamic=True, rectify=True, rows=rows, drop=0.8, kernel="triton")
+    kern = rectified_site(layout, static, dynamic=True, rectify=True, rows=rows, drop=0.8, kernel="triton")
     keep, _, _ = kern.estimate(q, k, v)
-    out = kern(q, k, v)
+    out = kern(q, k, v, None)
     ref, _ = rectified_attention_reference(q.cpu(), k.cpu(), v.cpu(), n_video=layout.n_video, block_size=BS,
                                            static=static, dynamic=True, rectify=True, rows=rows, drop=0.8,
                                            keep=keep.cpu())
@@ -140,9 +142,9 @@ def test_static_plan_estimate_in_triton_equals_reference(site, dtype):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     static = static | torch.eye(layout.n_blocks, dtype=torch.bool)
     q, k, v = (x.to(device) for x in inputs(layout, g, dtype, D=32))
-    kern = RectifiedSparse(layout, static, dynamic=False, rectify=True, kernel="triton")
-    assert kern.text_kept
-    out = kern(q, k, v)
+    kern = rectified_site(layout, static, dynamic=False, rectify=True, kernel="triton")
+    assert kern.text_kept()
+    out = kern(q, k, v, None)
     ref, _ = rectified_attention_reference(*(x.cpu().double() for x in (q, k, v)), n_video=layout.n_video,
                                            block_size=BS, static=static, dynamic=False, rectify=True)
     tol = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
@@ -154,8 +156,8 @@ def test_static_estimate_stays_general_when_a_text_block_may_be_skipped():
     holding text takes the general estimate, which the reference matches too."""
     layout = TokenLayout((1, 4, 8), (1, 4, 4), BS, 9, False)
     static = torch.eye(layout.n_blocks, dtype=torch.bool)[None]
-    kern = RectifiedSparse(layout, static, dynamic=False, rectify=True, kernel="triton")
-    assert not kern.text_kept
+    kern = rectified_site(layout, static, dynamic=False, rectify=True, kernel="triton")
+    assert not kern.text_kept()
     g = torch.Generator().manual_seed(3)
     q, k, v = inputs(layout, g, torch.float32)
     ref, _ = rectified_attention_reference(q.double(), k.double(), v.double(), n_video=layout.n_video,
@@ -177,8 +179,8 @@ def test_static_estimate_in_triton_equals_general_estimate(block_size, n_text, t
     nb, S = layout.n_blocks, layout.seq_len
     g = torch.Generator().manual_seed(block_size + n_text)
     static = torch.eye(nb, dtype=torch.bool)[None] | (text_blocks(layout) if n_text else False)
-    kern = RectifiedSparse(layout, static, dynamic=False, rectify=True, kernel="triton")
-    assert kern.text_kept
+    kern = rectified_site(layout, static, dynamic=False, rectify=True, kernel="triton")
+    assert kern.text_kept()
     centre = lambda: torch.randn(1, 2, nb, 1, 32, generator=g).expand(-1, -1, -1, block_size, -1).reshape(  # noqa: E731
         1, 2, -1, 32)[:, :, :S]
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -6,7 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compact_compile.kernels.rectified import RectifiedSparse, _estimate, pooled
+from support import rectified_site
+
+from compact_compile.kernels.rectified import _estimate, pooled
 from compact_compile.kernels.select_triton import MAX_BLOCKS, select_blocks_triton
 from compact_compile.layout import TokenLayout
 from compact_compile.masks import text_blocks
@@ -28,7 +30,7 @@ def test_choice_and_lists_equal_the_torch_estimate(grid, n_text, text_first, p_r
     g = torch.Generator().manual_seed(seed)
     static = (torch.rand(2, nb, nb, generator=g) < density) | (text_blocks(layout) if n_text else False)
     q, k, v = (torch.randn(2, 2, layout.seq_len, 32, generator=g).to(DEVICE) for _ in range(3))
-    kern = RectifiedSparse(layout, static, dynamic=True, rectify=False, p_remain=p_remain, drop=drop)
+    kern = rectified_site(layout, static, dynamic=True, rectify=False, p_remain=p_remain, drop=drop)
     pools = pooled(q, k, v, layout.n_video, BS)
     want, _, _ = _estimate(pools, None, k[:, :, layout.n_video:], static.to(DEVICE), kern.video_count.to(DEVICE),
                            kern.text_block.to(DEVICE), 32 ** -0.5, BS, True, False, False, p_remain, kern.k_min)

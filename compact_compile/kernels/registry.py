@@ -1,0 +1,106 @@
+"""The kernel seam: one protocol every block-sparse attention kernel implements, and the registry the
+planner chooses from.
+
+A kernel backend is one file in this package plus one entry in `KERNELS`. It is built once per site
+with the site's token layout and answers four things:
+
+    unsupported(device, dtype, head_dim, block_size, explicit, key_mask) -> str
+                        why it cannot run these inputs ("" if it can): the one place that decides
+    prepare(lists)      its own form of a block list (a FlexAttention BlockMask, FA4's block-sparse
+                        tensors, …), once per static block map and per call for online choices
+    attend(q, k, v, prepared, scale, key_valid, rectify) -> O
+                        softmax(q·kᵀ·scale over the listed key blocks, keys with key_valid False
+                        excluded)·v; with `rectify=(R, Ō)` (only if `fuses_rectify`) it writes R·O + Ō
+    dense(q, k, v, scale, key_valid) -> O
+                        full attention, for dense steps and all-block maps: its fastest dense path
+
+Block lists (`BlockLists`) are what `kv_block_lists` makes: per query block the count of kept key
+blocks `[B or 1, H or 1, nq]` and their indices, kept first and ascending, `[B or 1, H or 1, nq, nk]`
+int32. q, k, v are `[B, H, S, D]` in tiled token order (layout.py); `key_valid` is bool `[B, S]` in
+the same order (key-padding masks), or None.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from ..layout import TokenLayout
+
+BlockLists = tuple[torch.Tensor, torch.Tensor]
+
+
+class SparseKernel(Protocol):
+    name: ClassVar[str]
+    fuses_rectify: ClassVar[bool]
+
+    def __init__(self, layout: TokenLayout) -> None: ...
+
+    @staticmethod
+    def unsupported(device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int,
+                    explicit: bool, key_mask: bool = False) -> str: ...
+
+    def prepare(self, lists: BlockLists) -> Any: ...
+
+    def attend(self, q, k, v, prepared, scale: float | None, key_valid: torch.Tensor | None = None,
+               rectify: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor: ...
+
+    def dense(self, q, k, v, scale: float | None, key_valid: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+def kv_block_lists(blocks: torch.Tensor) -> BlockLists:
+    """Per query block, the count of kept key blocks and their indices (kept first, ascending), int32."""
+    num = blocks.sum(-1, dtype=torch.int32)
+    idx = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return num, idx
+
+
+def batched(lists: BlockLists) -> BlockLists:
+    """Lists with their leading dims made explicit: `[B or 1, H or 1, nq]`, `[B or 1, H or 1, nq, nk]`."""
+    num, idx = lists
+    return num.reshape((1,) * (3 - num.dim()) + tuple(num.shape)), idx.reshape((1,) * (4 - idx.dim()) + tuple(idx.shape))
+
+
+def sdpa_dense(q, k, v, scale: float | None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Full attention by torch's SDPA (cuDNN on Hopper), keys with key_valid False excluded. In tiled
+    order it equals full attention in the model's order: a permutation of both sides."""
+    mask = None if key_valid is None else key_valid[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+KERNEL_NAMES = ("fa4", "triton", "flex")   # in order of preference
+
+
+def _kernels() -> dict[str, type]:
+    from .fa4 import FA4Kernel
+    from .flex import FlexKernel
+    from .triton_sparse import TritonKernel
+
+    classes = {k.name: k for k in (FA4Kernel, TritonKernel, FlexKernel)}
+    return {name: classes[name] for name in KERNEL_NAMES}
+
+
+def kernel_class(name: str) -> type:
+    return _kernels()[name]
+
+
+def choose_kernel(option: str, device, dtype: torch.dtype, head_dim: int, block_size: int,
+                  key_mask: bool = False) -> tuple[str, str]:
+    """(kernel name, why): `option` "auto" takes the first kernel of `KERNEL_NAMES` that runs these
+    inputs (Flex runs everything); a named kernel that cannot is replaced by Flex, and the reason says
+    why. Only an explicitly named kernel runs where it is slow but correct (Triton's CPU interpreter)."""
+    device = torch.device(device)
+    kernels = _kernels()
+    if option != "auto":
+        why = kernels[option].unsupported(device, dtype, head_dim, block_size, True, key_mask)
+        if not why:
+            return option, f"{option}: asked for"
+        return "flex", f"{option} asked for but not used ({why}): FlexAttention instead"
+    skipped = []
+    for name, cls in kernels.items():
+        why = cls.unsupported(device, dtype, head_dim, block_size, False, key_mask)
+        if not why:
+            return name, f"{name}: the fastest available here" + (f" ({'; '.join(skipped)})" if skipped else "")
+        skipped.append(f"{name}: {why}")
+    raise AssertionError("FlexAttention runs every input")   # FlexKernel.unsupported is always ""

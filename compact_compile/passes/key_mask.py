@@ -1,0 +1,99 @@
+"""Is an SDPA's `attn_mask` a key-padding mask — the same for every head and every query?
+
+Only then can block-sparse attention honour it exactly: excluding masked keys inside the kept
+blocks is the same computation as the dense masked call with some key blocks dropped. The proof is
+read off the graph, never off values:
+
+- shape: a mask `[B or 1, 1, 1, N]` broadcasts over heads and queries by construction
+  (HunyuanVideo's joint mask is `[B, 1, 1, N]`);
+- provenance: a larger mask made by `expand`/`repeat`/`broadcast_to` (or a view, a dtype cast, a
+  `contiguous`) of such a tensor, e.g. `mask.view(B, 1, 1, N).repeat(1, 1, N, 1)`.
+
+Its values must be boolean (True = attend), or additive with only 0 and −inf: a float mask counts
+when it comes from `where(b, 0, -inf)` or `masked_fill(zeros, b, -inf)` of a boolean key mask, since
+any other additive value (e.g. −10000) re-weights keys instead of excluding them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+_SAME_VALUES = {  # ops whose output holds the same values per (batch, key) as their first input
+    "expand", "expand_as", "repeat", "broadcast_to", "contiguous", "clone", "to", "bool", "view", "reshape",
+    "unsqueeze",
+}
+
+
+def _value(x):
+    return x.meta.get("example_value") if isinstance(x, fx.Node) else None
+
+
+def _is_key_shaped(t, n_keys: int) -> bool:
+    return t is not None and t.dim() <= 4 and t.shape[-1] == n_keys and all(s == 1 for s in tuple(t.shape)[-3:-1])
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", "")
+
+
+def _broadcast_source(node, n_keys: int, depth: int = 8):
+    """The key-shaped tensor node this mask was broadcast from, or None."""
+    for _ in range(depth):
+        if not isinstance(node, fx.Node):
+            return None
+        if _is_key_shaped(_value(node), n_keys):
+            return node
+        if node.op not in ("call_method", "call_function") or _op_name(node) not in _SAME_VALUES:
+            return None
+        if _op_name(node) == "view" or _op_name(node) == "reshape":
+            source = _value(node.args[0])   # a view that keeps the key dim last and adds leading dims only
+            if source is None or source.shape[-1] != n_keys or source.numel() != _value(node).numel():
+                return None
+        node = node.args[0]
+    return None
+
+
+def _is_minus_inf(x) -> bool:
+    return isinstance(x, (int, float)) and x == -math.inf
+
+
+def _additive_from_bool(node: fx.Node) -> bool:
+    """True for `where(b, 0, -inf)` and `zeros.masked_fill(b, -inf)`-shaped producers."""
+    name = _op_name(node)
+    if name == "where" and len(node.args) == 3:
+        cond, a, b = node.args
+        return (_value(cond) is not None and _value(cond).dtype == torch.bool
+                and isinstance(a, (int, float)) and a == 0 and _is_minus_inf(b))
+    if name in ("masked_fill", "masked_fill_") and len(node.args) == 3:
+        base, cond, fill = node.args
+        producer = base if isinstance(base, fx.Node) else None
+        zeros = producer is not None and _op_name(producer) in ("zeros", "zeros_like", "new_zeros")
+        return zeros and _is_minus_inf(fill) and _value(cond) is not None and _value(cond).dtype == torch.bool
+    return False
+
+
+def key_mask_reason(mask_node, n_keys: int) -> str:
+    """"" if the SDPA's attn_mask is provably a key-padding mask (bool, or additive 0/−inf), else why not."""
+    mask = _value(mask_node)
+    if mask is None:
+        return "attn_mask is not a tensor the graph can inspect (kept dense)"
+    source = _broadcast_source(mask_node, n_keys)
+    if source is None:
+        return (f"attn_mask {tuple(mask.shape)} is not provably a key-padding mask (the same for every head and "
+                f"query): kept dense")
+    if mask.dtype == torch.bool:
+        return ""
+    if not mask.is_floating_point():
+        return f"attn_mask of dtype {mask.dtype} (bool or float expected): kept dense"
+    node = source
+    for _ in range(4):   # through casts and views to the op that made the additive values
+        if _additive_from_bool(node):
+            return ""
+        if _op_name(node) not in _SAME_VALUES or not isinstance(node.args[0], fx.Node):
+            break
+        node = node.args[0]
+    return ("additive attn_mask whose values the graph does not prove to be 0 or −inf (other values re-weight "
+            "keys instead of excluding them): kept dense")
