@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from .kernels.ops import register_site
 from .kernels.site import make_site
+from .models import install_model_fixes
 from .options import CompactOptions
 from .passes.grid import patch_embedding_grids
 from .passes.rewrite import rewrite_site
@@ -25,6 +26,13 @@ from .planner import load_plan, site_spec
 from .quantize import quantized_linears
 from .report import record
 from .schedule import site_schedule, with_step_clock
+
+
+# Model fixes (models/) act while Dynamo traces, so they must be in place before it traces a frame:
+# now (the entry point loads this module when torch.compile(..., backend="compact") is called, after
+# the model exists) and at every compile start (for models whose library loads later).
+install_model_fixes()
+torch._dynamo.callback_handler.register_start_callback(lambda *_: install_model_fixes())
 
 
 def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None, mode: str | None = None):

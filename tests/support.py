@@ -95,20 +95,30 @@ def model_order_mask(layout: TokenLayout, blocks: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def key_valid_of(attn_mask, batch: int, seq_len: int):
+    """bool `[B, S]` from a key-padding attn_mask `[B or 1, 1, 1, S]` (bool, or additive 0/−inf); None if None."""
+    if attn_mask is None:
+        return None
+    assert attn_mask.shape[-3:-1] == (1, 1), "the reference takes key-padding masks only"
+    keys = attn_mask.reshape(-1, seq_len)
+    return (keys if keys.dtype == torch.bool else keys > float("-inf")).expand(batch, seq_len)
+
+
 @contextlib.contextmanager
 def _sdpa_for_self_attention(seq_lens, attention):
     """Patch F.scaled_dot_product_attention: self-attention over S tokens, S in `seq_lens`, runs
-    `attention(q, k, v, scale)` instead (no mask, dropout or causality allowed there); every other
-    call runs the original. Yields a list that collects the sequence lengths of the calls replaced."""
+    `attention(q, k, v, scale, key_valid)` instead (no dropout or causality allowed there; a mask
+    only if it is a key-padding mask, handed over as bool `[B, S]`); every other call runs the
+    original. Yields a list that collects the sequence lengths of the calls replaced."""
     original = F.scaled_dot_product_attention
     replaced = []
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         S = query.shape[-2]
         if S == key.shape[-2] and S in seq_lens:
-            assert attn_mask is None and not is_causal and dropout_p == 0.0
+            assert not is_causal and dropout_p == 0.0
             replaced.append(S)
-            return attention(query, key, value, scale)
+            return attention(query, key, value, scale, key_valid_of(attn_mask, query.shape[0], S))
         return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                         scale=scale, enable_gqa=enable_gqa)
 
@@ -119,16 +129,19 @@ def _sdpa_for_self_attention(seq_lens, attention):
         torch.nn.functional.scaled_dot_product_attention = original
 
 
-def masked_sdpa(masks_by_len: dict[int, list[torch.Tensor]]):
+def masked_sdpa(masks_by_len: dict[int, list[torch.Tensor]], ignore_key_mask: bool = False):
     """Self-attention calls over S tokens (S a key of `masks_by_len`) use the next mask of that list,
-    in call order (one per site), in float64 (`_sdpa_for_self_attention`)."""
+    in call order (one per site), and the call's own key-padding mask (unless `ignore_key_mask`), in
+    float64 (`_sdpa_for_self_attention`)."""
     original = F.scaled_dot_product_attention
     counters = {s: 0 for s in masks_by_len}
 
-    def masked(query, key, value, scale):
+    def masked(query, key, value, scale, key_valid):
         S = query.shape[-2]
-        mask = masks_by_len[S][counters[S] % len(masks_by_len[S])]
+        mask = masks_by_len[S][counters[S] % len(masks_by_len[S])].to(query.device)
         counters[S] += 1
+        if key_valid is not None and not ignore_key_mask:
+            mask = mask & key_valid[:, None, None, :].to(query.device)
         return original(query.double(), key.double(), value.double(), attn_mask=mask.to(query.device),
                         scale=scale).to(query.dtype)
 
@@ -141,10 +154,11 @@ def rectified_sdpa(layout: TokenLayout, static: torch.Tensor, **options):
     (`_sdpa_for_self_attention`)."""
     src = layout.source_index()
 
-    def rectified(query, key, value, scale):
+    def rectified(query, key, value, scale, key_valid):
         tiled = [x.index_select(-2, src.to(x.device)) for x in (query, key, value)]
+        valid = None if key_valid is None else key_valid.index_select(-1, src.to(key_valid.device))
         out, _ = rectified_attention_reference(*tiled, n_video=layout.n_video, block_size=layout.block_size,
-                                               static=static, scale=scale, **options)
+                                               static=static, scale=scale, key_valid=valid, **options)
         return torch.empty_like(out).index_copy_(-2, src, out).to(query.dtype)
 
     return _sdpa_for_self_attention({layout.seq_len}, rectified)
@@ -189,6 +203,50 @@ def tiny_cogvideox(seed: int = 0):
     inputs = dict(hidden_states=torch.randn(COG_LATENT, generator=g),
                   encoder_hidden_states=torch.randn(1, COG_TEXT, 32, generator=g),
                   timestep=torch.tensor([500]), return_dict=False)
+    return model, inputs
+
+
+HUNYUAN_GRID = (3, 8, 9)   # latent (4, 3, 16, 18), patch (1, 2, 2)
+HUNYUAN_TEXT = 12          # prompt tokens, after the video tokens in the joint sequence
+
+
+def tiny_hunyuan(seed: int = 0, lengths=(7, 12)):
+    """HunyuanVideo (1 dual-stream block, 1 single-stream, 1 refiner), one sample per prompt length:
+    its joint attention always carries a key-padding mask `[B, 1, 1, S]` of the prompt's padding."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
+                                           num_layers=1, num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0,
+                                           patch_size=2, patch_size_t=1, qk_norm="rms_norm", guidance_embeds=False,
+                                           text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6)).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    B = len(lengths)
+    mask = (torch.arange(HUNYUAN_TEXT)[None] < torch.tensor(lengths)[:, None]).long()
+    inputs = dict(hidden_states=torch.randn(B, 4, 3, 16, 18, generator=g), timestep=torch.tensor([500] * B),
+                  encoder_hidden_states=torch.randn(B, HUNYUAN_TEXT, 32, generator=g), encoder_attention_mask=mask,
+                  pooled_projections=torch.randn(B, 16, generator=g), return_dict=False)
+    return model, inputs
+
+
+MOCHI_GRID = (3, 8, 9)     # latent (4, 3, 16, 18), patch 2 over each frame
+MOCHI_TEXT = 8
+
+
+def tiny_mochi(seed: int = 0, masks=((1, 1, 0, 1, 1, 0, 0, 0), (1,) * 8)):
+    """Mochi (2 blocks), one sample per prompt mask (any pattern: its processor gathers the valid
+    tokens with `nonzero`, which compact_compile.models replaces while Dynamo traces)."""
+    from diffusers import MochiTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+                                    pooled_projection_dim=16, in_channels=4, text_embed_dim=32, time_embed_dim=16,
+                                    activation_fn="swiglu", max_sequence_length=16).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    B = len(masks)
+    inputs = dict(hidden_states=torch.randn(B, 4, 3, 16, 18, generator=g), timestep=torch.tensor([500] * B),
+                  encoder_hidden_states=torch.randn(B, MOCHI_TEXT, 32, generator=g),
+                  encoder_attention_mask=torch.tensor(masks), return_dict=False)
     return model, inputs
 
 

@@ -26,20 +26,22 @@ def block_sparse_attention_reference(q, k, v, blocks, block_size: int, scale: fl
 
 def rectified_attention_reference(q, k, v, *, n_video: int, block_size: int, static, dynamic: bool,
                                   rectify: bool, rows: bool = False, p_remain: float = 0.3, drop: float = 0.9,
-                                  scale: float | None = None, keep=None):
+                                  scale: float | None = None, keep=None, key_valid=None):
     """Rectified block-sparse attention (kernels/rectified.py) spelled out block by block in float64.
     Tokens at positions ≥ n_video are text. `keep` (bool `[B, H, nq, nk]`), if given, replaces the
-    block selection. Returns (output, keep)."""
+    block selection. Keys where `key_valid` (bool `[B or 1, S]`) is False do not exist: not in any
+    pooled mean or count, not among the text keys, not attended to. Returns (output, keep)."""
     given = keep
     q, k, v = q.double(), k.double(), v.double()
     B, H, S, D = q.shape
     scale = D ** -0.5 if scale is None else scale
     nb = -(-S // block_size)
     members = [list(range(n * block_size, min(S, (n + 1) * block_size))) for n in range(nb)]
-    videos = [[j for j in m if j < n_video] for m in members]
     out = torch.empty(B, H, S, v.shape[-1], dtype=torch.float64)
     keep = torch.zeros(B, H, nb, nb, dtype=torch.bool)
+    valid = torch.ones(B, S, dtype=torch.bool) if key_valid is None else key_valid.cpu().bool().expand(B, S)
     for b in range(B):
+        videos = [[j for j in m if j < n_video and valid[b, j]] for m in members]
         for h in range(H):
             def mean_mad(x, idx):
                 if not idx:
@@ -58,7 +60,7 @@ def rectified_attention_reference(q, k, v, *, n_video: int, block_size: int, sta
                         logits.append(qx @ k_stats[m][0] * scale + math.log(len(videos[m])))
                         owner.append(m)
                     for j in members[m]:
-                        if j >= n_video:  # text tokens one by one
+                        if j >= n_video and valid[b, j]:  # text tokens one by one
                             logits.append(qx @ ks[j] * scale)
                             owner.append(m)
                 p = torch.softmax(torch.stack(logits), 0)
@@ -79,10 +81,10 @@ def rectified_attention_reference(q, k, v, *, n_video: int, block_size: int, sta
                     for m in ranked[:max(covering, math.floor((1 - drop) * nb))]:
                         kept[m] = True
                 keep[b, h, n] = kept
-                cols = [j for m in range(nb) if kept[m] for j in members[m]]
+                cols = [j for m in range(nb) if kept[m] for j in members[m] if valid[b, j]]
                 for i in members[n]:
                     a = torch.softmax(qs[i] @ ks[cols].T * scale, 0)
-                    o = a @ vs[cols]
+                    o = a @ vs[cols] if cols else torch.zeros(v.shape[-1], dtype=torch.float64)
                     if rectify:
                         qx = qs[i] if rows else q_stats[n][0]
                         p = block_probs(qx)

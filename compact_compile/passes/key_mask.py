@@ -20,9 +20,12 @@ import math
 import torch
 import torch.fx as fx
 
-_SAME_VALUES = {  # ops whose output holds the same values per (batch, key) as their first input
+_BROADCASTS = {  # ops whose output holds the same values per (batch, key) as their first input
     "expand", "expand_as", "repeat", "broadcast_to", "contiguous", "clone", "to", "bool", "view", "reshape",
     "unsqueeze",
+}
+_VALUE_PRESERVING = _BROADCASTS | {  # ops whose output values are some of their first input's values
+    "getitem", "permute", "transpose", "squeeze", "flatten", "unflatten", "type", "float", "half", "bfloat16",
 }
 
 
@@ -46,7 +49,7 @@ def _broadcast_source(node, n_keys: int, depth: int = 8):
             return None
         if _is_key_shaped(_value(node), n_keys):
             return node
-        if node.op not in ("call_method", "call_function") or _op_name(node) not in _SAME_VALUES:
+        if node.op not in ("call_method", "call_function") or _op_name(node) not in _BROADCASTS:
             return None
         if _op_name(node) == "view" or _op_name(node) == "reshape":
             source = _value(node.args[0])   # a view that keeps the key dim last and adds leading dims only
@@ -88,11 +91,12 @@ def key_mask_reason(mask_node, n_keys: int) -> str:
         return ""
     if not mask.is_floating_point():
         return f"attn_mask of dtype {mask.dtype} (bool or float expected): kept dense"
-    node = source
-    for _ in range(4):   # through casts and views to the op that made the additive values
+    node = mask_node
+    for _ in range(8):   # through casts, views and indexing to the op that made the additive values
         if _additive_from_bool(node):
             return ""
-        if _op_name(node) not in _SAME_VALUES or not isinstance(node.args[0], fx.Node):
+        if (node.op not in ("call_method", "call_function") or _op_name(node) not in _VALUE_PRESERVING
+                or not node.args or not isinstance(node.args[0], fx.Node)):
             break
         node = node.args[0]
     return ("additive attn_mask whose values the graph does not prove to be 0 or −inf (other values re-weight "

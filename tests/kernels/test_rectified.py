@@ -194,3 +194,54 @@ def test_static_estimate_in_triton_equals_general_estimate(block_size, n_text, t
     assert (r_ref < 0.99).float().mean() > 0.5, "most query blocks should get compensation"
     torch.testing.assert_close(r, r_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(o_bar, o_bar_ref, rtol=1e-5, atol=1e-6)
+
+
+def key_mask(layout, kind, g):
+    """bool `[2, S]`: "random" keys anywhere, or "text tail": text padding, half the text kept by the
+    first batch element and none by the second."""
+    S = layout.seq_len
+    if kind == "random":
+        return torch.rand(2, S, generator=g) < 0.6
+    key_valid = torch.ones(2, S, dtype=torch.bool)
+    key_valid[0, layout.n_video + layout.n_text // 2:] = False
+    key_valid[1, layout.n_video:] = False
+    return key_valid
+
+
+@settings(max_examples=25, deadline=None)
+@given(sites(), st.sampled_from(["random", "text tail"]))
+def test_key_padding_mask_in_choice_and_estimate(site, kind):
+    """Key-padding masks (per batch element) leave the excluded keys out of the pooled means and
+    counts, the text keys of the estimate and the online choice: in float64 the choice is the
+    reference's block for block, and R, Ō give its rectified output over the valid keys."""
+    layout, static, g, cfg = site
+    q, k, v = inputs(layout, g)
+    key_valid = key_mask(layout, kind, g)
+    kern = rectified_site(layout, static, dynamic=True, rectify=True, **cfg)
+    keep, r, o_bar = kern.estimate(q, k, v, key_valid=key_valid)
+    ref, ref_keep = rectified_attention_reference(q, k, v, n_video=layout.n_video, block_size=BS, static=static,
+                                                  dynamic=True, rectify=True, key_valid=key_valid, **cfg)
+    assert torch.equal(keep, ref_keep)
+    mask = keep.repeat_interleave(BS, -1).repeat_interleave(BS, -2)[..., :layout.seq_len, :layout.seq_len]
+    sparse = F.scaled_dot_product_attention(q, k, v, attn_mask=mask & key_valid[:, None, None, :])
+    torch.testing.assert_close(merge_blocks(sparse, r, o_bar, BS), ref, rtol=1e-9, atol=1e-9)
+    if not key_valid.all():
+        unmasked, _ = rectified_attention_reference(q, k, v, n_video=layout.n_video, block_size=BS, static=static,
+                                                    dynamic=True, rectify=True, keep=keep, **cfg)
+        assert (unmasked - ref).norm() / ref.norm() > 1e-6      # the mask matters: the test can fail
+
+
+@settings(max_examples=4, deadline=None)
+@given(sites(), st.sampled_from(["random", "text tail"]), st.sampled_from(["flex", "triton"]))
+def test_key_padding_mask_through_the_site(site, kind, kernel):
+    """The whole site (estimate, kernel with the key mask, merge) in fp32 equals the reference."""
+    layout, static, g, cfg = site
+    q, k, v = inputs(layout, g, torch.float32, D=32)
+    key_valid = key_mask(layout, kind, g)
+    static = static | torch.eye(layout.n_blocks, dtype=torch.bool)
+    kern = rectified_site(layout, static, dynamic=True, rectify=True, kernel=kernel, **cfg)
+    keep, _, _ = kern.estimate(q, k, v, key_valid=key_valid)
+    out = kern(q, k, v, None, None, key_valid)
+    ref, _ = rectified_attention_reference(q, k, v, n_video=layout.n_video, block_size=BS, static=static,
+                                           dynamic=True, rectify=True, key_valid=key_valid, keep=keep, **cfg)
+    assert (out.double() - ref).norm() / ref.norm() < 1e-5

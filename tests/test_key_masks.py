@@ -1,0 +1,213 @@
+"""Key-padding masks: joint text+video attention whose attn_mask excludes padded prompt tokens
+(HunyuanVideo; Mochi through compact_compile.models) is rewritten, and every kernel honours the mask;
+a mask the graph does not prove to be a key mask stays dense, with its reason."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from support import (HUNYUAN_GRID, HUNYUAN_TEXT, MOCHI_GRID, MOCHI_TEXT, masked_sdpa, model_order_mask, rectified_sdpa,
+                     tiny_hunyuan, tiny_mochi, to_double)
+
+import compact_compile
+from compact_compile.layout import TokenLayout, auto_tile
+from compact_compile.masks import video_site_blocks, window_blocks
+from compact_compile.passes.sites import JOINT
+
+HUNYUAN_S = math.prod(HUNYUAN_GRID) + HUNYUAN_TEXT
+MOCHI_S = math.prod(MOCHI_GRID) + MOCHI_TEXT
+WINDOW = (1, 3, 3)
+KERNELS = ["flex", "triton"]   # triton: the CPU interpreter here, the compiled kernel on a GPU
+
+
+def relative(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def joint_layout(grid, n_text):
+    return TokenLayout(grid, auto_tile(grid, 64), 64, n_text, text_first=False)
+
+
+def window_mask(layout):
+    return model_order_mask(layout, video_site_blocks(layout, window_blocks(layout, WINDOW))[None])
+
+
+def reference(model, inputs, masks_by_len, ignore_key_mask=False):
+    ref_model = copy.deepcopy(model).double()
+    with torch.no_grad(), masked_sdpa(masks_by_len, ignore_key_mask=ignore_key_mask) as calls:
+        return ref_model(**to_double(inputs))[0], calls
+
+
+def compile_and_run(model, inputs, **options):
+    options = dict(dict(plan="window", window=WINDOW, block_size=64, inner="aot_eager"), **options)
+    with torch.no_grad():
+        return torch.compile(model, backend="compact", options=options)(**inputs)[0]
+
+
+def joint_sites():
+    return [s for s in compact_compile.report().sites if s["kind"] == JOINT]
+
+
+# ----------------------------------------------------------------------------------------------
+# HunyuanVideo: text last, a [B, 1, 1, S] key-padding mask at every joint site
+
+
+def test_hunyuan_dense_plan_equals_uncompiled_with_the_sites_rewritten():
+    model, inputs = tiny_hunyuan()
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        out = torch.compile(model, backend="compact", options={"plan": "dense", "block_size": 64})(**inputs)[0]
+    assert relative(out, ref) <= 1e-5
+    sites = compact_compile.report().sites
+    joint = [s for s in sites if s["kind"] == JOINT]
+    assert [s["site"] for s in joint] == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
+    assert all(s["rewritten"] and s["key_mask"] and s["n_text"] == HUNYUAN_TEXT and s["text_first"] is False
+               for s in joint)
+    refiner = [s for s in sites if "refiner" in s["site"]]
+    assert refiner and not refiner[0]["rewritten"]       # the prompt refiner is not video attention
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_hunyuan_window_equals_masked_float64_reference(kernel):
+    """Two prompts of different lengths (7 and all 12 tokens valid): each site's output is dense
+    float64 attention masked by the window's blocks AND the key-padding mask."""
+    model, inputs = tiny_hunyuan(lengths=(7, 12))
+    out = compile_and_run(model, inputs, kernel=kernel)
+    layout = joint_layout(HUNYUAN_GRID, HUNYUAN_TEXT)
+    ref, calls = reference(model, inputs, {HUNYUAN_S: [window_mask(layout)]})
+    assert calls == [HUNYUAN_S, HUNYUAN_S]
+    assert relative(out, ref) < 1e-5
+    unmasked, _ = reference(model, inputs, {HUNYUAN_S: [window_mask(layout)]}, ignore_key_mask=True)
+    assert relative(unmasked, ref) > 1e-4                # the key mask matters: the test can fail
+    assert all(s["rewritten"] and s["kernel"] == kernel for s in joint_sites())
+
+
+def test_hunyuan_rectified_window_equals_rectified_reference():
+    """Rectification with a key mask: padded text keys are in no estimate, pooled mean or count."""
+    model, inputs = tiny_hunyuan(lengths=(5, 12))
+    out = compile_and_run(model, inputs, rectify=True, kernel="flex")
+    layout = joint_layout(HUNYUAN_GRID, HUNYUAN_TEXT)
+    blocks = video_site_blocks(layout, window_blocks(layout, WINDOW))[None]
+    with torch.no_grad(), rectified_sdpa(layout, blocks, dynamic=False, rectify=True) as calls:
+        ref = copy.deepcopy(model).double()(**to_double(inputs))[0]
+    assert calls == [HUNYUAN_S, HUNYUAN_S]
+    assert relative(out, ref) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Mochi: the prompt gather becomes a key-padding mask while Dynamo traces (compact_compile.models)
+
+
+def _masked_mochi_processor(monkeypatch):
+    """Eager Mochi with the static-shape processor, so that the float64 reference goes through SDPA
+    once per site with the key mask, as the compiled model does."""
+    from diffusers.models.attention_processor import MochiAttnProcessor2_0
+
+    from compact_compile.models.mochi import joint_attention_masked
+    monkeypatch.setattr(MochiAttnProcessor2_0, "__call__",
+                        lambda self, attn, *args, **kwargs: joint_attention_masked(attn, *args, **kwargs))
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_mochi_window_equals_masked_float64_reference(kernel, monkeypatch):
+    """A prompt with no valid token and one with holes: the joint sites reach the backend (no
+    graph break) and equal the masked float64 reference."""
+    model, inputs = tiny_mochi(masks=((0,) * MOCHI_TEXT, (1, 1, 0, 1, 1, 0, 0, 0)))
+    with torch.no_grad():
+        eager = model(**inputs)[0]
+        explained = torch._dynamo.explain(model)(**inputs)
+    assert explained.graph_break_count == 0
+    torch._dynamo.reset()
+    out = compile_and_run(model, inputs, kernel=kernel)
+    assert [s["site"] for s in joint_sites()] == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
+    assert all(s["rewritten"] and s["key_mask"] for s in joint_sites())
+    _masked_mochi_processor(monkeypatch)
+    layout = joint_layout(MOCHI_GRID, MOCHI_TEXT)
+    ref, calls = reference(model, inputs, {MOCHI_S: [window_mask(layout)]})
+    assert calls == [MOCHI_S, MOCHI_S]
+    assert relative(out, ref) < 1e-5 and relative(eager, ref) > 1e-4
+
+
+def test_mochi_dense_plan_equals_uncompiled():
+    model, inputs = tiny_mochi()
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        out = torch.compile(model, backend="compact", options={"plan": "dense", "block_size": 64,
+                                                                "inner": "aot_eager"})(**inputs)[0]
+    assert relative(out, ref) <= 1e-5
+    assert len(joint_sites()) == 2 and all(s["rewritten"] for s in joint_sites())
+
+
+# ----------------------------------------------------------------------------------------------
+# which masks count as key masks, and a mask inside video blocks
+
+
+GRID, S = (2, 8, 8), 128          # tile (1, 8, 8): one 64-token block per frame
+
+
+class MaskedAttention(nn.Module):
+    """Self-attention over S video tokens with a mask made from `key_mask` [B, S] in one of several forms."""
+
+    def __init__(self, form: str, dim: int = 32, heads: int = 2):
+        super().__init__()
+        self.form, self.heads = form, heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x, key_mask):
+        B = x.shape[0]
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        mask = {
+            "bool": lambda: key_mask[:, None, None, :],
+            "repeat": lambda: key_mask.view(B, 1, 1, S).repeat(1, 1, S, 1),
+            "where": lambda: torch.where(key_mask, 0.0, float("-inf"))[:, None, None, :],
+            "additive": lambda: (1 - key_mask.float())[:, None, None, :] * -10000.0,
+            "pairwise": lambda: key_mask[:, None, :, None] & key_mask[:, None, None, :],
+        }[self.form]()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
+
+
+def run_masked(form, kernel="flex"):
+    torch.manual_seed(0)
+    model = MaskedAttention(form).eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, S, 32, generator=g)
+    key_mask = torch.rand(2, S, generator=g) < 0.7     # keys excluded inside every video block
+    key_mask[:, 0] = True
+    options = dict(plan="window", window=(1, 1, 1), grid=GRID, tile=(1, 8, 8), block_size=64, kernel=kernel,
+                   inner="eager")
+    with torch.no_grad():
+        out = torch.compile(model, backend="compact", options=options)(x, key_mask)
+    return model, x, key_mask, out
+
+
+@pytest.mark.parametrize("form", ["bool", "repeat", "where"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_key_masks_inside_video_blocks_are_honoured(form, kernel):
+    """Keys excluded anywhere (not only text): the output equals the reference with the blocks and
+    the keys masked, and differs from the same blocks without the key mask."""
+    model, x, key_mask, out = run_masked(form, kernel)
+    [site] = compact_compile.report().sites
+    assert site["rewritten"] and site["key_mask"] and site["kernel"] == kernel
+    layout = TokenLayout(GRID, (1, 8, 8), 64)
+    blocks = model_order_mask(layout, window_blocks(layout, (1, 1, 1))[None])
+    with torch.no_grad():
+        q, k, v = model.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4)
+        want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                              attn_mask=blocks & key_mask[:, None, None, :]).transpose(1, 2).flatten(2)
+        ignored = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                 attn_mask=blocks).transpose(1, 2).flatten(2)
+    assert relative(out, want) < 1e-5 and relative(ignored, want) > 1e-2
+
+
+@pytest.mark.parametrize("form, reason", [
+    ("pairwise", "not provably a key-padding mask"),      # differs per query: not a key mask
+    ("additive", "values the graph does not prove to be 0 or −inf"),   # −10000 re-weights, not excludes
+])
+def test_masks_that_are_not_provably_key_masks_stay_dense(form, reason):
+    model, x, key_mask, out = run_masked(form)
+    [site] = compact_compile.report().sites
+    assert not site["rewritten"] and reason in site["reason"]
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(x, key_mask))
