@@ -211,3 +211,32 @@ def test_masks_that_are_not_provably_key_masks_stay_dense(form, reason):
     assert not site["rewritten"] and reason in site["reason"]
     with torch.no_grad():
         torch.testing.assert_close(out, model(x, key_mask))
+
+
+# ----------------------------------------------------------------------------------------------
+# calibration and plan files on a masked model
+
+
+def test_calibrate_hunyuan_then_run_its_plan(tmp_path):
+    """calibrate() records HunyuanVideo's joint sites with their key masks (padded keys carry no
+    mass), per layer and head, dual- and single-stream blocks named by module path; the plan file
+    then runs them block-sparse and equals the masked float64 reference with the plan's masks."""
+    from compact_compile.calibrate import calibrate
+    model, inputs = tiny_hunyuan(lengths=(7, 12))
+    with calibrate(model, recall=0.5, cost=math.inf, dense_steps=0, inner="aot_eager",
+                   options={"block_size": 64}) as cal:
+        with torch.no_grad():
+            dense = model(**inputs)[0]
+    plan = cal.plan
+    sites = ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
+    assert list(plan.sites) == sites
+    assert all(p.blocks.shape[0] == 2 and p.n_text == HUNYUAN_TEXT and not p.text_first for p in plan.sites.values())
+    assert any(p.density < 1 for p in plan.sites.values())
+    plan.save(tmp_path / "hv.plan.safetensors")
+    compact_compile.report(clear=True)
+    out = compile_and_run(copy.deepcopy(model), inputs, plan=str(tmp_path / "hv.plan.safetensors"))
+    assert all(s["rewritten"] and s["grid_source"] == "plan" for s in joint_sites())
+    layout = joint_layout(HUNYUAN_GRID, HUNYUAN_TEXT)
+    layout = TokenLayout(layout.grid, plan.tile, plan.block_size, HUNYUAN_TEXT, False)
+    ref, _ = reference(model, inputs, {HUNYUAN_S: [model_order_mask(layout, plan.sites[s].blocks) for s in sites]})
+    assert relative(out, ref) < 1e-5 and relative(dense, ref) > 1e-4
