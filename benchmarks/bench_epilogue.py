@@ -9,7 +9,7 @@ import torch
 import triton
 
 from compact_compile.kernels import triton_sparse as ts
-from compact_compile.kernels.flex import kv_block_lists
+from compact_compile.kernels.registry import kv_block_lists
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import window_blocks
 from timing import kernel_times, matching

@@ -2,20 +2,21 @@
 
 For the video DiT shapes below (bf16, block 128) at 50/75/90/95% block sparsity with random
 (per head) and window (a band over tiles, shared by the heads) masks, times:
-  SDPA default (dense, cuDNN on H100) · FlexAttention with the same mask (FlexBlockSparse)
-  · our Triton kernel (TritonBlockSparse, autotuned),
-with triton.testing.do_bench (median after warm-up) on N(0,1) inputs, checks ours against Flex on
-every config, and at 90% (random) also times the fused extras against their unfused equivalents:
-the rectification epilogue (R·O + Ō) and the token permutation (gather q/k/v rows, scatter out).
+  SDPA default (dense, cuDNN on Hopper) · every kernel of the registry that runs here, on the same
+  block lists: FA4 (where installed), our Triton kernel (autotuned), FlexAttention,
+with triton.testing.do_bench (median after warm-up) on N(0,1) inputs, checks each against Flex on
+every config, and at 90% (random) also times the fused rectification epilogue (R·O + Ō) of the
+kernels that have one (Triton) against the unfused equivalent.
 Effective TFLOP/s = 4·B·H·S²·D·density / t (the work of the kept blocks only).
 
 Run on the GPU machine:  python benchmarks/bench_kernels.py   (JSON to $OUT/kernels.json)
 Options: --shapes NAME... (substrings), --budget-s: past this many seconds the 50%-sparsity points
 of the big shapes (the slowest) are skipped, and the skips are recorded.
---configs: instead, time every launch configuration in CONFIG_SWEEP (tile shape, warps, stages, TMA
-descriptor loads) at 90% sparsity against Flex and the autotuned choice, each checked against Flex
-(JSON to $OUT/kernel-configs.json). The recorded H100 sweep also tried Triton's automatic warp
-specialisation, from a build of the kernel that had the switch; it gained nothing and was dropped.
+--configs: instead, time every launch configuration of our Triton kernel in CONFIG_SWEEP (tile
+shape, warps, stages, TMA descriptor loads) at 90% sparsity against the other kernels and the
+autotuned choice, each checked against Flex (JSON to $OUT/kernel-configs.json). The recorded H100
+sweep also tried Triton's automatic warp specialisation, from a build of the kernel that had the
+switch; it gained nothing and was dropped.
 """
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ import torch.nn.functional as F
 import triton
 
 from compact_compile.kernels import triton_sparse as ts
-from compact_compile.kernels.flex import FlexBlockSparse
-from compact_compile.kernels.triton_sparse import TritonBlockSparse
+from compact_compile.kernels.registry import kv_block_lists
+from compact_compile.layout import TokenLayout
+from timing import SparseAttention, available_kernels
 
 SHAPES = [  # name, B, H, S, D
     ("wan1.3B-480p", 1, 12, 32760, 128),
@@ -71,6 +73,16 @@ def errors(out: torch.Tensor, ref: torch.Tensor) -> dict:
                 finite=bool(torch.isfinite(out).all()))
 
 
+def kernels_for(names, H: int, S: int, blocks: torch.Tensor) -> dict:
+    """{name: SparseAttention} over `blocks` `[H or 1, nb, nb]` on a plain sequence of S tokens, Flex
+    first (the reference). Flex gets the per-head copy of a shared mask: one BlockMask shape per
+    sequence length, so its compiled kernel is reused across patterns (no recompiles)."""
+    layout = TokenLayout((1, 1, S), (1, 1, BLOCK), BLOCK)
+    nb = blocks.shape[-1]
+    return {name: SparseAttention(name, layout, blocks.expand(H, nb, nb) if name == "flex" else blocks)
+            for name in sorted(names, key=lambda n: n != "flex")}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="*", default=None)
@@ -101,43 +113,41 @@ def main():
         print("  config", shape, variant, {k: v for k, v in c.items() if k != "tuning_ms"}, flush=True)
 
     shapes = [s for s in SHAPES if not args.shapes or any(p in s[0] for p in args.shapes)]
-    for name, B, H, S, D in shapes:
+    for shape, B, H, S, D in shapes:
+        names = available_kernels(torch.bfloat16, D, BLOCK)
+        meta["kernels"] = names
         q, k, v = (torch.randn(B, H, S, D, device=DEV, dtype=torch.bfloat16, generator=gen) for _ in range(3))
         nb = triton.cdiv(S, BLOCK)
         flops = 4 * B * H * S * S * D
         sdpa_ms = bench(lambda: F.scaled_dot_product_attention(q, k, v))
-        record(shape=name, impl="sdpa-default", sparsity=0.0, ms=sdpa_ms, tflops=flops / sdpa_ms / 1e9)
+        record(shape=shape, impl="sdpa-default", sparsity=0.0, ms=sdpa_ms, tflops=flops / sdpa_ms / 1e9)
         for sparsity in SPARSITIES:
-            if sparsity == 0.5 and name != SHAPES[0][0] and time.time() - t_start > args.budget_s:
-                skipped.append(f"{name} at 50% (time budget)")
+            if sparsity == 0.5 and shape != SHAPES[0][0] and time.time() - t_start > args.budget_s:
+                skipped.append(f"{shape} at 50% (time budget)")
                 print("  skip", skipped[-1], flush=True)
                 continue
             for pattern in PATTERNS:
                 blocks = make_blocks(pattern, H, nb, sparsity, gen)
                 density = blocks.float().mean().item()
-                # Flex gets the per-head copy of a shared mask: one BlockMask shape per sequence
-                # length, so its compiled kernel is reused across patterns (no recompiles)
-                flex = FlexBlockSparse(blocks.expand(H, nb, nb), S, BLOCK)
-                ours = TritonBlockSparse(blocks, S, BLOCK)
-                ref = flex(q, k, v)
-                out = ours(q, k, v)                  # first call: autotune (per key) + compile
-                if sparsity == SPARSITIES[0] and pattern == PATTERNS[0]:
-                    note_config(name, "plain")
-                flex_ms = bench(lambda: flex(q, k, v))
-                ours_ms = bench(lambda: ours(q, k, v))
                 eff = flops * density
-                r = dict(shape=name, pattern=pattern, sparsity=round(1 - density, 4), density=density,
-                         sdpa_ms=sdpa_ms, flex_ms=flex_ms, ours_ms=ours_ms,
-                         speedup_vs_sdpa=sdpa_ms / ours_ms, speedup_vs_flex=flex_ms / ours_ms,
-                         flex_speedup_vs_sdpa=sdpa_ms / flex_ms,
-                         ours_tflops_eff=eff / ours_ms / 1e9, flex_tflops_eff=eff / flex_ms / 1e9,
-                         **errors(out, ref))
-                if sparsity == 0.9:
-                    r["ours_ms_repeat"] = bench(lambda: ours(q, k, v))   # run-to-run spread
-                record(impl="compare", **r)
-                if sparsity == 0.9 and pattern == "random":
-                    fused_variants(name, B, H, S, D, q, k, v, ours, out, gen, record, note_config)
-                del flex, ours, ref, out
+                kernels = kernels_for(names, H, S, blocks)
+                for name, attend in kernels.items():
+                    out = attend(q, k, v)              # first call: autotune (Triton, per key) + compile
+                    if name == "triton" and sparsity == SPARSITIES[0] and pattern == PATTERNS[0]:
+                        note_config(shape, "plain")
+                    ms = bench(lambda: attend(q, k, v))
+                    if name == "flex":                 # first: the reference
+                        ref, flex_ms = out, ms
+                    r = dict(shape=shape, pattern=pattern, kernel=name, sparsity=round(1 - density, 4),
+                             density=density, sdpa_ms=sdpa_ms, flex_ms=flex_ms, ms=ms, speedup_vs_sdpa=sdpa_ms / ms,
+                             speedup_vs_flex=flex_ms / ms, tflops_eff=eff / ms / 1e9, **errors(out, ref))
+                    if sparsity == 0.9:
+                        r["ms_repeat"] = bench(lambda: attend(q, k, v))   # run-to-run spread
+                    record(impl="compare", **r)
+                    if sparsity == 0.9 and pattern == "random" and attend.kernel.fuses_rectify:
+                        fused_rectify(shape, name, q, k, v, attend, gen, record, note_config)
+                    del out
+                del kernels, ref
         del q, k, v
         torch.cuda.empty_cache()
 
@@ -156,21 +166,23 @@ def config_sweep(args):
                 block_size=BLOCK, dtype="bfloat16", sparsity=0.9)
     print(meta, flush=True)
     rows = []
-    for name, B, H, S, D in [s for s in SHAPES if not args.shapes or any(p in s[0] for p in args.shapes)]:
+    for shape, B, H, S, D in [s for s in SHAPES if not args.shapes or any(p in s[0] for p in args.shapes)]:
+        names = available_kernels(torch.bfloat16, D, BLOCK)
+        assert "triton" in names, "the launch-configuration sweep is of our Triton kernel"
         q, k, v = (torch.randn(B, H, S, D, device=DEV, dtype=torch.bfloat16, generator=gen) for _ in range(3))
         nb = triton.cdiv(S, BLOCK)
         for pattern in PATTERNS:
             blocks = make_blocks(pattern, H, nb, 0.9, gen)
             eff = 4 * B * H * S * S * D * blocks.float().mean().item()
-            flex = FlexBlockSparse(blocks.expand(H, nb, nb), S, BLOCK)
-            ours = TritonBlockSparse(blocks, S, BLOCK)
-            num, idx = ours.block_lists(DEV)
-            ref = flex(q, k, v)
-            flex_ms = bench(lambda: flex(q, k, v))
+            kernels = kernels_for(names, H, S, blocks)
+            ours = kernels.pop("triton")
+            num, idx = kv_block_lists(blocks)
+            ref = kernels["flex"](q, k, v)
+            others = {f"{name}_ms": bench(lambda attend=attend: attend(q, k, v)) for name, attend in kernels.items()}
             ours(q, k, v)
             auto = dict(config="autotuned " + str(ts.chosen_config()), ms=bench(lambda: ours(q, k, v)))
             for c in [None] + CONFIG_SWEEP:
-                r = dict(shape=name, pattern=pattern, flex_ms=flex_ms, autotuned_ms=auto["ms"])
+                r = dict(shape=shape, pattern=pattern, **others, autotuned_ms=auto["ms"])
                 if c is None:
                     r.update(auto)
                 else:
@@ -181,10 +193,10 @@ def config_sweep(args):
                     except Exception as e:  # a configuration this Triton cannot build: record why
                         r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 if "ms" in r:
-                    r.update(tflops_eff=eff / r["ms"] / 1e9, speedup_vs_flex=flex_ms / r["ms"])
+                    r.update(tflops_eff=eff / r["ms"] / 1e9, speedup_vs_flex=others["flex_ms"] / r["ms"])
                 rows.append(r)
                 print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in r.items()}, flush=True)
-            del flex, ours, ref
+            del kernels, ours, ref
         del q, k, v
         torch.cuda.empty_cache()
     path = os.path.join(os.environ.get("OUT", "."), "kernel-configs.json")
@@ -193,50 +205,47 @@ def config_sweep(args):
     print("wrote", path)
 
 
-def fused_variants(name, B, H, S, D, q, k, v, ours, out, gen, record, note_config):
-    """The fused epilogue and permutation against doing the same work in separate passes."""
+def fused_rectify(shape, name, q, k, v, attend, gen, record, note_config):
+    """The fused R·O + Ō epilogue against the same merge in torch ops after the kernel. (The fused
+    token permutation that used to be timed here too is gone: the kernel no longer has `src=`.)"""
+    B, H, S, D = q.shape
     nq = triton.cdiv(S, BLOCK)
     R = torch.rand(B, H, nq, device=DEV, generator=gen) + 0.5
     Obar = torch.randn(B, H, nq, D, device=DEV, generator=gen)
     qb = torch.arange(S, device=DEV) // BLOCK
-    src = torch.randperm(S, device=DEV, generator=gen).to(torch.int32)
-    s64 = src.long()
 
-    def rect_unfused():
-        o = ours(q, k, v)
+    def fused():
+        return attend(q, k, v, rectify=(R, Obar))
+
+    def unfused():
+        o = attend(q, k, v)
         return (R[..., qb, None] * o.float() + Obar[:, :, qb]).to(o.dtype)
 
-    def perm_unfused():
-        o = ours(q[:, :, s64], k[:, :, s64], v[:, :, s64])
-        return torch.empty_like(o).index_copy_(2, s64, o)
-
-    base_ms = bench(lambda: ours(q, k, v))
-    for variant, fused, unfused in [
-        ("rectify", lambda: ours(q, k, v, rectify=(R, Obar)), rect_unfused),
-        ("permute", lambda: ours(q, k, v, src=src), perm_unfused),
-    ]:
-        got = fused()
-        note_config(name, variant)
-        want = unfused()
-        fused_ms, unfused_ms = bench(fused), bench(unfused)
-        record(shape=name, impl=f"fused-{variant}", pattern="random", sparsity=0.9, ours_plain_ms=base_ms,
-               fused_ms=fused_ms, unfused_ms=unfused_ms, fused_overhead=fused_ms / base_ms - 1,
-               **errors(got, want))
+    base_ms = bench(lambda: attend(q, k, v))
+    got = fused()
+    if name == "triton":
+        note_config(shape, "rectify")
+    want = unfused()
+    fused_ms, unfused_ms = bench(fused), bench(unfused)
+    record(shape=shape, impl="fused-rectify", kernel=name, pattern="random", sparsity=0.9, plain_ms=base_ms,
+           fused_ms=fused_ms, unfused_ms=unfused_ms, fused_overhead=fused_ms / base_ms - 1, **errors(got, want))
 
 
 def summary(rows):
-    cmp = sorted((r for r in rows if r.get("impl") == "compare"), key=lambda r: (r["shape"], r["pattern"], r["sparsity"]))
-    head = f"{'shape':14} {'mask':7} {'spars':>5} {'sdpa ms':>8} {'flex ms':>8} {'ours ms':>8} {'x sdpa':>7} " \
-           f"{'x flex':>7} {'flex TF':>8} {'ours TF':>8} {'max err':>8} {'rel err':>8}"
+    cmp = sorted((r for r in rows if r.get("impl") == "compare"),
+                 key=lambda r: (r["shape"], r["pattern"], r["sparsity"]))   # stable: Flex first
+    head = f"{'shape':14} {'mask':7} {'spars':>5} {'kernel':7} {'sdpa ms':>8} {'ms':>8} {'x sdpa':>7} " \
+           f"{'x flex':>7} {'TF/s':>6} {'max err':>8} {'rel err':>8}"
     print("\n" + head + "\n" + "-" * len(head))
     for r in cmp:
-        print(f"{r['shape']:14} {r['pattern']:7} {r['sparsity']:5.2f} {r['sdpa_ms']:8.2f} {r['flex_ms']:8.3f} "
-              f"{r['ours_ms']:8.3f} {r['speedup_vs_sdpa']:7.2f} {r['speedup_vs_flex']:7.2f} "
-              f"{r['flex_tflops_eff']:8.0f} {r['ours_tflops_eff']:8.0f} {r['max_abs_err']:8.1e} {r['rel_err']:8.1e}")
+        print(f"{r['shape']:14} {r['pattern']:7} {r['sparsity']:5.2f} {r['kernel']:7} {r['sdpa_ms']:8.2f} "
+              f"{r['ms']:8.3f} {r['speedup_vs_sdpa']:7.2f} {r['speedup_vs_flex']:7.2f} {r['tflops_eff']:6.0f} "
+              f"{r['max_abs_err']:8.1e} {r['rel_err']:8.1e}")
     for r in rows:
-        if str(r.get("impl", "")).startswith("fused-"):
-            print(f"{r['shape']:14} {r['impl']:16} plain {r['ours_plain_ms']:.3f} ms, fused {r['fused_ms']:.3f} ms, "
-                  f"unfused {r['unfused_ms']:.3f} ms, max err {r['max_abs_err']:.1e}, rel err {r['rel_err']:.1e}")
+        if r.get("impl") == "fused-rectify":
+            print(f"{r['shape']:14} fused-rectify {r['kernel']:7} plain {r['plain_ms']:.3f} ms, fused "
+                  f"{r['fused_ms']:.3f} ms, unfused {r['unfused_ms']:.3f} ms, max err {r['max_abs_err']:.1e}, "
+                  f"rel err {r['rel_err']:.1e}")
 
 
 if __name__ == "__main__":

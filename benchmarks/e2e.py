@@ -5,8 +5,11 @@ speed), bf16, one GPU: one forward and a short denoising loop per variant, same 
 
 Models: wan1.3b (Wan2.1-1.3B, 480p 81 frames, 32,760 tokens), wan14b (Wan2.1-14B, 720p 81 frames,
 75,600 tokens), cogvideox5b (CogVideoX-5B, 720×480 49 frames, 17,550 video + 226 text tokens in
-joint attention). Variants: see VARIANTS; "-regional" ones compile the repeated transformer blocks
-only (diffusers' compile_repeated_blocks), the others the whole model.
+joint attention), hunyuan13b (HunyuanVideo 13B, 720×1280 33 frames, 32,400 video + 256 text tokens
+with a key-padding mask), mochi10b (Mochi 10B, 480×848 85 frames, 23,850 video + 256 text tokens,
+prompt padding as a key mask through compact_compile.models). Variants: see VARIANTS; "-regional"
+ones compile the repeated transformer blocks only (diffusers' compile_repeated_blocks, or each of
+`transformer_blocks` for models without `_repeated_blocks`), the others the whole model.
 
 Per variant: first-call seconds (compile, cold when TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 is set),
 forward ms (do_bench median), denoising-loop seconds (`--steps` Euler steps on decreasing timesteps;
@@ -46,6 +49,18 @@ MODELS = {
                                     time_embed_dim=512, text_embed_dim=4096, num_layers=42, sample_width=90,
                                     sample_height=60, sample_frames=49, patch_size=2, max_text_seq_length=226,
                                     use_rotary_positional_embeddings=True)),
+    "hunyuan13b": dict(cls="HunyuanVideoTransformer3DModel", window=(3, 3, 3), latent=(1, 16, 9, 90, 160),
+                       text=(1, 256, 4096), prompt_tokens=100,
+                       config=dict(in_channels=16, out_channels=16, num_attention_heads=24, attention_head_dim=128,
+                                   num_layers=20, num_single_layers=40, num_refiner_layers=2, mlp_ratio=4.0,
+                                   patch_size=2, patch_size_t=1, qk_norm="rms_norm", guidance_embeds=True,
+                                   text_embed_dim=4096, pooled_projection_dim=768, rope_theta=256.0,
+                                   rope_axes_dim=(16, 56, 56))),
+    "mochi10b": dict(cls="MochiTransformer3DModel", window=(3, 3, 3), latent=(1, 12, 15, 60, 106),
+                     text=(1, 256, 4096), prompt_tokens=100,
+                     config=dict(patch_size=2, num_attention_heads=24, attention_head_dim=128, num_layers=48,
+                                 pooled_projection_dim=1536, in_channels=12, text_embed_dim=4096, time_embed_dim=256,
+                                 activation_fn="swiglu", max_sequence_length=256)),
 }
 
 # name → torch.compile keyword arguments (None: eager); "WINDOW" is replaced by the model's window
@@ -67,6 +82,12 @@ VARIANTS = {
     "compact-window-regional": dict(backend="compact", options=dict(plan="window", window="WINDOW")),
     "compact-window-rectify-regional": dict(backend="compact", options=dict(plan="window", window="WINDOW",
                                                                            rectify=True)),
+    "compact-window-triton-regional": dict(backend="compact", options=dict(plan="window", window="WINDOW",
+                                                                          kernel="triton")),
+    "compact-window-rectify-triton-regional": dict(backend="compact", options=dict(
+        plan="window", window="WINDOW", rectify=True, kernel="triton")),
+    "compact-dynamic-regional": dict(backend="compact", options=dict(plan="dynamic")),
+    "compact-dynamic-rectify-regional": dict(backend="compact", options=dict(plan="dynamic", rectify=True)),
     "compact-window-fp8-regional": dict(backend="compact",
                                         options=dict(plan="window", window="WINDOW", quantize="fp8")),
 }
@@ -87,6 +108,22 @@ def build(spec):
     x = torch.randn(spec["latent"], device="cuda", dtype=torch.bfloat16)
     text = torch.randn(spec["text"], device="cuda", dtype=torch.bfloat16)
     return model, x, text
+
+
+def extra_inputs(spec):
+    """Model-specific inputs besides latent, timestep and text: a padded prompt's mask, pooled text,
+    guidance (HunyuanVideo), CogVideoX's RoPE."""
+    if "prompt_tokens" in spec:
+        mask = (torch.arange(spec["text"][1], device="cuda") < spec["prompt_tokens"]).long()[None]
+        extra = dict(encoder_attention_mask=mask)
+        if spec["cls"] == "HunyuanVideoTransformer3DModel":
+            extra.update(pooled_projections=torch.randn(1, spec["config"]["pooled_projection_dim"], device="cuda",
+                                                        dtype=torch.bfloat16),
+                         guidance=torch.tensor([6000.0], device="cuda", dtype=torch.bfloat16))
+        return extra
+    if spec["cls"] == "CogVideoXTransformer3DModel":
+        return dict(image_rotary_emb=rotary(spec))
+    return {}
 
 
 def rotary(spec):
@@ -112,7 +149,11 @@ def compiled(model, name, spec, dense_steps):
         else:
             options["dense_steps"] = dense_steps
     if name.endswith("-regional"):
-        model.compile_repeated_blocks(dynamic=False, **kwargs)
+        if getattr(model, "_repeated_blocks", None):
+            model.compile_repeated_blocks(dynamic=False, **kwargs)
+        else:   # the same: every block compiled, one graph serving them all
+            for block in model.transformer_blocks:
+                block.compile(dynamic=False, **kwargs)
         return model
     return torch.compile(model, dynamic=False, **kwargs)
 
@@ -123,8 +164,11 @@ def grid_of(spec):
         pt, ph, pw = cfg["patch_size"]
         _, _, t, h, w = spec["latent"]
         return (t // pt, h // ph, w // pw)
-    _, t, _, h, w = spec["latent"]
-    return (t, h // cfg["patch_size"], w // cfg["patch_size"])
+    if spec["cls"] == "CogVideoXTransformer3DModel":
+        _, t, _, h, w = spec["latent"]
+        return (t, h // cfg["patch_size"], w // cfg["patch_size"])
+    _, _, t, h, w = spec["latent"]   # HunyuanVideo (temporal patch 1), Mochi
+    return (t // cfg.get("patch_size_t", 1), h // cfg["patch_size"], w // cfg["patch_size"])
 
 
 @contextlib.contextmanager
@@ -147,10 +191,7 @@ def uncompile_blocks(model):
 
 
 def forward(m, spec, x, t, text):
-    if spec["cls"] == "WanTransformer3DModel":
-        return m(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
-    return m(hidden_states=x, encoder_hidden_states=text, timestep=t, image_rotary_emb=spec["rotary"],
-             return_dict=False)[0]
+    return m(hidden_states=x, timestep=t, encoder_hidden_states=text, return_dict=False, **spec["extra"])[0]
 
 
 def denoise(m, spec, x, text, steps):
@@ -206,7 +247,7 @@ def profile(m, spec, x, t, text):
 def run(args):
     spec = MODELS[args.model]
     model, x, text = build(spec)
-    spec["rotary"] = rotary(spec)
+    spec["extra"] = extra_inputs(spec)
     t = torch.tensor([500], device="cuda")
     out_path = os.path.join(os.environ.get("OUT", "."), f"e2e-{args.model}.json")
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -251,7 +292,8 @@ def describe(name, outs):
         rep = compact_compile.report()
         rewritten = [s for s in rep.sites if s["rewritten"]]
         r.update(sites=len(rep.sites), rewritten=len(rewritten),
-                 kernel=rewritten[0]["kernel"] if rewritten else None,
+                 kernels=sorted({s["kernel"] for s in rewritten}), key_masked=sum(s["key_mask"] for s in rewritten),
+                 kernel_reason=rewritten[0]["kernel_reason"] if rewritten else None,
                  density=sum(s["density"] for s in rewritten) / max(1, len(rewritten)),
                  quantized=rep.quantized)
     base = outs.get("inductor-dense", outs.get("inductor-dense-regional"))

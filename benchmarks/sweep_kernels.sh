@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU property sweep of the kernel tests: the Triton kernel's hypothesis test in $PROCS processes
 # with different --hypothesis-seed values ($EXAMPLES examples each; compile-bound, so in parallel),
-# and the rectification and Flex tests once. Logs to ${OUT:-.}/sweep-*.txt, a summary on stdout.
+# and the rectification, Flex and FA4 tests once (FA4's skip where it is not installed). Logs to
+# ${OUT:-.}/sweep-*.txt, a summary on stdout.
 set -u
 PROCS=${PROCS:-16} EXAMPLES=${EXAMPLES:-40} LIMIT=${LIMIT:-300} OUT=${OUT:-.}
 for s in $(seq 1 "$PROCS"); do
@@ -9,7 +10,7 @@ for s in $(seq 1 "$PROCS"); do
     tests/kernels/test_triton_sparse.py --hypothesis-seed="$s" > "$OUT/sweep-triton-$s.txt" 2>&1 &
 done
 timeout "$LIMIT" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_rectified.py tests/kernels/test_flex.py \
-  > "$OUT/sweep-rectified-flex.txt" 2>&1 &
+  tests/kernels/test_fa4.py > "$OUT/sweep-rectified-flex-fa4.txt" 2>&1 &
 wait
 for f in "$OUT"/sweep-*.txt; do
   echo "$(basename "$f"): $(tail -n 1 "$f")"

@@ -1,7 +1,9 @@
-"""What the GPU benchmarks share: timing and a record of the rows they measure.
+"""What the GPU benchmarks share: timing, a record of the rows they measure, and the kernels.
 
 `bench` times a call with CUDA events (median after warm-up, triton.testing.do_bench), host launch
 overhead included; `kernel_times` gives GPU time per kernel from the CUDA profiler, without it.
+`available_kernels` names the registry's kernels that run here (FA4 only where it is installed), and
+`SparseAttention` calls one of them over a fixed block map the way a site's static range does.
 """
 import json
 import os
@@ -9,6 +11,8 @@ import os
 import torch
 import triton
 from torch.profiler import ProfilerActivity, profile
+
+from compact_compile.kernels.registry import KERNEL_NAMES, kernel_class, kv_block_lists
 
 
 def bench(fn) -> float:
@@ -51,3 +55,26 @@ class Results:
         with open(os.path.join(os.environ.get("OUT", "."), self.name), "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                            **meta, rows=self.rows), f, indent=1)
+
+
+def available_kernels(dtype: torch.dtype, head_dim: int, block_size: int, device: str = "cuda") -> list[str]:
+    """The registry's kernels (KERNEL_NAMES order) that run these inputs on `device`; prints why not for the others."""
+    names = []
+    for name in KERNEL_NAMES:
+        why = kernel_class(name).unsupported(torch.device(device), dtype, head_dim, block_size, False)
+        print(f"kernel {name}: {why or 'available'}", flush=True)
+        if not why:
+            names.append(name)
+    return names
+
+
+class SparseAttention:
+    """Kernel `name` of the registry over the bool block map `blocks` `[H or 1, nq, nk]` of `layout`,
+    its block lists prepared once on `blocks`' device: `(q, k, v, rectify=None) -> O`."""
+
+    def __init__(self, name: str, layout, blocks: torch.Tensor):
+        self.kernel = kernel_class(name)(layout)
+        self.prepared = self.kernel.prepare(kv_block_lists(blocks))
+
+    def __call__(self, q, k, v, rectify=None):
+        return self.kernel.attend(q, k, v, self.prepared, None, rectify=rectify)

@@ -3,6 +3,7 @@
     torch.compile(model, backend="compact", options={"plan": "window"})
 """
 from .calibrate import calibrate
+from .errors import CompactError
 from .layout import TokenLayout
 from .options import CompactOptions, OptionsError
 from .plan import Plan, PlanError, SitePlan
@@ -16,4 +17,4 @@ def load_plan(path) -> Plan:
     return Plan.load(path)
 
 
-__all__ = ["calibrate", "CompactOptions", "OptionsError", "Plan", "PlanError", "SitePlan", "TokenLayout", "load_plan", "report"]
+__all__ = ["calibrate", "CompactError", "CompactOptions", "OptionsError", "Plan", "PlanError", "SitePlan", "TokenLayout", "load_plan", "report"]

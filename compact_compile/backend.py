@@ -14,6 +14,7 @@ import warnings
 import torch
 import torch.fx as fx
 
+from .errors import raises_unwrapped
 from .kernels.ops import register_site
 from .kernels.site import make_site
 from .models import install_model_fixes
@@ -35,6 +36,7 @@ install_model_fixes()
 torch._dynamo.callback_handler.register_start_callback(lambda *_: install_model_fixes())
 
 
+@raises_unwrapped   # OptionsError, PlanError reach model(...) as themselves (errors.py)
 def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None, mode: str | None = None):
     opts = CompactOptions.from_dict(options)
     plan = load_plan(opts)

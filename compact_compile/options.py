@@ -1,5 +1,34 @@
 """CompactOptions: everything `torch.compile(m, backend="compact", options={...})` understands.
 
+Each option is documented on the class (`help(CompactOptions)`); a bad option is one OptionsError naming it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+from .errors import OptionsError
+from .plan import Plan
+
+BUILTIN_PLANS = ("dense", "window", "dynamic")
+KERNELS = ("auto", "fa4", "triton", "flex")   # kernels/registry.py KERNEL_NAMES, and "auto"
+INNER_BACKENDS = ("inductor", "aot_eager", "eager")
+QUANTIZE = (None, "fp8", "int8")
+MODES = (None, "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class CompactOptions:
+    """Options of the "compact" torch.compile backend, validated on construction.
+
+    `torch.compile(model, backend="compact", options={...})` turns the dict into this with
+    `CompactOptions.from_dict`; an unknown key or a bad value raises one OptionsError naming it.
+
     plan        "window" (default: a 3D local window, no calibration), "dense" (every block: the model
                 is unchanged up to rounding), "dynamic" (blocks chosen online per call from pooled
                 q/k, no calibration), a path to a plan file, or a `Plan`. Without `plan` in
@@ -14,8 +43,10 @@
     grid        (T, H, W) video tokens; default: inferred from the graph (patch-embedding conv).
     tile        (tt, th, tw) tokens per tile, tt·th·tw = block_size; default "auto".
     block_size  64 or 128 tokens per attention block; default: the plan file's, else 128.
-    kernel      "flex" (FlexAttention), "triton" (our kernel; Flex where it cannot run) or "auto"
-                (default: our Triton kernel on CUDA GPUs, where it is the faster, Flex elsewhere).
+    kernel      "auto" (default: the fastest kernel that runs the site — FlashAttention-4 where it is
+                installed on sm90, else our Triton kernel on CUDA GPUs, else FlexAttention), or one of
+                "fa4", "triton", "flex" (a named kernel that cannot run a site is replaced by Flex, and
+                the report says why).
     dense_steps the first N denoising steps run dense attention (the step is read from the model's
                 `timestep` input), the plan's masks after; default 0. A calibrated plan carries its
                 own schedule (this option must then agree with it).
@@ -27,32 +58,10 @@
                 not both): None or "max-autotune-no-cudagraphs". Modes with CUDA graphs are not
                 offered: a graph replay would freeze the per-step kernel choice of a schedule.
     inner       what compiles the rewritten graph: "inductor" (default), "aot_eager" or "eager".
-    observer    advanced: a callable `(site_name, layout, kernel) -> kernel` that wraps every
-                rewritten site's kernel (calibration uses it to record attention statistics).
-"""
-from __future__ import annotations
-
-import dataclasses
-import os
-from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import Callable
-
-from .plan import Plan
-
-BUILTIN_PLANS = ("dense", "window", "dynamic")
-KERNELS = ("flex", "triton", "auto")
-INNER_BACKENDS = ("inductor", "aot_eager", "eager")
-QUANTIZE = (None, "fp8", "int8")
-MODES = (None, "max-autotune-no-cudagraphs")
-
-
-class OptionsError(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class CompactOptions:
+    observer    advanced: a callable `(spec, site) -> site` that wraps every rewritten site's runtime
+                (kernels/site.py; the wrapper keeps its `__call__` and `parts`): calibration records
+                attention statistics with it, the fidelity harness measures each call.
+    """
     plan: str | Path | Plan = "window"
     window: tuple[int, int, int] = (3, 3, 3)
     grid: tuple[int, int, int] | None = None
@@ -119,9 +128,20 @@ class CompactOptions:
             raise OptionsError(f"option 'strict' must be True or False, not {self.strict!r}")
 
     @classmethod
-    def from_dict(cls, options: dict | None) -> "CompactOptions":
-        options = dict(options or {})
+    def from_dict(cls, options: Mapping | None) -> "CompactOptions":
+        """Parse torch.compile's `options=` (a dict, or None for the defaults)."""
+        if options is None:
+            options = {}
+        if not isinstance(options, Mapping):
+            # without this, dict(["plan", "window"]) fails as "dictionary update sequence element #0 …"
+            raise OptionsError(f"options must be a dict such as {{'plan': 'window'}}, not {type(options).__name__} "
+                               f"{options!r}")
+        options = dict(options)
         known = {f.name for f in fields(cls)}
+        not_names = [k for k in options if not isinstance(k, str)]
+        if not_names:
+            raise OptionsError(f"compact option names are strings, not {not_names[0]!r}; "
+                               f"known options: {sorted(known)}")
         unknown = sorted(set(options) - known)
         if unknown:
             raise OptionsError(f"unknown compact option {unknown[0]!r}; known options: {sorted(known)}")
@@ -134,13 +154,29 @@ class CompactOptions:
 
 
 def _triple(name: str, value, odd: bool = False) -> tuple[int, int, int]:
-    try:
-        t = tuple(int(v) for v in value)
-        ok = len(t) == 3 and all(v >= 1 and v == w for v, w in zip(t, value))
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
+    t = _positive_ints(value)
+    if t is None or len(t) != 3:
         raise OptionsError(f"option {name!r} must be three positive integers (t, h, w), not {value!r}")
     if odd and not all(v % 2 for v in t):
         raise OptionsError(f"option {name!r} must hold odd extents (a window centred on the query tile), not {t}")
     return t
+
+
+def _positive_ints(value) -> tuple[int, ...] | None:
+    """`value` as a tuple of ints ≥ 1, or None. Integer types only (int, numpy/torch integers):
+    no floats, and no bools — True would otherwise pass as 1, so (True, True, True) was a (1, 1, 1)
+    window."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        return None
+    out = []
+    for v in value:
+        if isinstance(v, bool):
+            return None
+        try:
+            v = operator.index(v)
+        except TypeError:
+            return None
+        if v < 1:
+            return None
+        out.append(v)
+    return tuple(out)

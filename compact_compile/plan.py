@@ -4,9 +4,17 @@ Plain data, like FlexAttention's `BlockMask`: a token layout shared by the model
 size) and, per site (named by its module path, e.g. `blocks.3.attn1`), a bool block map
 `[heads or 1, n_blocks, n_blocks]` over the tiled sequence. On disk: one safetensors file, block maps
 bit-packed along the key axis, everything else in JSON metadata. Loading checks all of it.
+
+Integrity: each site's metadata holds `sha256`, the SHA-256 of its packed block-map bytes, checked
+on load, so a bit flipped inside the block data (which safetensors alone would load without a
+word: any byte is a valid uint8) is a PlanError saying the file is corrupt. Files written before
+the checksum existed have no `sha256` and still load, unchecked. The format version stays 1: the
+key is optional and additive, so files stay readable both ways (an older compact_compile ignores
+it), where a version bump would make older installs refuse every newly calibrated plan.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -16,14 +24,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import PlanError
 from .layout import Grid, TokenLayout
 
 FORMAT = "compact_compile.plan"
 FORMAT_VERSION = 1
-
-
-class PlanError(ValueError):
-    """A plan file that cannot be used: unreadable, corrupt, or made for another model/layout."""
 
 
 @dataclass
@@ -55,9 +60,11 @@ class Plan:
     def save(self, path: str | Path) -> None:
         tensors, sites = {}, {}
         for i, (name, s) in enumerate(self.sites.items()):
-            tensors[f"site{i}"] = _pack_bits(s.blocks.bool().cpu())
+            packed = _pack_bits(s.blocks.bool().cpu())
+            tensors[f"site{i}"] = packed
             sites[name] = dict(tensor=f"site{i}", heads=s.heads, head_dim=s.head_dim, seq_len=s.seq_len,
-                               n_text=s.n_text, text_first=s.text_first, mask_heads=s.blocks.shape[0])
+                               n_text=s.n_text, text_first=s.text_first, mask_heads=s.blocks.shape[0],
+                               sha256=_sha256(packed))
         meta = dict(format=FORMAT, version=FORMAT_VERSION, grid=list(self.grid), tile=list(self.tile),
                     block_size=self.block_size, sites=sites, info=self.info)
         save_file(tensors, str(path), metadata={"compact_compile": json.dumps(meta)})
@@ -101,6 +108,10 @@ class Plan:
                 if packed.dtype != torch.uint8 or packed.shape != (s["mask_heads"], nb, math.ceil(nb / 8)):
                     raise PlanError(f"{where!r}: site {name!r} block map has shape {tuple(packed.shape)} "
                                     f"{packed.dtype}, expected ({s['mask_heads']}, {nb}, {math.ceil(nb / 8)}) uint8")
+                if "sha256" in s and _sha256(packed) != s["sha256"]:   # files from before the checksum: none
+                    raise PlanError(f"{where!r} is corrupt: the block map of site {name!r} (tensor {s['tensor']!r}) "
+                                    f"does not match the SHA-256 it was saved with; the file was damaged after it "
+                                    f"was written: copy it again or recalibrate")
                 if s["mask_heads"] not in (1, s["heads"]) or layout.seq_len != s["seq_len"]:
                     raise PlanError(f"{where!r}: site {name!r} metadata is inconsistent")
                 blocks = _unpack_bits(packed, nb)
@@ -118,6 +129,10 @@ class Plan:
 def _positive_ints(x, n: int) -> bool:
     return (isinstance(x, list) and len(x) == n
             and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in x))
+
+
+def _sha256(packed: torch.Tensor) -> str:
+    return hashlib.sha256(packed.contiguous().numpy().tobytes()).hexdigest()
 
 
 def _pack_bits(x: torch.Tensor) -> torch.Tensor:

@@ -28,13 +28,14 @@ import torch._inductor.config
 import torch.fx as fx
 import torch.nn as nn
 
+from .errors import CompactError
 from .report import record_quantized
 
 _LINEAR = torch._C._nn.linear  # what F.linear and nn.Linear are in a Dynamo graph
 
 
-class QuantizeError(RuntimeError):
-    pass
+class QuantizeError(CompactError, RuntimeError):
+    """The `quantize` option cannot run here (e.g. fp8 below compute capability 8.9)."""
 
 
 def check_quantize_supported(kind: str, device: torch.device) -> None:

@@ -1,11 +1,14 @@
 """The `compact-compile` command line: calibrate a tiny random Wan model, search saved statistics
 again, inspect and plot the plans, and report unusable files."""
+import importlib
+import json
 import re
 import subprocess
 import sys
 
 import matplotlib.image
 import pytest
+import torch
 
 from compact_compile.cli import main
 from compact_compile.plan import Plan
@@ -78,3 +81,140 @@ def test_module_entry_point_help():
     done = subprocess.run([sys.executable, "-m", "compact_compile.cli", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and all(c in done.stdout for c in ("calibrate", "inspect", "plot"))
+
+
+# ----------------------------------------------------------------------------------------------
+# every argument is checked before any work: exit code 2, one line, the model never built
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Any model build, statistics read or search is a failure: bad arguments must stop before."""
+    from compact_compile import cli
+
+    calibrate_pkg = importlib.import_module("compact_compile.calibrate")   # the attribute is the function
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started before the arguments were checked")
+
+    monkeypatch.setattr(cli, "_build_model", forbidden)
+    monkeypatch.setattr(calibrate_pkg, "load_stats", forbidden)
+    monkeypatch.setattr(calibrate_pkg, "build_plan", forbidden)
+
+
+def rejected(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert len(err.strip().splitlines()) == 1, err          # one line, no usage block, no traceback
+    return err
+
+
+@pytest.fixture
+def stats_file(tmp_path):
+    path = tmp_path / "run.stats.safetensors"
+    path.write_bytes(b"only needs to exist for the argument checks")
+    return str(path)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A tiny diffusers model saved with save_pretrained, as a real checkpoint directory is."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                  out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=1,
+                                  qk_norm="rms_norm_across_heads", rope_max_seq_len=64)
+    model.save_pretrained(tmp_path / "wan")
+    return tmp_path / "wan"
+
+
+BAD_CALIBRATE = [
+    (["--out", "/nonexistent/x.plan.safetensors"], "directory '/nonexistent' does not exist"),
+    (["--out", "{tmp}"], "is a directory"),
+    (["--tile", "2,2,2"], "--tile 2,2,2 holds 8 tokens; it must hold --block-size 64"),
+    (["--tile", "1,8"], "argument --tile: '1,8' is not three positive integers"),
+    (["--tile", "1,x,8"], "argument --tile"),
+    (["--tile", "0,8,8"], "argument --tile"),
+    (["--recall", "1.5"], r"argument --recall: '1.5' is not a recall in \(0, 1\]"),
+    (["--recall", "0"], "argument --recall"),
+    (["--recall", "high"], "argument --recall"),
+    (["--cost", "0"], "argument --cost: '0' is not a cost > 0"),
+    (["--cost", "-1"], "argument --cost"),
+    (["--cost", "nan"], "argument --cost"),
+    (["--steps", "0"], "argument --steps: '0' is not an integer ≥ 1"),
+    (["--steps", "10"], "--dense-steps 15 \\(the default\\) leaves none of the 10 --steps to record"),
+    (["--steps", "3", "--dense-steps", "3"], "--dense-steps 3 leaves none of the 3 --steps"),
+    (["--dense-steps", "-1"], "argument --dense-steps"),
+    (["--dense-layers", "-2"], "argument --dense-layers"),
+    (["--layers", "0"], "argument --layers"),
+    (["--heads", "two"], "argument --heads"),
+    (["--inputs", "0"], "argument --inputs"),
+    (["--groups", "0,3,1"], "--groups 0,3,1: edges must be increasing and ≥ 0"),
+    (["--groups", "a"], "argument --groups"),
+    (["--latent", "8,31,32"], "--latent 8,31,32 is not divisible by the patch size 1,2,2"),
+    (["--block-size", "96"], "argument --block-size: invalid choice"),
+    (["--save-stats", "/nonexistent/s.safetensors"], "--save-stats .*directory '/nonexistent' does not exist"),
+    (["--device", "gpu0"], "--device 'gpu0' is not a torch device"),
+    (["--device", "cuda:99"], "--device cuda:99: this machine has [0-9]+ CUDA devices"),
+    (["--model-dir", "/nonexistent/model"], "holds no config.json"),
+    (["--model-dir", "{model}", "--heads", "4"], "--heads shapes the random model; with --model-dir the model's"),
+    (["--stats", "/nonexistent/run.stats.safetensors"], "--stats '/nonexistent/run.stats.safetensors' does not exist"),
+    (["--stats", "{stats}", "--save-stats", "{tmp}/s.safetensors"], "--save-stats and --model-dir belong to a model"),
+    (["--stats", "{stats}", "--recall", "2"], "argument --recall"),
+]
+
+
+@pytest.mark.parametrize("extra, match", BAD_CALIBRATE, ids=[" ".join(a) for a, _ in BAD_CALIBRATE])
+def test_bad_calibrate_argument(tmp_path, stats_file, model_dir, no_work, capsys, extra, match):
+    extra = [a.format(tmp=tmp_path, stats=stats_file, model=model_dir) for a in extra]
+    argv = ["calibrate", *(["--out", str(tmp_path / "p.plan.safetensors")] if "--out" not in extra else []), *extra]
+    err = rejected(argv, capsys)
+    assert err.startswith("compact-compile calibrate: error: ")
+    assert re.search(match, err), err
+    assert not (tmp_path / "p.plan.safetensors").exists()
+
+
+def test_model_dir_whose_class_is_not_a_wan_like_model(tmp_path, no_work, capsys):
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    for name, match in (("NoSuchModel", "'NoSuchModel' .* is not a diffusers model class"),
+                        ("AutoencoderKL", "AutoencoderKL is not called like Wan")):
+        (folder / "config.json").write_text(json.dumps({"_class_name": name, "in_channels": 3}))
+        assert re.search(match, rejected(["calibrate", "--model-dir", str(folder), "--out", str(tmp_path / "p")],
+                                         capsys))
+    (folder / "config.json").write_text("{not json")
+    assert "is not a diffusers config" in rejected(["calibrate", "--model-dir", str(folder), "--out", "p"], capsys)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["inspect", "/nonexistent/p.plan.safetensors"], "plan file '/nonexistent/p.plan.safetensors' does not exist"),
+    (["inspect", "{plan}", "--sites", "0"], "argument --sites"),
+    (["plot", "/nonexistent/p.plan.safetensors", "--out", "{tmp}/plots"], "does not exist"),
+    (["plot", "{plan}", "--out", "{plan}/plots"], "cannot create the directory"),
+    (["plot", "{plan}", "--out", "{tmp}/plots", "--sites", "-1"], "argument --sites"),
+    (["calibrat", "--out", "x"], "invalid choice: 'calibrat'"),
+], ids=["inspect-missing", "inspect-sites", "plot-missing", "plot-out-under-a-file", "plot-sites", "command"])
+def test_bad_inspect_and_plot_arguments(tmp_path, capsys, argv, match):
+    plan = tmp_path / "p.plan.safetensors"
+    plan.write_bytes(b"exists")
+    err = rejected([a.format(tmp=tmp_path, plan=plan) for a in argv], capsys)
+    assert re.search(match, err), err
+
+
+def test_help_has_examples():
+    for command in ([], ["calibrate"], ["inspect"], ["plot"]):
+        done = subprocess.run([sys.executable, "-m", "compact_compile.cli", *command, "--help"], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0 and "examples:" in done.stdout and "compact-compile inspect" in done.stdout
+
+
+def test_calibrate_a_saved_model_directory(tmp_path, model_dir, capsys):
+    """--model-dir: the class comes from config.json, the weights from the directory."""
+    out = tmp_path / "dir.plan.safetensors"
+    assert main(["calibrate", "--model-dir", str(model_dir), "--latent", "4,32,32", "--steps", "3", "--dense-steps",
+                 "1", "--inner", "eager", "--tile", "1,8,8", "--cost", "inf", "--out", str(out)]) == 0
+    plan = Plan.load(out)
+    assert list(plan.sites) == ["blocks.0.attn1"] and plan.sites["blocks.0.attn1"].heads == 2
+    assert plan.grid == (4, 16, 16) and plan.info["calibration"]["inputs"]["calls"] == 4   # 2 steps × CFG

@@ -62,7 +62,9 @@ BAD_VALUES = [
     ("plan", 3), ("plan", None), ("plan", "sparse"), ("plan", "/nonexistent/plan.safetensors"), ("plan", ["dense"]),
     ("window", (2, 3, 3)), ("window", (3, 3)), ("window", (3, 3, 3, 3)), ("window", (0, 1, 1)), ("window", (-1, 3, 3)),
     ("window", (1.5, 3, 3)), ("window", "333"), ("window", 3), ("window", None),
+    ("window", (True, True, True)), ("window", (3.0, 3, 3)),
     ("grid", (0, 8, 8)), ("grid", (3, 8)), ("grid", ("a", 8, 8)), ("grid", (3.5, 8, 8)), ("grid", 216),
+    ("grid", (True, 8, 8)), ("grid", (2, 8, False)),
     ("tile", (1, 8, 4)), ("tile", (1, 8, 8)), ("tile", (1, 8)), ("tile", (0, 8, 8)), ("tile", "cube"), ("tile", None),
     ("block_size", 32), ("block_size", 256), ("block_size", "64"), ("block_size", 0), ("block_size", 64.0),
     ("block_size", 127.9), ("kernel", "triton_typo"), ("kernel", None), ("kernel", "FLEX"),
@@ -79,6 +81,31 @@ BAD_VALUES = [
 def test_bad_value_is_an_error_naming_the_key(key, value):
     with pytest.raises(OptionsError, match=f"'{key}'"):
         CompactOptions.from_dict({key: value})
+
+
+def test_bools_are_not_integers():
+    """(True, True, True) used to pass as (1, 1, 1): a one-tile window nobody asked for."""
+    with pytest.raises(OptionsError, match="'tile' must be three positive integers"):
+        CompactOptions.from_dict({"tile": (True, 8, 8), "block_size": 64})
+    assert CompactOptions.from_dict({"tile": (1, 8, 8), "block_size": 64}).tile == (1, 8, 8)
+
+
+@pytest.mark.parametrize("options", [["plan", "window"], "window", ("plan", "dense"), 3, [("plan", "dense")]],
+                         ids=["list", "str", "tuple", "int", "pairs"])
+def test_options_must_be_a_dict(options):
+    with pytest.raises(OptionsError, match=r"options must be a dict such as \{'plan': 'window'\}, not"):
+        CompactOptions.from_dict(options)
+
+
+def test_option_names_must_be_strings():
+    with pytest.raises(OptionsError, match="compact option names are strings, not 3"):
+        CompactOptions.from_dict({3: "window"})
+
+
+def test_help_shows_every_option():
+    doc = CompactOptions.__doc__
+    for f in dataclasses.fields(CompactOptions):
+        assert f"\n    {f.name} " in doc, f.name
 
 
 def test_tile_must_hold_the_block_size():
@@ -163,3 +190,16 @@ def test_options_agreeing_with_the_plan(tmp_path):
         plan = load_plan(CompactOptions.from_dict({"plan": path, **options}))
         assert (plan.grid, plan.tile, plan.block_size) == ((2, 8, 8), (1, 8, 8), 64)
     assert load_plan(CompactOptions.from_dict({"plan": "window"})) is None
+
+
+def test_import_is_quiet_and_does_not_load_torchao():
+    """torchao (for the quantize option) is imported only when quantizing: importing the package, its
+    backend or its CLI prints nothing and loads no torchao."""
+    import subprocess
+    import sys
+
+    code = ("import sys, compact_compile, compact_compile.backend, compact_compile.cli, compact_compile.quantize; "
+            "print('torchao' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False" and done.stderr == ""

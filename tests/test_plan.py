@@ -1,4 +1,5 @@
 """Plan files: round trip, validation on load, and what happens when a plan does not fit a model."""
+import hashlib
 import json
 import math
 import os
@@ -170,6 +171,43 @@ def test_shape_mismatched_tensor_is_rejected(tmp_path, plan_file, make):
                             lambda ts: {k: make(v).contiguous() for k, v in ts.items()})
     with pytest.raises(PlanError, match="'attn' block map has shape"):
         Plan.load(path)
+
+
+def data_region(path: Path) -> tuple[int, int]:
+    """Byte range of a safetensors file's tensor data (after the 8-byte length and the JSON header)."""
+    raw = path.read_bytes()
+    return 8 + int.from_bytes(raw[:8], "little"), len(raw)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.data())
+def test_a_flipped_bit_in_the_block_data_is_corruption(tmp_path, plan_file, data):
+    start, end = data_region(plan_file)
+    raw = bytearray(plan_file.read_bytes())
+    raw[data.draw(st.integers(start, end - 1))] ^= 1 << data.draw(st.integers(0, 7))
+    path = tmp_path / "flipped.plan.safetensors"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(PlanError, match=r"flipped.plan.safetensors' is corrupt: the block map of site 'attn' "
+                                        r"\(tensor 'site0'\) does not match the SHA-256"):
+        Plan.load(path)
+
+
+def test_files_without_a_checksum_still_load(tmp_path, plan_file):
+    """Plans saved before the checksum existed: loaded as before, unchecked."""
+    def drop_checksums(meta):
+        return {**meta, "sites": {n: {k: v for k, v in s.items() if k != "sha256"} for n, s in meta["sites"].items()}}
+
+    old = rewrite_metadata(plan_file, tmp_path / "old.plan.safetensors", drop_checksums)
+    back, ref = Plan.load(old), Plan.load(plan_file)
+    assert torch.equal(back.sites["attn"].blocks, ref.sites["attn"].blocks)
+
+
+def test_saved_checksum_is_of_the_packed_bytes(plan_file):
+    with open(plan_file, "rb") as f:
+        meta = json.loads(json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]["compact_compile"])
+    packed = load_file(str(plan_file))["site0"]
+    assert meta["sites"]["attn"]["sha256"] == hashlib.sha256(packed.numpy().tobytes()).hexdigest()
+    assert meta["version"] == FORMAT_VERSION == 1
 
 
 def test_query_block_with_no_key_block_is_rejected(tmp_path):
