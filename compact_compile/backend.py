@@ -9,24 +9,29 @@ registered under a handle → the SDPA node rewritten into an op carrying that h
 """
 from __future__ import annotations
 
+import functools
+import logging
 import warnings
 
 import torch
 import torch.fx as fx
 
 from .errors import raises_unwrapped
+from .kernels.compiled import MAX_SHAPES, RecompileLimit
 from .kernels.ops import register_site
 from .kernels.site import make_site
 from .models import install_model_fixes
 from .options import CompactOptions
 from .passes.grid import patch_embedding_grids
 from .passes.rewrite import rewrite_site
-from .passes.sites import OTHER, find_sites
+from .passes.sites import CROSS, OTHER, find_sites
 from .plan import PlanError
-from .planner import load_plan, site_spec
+from .planner import load_plan, plan_entry, site_spec
 from .quantize import quantized_linears
 from .report import record
 from .schedule import site_schedule, with_step_clock
+
+log = logging.getLogger("compact_compile")
 
 
 # Model fixes (models/) act while Dynamo traces, so they must be in place before it traces a frame:
@@ -42,9 +47,11 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
     plan = load_plan(opts)
     schedule = site_schedule(plan, opts.dense_steps)
     sites = find_sites(gm, patch_embedding_grids(gm), opts.grid, plan.grid if plan else None)
+    if any(site.symbolic for site in sites):
+        return with_step_clock(gm, _per_video_size(gm, options, mode), schedule)
     for site in sites:
         if not site.rewritten:
-            if plan is not None and site.name in plan.sites:  # e.g. a plan for another resolution
+            if plan is not None and _has_entry(plan, site.name):  # e.g. a plan for another resolution
                 _plan_misfit(opts, site, PlanError(f"the plan has a mask for site {site.name!r}, which cannot "
                                                    f"be rewritten: {site.reason}"))
             continue
@@ -64,10 +71,53 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
         if spec.selection is not None:   # the online choice adds blocks: at least (1 - drop) of each row
             site.extras.update(min_density=max(spec.density, 1 - spec.selection.drop))
     gm.recompile()
-    record([s.summary() for s in sites] + _foreign_attention(gm))
+    foreign = _foreign_attention(gm)
+    _warn_if_nothing_sparse(sites, foreign)
+    record([s.summary() for s in sites] + foreign)
     compiled = quantized_linears(gm, example_inputs, opts.quantize,
                                  lambda inputs: _compile_inner(gm, inputs, opts.inner, mode or opts.mode))
     return with_step_clock(gm, compiled, schedule)
+
+
+def _per_video_size(gm: fx.GraphModule, options: dict | None, mode: str | None):
+    """Dynamo made an attention shape symbolic (the model met a second video size, and its automatic
+    dynamic shapes recompiled one graph for all sizes): whose sites could not be tiled, and which
+    would then serve the first size too. Instead, this graph compiles one static graph per size as it
+    is called, each rewritten like the first: every resolution keeps its sparse attention, and
+    report() lists the sites of each size compiled."""
+    log.info("compact: a graph with symbolic attention shapes: compiling one static graph per video size")
+    static = torch.compile(gm, backend=functools.partial(compact_backend, options=options, mode=mode), dynamic=False)
+
+    def run(*args):
+        try:
+            with torch._dynamo.config.patch(recompile_limit=MAX_SHAPES, fail_on_recompile_limit_hit=True):
+                return static(*args)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            raise RecompileLimit(f"this model was compiled for {MAX_SHAPES} video sizes in this process; rather "
+                                 f"than fall back to eager (dense) attention, compact_compile stops here") from None
+
+    return run
+
+
+def _warn_if_nothing_sparse(sites, foreign: list[dict]) -> None:
+    """One warning for a graph whose attention all stays dense although some of it may be video
+    attention: self-attention (not cross-attention), and not shorter than the video (a prompt
+    refiner's few tokens are not video attention). The reasons say what to change."""
+    if any(s.rewritten for s in sites):
+        return
+    candidates = [s for s in sites if s.kind != CROSS and s.maybe_video]
+    if not candidates and not foreign:
+        return
+    reasons = [f"{s.name}: {s.reason}" for s in candidates[:3]] + [f"{f['site']}: {f['reason']}" for f in foreign[:2]]
+    warnings.warn(f"compact: no attention in this graph runs block-sparse ({len(candidates) + len(foreign)} sites "
+                  f"stay dense); " + "; ".join(reasons) + ". compact_compile.report() lists every site.", stacklevel=2)
+
+
+def _has_entry(plan, site: str) -> bool:
+    try:
+        return bool(plan_entry(plan, site))
+    except PlanError:
+        return False
 
 
 def _plan_misfit(opts: CompactOptions, site, error: PlanError) -> None:

@@ -40,7 +40,8 @@ def site_spec(options: CompactOptions, plan: Plan | None, schedule: dict | None,
     blocks = site_blocks(options, plan, site, layout)
     if schedule:
         bounds = [tuple(r) for r in schedule["ranges"]]
-        maps = [blocks if i == 0 else _range_blocks(options, plan, range_site_name(site.name, i, bounds), site, layout)
+        entry = site.name if plan is None else plan_entry(plan, site.name)
+        maps = [blocks if i == 0 else _range_blocks(options, plan, range_site_name(entry, i, bounds), site, layout)
                 for i in range(len(bounds))]
     else:
         bounds, maps = [(0, None)], [blocks]
@@ -79,6 +80,24 @@ def site_blocks(options: CompactOptions, plan: Plan | None, site: Site, layout: 
     return blocks
 
 
+def plan_entry(plan: Plan, site: str) -> str:
+    """The plan's name for the graph's site `site`: the same module path, or the one path that ends
+    with the other (a model compiled inside a wrapper names its sites `transformer.blocks.3.attn1`,
+    a plan calibrated on the bare model `blocks.3.attn1`, or the other way round)."""
+    if site in plan.sites:
+        return site
+    matches = [name for name in plan.sites if "@" not in name and (name.endswith("." + site) or site.endswith("." + name))]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1 and all(name.endswith("." + site) for name in matches):
+        raise PlanError(f"plan has per-layer sites (e.g. {matches[0]!r}) but this graph's site is {site!r}: "
+                        f"regional compilation (compile_repeated_blocks) compiles one graph for all blocks, so it "
+                        f"takes one mask for all layers (plan='window' or 'dynamic'); compile the whole model to use "
+                        f"a per-layer plan")
+    raise PlanError(f"plan has no site {site!r} (it has {len(plan.sites)} sites, e.g. {list(plan.sites)[:3]}): "
+                    f"is it a plan for another model?")
+
+
 def _plan_blocks(options: CompactOptions, plan: Plan | None, site: Site, layout: TokenLayout) -> torch.Tensor:
     if plan is None:
         if options.plan == "dense":
@@ -86,15 +105,7 @@ def _plan_blocks(options: CompactOptions, plan: Plan | None, site: Site, layout:
         if options.plan == "dynamic":
             return video_site_blocks(layout, torch.zeros(layout.n_blocks, layout.n_blocks, dtype=torch.bool))[None]
         return video_site_blocks(layout, window_blocks(layout, options.window))[None]
-    if site.name not in plan.sites and any(name.endswith("." + site.name) for name in plan.sites):
-        raise PlanError(f"plan has per-layer sites (e.g. {next(iter(plan.sites))!r}) but this graph's site is "
-                        f"{site.name!r}: regional compilation (compile_repeated_blocks) compiles one graph for "
-                        f"all blocks, so it takes one mask for all layers (plan='window' or 'dynamic'); "
-                        f"compile the whole model to use a per-layer plan")
-    if site.name not in plan.sites:
-        raise PlanError(f"plan has no site {site.name!r} (it has {len(plan.sites)} sites, e.g. "
-                        f"{list(plan.sites)[:3]}): is it a plan for another model?")
-    s = plan.sites[site.name]
+    s = plan.sites[plan_entry(plan, site.name)]
     heads, head_dim = site.q_shape[1], site.q_shape[3]
     got = dict(heads=heads, head_dim=head_dim, seq_len=layout.seq_len, n_text=site.n_text, text_first=site.text_first)
     want = dict(heads=s.heads, head_dim=s.head_dim, seq_len=s.seq_len, n_text=s.n_text, text_first=s.text_first)

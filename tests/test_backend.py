@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -360,3 +361,70 @@ def test_mode_option_reaches_inductor(monkeypatch):
         torch.compile(model, backend="compact", options=options)(**inputs)
     assert seen == [torch._inductor.list_mode_options("max-autotune-no-cudagraphs")]
     assert seen[0]["max_autotune"] and not seen[0].get("triton.cudagraphs", False)
+
+
+def test_every_video_size_keeps_its_sparse_attention():
+    """A plain torch.compile meets a second video size: Dynamo's automatic dynamic shapes recompile
+    with a symbolic sequence length. Each size still runs its own sparse graph — the first size
+    too, after the second — equal to a static compile of that size, and the report lists them."""
+    model, inputs = tiny_wan()
+    options = {"plan": "window", "window": (1, 3, 3), "block_size": 64, "inner": "aot_eager"}
+    small = dict(inputs, hidden_states=inputs["hidden_states"][..., :16])          # grid (3, 8, 8)
+    compiled = torch.compile(model, backend="compact", options=options)
+    with torch.no_grad():
+        outs = [compiled(**x)[0] for x in (inputs, small, inputs, small)]
+    rewritten = [s for s in compact_compile.report().sites if s["rewritten"]]
+    assert sorted({s["q"][2] for s in rewritten}) == [192, WAN_S]        # both sizes, rewritten
+    assert not any("symbolic" in (s["reason"] or "") for s in compact_compile.report().sites)
+    for x, out in zip((inputs, small, inputs, small), outs):
+        torch._dynamo.reset()
+        with torch.no_grad():
+            want = torch.compile(copy.deepcopy(model), backend="compact", dynamic=False, options=options)(**x)[0]
+            dense = model(**x)[0]
+        assert relative(out, want) < 1e-6 and relative(out, dense) > 1e-3
+
+
+def test_a_graph_with_no_sparse_attention_warns_once_with_the_reasons():
+    """Video self-attention left dense (here: no grid can be found, and none is given) is one
+    warning naming the site and why; a graph that runs sparse says nothing."""
+    from support import SelfAttention, Wrapper
+    model, x = Wrapper(SelfAttention()).eval(), torch.randn(1, 128, 32)
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"no attention in this graph runs block-sparse.*attn: no video grid"):
+        torch.compile(model, backend="compact", options={"plan": "window", "inner": "eager"})(x)
+    torch._dynamo.reset()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.compile(model, backend="compact", options={"plan": "window", "grid": (2, 8, 8), "block_size": 64,
+                                                         "inner": "eager"})(x)
+
+
+def test_a_grid_option_contradicting_the_patch_embedding_is_an_error():
+    model, inputs = tiny_wan()          # its Conv3d makes a (3, 8, 9) grid
+    with torch.no_grad(), pytest.raises(compact_compile.OptionsError, match=r"option 'grid' \(3, 9, 8\) contradicts"):
+        torch.compile(model, backend="compact", options={"plan": "window", "grid": (3, 9, 8), "block_size": 64,
+                                                          "inner": "eager"})(**inputs)
+
+
+def test_a_plan_matches_sites_of_a_wrapped_model(tmp_path):
+    """Site names are module paths below the compiled module: a plan calibrated on the bare model
+    serves the same model compiled inside a wrapper (and the other way round)."""
+    model, inputs = tiny_wan()
+    layout = TokenLayout(WAN_GRID, (1, 8, 8), 64)
+    plan = Plan(WAN_GRID, (1, 8, 8), 64)
+    for i in range(2):
+        plan.sites[f"blocks.{i}.attn1"] = SitePlan(2, 16, WAN_S, 0, False, window_blocks(layout, (1, 1, 1))[None])
+
+    class Pipeline(torch.nn.Module):
+        def __init__(self, transformer):
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, **kw):
+            return self.transformer(**kw)
+
+    with torch.no_grad():
+        bare = torch.compile(copy.deepcopy(model), backend="compact", options={"plan": plan, "inner": "eager"})(**inputs)[0]
+        wrapped = torch.compile(Pipeline(model), backend="compact", options={"plan": plan, "inner": "eager"})(**inputs)[0]
+    names = [s["site"] for s in compact_compile.report().sites if s["rewritten"]]
+    assert names == ["blocks.0.attn1", "blocks.1.attn1", "transformer.blocks.0.attn1", "transformer.blocks.1.attn1"]
+    assert relative(wrapped, bare) < 1e-6

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..errors import OptionsError
 from .grid import GridCandidate, text_position
 from .key_mask import key_mask_reason
 
@@ -47,11 +48,17 @@ class Site:
     text_first: bool = False
     density: float | None = None    # fraction of blocks computed, when rewritten
     key_mask: bool = False          # attn_mask is a key-padding mask (rewritten with it)
+    maybe_video: bool = True        # False: fewer tokens than the video grid has (e.g. a prompt refiner)
     extras: dict = field(default_factory=dict)
 
     @property
     def rewritten(self) -> bool:
         return not self.reason
+
+    @property
+    def symbolic(self) -> bool:
+        """A dim of q or k is symbolic: Dynamo compiled this graph for more than one size."""
+        return not all(isinstance(d, int) for d in self.q_shape + self.k_shape)
 
     def summary(self) -> dict:
         return dict(site=self.name, kind=self.kind, q=list(self.q_shape), k=list(self.k_shape), dtype=self.dtype,
@@ -130,6 +137,7 @@ def _ineligible(a: dict, q, k, v) -> str:
 def _locate_video(site: Site, node, S: int, batch: int, grids, grid_option, plan_grid) -> None:
     """Set the site's grid, kind and text split, or a reason why the tokens are not a video grid."""
     if grid_option is not None:
+        _check_grid_option(tuple(grid_option), grids, batch)
         choices = [(tuple(grid_option), "options['grid']")]
     elif plan_grid is not None:
         choices = [(tuple(plan_grid), "plan")]
@@ -155,6 +163,19 @@ def _locate_video(site: Site, node, S: int, batch: int, grids, grid_option, plan
                 site.text_first = first
             return
     site.reason = f"{S} tokens do not match the video grid {choices[0][0]} ({choices[0][1]})"
+    site.maybe_video = any(S >= g[0] * g[1] * g[2] for g, _ in choices)
+
+
+def _check_grid_option(grid, grids: list[GridCandidate], batch: int) -> None:
+    """options['grid'] must not contradict the graph: a patch embedding that makes the same number of
+    tokens in another (T, H, W) shows the option has the axes wrong."""
+    n = grid[0] * grid[1] * grid[2]
+    for candidate in grids:
+        found = candidate.grid(batch)
+        if found is not None and found != grid and found[0] * found[1] * found[2] == n:
+            raise OptionsError(f"option 'grid' {grid} contradicts the model's patch embedding, which makes a {found} "
+                               f"grid of the same {n} tokens ({candidate.source}): leave 'grid' out to use the "
+                               f"graph's, or correct it")
 
 
 def _value(x):
