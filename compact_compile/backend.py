@@ -42,12 +42,13 @@ torch._dynamo.callback_handler.register_start_callback(lambda *_: install_model_
 
 
 @raises_unwrapped   # OptionsError, PlanError reach model(...) as themselves (errors.py)
-def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None, mode: str | None = None):
+def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None = None, mode: str | None = None,
+                    _per_size: bool = False):
     opts = CompactOptions.from_dict(options)
     plan = load_plan(opts)
     schedule = site_schedule(plan, opts.dense_steps)
     sites = find_sites(gm, patch_embedding_grids(gm), opts.grid, plan.grid if plan else None)
-    if any(site.symbolic for site in sites):
+    if any(site.symbolic for site in sites) and not _per_size:   # still symbolic per size: inputs marked dynamic
         return with_step_clock(gm, _per_video_size(gm, options, mode), schedule)
     for site in sites:
         if not site.rewritten:
@@ -86,7 +87,8 @@ def _per_video_size(gm: fx.GraphModule, options: dict | None, mode: str | None):
     is called, each rewritten like the first: every resolution keeps its sparse attention, and
     report() lists the sites of each size compiled."""
     log.info("compact: a graph with symbolic attention shapes: compiling one static graph per video size")
-    static = torch.compile(gm, backend=functools.partial(compact_backend, options=options, mode=mode), dynamic=False)
+    static = torch.compile(gm, backend=functools.partial(compact_backend, options=options, mode=mode, _per_size=True),
+                           dynamic=False)
 
     def run(*args):
         try:

@@ -86,11 +86,16 @@ def plan_entry(plan: Plan, site: str) -> str:
     a plan calibrated on the bare model `blocks.3.attn1`, or the other way round)."""
     if site in plan.sites:
         return site
-    matches = [name for name in plan.sites if "@" not in name and (name.endswith("." + site) or site.endswith("." + name))]
-    if len(matches) == 1:
-        return matches[0]
-    if len(matches) > 1 and all(name.endswith("." + site) for name in matches):
-        raise PlanError(f"plan has per-layer sites (e.g. {matches[0]!r}) but this graph's site is {site!r}: "
+    names = [name for name in plan.sites if "@" not in name]
+    inside = [name for name in names if site.endswith("." + name)]            # the model compiled in a wrapper
+    outside = [name for name in names if name.endswith("." + site)]           # the plan made on a wrapper
+    layered = [name for name in outside if any(p.isdigit() for p in name[: -len(site) - 1].split("."))]
+    if len(inside) == 1:
+        return inside[0]
+    if len(outside) == 1 and not layered:
+        return outside[0]
+    if layered:   # the site's name drops a layer index: one graph stands for many layers
+        raise PlanError(f"plan has per-layer sites (e.g. {layered[0]!r}) but this graph's site is {site!r}: "
                         f"regional compilation (compile_repeated_blocks) compiles one graph for all blocks, so it "
                         f"takes one mask for all layers (plan='window' or 'dynamic'); compile the whole model to use "
                         f"a per-layer plan")

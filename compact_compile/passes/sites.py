@@ -99,7 +99,8 @@ def classify(node: fx.Node, grids: list[GridCandidate], grid_option=None, plan_g
         return site
     S, Sk = q.shape[-2], k.shape[-2]
     if not (isinstance(S, int) and isinstance(Sk, int)):
-        site.reason = "symbolic sequence length (compile with dynamic=False to specialise video sizes)"
+        site.reason = ("symbolic sequence length: the inputs are marked dynamic (torch._dynamo.mark_dynamic), so one "
+                       "graph serves every size; without the mark each video size gets its own sparse graph")
         return site
     if S != Sk:
         site.kind, site.reason = CROSS, "cross-attention: queries and keys are different token sets"
