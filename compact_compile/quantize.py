@@ -39,7 +39,11 @@ class QuantizeError(CompactError, RuntimeError):
 
 
 def check_quantize_supported(kind: str, device: torch.device) -> None:
-    """One clear error where the hardware cannot run `kind`."""
+    """One clear error where torchao is missing or the hardware cannot run `kind`."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchao") is None:
+        raise QuantizeError(f'quantize="{kind}" needs torchao: pip install "compact_compile[quantize]"')
     if kind == "fp8":
         if device.type != "cuda":
             raise QuantizeError(f'quantize="fp8" needs a CUDA GPU of compute capability ≥ 8.9 (Ada or Hopper); '
