@@ -135,7 +135,8 @@ def _foreign_attention(gm: fx.GraphModule) -> list[dict]:
     flex = getattr(torch.ops.higher_order, "flex_attention", None)
     return [dict(site=n.name, kind=OTHER, q=[], k=[], dtype="", rewritten=False, grid=None, grid_source="",
                  n_text=0, text_first=None, density=None, key_mask=False,
-                 reason="flex_attention call, not SDPA: set the diffusers attention backend to 'native'")
+                 reason="flex_attention with the model's own mask: only SDPA sites are rewritten (a diffusers model whose "
+                        "processor also runs the 'native' backend can switch: model.set_attention_backend('native'))")
             for n in gm.graph.nodes if n.op == "call_function" and flex is not None and n.target is flex]
 
 

@@ -3,11 +3,16 @@ come before or after the video tokens in joint attention.
 
 diffusers video DiTs patchify with a Conv3d (Wan, HunyuanVideo, Mochi…: output [B, C, T, H, W]) or
 a Conv2d over frames (CogVideoX: [B·T, C, H, W]); the tokens are that output flattened in raster
-order. Joint attention concatenates text and video token sequences; the order of that `cat` in the
-graph upstream of the query says which comes first.
+order. Others patchify with reshapes and a Linear (Cosmos, CogVideoX 1.5, Kandinsky 5) or take the
+tokens already patchified and build their RoPE coordinates on a (T, H, W) meshgrid (LTX-Video):
+either way some `flatten`/`reshape`/`view` in the graph merges three consecutive dims (T, H, W) into
+the token dim, in raster order — that merge shows the grid too.
+Joint attention concatenates text and video token sequences; the order of that `cat` in the graph
+upstream of the query says which comes first.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -32,6 +37,7 @@ class GridCandidate:
 
 
 def patch_embedding_grids(gm: fx.GraphModule) -> list[GridCandidate]:
+    """Grid candidates, patch-embedding convolutions first, then token merges."""
     out = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in _CONV3D + _CONV2D:
@@ -40,7 +46,39 @@ def patch_embedding_grids(gm: fx.GraphModule) -> list[GridCandidate]:
         if all(isinstance(s, int) for s in shape):
             kind = "Conv3d" if node.target in _CONV3D else "Conv2d over frames"
             out.append(GridCandidate(shape, f"graph: {kind} patch embedding {node.name}"))
+    return out + token_merges(gm)
+
+
+_MERGES = ("flatten", "reshape", "view")
+
+
+def token_merges(gm: fx.GraphModule) -> list[GridCandidate]:
+    """(T, H, W) from every flatten/reshape/view that merges three consecutive dims into one and
+    leaves the others as they are (at most one of the three may be 1: a frame of an image model)."""
+    out = []
+    for node in gm.graph.nodes:
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if node.op not in ("call_function", "call_method") or name not in _MERGES or not node.args:
+            continue
+        before = getattr(node.args[0], "meta", {}).get("example_value") if isinstance(node.args[0], fx.Node) else None
+        after = node.meta.get("example_value")
+        if before is None or after is None or not hasattr(before, "shape") or not hasattr(after, "shape"):
+            continue
+        triple = _merged_triple(tuple(before.shape), tuple(after.shape))
+        if triple is not None and sum(d == 1 for d in triple) <= 1:
+            out.append(GridCandidate((1, 1) + triple, f"graph: {triple} merged into {math.prod(triple)} tokens by "
+                                                      f"{name} {node.name}"))
     return out
+
+
+def _merged_triple(before: tuple, after: tuple) -> tuple | None:
+    """(a, b, c) if `after` is `before` with three consecutive dims a, b, c replaced by a·b·c."""
+    if len(before) != len(after) + 2 or not all(isinstance(d, int) for d in before + after):
+        return None
+    for i in range(len(after)):
+        if before[:i] == after[:i] and before[i + 3:] == after[i + 1:] and math.prod(before[i:i + 3]) == after[i]:
+            return before[i:i + 3]
+    return None
 
 
 def text_position(node: fx.Node, n_video: int, n_text: int, max_visits: int = 400) -> bool | None:

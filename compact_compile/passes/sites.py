@@ -145,24 +145,28 @@ def _locate_video(site: Site, node, S: int, batch: int, grids, grid_option, plan
     else:
         choices = [(g.grid(batch), g.source) for g in grids if g.grid(batch) is not None]
     if not choices:
-        site.reason = "no video grid: pass options['grid'] (no patch-embedding conv found in the graph)"
+        site.reason = ("no video grid: pass options['grid'] (this graph shows no patch embedding and no merge of "
+                       "(T, H, W) into tokens; a graph break may have left them in another graph)" if not grids else
+                       f"no video grid for a batch of {batch}: the graph's patch embedding ({grids[0].source}) "
+                       f"does not divide into it (attention over frames or pixels folded into the batch?)")
         return
     for grid, source in choices:
         n_video = grid[0] * grid[1] * grid[2]
         if n_video == S:
             site.kind, site.grid, site.grid_source = VIDEO, grid, source
             return
-    for grid, source in choices:
-        n_video = grid[0] * grid[1] * grid[2]
-        if n_video < S:
-            site.kind, site.grid, site.grid_source, site.n_text = JOINT, grid, source, S - n_video
-            first = text_position(node, n_video, S - n_video)
-            if first is None:
-                site.reason = (f"{S} tokens = {n_video} video + {S - n_video} others, but the graph does not show "
-                               f"whether the others come before or after the video tokens")
-            else:
-                site.text_first = first
-            return
+    # joint attention: the largest grid that is most of the sequence, the rest other tokens
+    joint = [(g[0] * g[1] * g[2], g, source) for g, source in choices if S / 2 < g[0] * g[1] * g[2] < S]
+    if joint:
+        n_video, grid, source = max(joint, key=lambda c: c[0])
+        site.kind, site.grid, site.grid_source, site.n_text = JOINT, grid, source, S - n_video
+        first = text_position(node, n_video, S - n_video)
+        if first is None:
+            site.reason = (f"{S} tokens = {n_video} video + {S - n_video} others, but the graph does not show "
+                           f"whether the others come before or after the video tokens")
+        else:
+            site.text_first = first
+        return
     site.reason = f"{S} tokens do not match the video grid {choices[0][0]} ({choices[0][1]})"
     site.maybe_video = any(S >= g[0] * g[1] * g[2] for g, _ in choices)
 

@@ -308,3 +308,39 @@ def test_symbolic_batch_static_sequence_is_rewritten():
             torch.testing.assert_close(compiled(y), model(y), rtol=1e-5, atol=1e-6)
     [site] = compact_compile.report().sites     # one graph for both batch sizes
     assert site["rewritten"] and not isinstance(site["q"][0], int)
+
+
+class LinearPatchify(nn.Module):
+    """A DiT whose patch embedding is reshapes and a Linear (Cosmos, Kandinsky 5): latent [B, C, T, H, W]
+    → patches of 1×2×2 → tokens [B, T·H/2·W/2, DIM] in raster order → self-attention."""
+
+    def __init__(self, channels=4):
+        super().__init__()
+        self.embed = nn.Linear(channels * 4, DIM)
+        self.attn = SelfAttention(DIM, HEADS)
+
+    def forward(self, latent):
+        B, C, T, H, W = latent.shape
+        x = latent.reshape(B, C, T, H // 2, 2, W // 2, 2).permute(0, 2, 3, 5, 1, 4, 6).flatten(4, 6)
+        return self.attn(self.embed(x.flatten(1, 3)))
+
+
+def test_grid_from_the_reshapes_of_a_linear_patch_embedding():
+    """No conv: the merge of (T, H/2, W/2) into the token dim gives the grid, axes in order (a
+    non-square frame: the transposed grid would be a different mask)."""
+    torch.manual_seed(0)
+    model, latent = LinearPatchify().eval(), torch.randn(1, 4, 2, 16, 32)     # grid (2, 8, 16)
+    window = (1, 1, 1)
+    out, _, sites = run(model, latent, options={"plan": "window", "window": window, "block_size": 64,
+                                                "tile": (1, 8, 8), "inner": "eager"})
+    [site] = sites
+    assert site["rewritten"] and tuple(site["grid"]) == (2, 8, 16) and "merged into 256 tokens" in site["grid_source"]
+    layout = TokenLayout((2, 8, 16), (1, 8, 8), 64)
+    blocks, mask = window_reference(layout, window)
+    with torch.no_grad(), masked_sdpa({256: [mask]}) as masked:
+        ref = model.double()(latent.double())
+    assert masked == [256] and rel_err(out, ref) < 1e-5
+    transposed = TokenLayout((2, 16, 8), (1, 8, 8), 64)
+    with torch.no_grad(), masked_sdpa({256: [window_reference(transposed, window)[1]]}):
+        wrong = model.double()(latent.double())
+    assert rel_err(wrong, ref) > 1e-3
