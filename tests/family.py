@@ -89,14 +89,19 @@ def _wan_kwargs(**over):
     return kw
 
 
-@_register("wan", (T, H, W))
-def wan():
-    from diffusers import WanTransformer3DModel
+def _wan_like(cls_name: str, **config):
+    """A Wan-architecture class at the shared tiny config, called as Wan is."""
+    import diffusers
     _seed()
-    model = WanTransformer3DModel(**_wan_kwargs())
+    model = getattr(diffusers, cls_name)(**_wan_kwargs(**config))
     inputs = dict(hidden_states=_randn(B, 4, T, 2 * H, 2 * W), timestep=torch.tensor([500]),
                   encoder_hidden_states=_text(16), return_dict=False)
     return _finish(model, inputs)
+
+
+@_register("wan", (T, H, W))
+def wan():
+    return _wan_like("WanTransformer3DModel")
 
 
 @_register("wan_i2v", (T, H, W))
@@ -126,22 +131,12 @@ def wan_vace():
 
 @_register("chronoedit", (T, H, W))
 def chronoedit():
-    from diffusers import ChronoEditTransformer3DModel
-    _seed()
-    model = ChronoEditTransformer3DModel(**_wan_kwargs())
-    inputs = dict(hidden_states=_randn(B, 4, T, 2 * H, 2 * W), timestep=torch.tensor([500]),
-                  encoder_hidden_states=_text(16), return_dict=False)
-    return _finish(model, inputs)
+    return _wan_like("ChronoEditTransformer3DModel")
 
 
 @_register("skyreels_v2", (T, H, W))
 def skyreels_v2():
-    from diffusers import SkyReelsV2Transformer3DModel
-    _seed()
-    model = SkyReelsV2Transformer3DModel(**_wan_kwargs())
-    inputs = dict(hidden_states=_randn(B, 4, T, 2 * H, 2 * W), timestep=torch.tensor([500]),
-                  encoder_hidden_states=_text(16), return_dict=False)
-    return _finish(model, inputs)
+    return _wan_like("SkyReelsV2Transformer3DModel")
 
 
 @_register("skyreels_v2_df", (T, H, W))
