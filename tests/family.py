@@ -655,7 +655,11 @@ def kandinsky5_nabla():
                                          attention_glob=False, attention_window=3, attention_P=0.9, attention_wT=11,
                                          attention_wW=3, attention_wH=3, attention_add_sta=True,
                                          attention_method="topcdf")
+    # set_attention_backend also sets diffusers' process-wide default: every other model keeps its own
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    default = _AttentionBackendRegistry._active_backend
     model.set_attention_backend("flex")
+    _AttentionBackendRegistry.set_active_backend(default)
     # Kandinsky5T2VPipeline.fast_sta_nabla / get_sparse_params, inlined (the pipeline module needs transformers)
     t, h, w = T, H // 8, W // 8
     r = torch.arange(max(t, h, w))

@@ -3,7 +3,7 @@ in one read of each (optionally while reordering them into tile order). estimate
 them into a static plan's R, Ō.
 
 For block n of `BLOCK` tokens and the tokens i of it that count (w_i = 1: real tokens; for keys and
-values only video tokens),
+values only video tokens that the key-padding mask, if any, keeps),
     x̄_n  = Σ_i w_i·x_i / Σ_i w_i
     δx_n = Σ_i w_i·|x_i − x̄_n| / Σ_i w_i
 A [BLOCK, COLS] slice stays in registers between the two sums, so the tensor is read once; Inductor's
@@ -17,11 +17,31 @@ import triton.language as tl
 
 
 @triton.jit
-def _pool_tile(X, OUT, SRC, MEAN, MAD, stride_b, stride_h, stride_s, b, h, bh, blk, out_row, c0, n_valid, S,
-               BLOCK: tl.constexpr, D: tl.constexpr, COLS: tl.constexpr, WITH_MAD: tl.constexpr,
-               GATHER: tl.constexpr):
-    """Mean (and deviation) of one [BLOCK, COLS] slice of block `blk`; with GATHER its rows are read
-    at model positions SRC[row] and also written, in tile order, to OUT (contiguous [B, H, S, D])."""
+def valid_rows(rows, n_valid, KEY_VALID, key_valid_stride_b, b, MASKED: tl.constexpr):
+    """Which of `rows` (tile order) of batch element b count: those below n_valid and, with MASKED,
+    kept by the key-padding mask KEY_VALID (int8 `[B or 1, S]`, batch stride 0 to broadcast)."""
+    ok = rows < n_valid
+    if MASKED:
+        ok = ok & (tl.load(KEY_VALID + b * key_valid_stride_b + rows, mask=ok, other=0) != 0)
+    return ok
+
+
+def key_mask_arg(key_valid: torch.Tensor, batch: int, seq_len: int):
+    """(key_valid `[B or 1, S]` as the kernels read it: 0/1 int8, contiguous (a bool mask is viewed,
+    not copied); its batch stride, 0 for one row broadcast over the batch)."""
+    if key_valid.shape not in ((batch, seq_len), (1, seq_len)):
+        raise ValueError(f"key_valid must be [B or 1, S] = [{batch}, {seq_len}]; got {tuple(key_valid.shape)}")
+    key_valid = key_valid.to(torch.bool).contiguous().view(torch.int8)
+    return key_valid, key_valid.stride(0) if key_valid.shape[0] > 1 else 0
+
+
+@triton.jit
+def _pool_tile(X, OUT, SRC, MEAN, MAD, KEY_VALID, stride_b, stride_h, stride_s, key_valid_stride_b, b, h, bh, blk,
+               out_row, c0, n_valid, S, BLOCK: tl.constexpr, D: tl.constexpr, COLS: tl.constexpr,
+               WITH_MAD: tl.constexpr, GATHER: tl.constexpr, MASKED: tl.constexpr):
+    """Mean (and deviation) of one [BLOCK, COLS] slice of block `blk` over its rows below n_valid
+    (with MASKED: that KEY_VALID keeps); with GATHER its rows are read at model positions SRC[row]
+    and also written, in tile order, to OUT (contiguous [B, H, S, D])."""
     rows = blk * BLOCK + tl.arange(0, BLOCK)
     cols = c0 + tl.arange(0, COLS)
     in_seq = rows < S
@@ -30,7 +50,7 @@ def _pool_tile(X, OUT, SRC, MEAN, MAD, stride_b, stride_h, stride_s, b, h, bh, b
                 mask=in_seq[:, None], other=0.0)
     if GATHER:
         tl.store(OUT + (bh * S + rows[:, None].to(tl.int64)) * D + cols[None, :], x, mask=in_seq[:, None])
-    valid = rows < n_valid
+    valid = valid_rows(rows, n_valid, KEY_VALID, key_valid_stride_b, b, MASKED)
     x = tl.where(valid[:, None], x.to(tl.float32), 0.0)
     count = tl.maximum(tl.sum(valid.to(tl.float32), 0), 1.0)
     mean = tl.sum(x, 0) / count
@@ -41,12 +61,13 @@ def _pool_tile(X, OUT, SRC, MEAN, MAD, stride_b, stride_h, stride_s, b, h, bh, b
 
 
 @triton.jit
-def _pool_qkv(Q, K, V, QT, KT, VT, SRC, QM, QD, KM, KD, VM, sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
-              n_heads, S, n_kv, BLOCK: tl.constexpr, D: tl.constexpr, COLS: tl.constexpr, GATHER: tl.constexpr):
-    """q̄, δq over all S tokens, k̄, δk, v̄ over the first n_kv, in one launch (and, with GATHER,
-    q, k, v in tile order). Means and deviations are per column, so a program takes a [BLOCK, COLS]
-    slice of one block of one of the three tensors: small tiles, many programs in flight, and the
-    loads are what bounds it."""
+def _pool_qkv(Q, K, V, QT, KT, VT, SRC, QM, QD, KM, KD, VM, KEY_VALID, sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
+              key_valid_stride_b, n_heads, S, n_kv, BLOCK: tl.constexpr, D: tl.constexpr, COLS: tl.constexpr,
+              GATHER: tl.constexpr, MASKED: tl.constexpr):
+    """q̄, δq over all S tokens, k̄, δk, v̄ over the first n_kv (with MASKED: those KEY_VALID keeps),
+    in one launch (and, with GATHER, q, k, v in tile order). Means and deviations are per column, so
+    a program takes a [BLOCK, COLS] slice of one block of one of the three tensors: small tiles, many
+    programs in flight, and the loads are what bounds it."""
     blk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     SPLIT: tl.constexpr = D // COLS
@@ -54,21 +75,21 @@ def _pool_qkv(Q, K, V, QT, KT, VT, SRC, QM, QD, KM, KD, VM, sqb, sqh, sqs, skb, 
     c0 = (tl.program_id(2) % SPLIT) * COLS
     b, h, out_row = bh // n_heads, bh % n_heads, bh * tl.num_programs(0) + blk
     if which == 0:
-        _pool_tile(Q, QT, SRC, QM, QD, sqb, sqh, sqs, b, h, bh, blk, out_row, c0, S, S,
-                   BLOCK, D, COLS, True, GATHER)
+        _pool_tile(Q, QT, SRC, QM, QD, KEY_VALID, sqb, sqh, sqs, key_valid_stride_b, b, h, bh, blk, out_row, c0,
+                   S, S, BLOCK, D, COLS, True, GATHER, False)
     elif which == 1:
-        _pool_tile(K, KT, SRC, KM, KD, skb, skh, sks, b, h, bh, blk, out_row, c0, n_kv, S,
-                   BLOCK, D, COLS, True, GATHER)
+        _pool_tile(K, KT, SRC, KM, KD, KEY_VALID, skb, skh, sks, key_valid_stride_b, b, h, bh, blk, out_row, c0,
+                   n_kv, S, BLOCK, D, COLS, True, GATHER, MASKED)
     else:
-        _pool_tile(V, VT, SRC, VM, VM, svb, svh, svs, b, h, bh, blk, out_row, c0, n_kv, S,
-                   BLOCK, D, COLS, False, GATHER)
+        _pool_tile(V, VT, SRC, VM, VM, KEY_VALID, svb, svh, svs, key_valid_stride_b, b, h, bh, blk, out_row, c0,
+                   n_kv, S, BLOCK, D, COLS, False, GATHER, MASKED)
 
 
 # per pass: pooling alone, and pooling while reordering (measured on an H100, BENCHMARKS.md)
 POOL_CONFIG = {False: dict(COLS=64, num_warps=2), True: dict(COLS=128, num_warps=4)}
 
 
-def _pool_launch(q, k, v, n_kv: int, block_size: int, src, config: dict | None):
+def _pool_launch(q, k, v, n_kv: int, block_size: int, src, config: dict | None, key_valid):
     B, H, S, D = q.shape
     if D < 16 or D & (D - 1) or not q.shape == k.shape == v.shape:
         raise ValueError(f"q, k, v must share one shape with a power-of-two head dim ≥ 16; got "
@@ -78,24 +99,28 @@ def _pool_launch(q, k, v, n_kv: int, block_size: int, src, config: dict | None):
     cols = min(config["COLS"], D)
     pools = [torch.empty(B, H, nb, D, device=q.device, dtype=torch.float32) for _ in range(5)]
     tiled = [torch.empty(B, H, S, D, device=q.device, dtype=x.dtype) for x in (q, k, v)] if src is not None else [q] * 3
-    _pool_qkv[(nb, B * H, 3 * (D // cols))](q, k, v, *tiled, q if src is None else src, *pools,
-                                            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], H, S, n_kv,
-                                            BLOCK=block_size, D=D, COLS=cols, GATHER=src is not None,
-                                            num_warps=config["num_warps"])
+    masked = key_valid is not None
+    key_valid, key_valid_stride_b = key_mask_arg(key_valid.to(q.device), B, S) if masked else (q, 0)
+    _pool_qkv[(nb, B * H, 3 * (D // cols))](q, k, v, *tiled, q if src is None else src, *pools, key_valid,
+                                            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], key_valid_stride_b,
+                                            H, S, n_kv, BLOCK=block_size, D=D, COLS=cols, GATHER=src is not None,
+                                            MASKED=masked, num_warps=config["num_warps"])
     return tuple(tiled), tuple(pools)
 
 
-def block_pool_qkv_triton(q, k, v, n_kv: int, block_size: int, config: dict | None = None):
+def block_pool_qkv_triton(q, k, v, n_kv: int, block_size: int, config: dict | None = None, key_valid=None):
     """(q̄, δq, k̄, δk, v̄) float32 `[B, H, n_blocks, D]` of q, k, v `[B, H, S, D]` (last dims
-    contiguous): queries over all S tokens, keys and values over their first n_kv. `config`
+    contiguous): queries over all S tokens, keys and values over their first n_kv that the key-padding
+    mask `key_valid` (bool `[B or 1, S]`, if given) keeps; zeros for a block with none. `config`
     (COLS=, num_warps=) overrides POOL_CONFIG (benchmarks)."""
-    return _pool_launch(q, k, v, n_kv, block_size, None, config)[1]
+    return _pool_launch(q, k, v, n_kv, block_size, None, config, key_valid)[1]
 
 
-def tile_pool_qkv_triton(q, k, v, src, n_kv: int, block_size: int, config: dict | None = None):
+def tile_pool_qkv_triton(q, k, v, src, n_kv: int, block_size: int, config: dict | None = None, key_valid=None):
     """((q, k, v) in tile order, contiguous, (q̄, δq, k̄, δk, v̄) as block_pool_qkv_triton's) in one
-    pass over q, k, v `[B, H, S, D]` in model order: tiled row p is model row src[p]. Rectification's
-    pooling rides on the reorder the sparse path does anyway."""
+    pass over q, k, v `[B, H, S, D]` in model order: tiled row p is model row src[p], and `key_valid`
+    is in tile order (its row p is tiled row p). Rectification's pooling rides on the reorder the
+    sparse path does anyway."""
     if src.shape != (q.shape[-2],) or src.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"src must be an int32/int64 [S={q.shape[-2]}] index; got {src.dtype} {tuple(src.shape)}")
-    return _pool_launch(q, k, v, n_kv, block_size, src.contiguous(), config)
+    return _pool_launch(q, k, v, n_kv, block_size, src.contiguous(), config, key_valid)

@@ -36,7 +36,7 @@ import torch
 import triton
 
 from .compiled import compiled
-from .estimate_triton import estimate_static_triton
+from .estimate_triton import estimate_static_triton, video_key_counts
 from .pool_triton import block_pool_qkv_triton, tile_pool_qkv_triton
 from .select_triton import MAX_BLOCKS, select_blocks_triton
 from .triton_sparse import HEAD_DIMS, triton_available
@@ -67,14 +67,14 @@ def _triton_shapes(q, k, v) -> bool:
     return q.shape == k.shape == v.shape and q.shape[-1] in HEAD_DIMS and all(x.stride(-1) == 1 for x in (q, k, v))
 
 
-def _pool_on_gpu(q, k, v, key_valid) -> bool:
-    return key_valid is None and q.device.type == "cuda" and q.dtype != torch.float64 and _triton_shapes(q, k, v)
+def _pool_on_gpu(q, k, v) -> bool:
+    return q.device.type == "cuda" and q.dtype != torch.float64 and _triton_shapes(q, k, v)
 
 
 def pooled(q, k, v, n_video: int, block_size: int, key_valid=None):
     """q̄, δq over all tokens; k̄, δk, v̄ over the valid video keys (text keys are never pooled)."""
-    if _pool_on_gpu(q, k, v, key_valid):
-        return block_pool_qkv_triton(q, k, v, n_video, block_size)
+    if _pool_on_gpu(q, k, v):
+        return block_pool_qkv_triton(q, k, v, n_video, block_size, key_valid=key_valid)
     (qm, qd), (km, kd), (vm, _) = (block_pool(x, n, block_size, mask) for x, n, mask in
                                    ((q, q.shape[-2], None), (k, n_video, key_valid), (v, n_video, key_valid)))
     return qm, qd, km, kd, vm
@@ -84,19 +84,17 @@ def tile_pooled(q, k, v, src, n_video: int, block_size: int, key_valid=None):
     """((q, k, v) gathered into tile order (row p = model row src[p]), their `pooled` statistics):
     on the GPU one pass over each tensor, so the pooling costs little beyond the reorder itself.
     `key_valid` is in tile order."""
-    if _pool_on_gpu(q, k, v, key_valid):
-        return tile_pool_qkv_triton(q, k, v, src, n_video, block_size)
+    if _pool_on_gpu(q, k, v):
+        return tile_pool_qkv_triton(q, k, v, src, n_video, block_size, key_valid=key_valid)
     tiled = tuple(x.index_select(-2, src) for x in (q, k, v))
     return tiled, pooled(*tiled, n_video, block_size, key_valid)
 
 
 def valid_counts(video_count: torch.Tensor, n_video: int, block_size: int, key_valid: torch.Tensor | None):
-    """Valid video keys per key block: `[nk]` without a key mask, else `[B, 1, 1, nk]`."""
+    """Valid video keys per key block: `[nk]` without a key mask, else `[B or 1, 1, 1, nk]` float32."""
     if key_valid is None:
         return video_count
-    nb = video_count.shape[-1]
-    video = torch.nn.functional.pad(key_valid[:, :n_video], (0, nb * block_size - n_video)).view(-1, nb, block_size)
-    return video.sum(-1).to(video_count.dtype)[:, None, None, :]
+    return video_key_counts(key_valid, n_video, block_size, video_count.shape[-1])[:, None, None, :]
 
 
 def _estimate(pools, q, k_text, static, video_count, text_block, scale: float, block_size: int,
@@ -156,24 +154,26 @@ estimate, merge = compiled(_estimate, eager_on_cpu=True), compiled(merge_blocks,
 
 
 def on_triton(q, k, v, *, rows: bool, rectify: bool, dynamic: bool, text_kept: bool, n_blocks: int,
-              explicit_triton: bool, key_valid) -> bool:
+              explicit_triton: bool) -> bool:
     """Whether the choice and the estimate run as Triton kernels (select_triton.py,
     estimate_triton.py) rather than as torch code compiled by Inductor. The estimate counts text
-    keys in the normaliser only, so it needs the blocks holding them kept; neither takes key masks."""
-    return (not rows and key_valid is None and (text_kept or not rectify) and q.dtype != torch.float64
+    keys in the normaliser only, so it needs the blocks holding them kept."""
+    return (not rows and (text_kept or not rectify) and q.dtype != torch.float64
             and _triton_shapes(q, k, v) and triton_available(q.device)
             and (q.device.type == "cuda" or explicit_triton)
             and (not dynamic or triton.next_power_of_2(n_blocks) <= MAX_BLOCKS))
 
 
 def choose_triton(pools, k, static_i8, n_video: int, scale: float, block_size: int, *, dynamic: bool,
-                  rectify: bool, p_remain: float, k_min: int):
+                  rectify: bool, p_remain: float, k_min: int, key_valid=None):
     """(keep, its block lists or None, R, Ō) from the Triton kernels; keep is int8, `[H or 1, nq, nk]`
-    for static plans (the estimate broadcasts it)."""
+    for static plans (the estimate broadcasts it). `key_valid` (bool `[B or 1, S]`, tile order)
+    excludes keys from both."""
     lists = None
     keep = static_i8
     if dynamic:
         keep, *lists = select_blocks_triton(pools[0], pools[2], k, static_i8, n_video, scale, block_size,
-                                            p_remain, k_min)
-    r, o_bar = (estimate_static_triton(pools, k, keep, n_video, scale, block_size) if rectify else (None, None))
+                                            p_remain, k_min, key_valid=key_valid)
+    r, o_bar = (estimate_static_triton(pools, k, keep, n_video, scale, block_size, key_valid=key_valid)
+                if rectify else (None, None))
     return keep, lists, r, o_bar

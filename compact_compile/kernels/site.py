@@ -111,9 +111,9 @@ class SiteAttention:
         p_remain = spec.selection.p_remain if dynamic else 0.0
         pools = pooled(q, k, v, L.n_video, L.block_size, key_valid) if pools is None else pools
         if on_triton(q, k, v, rows=spec.rectify == "rows", rectify=rectify, dynamic=dynamic, text_kept=text_kept,
-                     n_blocks=L.n_blocks, explicit_triton=spec.kernel == "triton", key_valid=key_valid):
+                     n_blocks=L.n_blocks, explicit_triton=spec.kernel == "triton"):
             return choose_triton(pools, k, static_i8, L.n_video, scale, L.block_size, dynamic=dynamic,
-                                 rectify=rectify, p_remain=p_remain, k_min=self.k_min)
+                                 rectify=rectify, p_remain=p_remain, k_min=self.k_min, key_valid=key_valid)
         counts = valid_counts(self.video_count.to(q.device), L.n_video, L.block_size, key_valid)
         text_valid = None if key_valid is None else key_valid[:, L.n_video:].bool()
         keep, r, o_bar = estimate(pools, q if spec.rectify == "rows" else None, k[:, :, L.n_video:], static, counts,
