@@ -35,13 +35,17 @@ from examples.video_dit.model import CHECKPOINT, load_model  # noqa: E402
 from examples.video_dit.sample import fixed_noise, sample, save_gif, save_strip  # noqa: E402
 
 CALIBRATED = "calibrated"   # stands for the plan calibrated in this run, searched at the swept recall τ
-# alone (λ = ∞): the default cost limit λ = 0.011 stops this small model's search near dense at every τ
+# alone (λ = ∞): the default cost limit λ = 0.011 stops this small model's search near dense at every τ;
+# or, swept by "density", at that budget (build.py: one λ for all heads, found by bisection)
 MODES = {
     "window (STA-like)": (dict(plan="window"), "window", [(1, 1, 1), (1, 3, 3), (3, 3, 3), (3, 5, 5)]),
     "top-k, no rectification": (dict(plan="dynamic"), "p_remain", [0.3, 0.5, 0.7, 0.9]),
     "dynamic + rectified": (dict(plan="dynamic", rectify=True), "p_remain", [0.3, 0.5, 0.7, 0.9]),
     "calibrated": (dict(plan=CALIBRATED), "recall", [0.7, 0.8, 0.9, 0.95]),
     "calibrated + rectified": (dict(plan=CALIBRATED, rectify=True), "recall", [0.7, 0.8, 0.9, 0.95]),
+    "calibrated at a density budget": (dict(plan=CALIBRATED), "density", [0.5, 0.3, 0.2, 0.1]),
+    "calibrated at a density budget + rectified": (dict(plan=CALIBRATED, rectify=True), "density",
+                                                   [0.5, 0.3, 0.2, 0.1]),
     "window + rectified": (dict(plan="window", rectify=True), "window", [(1, 1, 1), (1, 3, 3), (3, 3, 3)]),
     "calibrated ∪ top-k + rectified": (dict(plan=CALIBRATED, dynamic=True, rectify=True), "recall", [0.7, 0.8]),
 }
@@ -156,7 +160,8 @@ def run(args):
         for value in values:
             opts = dict(options)
             if opts.get("plan") == CALIBRATED:
-                opts["plan"] = cal.search(recall=value, cost=math.inf)
+                opts["plan"] = (cal.search(density=value) if swept == "density"
+                                else cal.search(recall=value, cost=math.inf))
             else:
                 opts.update({swept: value, "dense_steps": args.dense_steps})
             videos, probe = generate(model, opts, noise, labels, args)

@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   compact-compile calibrate --out tiny.plan.safetensors               # a small random-weight Wan model
   compact-compile calibrate --model-dir wan/transformer --device cuda --latent 21,60,104 --out wan.plan.safetensors
   compact-compile calibrate --stats run.stats.safetensors --recall 0.95 --out strict.plan.safetensors
+  compact-compile calibrate --stats run.stats.safetensors --density 0.1 --out tenth.plan.safetensors
   compact-compile inspect tiny.plan.safetensors                       # per-site / per-head table
   compact-compile plot tiny.plan.safetensors --out plots/             # masks and recall-vs-density PNGs
 """
@@ -56,6 +57,7 @@ _count = _number_type(int, lambda v: v >= 1, "an integer ≥ 1")
 _non_negative = _number_type(int, lambda v: v >= 0, "an integer ≥ 0")
 _recall = _number_type(float, lambda v: 0 < v <= 1, "a recall in (0, 1]")
 _cost = _number_type(float, lambda v: v > 0, "a cost > 0 (inf: off)")   # nan fails v > 0
+_density = _number_type(float, lambda v: 0 < v <= 1, "a density in (0, 1]")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -82,8 +84,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="plan file to write (its directory must exist)")
     c.add_argument("--stats", help="search this saved statistics file instead of running a model")
     c.add_argument("--save-stats", help="also write the recorded statistics here")
-    c.add_argument("--recall", type=_recall, default=0.9, help="τ: minimum recall per head, in (0, 1] (default 0.9)")
-    c.add_argument("--cost", type=_cost, default=0.011, help="λ: maximum marginal cost, > 0 (default 0.011; inf: off)")
+    c.add_argument("--recall", type=_recall, default=None,
+                   help="τ: minimum recall per head, in (0, 1] (default 0.9; with --density: none)")
+    c.add_argument("--cost", type=_cost, default=None, help="λ: maximum marginal cost, > 0 (default 0.011; inf: off)")
+    c.add_argument("--density", type=_density, default=None,
+                   help="instead of --cost: the fraction of blocks the plan may compute, in (0, 1], shared "
+                        "among the heads by need")
     c.add_argument("--dense-steps", type=_non_negative, default=None,
                    help="dense denoising steps (default 15, or the stats')")
     c.add_argument("--dense-layers", type=_non_negative, default=0, help="first K attention sites kept dense")
@@ -181,6 +187,8 @@ def _check_out_file(parser, flag: str, path: str) -> None:
 
 
 def _check_calibrate(parser, args) -> None:
+    if args.density is not None and args.cost is not None:
+        parser.error("--cost and --density: give one (a density budget sets λ itself)")
     _check_out_file(parser, "--out", args.out)
     if args.groups and (min(args.groups) < 0 or any(b <= a for a, b in zip(args.groups, args.groups[1:]))):
         parser.error(f"--groups {','.join(map(str, args.groups))}: edges must be increasing and ≥ 0, e.g. 0,1,3")
@@ -252,13 +260,16 @@ def cmd_calibrate(args) -> int:
     from tqdm import tqdm
 
     from .calibrate import build_plan, load_stats
+    from .calibrate.session import search_targets
 
     if args.stats:
         ranges = load_stats(args.stats)
         dense_steps = ranges[0].steps[0] if args.dense_steps is None else args.dense_steps
         with tqdm(desc="search (sites)", unit="site") as bar:
-            plan = build_plan([[r] for r in ranges], recall_target=args.recall, cost=args.cost, groups=args.groups,
-                              dense_steps=dense_steps, dense_layers=args.dense_layers, merge="mean", progress=bar)
+            tau, lam = search_targets(args.recall, args.cost, args.density)
+            plan = build_plan([[r] for r in ranges], recall_target=tau, cost=lam, density_target=args.density,
+                              groups=args.groups, dense_steps=dense_steps, dense_layers=args.dense_layers,
+                              merge="mean", progress=bar)
     else:
         cal = _run_model(args)
         if args.save_stats:
@@ -298,7 +309,7 @@ def _run_model(args):
         options["tile"] = args.tile
     g = torch.Generator().manual_seed(args.seed + 1)
     timesteps = torch.linspace(999, 0, args.steps + 1)
-    cal = calibrate(model, recall=args.recall, cost=args.cost, dense_steps=dense_steps,
+    cal = calibrate(model, recall=args.recall, cost=args.cost, density=args.density, dense_steps=dense_steps,
                     dense_layers=args.dense_layers, groups=args.groups, merge=args.merge, inner=args.inner,
                     options=options)
     with cal, tqdm(total=args.inputs * args.steps, desc="calibration (steps)", unit="step") as bar:

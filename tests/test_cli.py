@@ -44,6 +44,11 @@ def test_calibrate_inspect_plot(tmp_path, capsys):
     assert min(strict.info["heads"]["blocks.0.attn1"]["recall"]) >= 0.97
     assert strict.info["schedule"]["dense_steps"] == 1
     assert strict.sites["blocks.0.attn1"].density >= plan.sites["blocks.0.attn1"].density
+    # and at a density budget: λ found for it, at most that share of the blocks
+    tenth_path = tmp_path / "budget.plan.safetensors"
+    assert main(["calibrate", "--stats", str(stats_path), "--density", "0.4", "--out", str(tenth_path)]) == 0
+    budget = Plan.load(tenth_path)
+    assert budget.sites["blocks.0.attn1"].density <= 0.4 and budget.info["calibration"]["density"] == 0.4
 
     capsys.readouterr()
     assert main(["inspect", str(plan_path)]) == 0
@@ -218,3 +223,13 @@ def test_calibrate_a_saved_model_directory(tmp_path, model_dir, capsys):
     plan = Plan.load(out)
     assert list(plan.sites) == ["blocks.0.attn1"] and plan.sites["blocks.0.attn1"].heads == 2
     assert plan.grid == (4, 16, 16) and plan.info["calibration"]["inputs"]["calls"] == 4   # 2 steps × CFG
+
+
+def test_cost_and_density_together_are_refused_before_any_model_runs(tmp_path, capsys, monkeypatch):
+    """--density sets λ itself: giving --cost too is one error, before the model is built."""
+    import compact_compile.cli as cli
+
+    monkeypatch.setattr(cli, "_run_model", lambda args: pytest.fail("the model must not run"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["calibrate", "--out", str(tmp_path / "p.plan.safetensors"), "--density", "0.1", "--cost", "0.05"])
+    assert e.value.code == 2 and "give one" in capsys.readouterr().err

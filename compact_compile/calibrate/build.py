@@ -14,6 +14,14 @@ Merge over calibration inputs (`merge="union"`, the paper's): every generation's
 searched on their own and the masks are OR-ed together with the mask searched on the statistics
 accumulated over all of them; `merge="mean"` keeps only the latter. A union keeps every block any
 input needed, so the stored recall (on the accumulated statistics) is ≥ τ either way.
+
+A density budget (`density=0.1`: a tenth of all blocks, over every head of every site) replaces λ
+by the price that meets it. λ is the recall a head may lose per unit of density it saves; one λ
+for all heads stops each head where its next shrink costs more than λ, which is how a budget is
+best shared (a head with concentrated attention gives up most of its blocks, a near-uniform head
+few). Each head's greedy path is fixed and a larger λ only lets it go further, so the mean density
+falls monotonically with λ: a bisection on log λ finds the densest plan within the budget, per
+step range, union over inputs included.
 """
 from __future__ import annotations
 
@@ -64,12 +72,53 @@ def search_stats(stats: CalibrationStats, tau: float, lam: float, groups=DEFAULT
     return out
 
 
+def _search_range(total: CalibrationStats, gens: list[CalibrationStats], tau: float, lam: float, groups,
+                  dense_layers: int, merge: str, progress=None) -> dict[str, SiteSearch]:
+    """One step range's masks: searched on the accumulated statistics, OR-ed with each input's."""
+    result = search_stats(total, tau, lam, groups, dense_layers, progress)
+    if merge == "union" and len(gens) > 1:
+        for g in gens:
+            for name, res in search_stats(g, tau, lam, groups, dense_layers, progress).items():
+                result[name].blocks = union(result[name].blocks, res.blocks)
+    return result
+
+
+def mean_density(result: dict[str, SiteSearch]) -> float:
+    """Fraction of blocks computed over every head of every site, each head counted once."""
+    return torch.cat([density(r.blocks) for r in result.values()]).mean().item()
+
+
+LAMBDA_RANGE = (1e-8, 1e4)
+BISECTIONS = 24   # λ to within a factor of 1e12 ** (1 / 2 ** 24) of the densest plan in budget
+
+
+def price_for_density(target: float, search) -> tuple[float, dict[str, SiteSearch]]:
+    """(λ, `search(λ)`) for the smallest λ whose plan computes at most `target` of the blocks; the
+    sparsest reachable plan (largest λ) when the budget is below it."""
+    lo, hi = LAMBDA_RANGE
+    best = search(hi)
+    if mean_density(best) > target:
+        return hi, best
+    for _ in range(BISECTIONS):
+        mid = (lo * hi) ** 0.5
+        found = search(mid)
+        if mean_density(found) <= target:
+            hi, best = mid, found
+        else:
+            lo = mid
+    return hi, best
+
+
 def build_plan(ranges: list[list[CalibrationStats]], *, recall_target: float = 0.9, cost: float = 0.011,
                groups=DEFAULT_GROUPS, dense_steps: int = 15, dense_layers: int = 0, merge: str = "union",
-               progress=None) -> Plan:
-    """`ranges[r]` = the per-generation statistics recorded in step range r (in schedule order)."""
+               density_target: float | None = None, progress=None) -> Plan:
+    """`ranges[r]` = the per-generation statistics recorded in step range r (in schedule order).
+    With `density_target`, each range's λ is the price that meets it (`cost` is not used) and
+    `recall_target` is a per-head floor."""
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, not {merge!r}")
+    if density_target is not None and not 0.0 < density_target <= 1.0:
+        raise ValueError(f"density must be in (0, 1], not {density_target}")
     totals = []
     for r, gens in enumerate(ranges):
         total = CalibrationStats(gens[0].steps if gens else (0, None))
@@ -82,13 +131,14 @@ def build_plan(ranges: list[list[CalibrationStats]], *, recall_target: float = 0
         totals.append(total)
     first = next(iter(totals[0].sites.values())).layout
     plan = Plan(first.grid, first.tile, first.block_size)
-    heads_info = {}
+    heads_info, prices = {}, []
     for r, (total, gens) in enumerate(zip(totals, ranges)):
-        result = search_stats(total, recall_target, cost, groups, dense_layers, progress)
-        if merge == "union" and len(gens) > 1:
-            for g in gens:
-                for name, res in search_stats(g, recall_target, cost, groups, dense_layers, progress).items():
-                    result[name].blocks = union(result[name].blocks, res.blocks)
+        if density_target is None:
+            result = _search_range(total, gens, recall_target, cost, groups, dense_layers, merge, progress)
+        else:
+            lam, result = price_for_density(density_target, lambda lam, total=total, gens=gens: _search_range(
+                total, gens, recall_target, lam, groups, dense_layers, merge))
+            prices.append(dict(steps=list(total.steps), cost=lam, density=round(mean_density(result), 6)))
         for name, res in result.items():
             s = total.sites[name]
             if (s.layout.grid, s.layout.tile, s.layout.block_size) != (plan.grid, plan.tile, plan.block_size):
@@ -108,7 +158,8 @@ def build_plan(ranges: list[list[CalibrationStats]], *, recall_target: float = 0
 
     plan.info = dict(
         calibration=dict(
-            recall=recall_target, cost=cost, groups=list(groups), dense_layers=dense_layers, merge=merge,
+            recall=recall_target, cost=cost if density_target is None else None, density=density_target,
+            prices=prices, groups=list(groups), dense_layers=dense_layers, merge=merge,
             inputs=dict(calls=sum(t.calls for t in totals), generations=max(t.generations for t in totals),
                         samples=max(s.samples for t in totals for s in t.sites.values())),
             steps=[list(t.steps) for t in totals], library=compact_compile.__version__,

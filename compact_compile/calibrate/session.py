@@ -30,12 +30,27 @@ from .patterns import DEFAULT_GROUPS
 from .stats import CalibrationStats, dense_attention_with_mass, save_stats
 
 
+RECALL, COST = 0.9, 0.011          # τ and λ of Compact Attention's Wan setting
+NO_RECALL_FLOOR = 1e-9             # with a density budget and no recall given: per head, no floor
+
+
+def search_targets(recall: float | None, cost: float | None, density: float | None) -> tuple[float, float]:
+    """(τ, λ) from what the caller gave: a density budget sets λ itself (a given cost contradicts
+    it) and keeps τ only as a per-head floor if one is given."""
+    if density is not None:
+        if cost is not None:
+            raise ValueError("give cost (λ) or density, not both: a density budget sets λ itself")
+        return (NO_RECALL_FLOOR if recall is None else recall), COST
+    return (RECALL if recall is None else recall), (COST if cost is None else cost)
+
+
 class Calibration:
-    def __init__(self, model: torch.nn.Module, *, recall: float = 0.9, cost: float = 0.011, dense_steps: int = 15,
-                 dense_layers: int = 0, step_ranges=None, groups=DEFAULT_GROUPS, merge: str = "union",
-                 inner: str = "inductor", options: dict | None = None):
+    def __init__(self, model: torch.nn.Module, *, recall: float | None = None, cost: float | None = None,
+                 density: float | None = None, dense_steps: int = 15, dense_layers: int = 0, step_ranges=None,
+                 groups=DEFAULT_GROUPS, merge: str = "union", inner: str = "inductor", options: dict | None = None):
         self.model = getattr(model, "_orig_mod", model)   # an OptimizedModule: calibrate what it wraps
-        self.recall, self.cost, self.groups, self.merge = recall, cost, tuple(groups), merge
+        self.recall, self.cost = search_targets(recall, cost, density)
+        self.density, self.groups, self.merge = density, tuple(groups), merge
         self.dense_steps, self.dense_layers = dense_steps, dense_layers
         self.ranges = [(dense_steps, None)] if step_ranges is None else [tuple(r) for r in step_ranges]
         check_ranges(dense_steps, self.ranges)
@@ -132,12 +147,16 @@ class Calibration:
             self._plan = self.search()
         return self._plan
 
-    def search(self, recall: float | None = None, cost: float | None = None, progress=None):
-        """Search the recorded statistics again, e.g. with another τ or λ."""
-        return build_plan(self._ranges_with_data(), recall_target=self.recall if recall is None else recall,
-                          cost=self.cost if cost is None else cost, groups=self.groups,
-                          dense_steps=self.dense_steps, dense_layers=self.dense_layers, merge=self.merge,
-                          progress=progress)
+    def search(self, recall: float | None = None, cost: float | None = None, density: float | None = None,
+               progress=None):
+        """Search the recorded statistics again, e.g. with another τ, λ or density budget (none given:
+        this session's)."""
+        if recall is None and cost is None and density is None:
+            recall, cost, density = self.recall, self.cost, self.density
+        tau, lam = search_targets(recall, cost if density is None else None, density)
+        return build_plan(self._ranges_with_data(), recall_target=tau, cost=lam, density_target=density,
+                          groups=self.groups, dense_steps=self.dense_steps, dense_layers=self.dense_layers,
+                          merge=self.merge, progress=progress)
 
     def stats(self) -> list[CalibrationStats]:
         """Per step range, the statistics accumulated over every generation."""
@@ -164,13 +183,19 @@ class _RecordingKernel:
         return self.session._attend(self.site, self.layout, q, k, v, scale, key_valid)
 
 
-def calibrate(model: torch.nn.Module, *, recall: float = 0.9, cost: float = 0.011, dense_steps: int = 15,
-              dense_layers: int = 0, step_ranges=None, groups=DEFAULT_GROUPS, merge: str = "union",
-              inner: str = "inductor", options: dict | None = None) -> Calibration:
+def calibrate(model: torch.nn.Module, *, recall: float | None = None, cost: float | None = None,
+              density: float | None = None, dense_steps: int = 15, dense_layers: int = 0, step_ranges=None,
+              groups=DEFAULT_GROUPS, merge: str = "union", inner: str = "inductor",
+              options: dict | None = None) -> Calibration:
     """A context manager: inside it, calls of `model` (direct or from a pipeline) run dense attention
     and record statistics; `.plan` then searches them.
 
-    recall (τ), cost (λ)   search targets (search.py); λ = float("inf") stops on τ alone
+    recall (τ), cost (λ)   search targets (search.py), default 0.9 and 0.011; λ = float("inf") stops
+                           on τ alone
+    density                instead of λ: the fraction of blocks the plan may compute, over every head
+                           of every site (build.py finds the λ that meets it, so each head gets the
+                           share of the budget its attention needs); τ is then only a per-head floor,
+                           none unless given
     dense_steps            denoising steps run dense at inference (and not recorded); default 15
     dense_layers           the first K attention sites (in call order) stay dense
     step_ranges            [(start, end), …] from dense_steps on (last end None = open): one mask per
@@ -181,5 +206,6 @@ def calibrate(model: torch.nn.Module, *, recall: float = 0.9, cost: float = 0.01
     inner                  what compiles the rest of the graph ("inductor", "aot_eager", "eager")
     options                more backend options for the layout: grid, tile, block_size
     """
-    return Calibration(model, recall=recall, cost=cost, dense_steps=dense_steps, dense_layers=dense_layers,
-                       step_ranges=step_ranges, groups=groups, merge=merge, inner=inner, options=options)
+    return Calibration(model, recall=recall, cost=cost, density=density, dense_steps=dense_steps,
+                       dense_layers=dense_layers, step_ranges=step_ranges, groups=groups, merge=merge, inner=inner,
+                       options=options)

@@ -136,3 +136,48 @@ def test_build_plan_refuses_empty_statistics():
         build_plan([[CalibrationStats((15, None))]], dense_steps=15)
     with pytest.raises(ValueError, match="must follow each other"):
         build_plan([[_stats(TokenLayout((2, 8, 8), (1, 4, 4), 16), 1, 1, 0, (4, None))]], dense_steps=3)
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 2**31))
+def test_a_density_budget_is_met_and_shared_by_need(seed):
+    """build_plan(density_target=d): the plan computes at most d of all blocks, as close to d as one
+    greedy step allows (a slightly smaller λ is over budget), sparser budgets give sparser plans,
+    and the budget goes where attention needs it: heads with concentrated attention end sparser."""
+    layout = TokenLayout((4, 8, 8), (1, 4, 4), 16)
+    gens = [[_stats(layout, 2, 3, seed)]]
+    found = []
+    for target in (0.7, 0.5, 0.3):
+        plan = build_plan(gens, density_target=target, recall_target=1e-9, dense_steps=3, merge="mean")
+        achieved = torch.cat([density(s.blocks) for s in plan.sites.values()]).mean().item()
+        price = plan.info["calibration"]["prices"][0]
+        assert achieved <= target + 1e-12 and price["density"] == pytest.approx(achieved, abs=1e-6)
+        denser = search_stats(gens[0][0], 1e-9, price["cost"] * 0.999)     # a slightly lower price: over budget
+        assert torch.cat([density(r.blocks) for r in denser.values()]).mean().item() > target
+        found.append(achieved)
+        assert plan.info["calibration"]["density"] == target and plan.info["calibration"]["cost"] is None
+    assert found == sorted(found, reverse=True)
+
+
+def test_a_density_budget_gives_planted_heads_what_they_need():
+    """Planted heads (local, cross, temporal stripe, uniform) at a budget of 30% of the blocks: the
+    concentrated heads keep their planted attention (each block of it is worth far more than a
+    block of uniform attention), the uniform head pays for the budget (its recall is its density),
+    and the heads together keep far more attention than the density they cost."""
+    from planted import planted_params, planted_qk
+
+    from compact_compile.calibrate.stats import block_mass
+    layout = TokenLayout((4, 16, 16), (1, 4, 4), 16)
+    fam = Family(layout)
+    params = planted_params(fam)
+    q, k = planted_qk(fam, torch.stack(list(params.values())))
+    st_ = CalibrationStats((0, None), calls=1, generations=1)
+    st_.site("attn", layout, len(params), q.shape[-1]).add(block_mass(q, k, 16, 1.0))
+    plan = build_plan([[st_]], density_target=0.3, recall_target=1e-9, dense_steps=0, merge="mean")
+    heads = plan.info["heads"]["attn"]
+    dens = dict(zip(params, heads["density"]))
+    rec = dict(zip(params, heads["recall"]))
+    assert sum(dens.values()) / len(dens) <= 0.3 + 1e-12
+    assert all(rec[h] > 0.9 for h in ("local", "cross", "temporal")), rec
+    assert rec["global"] == pytest.approx(dens["global"], abs=0.02) and dens["global"] < 0.9
+    assert sum(rec.values()) / len(rec) > 0.3 + 0.4
