@@ -92,6 +92,8 @@ VARIANTS = {
     "compact-window-fp8-regional": dict(backend="compact",
                                         options=dict(plan="window", window="WINDOW", quantize="fp8")),
 }
+# HunyuanVideo at 129 frames: 33×45×80 = 118,800 video tokens (+ 256 text)
+MODELS["hunyuan13b-129f"] = dict(MODELS["hunyuan13b"], latent=(1, 16, 33, 90, 160))
 ATTENTION = re.compile(r"attn|attention|flash|fmha|sdpa|flex", re.I)
 GEMM = re.compile(r"gemm|cutlass|nvjet|xmma|scaled_mm|addmm|bmm|_mm|matmul|f8f8|sm90_", re.I)
 
