@@ -111,13 +111,23 @@ def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, KV_VALID, R, OBAR,
               stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
               stride_nb, stride_nh, stride_nq, stride_ib, stride_ih, stride_iq, stride_mb,
               stride_rb, stride_rh, stride_rq, stride_cb, stride_ch, stride_cq,
-              H, S, NK, qk_scale, S_BUCKET,
+              H, S, NK, qk_scale, S_BUCKET, FIRST_BLOCKS,
               HEAD_DIM: tl.constexpr, PLAN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               EVEN_S: tl.constexpr, HAS_KEYMASK: tl.constexpr, HAS_RECT: tl.constexpr, UPCAST: tl.constexpr,
               TMA_OK: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr):
-    # grid: (query tiles, B·H); all tiles of one head run together, so its K/V stay in L2
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # grid: (query tiles, B·H); all tiles of one head run together, so its K/V stay in L2. Except
+    # that the tiles of the last FIRST_BLOCKS query blocks (text, which attends every key block) of
+    # every head are launched before all others: a row 10× longer than the rest, started in the last
+    # wave, would run on alone after everything else finished.
+    n_tiles = tl.num_programs(0)
+    pid = tl.program_id(1) * n_tiles + tl.program_id(0)
+    n_first = tl.where(FIRST_BLOCKS > 0, n_tiles - (NK - FIRST_BLOCKS) * (PLAN_BLOCK // BLOCK_M), 0)  # their tiles
+    n_heavy = n_first * tl.num_programs(1)
+    heavy = pid < n_heavy
+    p = tl.where(heavy, pid, pid - n_heavy)
+    per_head = tl.where(heavy, n_first, n_tiles - n_first)
+    pid_bh = p // per_head
+    pid_m = p % per_head + tl.where(heavy, n_tiles - n_first, 0)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     m0 = pid_m * BLOCK_M
@@ -259,7 +269,8 @@ def _check_qkv(q, k, v):
 
 
 def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, scale: float | None = None, *,
-                           key_valid=None, rectify=None, out=None, config: dict | None = None) -> torch.Tensor:
+                           key_valid=None, rectify=None, first_blocks: int = 0, out=None,
+                           config: dict | None = None) -> torch.Tensor:
     """softmax(q·kᵀ·scale over the listed key blocks)·v, `[B, H, S, D]` in q's dtype (contiguous
     unless `out` is given).
 
@@ -268,6 +279,8 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, 
     indices of its key blocks (`registry.kv_block_lists`).
     key_valid: bool `[B or 1, S]`: keys where it is False are excluded (key-padding masks).
     rectify: (R `[B, H, nq]`, Ō `[B, H, nq, D]`), anything broadcastable: write R·O + Ō instead.
+    first_blocks: the last `first_blocks` query blocks are launched first (their lists are the longest:
+    the text rows of joint attention); the result does not depend on it.
     config: dict(BLOCK_M=, BLOCK_N=, num_warps=, num_stages=, tma=) to bypass the autotuner; `tma`
     loads K/V through TMA descriptors where the inputs allow it (`_tma_ok`), else it is ignored.
     """
@@ -315,7 +328,7 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, 
             bstride(num, 0), bstride(num, 1), num.stride(2), bstride(idx, 0), bstride(idx, 1), idx.stride(2),
             0 if key_valid is None else bstride(key_valid, 0),
             *r_strides, *c_strides,
-            H, S, nq, scale * LOG2E, triton.next_power_of_2(S))
+            H, S, nq, scale * LOG2E, triton.next_power_of_2(S), min(first_blocks, nq))
     meta = dict(HEAD_DIM=D, PLAN_BLOCK=block_size, EVEN_S=S % block_size == 0,
                 HAS_KEYMASK=key_valid is not None, HAS_RECT=rectify is not None,
                 UPCAST=INTERPRET and q.dtype == torch.bfloat16, TMA_OK=_tma_ok(k, v),
@@ -347,6 +360,7 @@ class TritonKernel:
 
     def __init__(self, layout: TokenLayout):
         self.block_size = layout.block_size
+        self.text_blocks = layout.n_blocks - layout.n_video // layout.block_size if layout.n_text else 0
 
     @staticmethod
     def unsupported(device, dtype, head_dim, block_size, explicit, key_mask=False) -> str:
@@ -366,7 +380,7 @@ class TritonKernel:
 
     def attend(self, q, k, v, prepared, scale, key_valid=None, rectify=None) -> torch.Tensor:
         return block_sparse_attention(q, k, v, *prepared, self.block_size, scale, key_valid=key_valid,
-                                      rectify=rectify)
+                                      rectify=rectify, first_blocks=self.text_blocks)
 
     def dense(self, q, k, v, scale, key_valid=None) -> torch.Tensor:
         return sdpa_dense(q, k, v, scale, key_valid)

@@ -82,7 +82,7 @@ def cases(draw):
         rectify=draw(st.booleans()), batch_lists=draw(st.booleans()),
         key_mask=draw(st.sampled_from([None, "random", "tail"])),
         block_m=draw(st.sampled_from([32, 64, 128])), block_n=draw(st.sampled_from([32, 64, 128])),
-        tma=draw(st.booleans()), seed=draw(st.integers(0, 2**31 - 1)),
+        tma=draw(st.booleans()), first_blocks=draw(st.integers(0, 3)), seed=draw(st.integers(0, 2**31 - 1)),
     )
 
 
@@ -120,6 +120,7 @@ def run_case(c, *, use_class=False):
         # fp32 tiles of 128×128 at head dim 128 need more shared memory than an H100/H200 has
         cap = 64 if dtype == torch.float32 and D == 128 else 128
         block_sparse_attention(q, k, v, num, idx, bs, c["scale"], key_valid=key_valid, rectify=rectify, out=out,
+                               first_blocks=c["first_blocks"],
                                config=dict(BLOCK_M=min(c["block_m"], cap), BLOCK_N=min(c["block_n"], cap),
                                            num_warps=4, num_stages=2, tma=c["tma"]))
     ref = expected_output(q, k, v, blocks, bs, c["scale"], rectify, key_valid)
@@ -129,7 +130,7 @@ def run_case(c, *, use_class=False):
 
 BASE = dict(B=1, H=2, D=32, dtype=torch.float32, layouts=["contiguous"] * 3, heads_broadcast=False,
             density=0.3, sharpness=1.0, scale=None, rectify=False, batch_lists=False, key_mask=None,
-            block_m=64, block_n=64, tma=False, seed=0)
+            block_m=64, block_n=64, tma=False, first_blocks=0, seed=0)
 
 
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -137,6 +138,10 @@ BASE = dict(B=1, H=2, D=32, dtype=torch.float32, layouts=["contiguous"] * 3, hea
 # partial last blocks holding one key, a full last block, a lone diagonal; sub-tiles of a 128 block
 @example(dict(BASE, S=129, bs=128, block_n=64, density=0.0))
 @example(dict(BASE, S=193, bs=64, block_m=32, block_n=32, density=1.0, batch_lists=True, rectify=True))
+# text rows launched first: one partial trailing block, several, all of them (a bad map leaves NaN rows)
+@example(dict(BASE, B=2, S=200, bs=64, block_m=32, density=0.4, first_blocks=1))
+@example(dict(BASE, S=300, bs=128, block_m=64, density=0.4, first_blocks=2, key_mask="tail"))
+@example(dict(BASE, S=100, bs=64, density=0.7, first_blocks=5))
 # key masks: a key block wholly excluded (its tile has no valid key: exponent base 0, not NaN)
 @example(dict(BASE, B=2, S=200, bs=64, density=1.0, key_mask="tail", seed=3))
 @example(dict(BASE, B=2, S=150, bs=64, density=0.5, key_mask="random", batch_lists=True, rectify=True))
