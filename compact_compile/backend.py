@@ -9,6 +9,7 @@ registered under a handle → the SDPA node rewritten into an op carrying that h
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import warnings
@@ -22,7 +23,7 @@ from .kernels.ops import register_site
 from .kernels.site import make_site
 from .models import install_model_fixes
 from .options import CompactOptions
-from .passes.grid import patch_embedding_grids
+from .passes.grid import carried_grids, output_tags, patch_embedding_grids
 from .passes.rewrite import rewrite_site
 from .passes.sites import CROSS, OTHER, find_sites
 from .plan import PlanError
@@ -30,6 +31,7 @@ from .planner import load_plan, plan_entry, site_spec
 from .quantize import quantized_linears
 from .report import record
 from .schedule import site_schedule, with_step_clock
+from .video_tags import with_video_tags
 
 log = logging.getLogger("compact_compile")
 
@@ -47,9 +49,13 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
     opts = CompactOptions.from_dict(options)
     plan = load_plan(opts)
     schedule = site_schedule(plan, opts.dense_steps)
-    sites = find_sites(gm, patch_embedding_grids(gm), opts.grid, plan.grid if plan else None)
+    own_grids = patch_embedding_grids(gm)
+    carried, input_tags = carried_grids(gm, example_inputs)    # grids from an earlier graph (video_tags.py)
+    sites = find_sites(gm, own_grids + carried, opts.grid, plan.grid if plan else None)
     if any(site.symbolic for site in sites) and not _per_size:   # still symbolic per size: inputs marked dynamic
         return with_step_clock(gm, _per_video_size(gm, options, mode), schedule)
+    emit = output_tags(gm, own_grids, list(input_tags.values()))
+    unrewritten = copy.deepcopy(gm) if carried else None
     for site in sites:
         if not site.rewritten:
             if plan is not None and _has_entry(plan, site.name):  # e.g. a plan for another resolution
@@ -77,6 +83,10 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
     record([s.summary() for s in sites] + foreign)
     compiled = quantized_linears(gm, example_inputs, opts.quantize,
                                  lambda inputs: _compile_inner(gm, inputs, opts.inner, mode or opts.mode))
+    carried_sources = {c.source for c in carried}
+    expect = input_tags if any(s.rewritten and s.grid_source in carried_sources for s in sites) else {}
+    compiled = with_video_tags(compiled, expect, emit,
+                               lambda inputs: _compile_inner(unrewritten, inputs, opts.inner, mode or opts.mode))
     return with_step_clock(gm, compiled, schedule)
 
 

@@ -32,7 +32,8 @@ SUPPORT = {
     "cogvideox15": ("sparse", "joint attention, text first (grid from the Linear patchify's reshapes)"),
     "consisid": ("sparse", "joint attention, text first"),
     "hunyuan_video": ("sparse", "joint attention with the prompt's key-padding mask, text last"),
-    "hunyuan_video15": ("dense", "graph break.*no video grid"),
+    "hunyuan_video15": ("sparse", "joint attention with valid_q ⊗ valid_k prompt masks, text last (grid carried "
+                                  "across its graph breaks)"),
     "hunyuan_video_framepack": ("dense", "graph break.*no video grid"),
     "motif_video": ("sparse", "joint attention with the prompt's key-padding mask, text last"),
     "ltx_video": ("sparse", "video self-attention (grid from the RoPE coordinates)"),

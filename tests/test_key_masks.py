@@ -114,6 +114,7 @@ def _masked_mochi_processor(monkeypatch):
 def test_mochi_window_equals_masked_float64_reference(kernel, monkeypatch):
     """A prompt with no valid token and one with holes: the joint sites reach the backend (no
     graph break) and equal the masked float64 reference."""
+    import compact_compile.backend  # noqa: F401  (installs the model fixes, as torch.compile(backend="compact") does)
     model, inputs = tiny_mochi(masks=((0,) * MOCHI_TEXT, (1, 1, 0, 1, 1, 0, 0, 0)))
     with torch.no_grad():
         eager = model(**inputs)[0]
@@ -164,8 +165,15 @@ class MaskedAttention(nn.Module):
             "where": lambda: torch.where(key_mask, 0.0, float("-inf"))[:, None, None, :],
             "additive": lambda: (1 - key_mask.float())[:, None, None, :] * -10000.0,
             "pairwise": lambda: key_mask[:, None, :, None] & key_mask[:, None, None, :],
+            "outer": lambda: outer(key_mask.view(B, 1, 1, S).repeat(1, 1, S, 1)),   # HunyuanVideo 1.5's form
+            "outer_of_two": lambda: (key_mask.view(B, 1, 1, S).repeat(1, 1, S, 1)
+                                     & key_mask.flip(-1).view(B, 1, 1, S).repeat(1, 1, S, 1).transpose(2, 3)),
         }[self.form]()
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
+
+
+def outer(m):
+    return (m & m.transpose(2, 3)).bool()
 
 
 def run_masked(form, kernel="flex"):
@@ -201,8 +209,30 @@ def test_key_masks_inside_video_blocks_are_honoured(form, kernel):
     assert relative(out, want) < 1e-5 and relative(ignored, want) > 1e-2
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_valid_q_and_valid_k_is_a_key_mask_with_padded_query_rows_zero(kernel):
+    """m & m.transpose(2, 3) of a key-mask broadcast m: valid queries see the key mask, padded
+    queries mask every key, and SDPA gives their rows 0 — so does the rewritten site."""
+    model, x, key_mask, out = run_masked("outer", kernel)
+    [site] = compact_compile.report().sites
+    assert site["rewritten"] and site["key_mask"] and site["masked_queries_zeroed"]
+    layout = TokenLayout(GRID, (1, 8, 8), 64)
+    blocks = model_order_mask(layout, window_blocks(layout, (1, 1, 1))[None])
+    pairs = key_mask[:, None, :, None] & key_mask[:, None, None, :]
+    with torch.no_grad():
+        q, k, v = model.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4)
+        want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                              attn_mask=blocks & pairs).transpose(1, 2).flatten(2)
+        keys_only = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                                   attn_mask=blocks & key_mask[:, None, None, :]).transpose(1, 2).flatten(2)
+        dense_model = model(x, key_mask)
+    assert (want[~key_mask] == 0).all() and relative(out, want) < 1e-5 and relative(keys_only, want) > 1e-2
+    assert relative(out, dense_model) > 1e-2     # the plan's blocks are honoured too
+
+
 @pytest.mark.parametrize("form, reason", [
-    ("pairwise", "not provably a key-padding mask"),      # differs per query: not a key mask
+    ("pairwise", "not provably a key-padding mask"),      # valid_q ⊗ valid_k without a transpose: not proven
+    ("outer_of_two", "not provably a key-padding mask"),  # rows from another mask than the columns
     ("additive", "values the graph does not prove to be 0 or −inf"),   # −10000 re-weights, not excludes
 ])
 def test_masks_that_are_not_provably_key_masks_stay_dense(form, reason):

@@ -9,6 +9,8 @@ either way some `flatten`/`reshape`/`view` in the graph merges three consecutive
 the token dim, in raster order — that merge shows the grid too.
 Joint attention concatenates text and video token sequences; the order of that `cat` in the graph
 upstream of the query says which comes first.
+A graph break between the patch embedding and the blocks leaves the blocks' graph without either:
+the grid then comes from the tags an earlier graph put on the tensors it returned (video_tags.py).
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+
+from ..video_tags import VideoTag, tag_of
 
 _CONV3D = (torch.conv3d, torch.nn.functional.conv3d)
 _CONV2D = (torch.conv2d, torch.nn.functional.conv2d)
@@ -79,6 +83,35 @@ def _merged_triple(before: tuple, after: tuple) -> tuple | None:
         if before[:i] == after[:i] and before[i + 3:] == after[i + 1:] and math.prod(before[i:i + 3]) == after[i]:
             return before[i:i + 3]
     return None
+
+
+def carried_grids(gm: fx.GraphModule, example_inputs) -> tuple[list[GridCandidate], dict[int, VideoTag]]:
+    """Grid candidates from the video tags on this graph's inputs (only inputs that are all video
+    tokens), and the tag of every tagged input by position."""
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    tags = {i: tag_of(x) for i, x in enumerate(example_inputs) if tag_of(x) is not None}
+    grids = [GridCandidate((1, 1) + t.grid, f"{t.source}, carried from an earlier graph by input {names[i]}")
+             for i, t in tags.items() if t.offset == 0 and math.prod(t.grid) == t.n_tokens and i < len(names)]
+    return grids, tags
+
+
+def output_tags(gm: fx.GraphModule, grids: list[GridCandidate], carried: list[VideoTag]) -> dict[int, VideoTag]:
+    """Outputs `[B, N, C]` that hold the video tokens, by output position: N the token count of a
+    tagged input's (the same tokens, through a block) or of this graph's patch embedding. Only
+    where exactly one grid fits."""
+    out = {}
+    results = gm.graph.output_node().args[0]
+    for i, node in enumerate(results if isinstance(results, (tuple, list)) else [results]):
+        value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+        if not isinstance(value, torch.Tensor) or value.dim() != 3 or not isinstance(value.shape[1], int):
+            continue
+        batch, n = value.shape[:2]
+        fits = [t for t in carried if t.n_tokens == n]
+        fits += [VideoTag(g.grid(batch), 0, n, g.source) for g in grids
+                 if g.grid(batch) is not None and math.prod(g.grid(batch)) == n]
+        if len({(t.grid, t.offset) for t in fits}) == 1:
+            out[i] = fits[0]
+    return out
 
 
 def text_position(node: fx.Node, n_video: int, n_text: int, max_visits: int = 400) -> bool | None:

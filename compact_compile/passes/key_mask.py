@@ -9,6 +9,11 @@ read off the graph, never off values:
 - provenance: a larger mask made by `expand`/`repeat`/`broadcast_to` (or a view, a dtype cast, a
   `contiguous`) of such a tensor, e.g. `mask.view(B, 1, 1, N).repeat(1, 1, N, 1)`.
 
+One more form is exact: `m & m.transpose(-1, -2)` of such a broadcast `m` (HunyuanVideo 1.5's
+valid_q ⊗ valid_k). A valid query's row is the key mask (its own key is valid, so the row is never
+empty); a padded query's row masks every key, and SDPA returns 0 for a row with no key: the key
+mask, then the padded queries' rows set to 0 (`KeyMask.zero_masked_queries`).
+
 Its values must be boolean (True = attend), or additive with only 0 and −inf: a float mask counts
 when it comes from `where(b, 0, -inf)` or `masked_fill(zeros, b, -inf)` of a boolean key mask, since
 any other additive value (e.g. −10000) re-weights keys instead of excluding them.
@@ -16,6 +21,8 @@ any other additive value (e.g. −10000) re-weights keys instead of excluding th
 from __future__ import annotations
 
 import math
+import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -78,15 +85,54 @@ def _additive_from_bool(node: fx.Node) -> bool:
     return False
 
 
-def key_mask_reason(mask_node, n_keys: int) -> str:
-    """"" if the SDPA's attn_mask is provably a key-padding mask (bool, or additive 0/−inf), else why not."""
+@dataclass(frozen=True)
+class KeyMask:
+    """What an attn_mask was proven to be: `node` broadcasts the key mask (its [..., 0, 0, :] is the
+    per-key validity); with `zero_masked_queries` the rows of masked queries (the same validity, over
+    queries) are 0. `reason`: why the mask is not one of these (the site stays dense)."""
+    reason: str = ""
+    node: fx.Node | None = None
+    zero_masked_queries: bool = False
+
+
+_ANDS = (operator.and_, torch.logical_and, torch.bitwise_and)
+
+
+def _query_and_key(mask_node, n_keys: int):
+    """For `m & m.transpose(-1, -2)` (either order, through bool casts) of a key-mask broadcast `m`:
+    the node of `m`; else None."""
+    node = mask_node
+    while isinstance(node, fx.Node) and node.op == "call_method" and _op_name(node) in ("bool", "contiguous"):
+        node = node.args[0]
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _ANDS and len(node.args) == 2):
+        return None
+    for m, t in (node.args, node.args[::-1]):
+        if (isinstance(t, fx.Node) and _op_name(t) == "transpose" and len(t.args) == 3
+                and sorted(d % 4 for d in t.args[1:]) == [2, 3] and _value(t.args[0]) is not None
+                and _value(t.args[0]).dim() == 4 and _broadcast_source(m, n_keys) is not None
+                and _broadcast_source(t.args[0], n_keys) is _broadcast_source(m, n_keys)):
+            return m
+    return None
+
+
+def classify_mask(mask_node, n_keys: int) -> KeyMask:
+    """A key-padding mask (bool, or additive 0/−inf), or valid_q ⊗ valid_k of one; else why not."""
     mask = _value(mask_node)
     if mask is None:
-        return "attn_mask is not a tensor the graph can inspect (kept dense)"
+        return KeyMask("attn_mask is not a tensor the graph can inspect (kept dense)")
+    if mask.dtype == torch.bool:
+        both = _query_and_key(mask_node, n_keys)
+        if both is not None:
+            return KeyMask(node=both, zero_masked_queries=True)
     source = _broadcast_source(mask_node, n_keys)
     if source is None:
-        return (f"attn_mask {tuple(mask.shape)} is not provably a key-padding mask (the same for every head and "
-                f"query): kept dense")
+        return KeyMask(f"attn_mask {tuple(mask.shape)} is not provably a key-padding mask (the same for every head "
+                       f"and query): kept dense")
+    reason = _values_reason(mask_node, mask)
+    return KeyMask(reason, None if reason else mask_node)
+
+
+def _values_reason(mask_node, mask) -> str:
     if mask.dtype == torch.bool:
         return ""
     if not mask.is_floating_point():

@@ -13,7 +13,8 @@ handed to `compact.attention`. A kernel without an epilogue for R·O + Ō (FlexA
     out = R[dst // B] · O[dst] + Ō[dst // B]        (B the block size; one pass, fused by Inductor)
 
 A key-padding mask (`attn_mask` [B, 1, 1, S], or a broadcast of it) reaches the op as `key_valid`,
-bool [B, S] in tile order.
+bool [B, S] in tile order; for valid_q ⊗ valid_k the output's rows of padded queries are then set to
+0, as SDPA leaves a row that masks every key.
 
 The index is computed once per layout and device. Inductor fuses a gather into a pointwise producer
 of q, k, v where it can; after a reduction (RMSNorm, then RoPE) it is a pass of its own, one read
@@ -47,6 +48,12 @@ def key_valid_in_tile_order(mask, src, batch: int):
     return valid.expand(batch, -1).index_select(-1, src)
 
 
+def zero_masked_queries(out, mask):
+    """`out` [B, H, S, D] with the rows of queries the key mask excludes set to 0 (model order)."""
+    keys = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))[:, 0, 0, :]
+    return out * keys[:, None, :, None].to(out.dtype)
+
+
 def rewrite_site(gm: fx.GraphModule, site: Site, spec: SiteSpec, handle: int) -> None:
     """Replace the site's SDPA node by the spec's op. spec.pooled: the op takes rectification's block
     statistics, so q, k, v are reordered by `compact.tile_pool`, which computes them in the same
@@ -64,7 +71,7 @@ def rewrite_site(gm: fx.GraphModule, site: Site, spec: SiteSpec, handle: int) ->
         if spec.key_mask or not spec.pooled:
             src = graph.call_function(index, (a["query"],) + fields + (False,))
         if spec.key_mask:
-            key_valid = graph.call_function(key_valid_in_tile_order, (a["attn_mask"], src, site.q_shape[0]))
+            key_valid = graph.call_function(key_valid_in_tile_order, (site.mask.node, src, site.q_shape[0]))
         if spec.pooled:
             out = graph.call_function(torch.ops.compact.tile_pool.default,
                                       (a["query"], a["key"], a["value"]) + fields + (key_valid,))
@@ -80,6 +87,8 @@ def rewrite_site(gm: fx.GraphModule, site: Site, spec: SiteSpec, handle: int) ->
         else:
             o = graph.call_function(torch.ops.compact.attention.default, call)
             out = graph.call_function(torch.index_select, (o, -2, dst))
+        if spec.key_mask and site.mask.zero_masked_queries:
+            out = graph.call_function(zero_masked_queries, (out, site.mask.node))
     out.meta.update(site.node.meta)
     site.node.replace_all_uses_with(out)
     graph.erase_node(site.node)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import OptionsError
 from .grid import GridCandidate, text_position
-from .key_mask import key_mask_reason
+from .key_mask import KeyMask, classify_mask
 
 VIDEO = "video self-attention"
 JOINT = "joint text+video"
@@ -48,6 +48,7 @@ class Site:
     text_first: bool = False
     density: float | None = None    # fraction of blocks computed, when rewritten
     key_mask: bool = False          # attn_mask is a key-padding mask (rewritten with it)
+    mask: KeyMask | None = None     # what the attn_mask was proven to be (key_mask.py)
     maybe_video: bool = True        # False: fewer tokens than the video grid has (e.g. a prompt refiner)
     extras: dict = field(default_factory=dict)
 
@@ -64,7 +65,8 @@ class Site:
         return dict(site=self.name, kind=self.kind, q=list(self.q_shape), k=list(self.k_shape), dtype=self.dtype,
                     rewritten=self.rewritten, reason=self.reason or None, grid=self.grid, grid_source=self.grid_source,
                     n_text=self.n_text, text_first=self.text_first if self.n_text else None, density=self.density,
-                    key_mask=self.key_mask, **self.extras)
+                    key_mask=self.key_mask, **self.extras,
+                    **(dict(masked_queries_zeroed=True) if self.mask and self.mask.zero_masked_queries else {}))
 
 
 def is_sdpa(node: fx.Node) -> bool:
@@ -108,8 +110,8 @@ def classify(node: fx.Node, grids: list[GridCandidate], grid_option=None, plan_g
     _locate_video(site, node, S, q.shape[0], grids, grid_option, plan_grid)
     site.reason = site.reason or _ineligible(a, q, k, v)
     if not site.reason and a["attn_mask"] is not None:
-        site.reason = key_mask_reason(a["attn_mask"], Sk)
-        site.key_mask = not site.reason
+        site.mask = classify_mask(a["attn_mask"], Sk)
+        site.reason, site.key_mask = site.mask.reason, not site.mask.reason
     if isinstance(a["scale"], (int, float)) or a["scale"] is None:
         site.scale = None if a["scale"] is None else float(a["scale"])
     else:

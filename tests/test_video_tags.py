@@ -1,0 +1,92 @@
+"""A graph break between the patch embedding and the attention blocks (HunyuanVideo 1.5, FramePack)
+leaves the blocks' graphs without the convolution that shows the video grid: the grid travels on
+the tensors (video_tags.py), block after block, is checked on every call, and a tensor that does
+not carry the grid a graph was compiled for runs that graph without rewriting, never with a wrong
+layout."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from support import masked_sdpa, model_order_mask
+
+import compact_compile
+from compact_compile.layout import TokenLayout, auto_tile
+from compact_compile.masks import window_blocks
+from compact_compile.video_tags import tag_of
+
+DIM, HEADS, WINDOW = 32, 2, (1, 3, 3)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, DIM)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, HEADS, -1)).permute(2, 0, 3, 1, 4)
+        return x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+class BrokenVideoModel(nn.Module):
+    """Patch embedding, a graph break (HunyuanVideo 1.5's `if is_t2v:`), then blocks in a loop that
+    breaks again before each block: every block runs as a graph of its own."""
+
+    def __init__(self, n_blocks: int = 2):
+        super().__init__()
+        self.patch = nn.Conv3d(4, DIM, (1, 2, 2), stride=(1, 2, 2))
+        self.blocks = nn.ModuleList(Block() for _ in range(n_blocks))
+
+    def forward(self, latent):
+        x = self.patch(latent).flatten(2).transpose(1, 2)
+        torch._dynamo.graph_break()
+        for block in self.blocks:
+            torch._dynamo.graph_break()
+            x = block(x)
+        return x
+
+
+def window_reference(model, latent, grid):
+    layout = TokenLayout(grid, auto_tile(grid, 64), 64)
+    mask = model_order_mask(layout, window_blocks(layout, WINDOW)[None])
+    with torch.no_grad(), masked_sdpa({math.prod(grid): [mask]}):
+        return copy.deepcopy(model).double()(latent.double())
+
+
+def compiled(model):
+    return torch.compile(model, backend="compact", options=dict(plan="window", window=WINDOW, block_size=64,
+                                                                 inner="aot_eager"))
+
+
+def test_grid_travels_across_graph_breaks_block_after_block():
+    torch.manual_seed(0)
+    model, latent = BrokenVideoModel().eval(), torch.randn(1, 4, 3, 16, 20)   # grid (3, 8, 10): 240 tokens
+    compact_compile.report(clear=True)
+    with torch.no_grad():
+        out = compiled(model)(latent)
+    sites = compact_compile.report().sites
+    assert sites and all(s["rewritten"] and s["grid"] == (3, 8, 10) for s in sites)
+    assert all("carried from an earlier graph" in s["grid_source"] for s in sites)
+    assert tag_of(out) is not None and tag_of(out).grid == (3, 8, 10)     # the last block tagged its output
+    ref = window_reference(model, latent, (3, 8, 10))
+    assert ((out.double() - ref).norm() / ref.norm()) < 1e-5
+    with torch.no_grad():
+        dense = model(latent)
+    assert ((out - dense).norm() / dense.norm()) > 1e-3                    # the window was applied
+
+
+def test_another_video_with_the_same_token_count_runs_unrewritten_not_with_a_wrong_layout():
+    """(3, 8, 10) and (5, 8, 6) are both 240 tokens: the blocks' graphs are not recompiled (their
+    input shape is the same), so the tag check is what keeps (5, 8, 6) from running on (3, 8, 10)'s
+    layout: those graphs run without rewriting, with one warning, and the output is dense attention."""
+    torch.manual_seed(0)
+    model = BrokenVideoModel().eval()
+    fast = compiled(model)
+    with torch.no_grad():
+        fast(torch.randn(1, 4, 3, 16, 20))
+        other = torch.randn(1, 4, 5, 16, 12)
+        with pytest.warns(UserWarning, match="without sparse attention"):
+            out = fast(other)
+        torch.testing.assert_close(out, model(other), rtol=1e-5, atol=1e-5)
