@@ -11,8 +11,9 @@ block per tile, then the three leftover slabs of partial tiles (t ≥ Tf; t < Tf
 t < Tf ∧ h < Hf ∧ w ≥ Wf), each in tile-raster order. Partial tiles share blocks, but they are
 neighbours, so those blocks stay compact.
 
-In joint text+video attention the text tokens are moved after the video tokens, so that video blocks
-start on a block boundary; text blocks are always computed densely.
+In joint text+video attention the other tokens (text, history frames…; `n_before` of them before
+the video in the model's sequence, the rest after it) are moved after the video tokens, in their
+order, so that video blocks start on a block boundary; their blocks are always computed densely.
 
 The map is plain integer arithmetic on `arange`, computed once per layout and device; the rewritten
 graph loads it as an index (kernels/ops.py `tile_index`).
@@ -33,8 +34,12 @@ class TokenLayout:
     grid: Grid                 # (T, H, W) video tokens
     tile: Grid                 # (tt, th, tw)
     block_size: int
-    n_text: int = 0            # joint attention: text tokens besides the video tokens
-    text_first: bool = False   # text before the video tokens in the model's sequence
+    n_text: int = 0            # joint attention: other tokens (text, history frames…) besides the video's
+    n_before: int = 0          # how many of them come before the video tokens in the model's sequence
+
+    def __post_init__(self):
+        if isinstance(self.n_before, bool) or not 0 <= self.n_before <= self.n_text:
+            raise ValueError(f"n_before must be an int in [0, n_text = {self.n_text}]; got {self.n_before!r}")
 
     @property
     def n_video(self) -> int:
@@ -58,9 +63,9 @@ class TokenLayout:
         video = _video_source(p, self.grid, self.tile)
         if not self.n_text:
             return video
-        offset = self.n_text if self.text_first else 0
-        text = p - self.n_video + (0 if self.text_first else self.n_video)
-        return torch.where(p < self.n_video, video + offset, text)
+        other = p - self.n_video                                    # the others keep their order
+        other = torch.where(other < self.n_before, other, other + self.n_video)
+        return torch.where(p < self.n_video, video + self.n_before, other)
 
     def target_index(self, device=None) -> torch.Tensor:
         """Inverse of `source_index`: tiled position of each token of the model's sequence."""
@@ -73,7 +78,7 @@ class TokenLayout:
         block = torch.arange(self.seq_len) // self.block_size
         is_video = torch.arange(self.seq_len) < self.n_video
         T, H, W = self.grid
-        raster = src[is_video] - (self.n_text if self.text_first else 0)
+        raster = src[is_video] - self.n_before
         t, h, w = raster // (H * W), raster // W % H, raster % W
         _, nth, ntw = self.tile_grid
         tile_id = (t // self.tile[0] * nth + h // self.tile[1]) * ntw + w // self.tile[2]

@@ -42,7 +42,7 @@ def neighbour_blocks(layout: TokenLayout) -> torch.Tensor:
     """Key block m is kept for query block n when a token of m touches a token of n (one of its 26
     spacetime neighbours, or itself): the blocks a local head can never do without."""
     T, H, W = layout.grid
-    src = layout.source_index()[: layout.n_video] - (layout.n_text if layout.text_first else 0)
+    src = layout.source_index()[: layout.n_video] - layout.n_before
     block_of = torch.empty(layout.n_video, dtype=torch.long)
     block_of[src] = torch.arange(layout.n_video) // layout.block_size  # raster token -> its block
     cube = block_of.view(T, H, W)

@@ -28,7 +28,8 @@ from .errors import PlanError
 from .layout import Grid, TokenLayout
 
 FORMAT = "compact_compile.plan"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: a site's other tokens may sit on both sides of the video (n_before)
+READS_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -37,7 +38,7 @@ class SitePlan:
     head_dim: int
     seq_len: int
     n_text: int
-    text_first: bool
+    n_before: int        # of the n_text other tokens, how many come before the video's
     blocks: torch.Tensor  # bool [heads or 1, n_blocks, n_blocks]
 
     @property
@@ -55,7 +56,7 @@ class Plan:
 
     def layout(self, site: str) -> TokenLayout:
         s = self.sites[site]
-        return TokenLayout(self.grid, self.tile, self.block_size, s.n_text, s.text_first)
+        return TokenLayout(self.grid, self.tile, self.block_size, s.n_text, s.n_before)
 
     def save(self, path: str | Path) -> None:
         tensors, sites = {}, {}
@@ -63,7 +64,7 @@ class Plan:
             packed = _pack_bits(s.blocks.bool().cpu())
             tensors[f"site{i}"] = packed
             sites[name] = dict(tensor=f"site{i}", heads=s.heads, head_dim=s.head_dim, seq_len=s.seq_len,
-                               n_text=s.n_text, text_first=s.text_first, mask_heads=s.blocks.shape[0],
+                               n_text=s.n_text, n_before=s.n_before, mask_heads=s.blocks.shape[0],
                                sha256=_sha256(packed))
         meta = dict(format=FORMAT, version=FORMAT_VERSION, grid=list(self.grid), tile=list(self.tile),
                     block_size=self.block_size, sites=sites, info=self.info)
@@ -90,9 +91,9 @@ class Plan:
             raise PlanError(f"{where!r}: plan metadata is incomplete or malformed (not a JSON object)")
         if meta.get("format") != FORMAT:
             raise PlanError(f"{where!r}: not a compact_compile plan (format {meta.get('format')!r})")
-        if meta.get("version") != FORMAT_VERSION:
+        if meta.get("version") not in READS_VERSIONS:
             raise PlanError(f"{where!r}: plan format version {meta.get('version')!r}; "
-                            f"this compact_compile reads version {FORMAT_VERSION}")
+                            f"this compact_compile reads versions {READS_VERSIONS}")
         try:
             grid, tile, block_size = meta["grid"], meta["tile"], meta["block_size"]
             if not (_positive_ints(grid, 3) and _positive_ints(tile, 3) and _positive_ints([block_size], 1)
@@ -102,7 +103,7 @@ class Plan:
                                  f"tokens, and a dict of sites")
             plan = cls(tuple(grid), tuple(tile), block_size, info=meta.get("info", {}))
             for name, s in meta["sites"].items():
-                layout = TokenLayout(plan.grid, plan.tile, plan.block_size, int(s["n_text"]), bool(s["text_first"]))
+                layout = TokenLayout(plan.grid, plan.tile, plan.block_size, int(s["n_text"]), _n_before(s))
                 nb = layout.n_blocks
                 packed = tensors[s["tensor"]]
                 if packed.dtype != torch.uint8 or packed.shape != (s["mask_heads"], nb, math.ceil(nb / 8)):
@@ -118,7 +119,7 @@ class Plan:
                 if not blocks.any(-1).all():
                     raise PlanError(f"{where!r}: site {name!r} has a query block that attends to nothing")
                 plan.sites[name] = SitePlan(int(s["heads"]), int(s["head_dim"]), int(s["seq_len"]),
-                                            int(s["n_text"]), bool(s["text_first"]), blocks)
+                                            int(s["n_text"]), _n_before(s), blocks)
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, PlanError):
                 raise
@@ -145,3 +146,11 @@ def _pack_bits(x: torch.Tensor) -> torch.Tensor:
 def _unpack_bits(x: torch.Tensor, n: int) -> torch.Tensor:
     bits = (x[..., None] >> torch.arange(8, dtype=torch.uint8)) & 1
     return bits.flatten(-2)[..., :n].bool()
+
+
+def _n_before(site: dict) -> int:
+    """Of a site's other tokens, how many come before the video's: `n_before` (version 2), or all or
+    none of them as `text_first` said (version 1)."""
+    if "n_before" in site:
+        return int(site["n_before"])
+    return int(site["n_text"]) if site["text_first"] else 0

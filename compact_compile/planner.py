@@ -65,10 +65,10 @@ def _range_blocks(options, plan, entry: str, site: Site, layout: TokenLayout) ->
 
 def site_layout(options: CompactOptions, plan: Plan | None, site: Site) -> TokenLayout:
     if plan is not None:
-        return TokenLayout(plan.grid, plan.tile, plan.block_size, site.n_text, site.text_first)
+        return TokenLayout(plan.grid, plan.tile, plan.block_size, site.n_text, site.n_before)
     block_size = options.block_size or 128
     tile = auto_tile(site.grid, block_size) if options.tile == "auto" else options.tile
-    return TokenLayout(site.grid, tile, block_size, site.n_text, site.text_first)
+    return TokenLayout(site.grid, tile, block_size, site.n_text, site.n_before)
 
 
 def site_blocks(options: CompactOptions, plan: Plan | None, site: Site, layout: TokenLayout) -> torch.Tensor:
@@ -112,8 +112,8 @@ def _plan_blocks(options: CompactOptions, plan: Plan | None, site: Site, layout:
         return video_site_blocks(layout, window_blocks(layout, options.window))[None]
     s = plan.sites[plan_entry(plan, site.name)]
     heads, head_dim = site.q_shape[1], site.q_shape[3]
-    got = dict(heads=heads, head_dim=head_dim, seq_len=layout.seq_len, n_text=site.n_text, text_first=site.text_first)
-    want = dict(heads=s.heads, head_dim=s.head_dim, seq_len=s.seq_len, n_text=s.n_text, text_first=s.text_first)
+    got = dict(heads=heads, head_dim=head_dim, seq_len=layout.seq_len, n_text=site.n_text, n_before=site.n_before)
+    want = dict(heads=s.heads, head_dim=s.head_dim, seq_len=s.seq_len, n_text=s.n_text, n_before=s.n_before)
     diff = [f"{k} {want[k]} in the plan, {got[k]} in the model" for k in got if got[k] != want[k]]
     if diff:
         raise PlanError(f"plan does not fit site {site.name!r}: " + "; ".join(diff))

@@ -92,7 +92,7 @@ def test_cogvideox_dense_inductor_equals_uncompiled():
     assert counter.calls == {s["site"]: 1 for s in sites}
     for s in sites:
         # joint attention: 12 text tokens before the 192 video tokens
-        assert s["kind"] == JOINT and s["rewritten"] and s["n_text"] == COG_TEXT and s["text_first"] is True
+        assert s["kind"] == JOINT and s["rewritten"] and s["n_text"] == COG_TEXT and s["n_before"] == COG_TEXT
         assert tuple(s["grid"]) == COG_GRID and "Conv2d over frames" in s["grid_source"]
         assert s["density"] == 1.0 and s["q"] == [1, 2, COG_S, 16]
 
@@ -134,7 +134,7 @@ def test_wan_per_head_plan_file_equals_masked_float64_reference(tmp_path):
     for i in range(2):
         blocks = (torch.rand(2, layout.n_blocks, layout.n_blocks, generator=gen) < 0.4) | torch.eye(
             layout.n_blocks, dtype=torch.bool)
-        plan.sites[f"blocks.{i}.attn1"] = SitePlan(2, 16, WAN_S, 0, False, blocks)
+        plan.sites[f"blocks.{i}.attn1"] = SitePlan(2, 16, WAN_S, 0, 0, blocks)
         masks.append(model_order_mask(layout, blocks))
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[0][0], masks[0][1])
     plan.save(tmp_path / "wan.plan.safetensors")
@@ -188,7 +188,7 @@ def test_regional_compile_of_the_repeated_blocks_equals_whole_model_compile(tmp_
     assert [s["site"] for s in compact_compile.report().sites if s["rewritten"]] == ["attn1"]
     plan = Plan(WAN_GRID, (1, 8, 8), 64)
     layout = TokenLayout(WAN_GRID, (1, 8, 8), 64)
-    plan.sites["blocks.0.attn1"] = SitePlan(2, 16, WAN_S, 0, False, window_blocks(layout, (1, 3, 3))[None])
+    plan.sites["blocks.0.attn1"] = SitePlan(2, 16, WAN_S, 0, 0, window_blocks(layout, (1, 3, 3))[None])
     per_layer = copy.deepcopy(model)
     per_layer.compile_repeated_blocks(backend="compact", options=dict(options, plan=plan, grid=None))
     with torch.no_grad(), raises_from_backend(compact_compile.PlanError, "regional compilation"):
@@ -203,7 +203,7 @@ def test_cogvideox_window_equals_masked_float64_reference():
                             options={"plan": "window", "window": window, "block_size": 64,
                                      "inner": "aot_eager"})(**inputs)[0]
         dense = model(**inputs)[0]
-    layout = TokenLayout(COG_GRID, auto_tile(COG_GRID, 64), 64, COG_TEXT, text_first=True)
+    layout = TokenLayout(COG_GRID, auto_tile(COG_GRID, 64), 64, COG_TEXT, n_before=COG_TEXT)
     blocks = video_site_blocks(layout, window_blocks(layout, window))
     assert 0 < blocks.float().mean() < 1
     mask = model_order_mask(layout, blocks[None])
@@ -213,11 +213,11 @@ def test_cogvideox_window_equals_masked_float64_reference():
     assert relative(out, ref) < 1e-5
     assert relative(dense, ref) > 1e-3
     # the same mask with the text assumed last is a different computation
-    wrong = model_order_mask(TokenLayout(COG_GRID, layout.tile, 64, COG_TEXT, text_first=False), blocks[None])
+    wrong = model_order_mask(TokenLayout(COG_GRID, layout.tile, 64, COG_TEXT, n_before=0), blocks[None])
     wrong_ref, _ = reference_f64(model, inputs, {COG_S: [wrong]})
     assert relative(wrong_ref, ref) > 1e-3
     sites = compact_compile.report().sites
-    assert all(s["kind"] == JOINT and s["text_first"] is True and s["rewritten"] for s in sites)
+    assert all(s["kind"] == JOINT and s["n_before"] == COG_TEXT and s["rewritten"] for s in sites)
 
 
 @pytest.mark.parametrize("model_name", ["wan", "cogvideox"])
@@ -235,7 +235,7 @@ def test_rectified_window_equals_float64_reference(model_name, monkeypatch):
     monkeypatch.setattr(SiteAttention, "parts", lambda *a: parts_calls.append(1) or parts(*a))
     model, inputs = tiny_wan() if model_name == "wan" else tiny_cogvideox()
     grid, n_text, S = (WAN_GRID, 0, WAN_S) if model_name == "wan" else (COG_GRID, COG_TEXT, COG_S)
-    layout = TokenLayout(grid, auto_tile(grid, 64), 64, n_text, text_first=n_text > 0)
+    layout = TokenLayout(grid, auto_tile(grid, 64), 64, n_text, n_before=n_text)
     blocks = video_site_blocks(layout, window_blocks(layout, (1, 1, 1)))[None]
     with torch.no_grad():
         out = torch.compile(model, backend="compact", fullgraph=True,
@@ -412,7 +412,7 @@ def test_a_plan_matches_sites_of_a_wrapped_model(tmp_path):
     layout = TokenLayout(WAN_GRID, (1, 8, 8), 64)
     plan = Plan(WAN_GRID, (1, 8, 8), 64)
     for i in range(2):
-        plan.sites[f"blocks.{i}.attn1"] = SitePlan(2, 16, WAN_S, 0, False, window_blocks(layout, (1, 1, 1))[None])
+        plan.sites[f"blocks.{i}.attn1"] = SitePlan(2, 16, WAN_S, 0, 0, window_blocks(layout, (1, 1, 1))[None])
 
     class Pipeline(torch.nn.Module):
         def __init__(self, transformer):

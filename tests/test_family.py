@@ -34,7 +34,8 @@ SUPPORT = {
     "hunyuan_video": ("sparse", "joint attention with the prompt's key-padding mask, text last"),
     "hunyuan_video15": ("sparse", "joint attention with valid_q ⊗ valid_k prompt masks, text last (grid carried "
                                   "across its graph breaks)"),
-    "hunyuan_video_framepack": ("dense", "graph break.*no video grid"),
+    "hunyuan_video_framepack": ("sparse", "joint attention: history frames before the video, text after (grid and "
+                                          "history carried across its graph break)"),
     "motif_video": ("sparse", "joint attention with the prompt's key-padding mask, text last"),
     "ltx_video": ("sparse", "video self-attention (grid from the RoPE coordinates)"),
     "mochi": ("sparse", "joint attention with the prompt's key-padding mask (prompt gather replaced while tracing)"),
@@ -45,7 +46,7 @@ SUPPORT = {
     "sana_video": ("dense", "no softmax self-attention: ReLU linear attention"),
     "kandinsky5": ("sparse", "video self-attention (grid from the Linear patchify's reshapes)"),
     "kandinsky6": ("sparse", "video self-attention; audio attention stays dense"),
-    "kandinsky6_sr": ("dense", "flex_attention with the model's own mask"),
+    "kandinsky6_sr": ("sparse", "video self-attention: flex_attention, its NABLA mask kept inside the plan's blocks"),
     "ltx2": ("sparse", "video self-attention; audio attention stays dense"),
     "sana_wm": ("sparse", "the softmax blocks' self-attention; Gated-DeltaNet blocks are not softmax attention"),
     "sana_wm_refiner": ("dense", "no video grid"),
@@ -53,9 +54,10 @@ SUPPORT = {
     "joyimage_edit_plus": ("dense", "do not match the video grid"),
     "minimax_h3": ("dense", "no video grid"),
     "cosmos3_omni": ("dense", "video queries over text and video keys: cross-attention shaped, with GQA"),
-    "anyflow_far": ("dense", "flex_attention with the model's own mask"),
-    "wan_animate2": ("dense", "graph breaks.*flex_attention with the model's own mask"),
-    "kandinsky5_nabla": ("dense", "flex_attention with the model's own mask"),
+    "anyflow_far": ("dense", "flex_attention over cached chunks.*queries and keys are different token sets"),
+    "wan_animate2": ("dense", "graph breaks; flex_attention over cached reference keys.*queries and keys are different "
+                     "token sets"),
+    "kandinsky5_nabla": ("sparse", "video self-attention: flex_attention, its NABLA mask kept inside the plan's blocks"),
 }
 # what only a description can say (the report's reasons cannot): the graph shows no SDPA self-attention
 NO_SELF_ATTENTION_SITE = {"sana_video", "cosmos3_omni"}

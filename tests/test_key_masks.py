@@ -14,6 +14,7 @@ from support import (HUNYUAN_GRID, HUNYUAN_TEXT, MOCHI_GRID, MOCHI_TEXT, masked_
 import compact_compile
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import video_site_blocks, window_blocks
+from compact_compile.models import install_model_fixes
 from compact_compile.passes.sites import JOINT
 
 HUNYUAN_S = math.prod(HUNYUAN_GRID) + HUNYUAN_TEXT
@@ -27,7 +28,7 @@ def relative(out, ref):
 
 
 def joint_layout(grid, n_text):
-    return TokenLayout(grid, auto_tile(grid, 64), 64, n_text, text_first=False)
+    return TokenLayout(grid, auto_tile(grid, 64), 64, n_text, n_before=0)
 
 
 def window_mask(layout):
@@ -63,7 +64,7 @@ def test_hunyuan_dense_plan_equals_uncompiled_with_the_sites_rewritten():
     sites = compact_compile.report().sites
     joint = [s for s in sites if s["kind"] == JOINT]
     assert [s["site"] for s in joint] == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
-    assert all(s["rewritten"] and s["key_mask"] and s["n_text"] == HUNYUAN_TEXT and s["text_first"] is False
+    assert all(s["rewritten"] and s["key_mask"] and s["n_text"] == HUNYUAN_TEXT and s["n_before"] == 0
                for s in joint)
     refiner = [s for s in sites if "refiner" in s["site"]]
     assert refiner and not refiner[0]["rewritten"]       # the prompt refiner is not video attention
@@ -114,8 +115,8 @@ def _masked_mochi_processor(monkeypatch):
 def test_mochi_window_equals_masked_float64_reference(kernel, monkeypatch):
     """A prompt with no valid token and one with holes: the joint sites reach the backend (no
     graph break) and equal the masked float64 reference."""
-    import compact_compile.backend  # noqa: F401  (installs the model fixes, as torch.compile(backend="compact") does)
     model, inputs = tiny_mochi(masks=((0,) * MOCHI_TEXT, (1, 1, 0, 1, 1, 0, 0, 0)))
+    assert install_model_fixes()["mochi"]   # as every torch.compile(backend="compact") does when it starts
     with torch.no_grad():
         eager = model(**inputs)[0]
         explained = torch._dynamo.explain(model)(**inputs)
@@ -260,13 +261,13 @@ def test_calibrate_hunyuan_then_run_its_plan(tmp_path):
     plan = cal.plan
     sites = ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
     assert list(plan.sites) == sites
-    assert all(p.blocks.shape[0] == 2 and p.n_text == HUNYUAN_TEXT and not p.text_first for p in plan.sites.values())
+    assert all(p.blocks.shape[0] == 2 and p.n_text == HUNYUAN_TEXT and p.n_before == 0 for p in plan.sites.values())
     assert any(p.density < 1 for p in plan.sites.values())
     plan.save(tmp_path / "hv.plan.safetensors")
     compact_compile.report(clear=True)
     out = compile_and_run(copy.deepcopy(model), inputs, plan=str(tmp_path / "hv.plan.safetensors"))
     assert all(s["rewritten"] and s["grid_source"] == "plan" for s in joint_sites())
     layout = joint_layout(HUNYUAN_GRID, HUNYUAN_TEXT)
-    layout = TokenLayout(layout.grid, plan.tile, plan.block_size, HUNYUAN_TEXT, False)
+    layout = TokenLayout(layout.grid, plan.tile, plan.block_size, HUNYUAN_TEXT, 0)
     ref, _ = reference(model, inputs, {HUNYUAN_S: [model_order_mask(layout, plan.sites[s].blocks) for s in sites]})
     assert relative(out, ref) < 1e-5 and relative(dense, ref) > 1e-4

@@ -16,14 +16,15 @@ tiles = st.tuples(st.sampled_from([1, 2, 4]), st.sampled_from([1, 2, 3, 4]), st.
 def layouts(draw, block_is_tile: bool = False):
     grid, tile = draw(grids), draw(tiles)
     block_size = math.prod(tile) if block_is_tile else draw(st.integers(1, 40))
-    return TokenLayout(grid, tile, block_size, draw(st.integers(0, 20)), draw(st.booleans()))
+    n_text = draw(st.integers(0, 20))
+    return TokenLayout(grid, tile, block_size, n_text, draw(st.sampled_from([0, n_text, n_text // 3])))
 
 
 def video_coords(layout: TokenLayout):
     """(t, h, w) of the video token at each tiled position p < n_video (from source_index)."""
     T, H, W = layout.grid
     src = layout.source_index()[: layout.n_video]
-    raster = src - (layout.n_text if layout.text_first else 0)
+    raster = src - layout.n_before
     return raster // (H * W), raster // W % H, raster % W
 
 
@@ -52,14 +53,21 @@ def test_target_index_is_the_inverse(layout):
 
 @settings(max_examples=150, deadline=None)
 @given(layouts())
-def test_video_first_then_text_in_model_order(layout):
+def test_video_first_then_the_others_in_model_order(layout):
+    """Model order: n_before others, the video, the other others; tiled: the video, then every other
+    token in model order."""
     src = layout.source_index()
-    text_start = 0 if layout.text_first else layout.n_video
-    video_start = layout.n_text if layout.text_first else 0
-    # video tokens fill the first n_video tiled positions, text tokens follow in their own order
-    assert torch.equal(src[layout.n_video:], torch.arange(text_start, text_start + layout.n_text))
+    before, after = torch.arange(layout.n_before), torch.arange(layout.n_before + layout.n_video, layout.seq_len)
+    assert torch.equal(src[layout.n_video:], torch.cat([before, after]))
     video = src[: layout.n_video]
-    assert bool(((video >= video_start) & (video < video_start + layout.n_video)).all())
+    assert bool(((video >= layout.n_before) & (video < layout.n_before + layout.n_video)).all())
+
+
+def test_n_before_must_be_a_count_of_the_other_tokens():
+    with pytest.raises(ValueError, match="n_before"):
+        TokenLayout((2, 4, 4), (1, 4, 4), 16, 5, True)      # a bool where a count is meant
+    with pytest.raises(ValueError, match="n_before"):
+        TokenLayout((2, 4, 4), (1, 4, 4), 16, 5, 6)
 
 
 @settings(max_examples=150, deadline=None)

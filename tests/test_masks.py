@@ -17,13 +17,14 @@ def layouts(draw, max_text: int = 20):
     grid = draw(st.tuples(st.integers(1, 5), st.integers(1, 10), st.integers(1, 10)))
     tile = draw(st.tuples(st.sampled_from([1, 2]), st.sampled_from([1, 2, 3, 4]), st.sampled_from([1, 2, 4])))
     block_size = math.prod(tile) if draw(st.booleans()) else draw(st.integers(2, 24))
-    return TokenLayout(grid, tile, block_size, draw(st.integers(0, max_text)), draw(st.booleans()))
+    n_text = draw(st.integers(0, max_text))
+    return TokenLayout(grid, tile, block_size, n_text, draw(st.integers(0, n_text)))
 
 
 def token_tiles(layout: TokenLayout) -> torch.Tensor:
     """Tile coordinates `[n_video, 3]` of the video token at each tiled position (from source_index)."""
     T, H, W = layout.grid
-    raster = layout.source_index()[: layout.n_video] - (layout.n_text if layout.text_first else 0)
+    raster = layout.source_index()[: layout.n_video] - layout.n_before
     coords = torch.stack([raster // (H * W), raster // W % H, raster % W], -1)
     return coords // torch.tensor(layout.tile)
 

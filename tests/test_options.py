@@ -22,7 +22,7 @@ def write_plan(path, grid=(2, 8, 8), tile=(1, 8, 8), heads=2, site="attn"):
     plan = Plan(grid, tile, math.prod(tile))
     layout = TokenLayout(grid, tile, plan.block_size)
     blocks = torch.eye(layout.n_blocks, dtype=torch.bool)[None]
-    plan.sites[site] = SitePlan(heads, 16, layout.seq_len, 0, False, blocks)
+    plan.sites[site] = SitePlan(heads, 16, layout.seq_len, 0, 0, blocks)
     plan.save(path)
     return str(path)
 

@@ -35,12 +35,13 @@ def plans(draw):
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
     for i in range(draw(st.integers(0, 4))):
         heads = draw(st.integers(1, 4))
-        n_text, text_first = draw(st.integers(0, 12)), draw(st.booleans())
-        layout = TokenLayout(grid, tile, plan.block_size, n_text, text_first)
+        n_text = draw(st.integers(0, 12))
+        n_before = draw(st.integers(0, n_text))
+        layout = TokenLayout(grid, tile, plan.block_size, n_text, n_before)
         mask_heads = draw(st.sampled_from([1, heads]))
         blocks = random_blocks(gen, mask_heads, layout.n_blocks, draw(st.floats(0, 1)))
         plan.sites[f"blocks.{i}.attn1"] = SitePlan(heads, draw(st.sampled_from([16, 64, 128])), layout.seq_len,
-                                                   n_text, text_first, blocks)
+                                                   n_text, n_before, blocks)
     return plan
 
 
@@ -55,11 +56,11 @@ def test_save_load_round_trip(plan):
     assert list(back.sites) == list(plan.sites)
     for name, s in plan.sites.items():
         b = back.sites[name]
-        assert (b.heads, b.head_dim, b.seq_len, b.n_text, b.text_first) == (s.heads, s.head_dim, s.seq_len,
-                                                                          s.n_text, s.text_first)
+        assert (b.heads, b.head_dim, b.seq_len, b.n_text, b.n_before) == (s.heads, s.head_dim, s.seq_len,
+                                                                        s.n_text, s.n_before)
         assert b.blocks.dtype == torch.bool and torch.equal(b.blocks, s.blocks)
         assert b.density == pytest.approx(s.density)
-        assert back.layout(name) == TokenLayout(plan.grid, plan.tile, plan.block_size, s.n_text, s.text_first)
+        assert back.layout(name) == TokenLayout(plan.grid, plan.tile, plan.block_size, s.n_text, s.n_before)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,9 +69,9 @@ def test_save_load_round_trip(plan):
 
 def small_plan(heads: int = 2, name: str = "attn", grid=(2, 8, 8), tile=(1, 8, 8), n_text=0, seed=0) -> Plan:
     plan = Plan(grid, tile, math.prod(tile))
-    layout = TokenLayout(grid, tile, plan.block_size, n_text, False)
+    layout = TokenLayout(grid, tile, plan.block_size, n_text, 0)
     gen = torch.Generator().manual_seed(seed)
-    plan.sites[name] = SitePlan(heads, 16, layout.seq_len, n_text, False,
+    plan.sites[name] = SitePlan(heads, 16, layout.seq_len, n_text, 0,
                                 random_blocks(gen, heads, layout.n_blocks, 0.5))
     return plan
 
@@ -207,7 +208,23 @@ def test_saved_checksum_is_of_the_packed_bytes(plan_file):
         meta = json.loads(json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]["compact_compile"])
     packed = load_file(str(plan_file))["site0"]
     assert meta["sites"]["attn"]["sha256"] == hashlib.sha256(packed.numpy().tobytes()).hexdigest()
-    assert meta["version"] == FORMAT_VERSION == 1
+    assert meta["version"] == FORMAT_VERSION == 2
+
+
+@pytest.mark.parametrize("text_first", [True, False])
+def test_version_1_plans_with_text_first_still_load(tmp_path, text_first):
+    """Version 1 said where a joint site's text was with `text_first` (all before or all after)."""
+    plan = small_plan(n_text=5)
+    plan.save(tmp_path / "p.plan.safetensors")
+
+    def as_version_1(meta):
+        sites = {n: {**{k: v for k, v in s.items() if k != "n_before"}, "text_first": text_first}
+                 for n, s in meta["sites"].items()}
+        return {**meta, "version": 1, "sites": sites}
+
+    old = Plan.load(rewrite_metadata(tmp_path / "p.plan.safetensors", tmp_path / "v1.plan.safetensors", as_version_1))
+    assert old.sites["attn"].n_before == (5 if text_first else 0)
+    assert torch.equal(old.sites["attn"].blocks, plan.sites["attn"].blocks)
 
 
 def test_query_block_with_no_key_block_is_rejected(tmp_path):
@@ -222,9 +239,9 @@ def test_query_block_with_no_key_block_is_rejected(tmp_path):
 # a valid plan made for another model
 
 
-def site(name="attn", heads=2, head_dim=16, S=128, n_text=0, text_first=False) -> Site:
+def site(name="attn", heads=2, head_dim=16, S=128, n_text=0, n_before=0) -> Site:
     return Site(node=None, name=name, kind=VIDEO, q_shape=(1, heads, S, head_dim), k_shape=(1, heads, S, head_dim),
-                dtype="float32", grid=(2, 8, 8), grid_source="plan", n_text=n_text, text_first=text_first)
+                dtype="float32", grid=(2, 8, 8), grid_source="plan", n_text=n_text, n_before=n_before)
 
 
 def blocks_for(plan, s):
@@ -242,7 +259,7 @@ def test_fitting_plan_gives_its_blocks():
     (site(heads=4), "heads 2 in the plan, 4 in the model"),
     (site(head_dim=32), "head_dim 16 in the plan, 32 in the model"),
     (site(S=140, n_text=12), "n_text 0 in the plan, 12 in the model"),
-    (site(S=140, n_text=12, text_first=True), "seq_len 128 in the plan, 140 in the model"),
+    (site(S=140, n_text=12, n_before=12), "seq_len 128 in the plan, 140 in the model"),
 ], ids=["site-missing", "heads", "head-dim", "n-text", "seq-len"])
 def test_plan_for_another_model_names_the_difference(s, match):
     with pytest.raises(PlanError, match=match):

@@ -14,7 +14,7 @@ from support import masked_sdpa, model_order_mask
 
 import compact_compile
 from compact_compile.layout import TokenLayout, auto_tile
-from compact_compile.masks import window_blocks
+from compact_compile.masks import video_site_blocks, window_blocks
 from compact_compile.video_tags import tag_of
 
 DIM, HEADS, WINDOW = 32, 2, (1, 3, 3)
@@ -55,8 +55,8 @@ def window_reference(model, latent, grid):
         return copy.deepcopy(model).double()(latent.double())
 
 
-def compiled(model):
-    return torch.compile(model, backend="compact", options=dict(plan="window", window=WINDOW, block_size=64,
+def compiled(model, window=WINDOW):
+    return torch.compile(model, backend="compact", options=dict(plan="window", window=window, block_size=64,
                                                                  inner="aot_eager"))
 
 
@@ -90,3 +90,57 @@ def test_another_video_with_the_same_token_count_runs_unrewritten_not_with_a_wro
         with pytest.warns(UserWarning, match="without sparse attention"):
             out = fast(other)
         torch.testing.assert_close(out, model(other), rtol=1e-5, atol=1e-5)
+
+
+class JointBlock(nn.Module):
+    """Joint attention over the block's tokens (history, then video) and a prompt after them."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(DIM, 3 * DIM), nn.Linear(DIM, DIM)
+
+    def forward(self, x, text):
+        q, k, v = self.qkv(torch.cat([x, text], dim=1)).unflatten(-1, (3, HEADS, -1)).permute(2, 0, 3, 1, 4)
+        out = x.shape[1]
+        return x + self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)[:, :out])
+
+
+class HistoryModel(nn.Module):
+    """FramePack in miniature: history frames embedded by their own convolution and put before the
+    video, a graph break, then blocks of joint attention with the prompt after: tokens on both sides
+    of the video, in a graph that sees neither convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.patch, self.history_patch = nn.Conv3d(4, DIM, (1, 2, 2), (1, 2, 2)), nn.Conv3d(4, DIM, (1, 4, 4), (1, 4, 4))
+        self.blocks = nn.ModuleList(JointBlock() for _ in range(2))
+
+    def forward(self, latent, history, text):
+        x = self.patch(latent).flatten(2).transpose(1, 2)
+        x = torch.cat([self.history_patch(history).flatten(2).transpose(1, 2), x], dim=1)
+        torch._dynamo.graph_break()
+        for block in self.blocks:
+            x = block(x, text)
+        return x
+
+
+def test_history_before_and_text_after_the_video_across_a_graph_break():
+    torch.manual_seed(0)
+    model = HistoryModel().eval()
+    latent, history, text = torch.randn(1, 4, 3, 16, 20), torch.randn(1, 4, 2, 16, 20), torch.randn(1, 7, DIM)
+    grid, n_history = (3, 8, 10), 2 * 4 * 5
+    compact_compile.report(clear=True)
+    with torch.no_grad():
+        out = compiled(model, window=(1, 1, 1))(latent, history, text)
+    sites = compact_compile.report().sites
+    assert sites and all(s["rewritten"] and s["grid"] == grid and s["n_before"] == n_history
+                         and s["n_text"] == n_history + 7 for s in sites)
+    layout = TokenLayout(grid, auto_tile(grid, 64), 64, n_history + 7, n_history)
+    blocks = video_site_blocks(layout, window_blocks(layout, (1, 1, 1)))
+    assert not blocks.all()
+    mask = model_order_mask(layout, blocks[None])
+    with torch.no_grad(), masked_sdpa({layout.seq_len: [mask]}):
+        ref = copy.deepcopy(model).double()(latent.double(), history.double(), text.double())
+    with torch.no_grad():
+        dense = model(latent, history, text)
+    assert ((out.double() - ref).norm() / ref.norm()) < 1e-5 and ((out - dense).norm() / dense.norm()) > 1e-3

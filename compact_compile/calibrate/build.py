@@ -146,7 +146,7 @@ def build_plan(ranges: list[list[CalibrationStats]], *, recall_target: float = 0
             res.recall, res.density = recall(res.blocks, s.mass, s.layout), density(res.blocks)
             entry = range_site_name(name, r, [t.steps for t in totals])
             plan.sites[entry] = SitePlan(s.heads, s.head_dim, s.layout.seq_len, s.layout.n_text,
-                                         s.layout.text_first, res.blocks)
+                                         s.layout.n_before, res.blocks)
             fam = Family(s.layout, tuple(groups))
             heads_info[entry] = dict(
                 recall=[round(float(x), 6) for x in res.recall],

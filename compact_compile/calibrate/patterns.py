@@ -179,7 +179,7 @@ def _representatives(layout: TokenLayout) -> tuple[torch.Tensor, torch.Tensor]:
     T, H, W = layout.grid
     src = layout.source_index()
     is_video = torch.arange(layout.seq_len) < layout.n_video
-    raster = src[is_video] - (layout.n_text if layout.text_first else 0)
+    raster = src[is_video] - layout.n_before
     t, h, w = raster // (H * W), raster // W % H, raster % W
     _, nth, ntw = layout.tile_grid
     tile_id = (t // layout.tile[0] * nth + h // layout.tile[1]) * ntw + w // layout.tile[2]

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from ..layout import TokenLayout
 
 STATS_FORMAT = "compact_compile.stats"
-STATS_VERSION = 1
+STATS_VERSION = 2   # 2: n_before (other tokens on both sides of the video)
 CHUNK_ELEMENTS = 1 << 22     # scores per CPU chunk (32 MiB in float64)
 
 
@@ -193,7 +193,7 @@ def save_stats(ranges: list[CalibrationStats], path: str | Path) -> None:
             L = s.layout
             sites[name] = dict(tensor=f"r{r}.s{i}", heads=s.heads, head_dim=s.head_dim, samples=s.samples,
                                grid=list(L.grid), tile=list(L.tile), block_size=L.block_size, n_text=L.n_text,
-                               text_first=L.text_first)
+                               n_before=L.n_before)
         meta.append(dict(steps=list(st.steps), calls=st.calls, generations=st.generations, sites=sites))
     save_file(tensors, str(path), metadata={STATS_FORMAT: json.dumps(dict(version=STATS_VERSION, ranges=meta))})
 
@@ -211,7 +211,7 @@ def load_stats(path: str | Path) -> list[CalibrationStats]:
         for r in header["ranges"]:
             st = CalibrationStats(tuple(r["steps"]), calls=r["calls"], generations=r["generations"])
             for name, s in r["sites"].items():
-                layout = TokenLayout(tuple(s["grid"]), tuple(s["tile"]), s["block_size"], s["n_text"], s["text_first"])
+                layout = TokenLayout(tuple(s["grid"]), tuple(s["tile"]), s["block_size"], s["n_text"], s["n_before"])
                 mass = tensors[s["tensor"]].to(torch.float64)
                 if mass.shape != (s["heads"], layout.n_blocks, layout.n_blocks):
                     raise ValueError(f"site {name!r}: tensor shape {tuple(mass.shape)} does not match its layout")

@@ -69,34 +69,34 @@ def _tile_index(layout: TokenLayout, device: torch.device, inverse: bool) -> tor
 
 @torch.library.custom_op("compact::tile_index", mutates_args=())
 def tile_index(like: torch.Tensor, grid: list[int], tile: list[int], block_size: int, n_text: int,
-               text_first: bool, inverse: bool) -> torch.Tensor:
+               n_before: int, inverse: bool) -> torch.Tensor:
     """The layout's `source_index` (or `target_index`), on `like`'s device. An op rather than
     arithmetic in the graph: Inductor's index simplification cannot digest the piecewise map, and
     a loaded index is cheaper than integer division per element anyway."""
-    layout = TokenLayout(tuple(grid), tuple(tile), block_size, n_text, text_first)
+    layout = TokenLayout(tuple(grid), tuple(tile), block_size, n_text, n_before)
     return _tile_index(layout, like.device, inverse).clone()
 
 
 @tile_index.register_fake
-def _(like, grid, tile, block_size, n_text, text_first, inverse):
+def _(like, grid, tile, block_size, n_text, n_before, inverse):
     n = grid[0] * grid[1] * grid[2] + n_text
     return torch.empty(n, dtype=torch.int64, device=like.device)
 
 
 @torch.library.custom_op("compact::tile_pool", mutates_args=())
 def tile_pool(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: list[int], tile: list[int], block_size: int,
-              n_text: int, text_first: bool, key_valid: torch.Tensor | None
+              n_text: int, n_before: int, key_valid: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                          torch.Tensor, torch.Tensor]:
     """q, k, v in tile order (contiguous) and their block statistics (q̄, δq, k̄, δk, v̄, float32
     `[B, H, n_blocks, D]`; keys and values over valid video tokens only): `rectified.tile_pooled`."""
-    layout = TokenLayout(tuple(grid), tuple(tile), block_size, n_text, text_first)
+    layout = TokenLayout(tuple(grid), tuple(tile), block_size, n_text, n_before)
     tiled, pools = tile_pooled(q, k, v, _tile_index(layout, q.device, False), layout.n_video, block_size, key_valid)
     return tuple(x.contiguous() for x in tiled) + tuple(pools)
 
 
 @tile_pool.register_fake
-def _(q, k, v, grid, tile, block_size, n_text, text_first, key_valid):
+def _(q, k, v, grid, tile, block_size, n_text, n_before, key_valid):
     B, H, S, _ = q.shape
     nb = -(-S // block_size)
     stats = [x.new_empty(B, H, nb, x.shape[-1], dtype=torch.float32) for x in (q, q, k, k, v)]

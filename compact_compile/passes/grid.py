@@ -7,8 +7,8 @@ order. Others patchify with reshapes and a Linear (Cosmos, CogVideoX 1.5, Kandin
 tokens already patchified and build their RoPE coordinates on a (T, H, W) meshgrid (LTX-Video):
 either way some `flatten`/`reshape`/`view` in the graph merges three consecutive dims (T, H, W) into
 the token dim, in raster order — that merge shows the grid too.
-Joint attention concatenates text and video token sequences; the order of that `cat` in the graph
-upstream of the query says which comes first.
+Joint attention concatenates text (or other) and video token sequences; those `cat`s in the graph
+upstream of the query say where the video tokens are among the others.
 A graph break between the patch embedding and the blocks leaves the blocks' graph without either:
 the grid then comes from the tags an earlier graph put on the tensors it returned (video_tags.py).
 """
@@ -32,6 +32,7 @@ _CAT = (torch.cat, torch.concat, torch.concatenate)
 class GridCandidate:
     shape: tuple          # conv output shape
     source: str
+    tag: VideoTag | None = None   # carried from an earlier graph: where its tensor holds the video
 
     def grid(self, batch: int):
         if len(self.shape) == 5:
@@ -86,19 +87,21 @@ def _merged_triple(before: tuple, after: tuple) -> tuple | None:
 
 
 def carried_grids(gm: fx.GraphModule, example_inputs) -> tuple[list[GridCandidate], dict[int, VideoTag]]:
-    """Grid candidates from the video tags on this graph's inputs (only inputs that are all video
-    tokens), and the tag of every tagged input by position."""
+    """Grid candidates from the video tags on this graph's inputs, and the tag of every tagged input
+    by position."""
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    tags = {i: tag_of(x) for i, x in enumerate(example_inputs) if tag_of(x) is not None}
-    grids = [GridCandidate((1, 1) + t.grid, f"{t.source}, carried from an earlier graph by input {names[i]}")
-             for i, t in tags.items() if t.offset == 0 and math.prod(t.grid) == t.n_tokens and i < len(names)]
+    tags = {i: tag_of(x) for i, x in enumerate(example_inputs) if tag_of(x) is not None and i < len(names)}
+    grids = [GridCandidate((1, 1) + t.grid, f"{t.source}, carried from an earlier graph by input {names[i]}", t)
+             for i, t in tags.items()]
     return grids, tags
 
 
 def output_tags(gm: fx.GraphModule, grids: list[GridCandidate], carried: list[VideoTag]) -> dict[int, VideoTag]:
     """Outputs `[B, N, C]` that hold the video tokens, by output position: N the token count of a
-    tagged input's (the same tokens, through a block) or of this graph's patch embedding. Only
-    where exactly one grid fits."""
+    tagged input's (the same tokens, through a block), or the video of this graph's patch embedding
+    with other tokens around it where the graph shows where (`video_offset`): where several fit
+    (FramePack embeds its history frames by convolutions too), the video is the largest, and more
+    than half the tokens, as for joint attention (sites.py)."""
     out = {}
     results = gm.graph.output_node().args[0]
     for i, node in enumerate(results if isinstance(results, (tuple, list)) else [results]):
@@ -107,20 +110,30 @@ def output_tags(gm: fx.GraphModule, grids: list[GridCandidate], carried: list[Vi
             continue
         batch, n = value.shape[:2]
         fits = [t for t in carried if t.n_tokens == n]
-        fits += [VideoTag(g.grid(batch), 0, n, g.source) for g in grids
-                 if g.grid(batch) is not None and math.prod(g.grid(batch)) == n]
+        for g in grids:
+            n_video = math.prod(g.grid(batch)) if g.grid(batch) is not None else 0
+            offset = 0 if n_video == n else video_offset(node, n_video, n) if 0 < n_video < n else None
+            if offset is not None:
+                fits.append(VideoTag(g.grid(batch), offset, n, g.source))
+        if len({(t.grid, t.offset) for t in fits}) > 1:
+            largest = max(math.prod(t.grid) for t in fits)
+            fits = [t for t in fits if math.prod(t.grid) == largest and largest > n / 2]
         if len({(t.grid, t.offset) for t in fits}) == 1:
             out[i] = fits[0]
     return out
 
 
-def text_position(node: fx.Node, n_video: int, n_text: int, max_visits: int = 400) -> bool | None:
-    """True if text precedes video, False if it follows, None if no upstream `cat` of exactly a
-    text part and a video part is found (searched breadth-first from the SDPA's query)."""
-    if n_text == n_video:
-        return None
-    query = node.kwargs.get("query", node.args[0] if node.args else None)
-    seen, todo = set(), deque([query])
+def video_offset(node: fx.Node, n_video: int, n_tokens: int, tags: list[VideoTag] = (),
+                 max_visits: int = 400) -> int | None:
+    """Where the `n_video` video tokens start among the `n_tokens` tokens of an SDPA's query (or of a
+    graph output), or None if the graph does not prove it.
+
+    The tokens are built by `cat`s along the token dim, perhaps nested (FramePack: history, then the
+    video, then the text): a span of exactly `n_video` tokens is the video; a `cat` whose parts add
+    up to a span places the video inside the one part that holds it, after the parts before it; a
+    tagged input (video_tags.py) of a span's size says where its video is. Cats are found
+    breadth-first upstream of `node`; an answer counts only if it is the only one."""
+    cats, seen, todo = [], set(), deque([node])
     while todo and len(seen) < max_visits:
         n = todo.popleft()
         if not isinstance(n, fx.Node) or n in seen:
@@ -130,9 +143,19 @@ def text_position(node: fx.Node, n_video: int, n_text: int, max_visits: int = 40
             parts = n.args[0] if n.args else n.kwargs.get("tensors")
             dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
             sizes = [p.meta["example_value"].shape[dim] if isinstance(p, fx.Node) else None for p in parts]
-            if sizes == [n_text, n_video]:
-                return True
-            if sizes == [n_video, n_text]:
-                return False
+            if all(isinstance(sz, int) for sz in sizes):
+                cats.append(sizes)
         todo.extend(n.all_input_nodes)
-    return None
+
+    def offsets(span: int, depth: int) -> set[int]:
+        if span == n_video:
+            return {0}
+        found = {t.offset for t in tags if t.n_tokens == span}
+        for sizes in (c for c in cats if sum(c) == span and depth < 8):
+            for i, size in enumerate(sizes):
+                if size >= n_video:
+                    found |= {sum(sizes[:i]) + o for o in offsets(size, depth + 1)}
+        return found
+
+    found = offsets(n_tokens, 0) if n_tokens > n_video else set()
+    return found.pop() if len(found) == 1 else None

@@ -62,7 +62,7 @@ def rewrite_site(gm: fx.GraphModule, site: Site, spec: SiteSpec, handle: int) ->
     SDPA's attn_mask becomes a per-batch key mask in tile order."""
     layout = spec.layout
     a = sdpa_arguments(site.node)
-    fields = (list(layout.grid), list(layout.tile), layout.block_size, layout.n_text, layout.text_first)
+    fields = (list(layout.grid), list(layout.tile), layout.block_size, layout.n_text, layout.n_before)
     index = torch.ops.compact.tile_index.default
     graph = gm.graph
     with graph.inserting_before(site.node):

@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..errors import OptionsError
-from .grid import GridCandidate, text_position
+from .grid import GridCandidate, video_offset
 from .key_mask import KeyMask, classify_mask
 
 VIDEO = "video self-attention"
@@ -45,7 +45,7 @@ class Site:
     grid: tuple | None = None
     grid_source: str = ""
     n_text: int = 0
-    text_first: bool = False
+    n_before: int = 0               # of the n_text others, how many come before the video tokens
     density: float | None = None    # fraction of blocks computed, when rewritten
     key_mask: bool = False          # attn_mask is a key-padding mask (rewritten with it)
     mask: KeyMask | None = None     # what the attn_mask was proven to be (key_mask.py)
@@ -64,7 +64,7 @@ class Site:
     def summary(self) -> dict:
         return dict(site=self.name, kind=self.kind, q=list(self.q_shape), k=list(self.k_shape), dtype=self.dtype,
                     rewritten=self.rewritten, reason=self.reason or None, grid=self.grid, grid_source=self.grid_source,
-                    n_text=self.n_text, text_first=self.text_first if self.n_text else None, density=self.density,
+                    n_text=self.n_text, n_before=self.n_before, density=self.density,
                     key_mask=self.key_mask, **self.extras,
                     **(dict(masked_queries_zeroed=True) if self.mask and self.mask.zero_masked_queries else {}))
 
@@ -162,12 +162,12 @@ def _locate_video(site: Site, node, S: int, batch: int, grids, grid_option, plan
     if joint:
         n_video, grid, source = max(joint, key=lambda c: c[0])
         site.kind, site.grid, site.grid_source, site.n_text = JOINT, grid, source, S - n_video
-        first = text_position(node, n_video, S - n_video)
-        if first is None:
+        offset = video_offset(node, n_video, S, [g.tag for g in grids if g.tag is not None])
+        if offset is None:
             site.reason = (f"{S} tokens = {n_video} video + {S - n_video} others, but the graph does not show "
-                           f"whether the others come before or after the video tokens")
+                           f"where the video tokens are among the others")
         else:
-            site.text_first = first
+            site.n_before = offset
         return
     site.reason = f"{S} tokens do not match the video grid {choices[0][0]} ({choices[0][1]})"
     site.maybe_video = any(S >= g[0] * g[1] * g[2] for g, _ in choices)

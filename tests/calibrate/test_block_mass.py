@@ -24,7 +24,8 @@ def qk_problems(draw, head_dims=st.integers(1, 24), block_sizes=st.sampled_from(
     bs = draw(block_sizes)
     tile = draw(st.sampled_from([t for t in [(1, 2, 2), (1, 1, 4), (2, 2, 2), (1, 4, 4), (1, 2, 8)]
                                  if math.prod(t) == bs] or [(1, 1, bs)]))
-    layout = TokenLayout(grid, tile, bs, draw(st.integers(0, 9)), draw(st.booleans()))
+    n_text = draw(st.integers(0, 9))
+    layout = TokenLayout(grid, tile, bs, n_text, draw(st.integers(0, n_text)))
     B, H, D = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(head_dims)
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
     spread = draw(st.sampled_from([0.5, 2.0, 6.0]))   # from near-uniform to sharply peaked attention
@@ -78,7 +79,7 @@ def test_site_stats_accumulate_a_mean_over_calls_and_batch_items():
 
 def test_stats_file_round_trip_and_corruption():
     gen = torch.Generator().manual_seed(1)
-    layouts = [TokenLayout((2, 4, 6), (1, 2, 4), 8), TokenLayout((2, 4, 6), (1, 2, 4), 8, n_text=5, text_first=True)]
+    layouts = [TokenLayout((2, 4, 6), (1, 2, 4), 8), TokenLayout((2, 4, 6), (1, 2, 4), 8, n_text=5, n_before=5)]
     ranges = []
     for steps in [(2, 5), (5, None)]:
         st_ = CalibrationStats(steps, calls=7, generations=2)

@@ -22,7 +22,7 @@ def layouts(draw, text=True, divisible=False):
     else:
         grid = (draw(st.integers(1, 6)), draw(st.integers(1, 12)), draw(st.integers(1, 12)))
     n_text = draw(st.integers(0, 9)) if text else 0
-    return TokenLayout(grid, tile, math.prod(tile), n_text, draw(st.booleans()))
+    return TokenLayout(grid, tile, math.prod(tile), n_text, draw(st.integers(0, n_text)))
 
 
 @st.composite

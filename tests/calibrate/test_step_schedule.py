@@ -62,7 +62,7 @@ def test_site_follows_a_plans_schedule():
     plan = Plan((2, 4, 4), (1, 2, 2), 4)
     early, late = torch.eye(8, dtype=torch.bool)[None], torch.eye(8, dtype=torch.bool).roll(1, -1)[None] | torch.eye(8, dtype=torch.bool)
     for name, blocks in (("a", early), ("a@6", late), ("b", torch.ones_like(early)), ("b@6", torch.ones_like(early))):
-        plan.sites[name] = SitePlan(1, 8, 32, 0, False, blocks)
+        plan.sites[name] = SitePlan(1, 8, 32, 0, 0, blocks)
     opts = CompactOptions(plan=plan, kernel="flex")
     unscheduled = site_spec(opts, plan, site_schedule(plan, 0), _site("a", plan))
     assert [(r.start, r.end) for r in unscheduled.ranges] == [(0, None)] and not unscheduled.scheduled

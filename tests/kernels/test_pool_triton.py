@@ -31,13 +31,13 @@ def test_block_pool_equals_reference(n_kv, cols):
 
 @settings(max_examples=12, deadline=None)
 @given(grid=st.tuples(st.integers(1, 3), st.integers(2, 9), st.integers(2, 9)), n_text=st.sampled_from([0, 7]),
-       text_first=st.booleans(), block_size=st.sampled_from([16, 32]), D=st.sampled_from([16, 32, 64]),
+       before=st.sampled_from([0.0, 0.5, 1.0]), block_size=st.sampled_from([16, 32]), D=st.sampled_from([16, 32, 64]),
        cols=st.sampled_from([16, 64]), dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]),
        B=st.integers(1, 2), seed=st.integers(0, 2**31 - 1))
-def test_tile_pool_equals_gather_then_pool(grid, n_text, text_first, block_size, D, cols, dtype, B, seed):
+def test_tile_pool_equals_gather_then_pool(grid, n_text, before, block_size, D, cols, dtype, B, seed):
     """One pass: q, k, v gathered into tile order bit for bit, and the statistics of the tiled tensors
     (keys and values over video tokens only; text, wherever the model puts it, goes last)."""
-    layout = TokenLayout(grid, auto_tile(grid, block_size), block_size, n_text, text_first)
+    layout = TokenLayout(grid, auto_tile(grid, block_size), block_size, n_text, round(before * n_text))
     S = layout.seq_len
     q, k, v = model_layout(torch.Generator().manual_seed(seed), B, 2, S, D, dtype)
     src = layout.source_index()

@@ -20,7 +20,7 @@ BS = 16  # small blocks: several of them in a few hundred tokens
 def sites(draw):
     grid = (draw(st.integers(1, 3)), draw(st.integers(2, 7)), draw(st.integers(2, 9)))
     n_text = draw(st.sampled_from([0, 0, 5, 13]))
-    layout = TokenLayout(grid, (1, 4, 4), BS, n_text, draw(st.booleans()))
+    layout = TokenLayout(grid, (1, 4, 4), BS, n_text, draw(st.sampled_from([0, n_text, n_text // 2])))
     nb = layout.n_blocks
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)
@@ -106,7 +106,7 @@ def test_rectification_helps_when_skipped_blocks_are_near_constant(rows, queries
 
 
 def test_every_block_kept_is_dense_attention():
-    layout = TokenLayout((2, 5, 6), (1, 4, 4), BS, 7, True)
+    layout = TokenLayout((2, 5, 6), (1, 4, 4), BS, 7, 7)
     g = torch.Generator().manual_seed(1)
     q, k, v = inputs(layout, g, torch.float32)
     out = rectified_site(layout, dense_blocks(layout)[None], dynamic=True, rectify=True)(q, k, v)
@@ -119,7 +119,7 @@ def test_triton_kernel_path_equals_reference(rows):
     """On the Triton kernel (R·O + Ō fused in its epilogue per block; merged after it per row), on
     the GPU when there is one (pooling by the Triton pool kernel too), else in the interpreter."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    layout = TokenLayout((2, 6, 9), (1, 4, 4), BS, 11, False)
+    layout = TokenLayout((2, 6, 9), (1, 4, 4), BS, 11, 0)
     g = torch.Generator().manual_seed(5)
     q, k, v = (x.to(device) for x in inputs(layout, g, torch.float16))
     static = (torch.eye(layout.n_blocks, dtype=torch.bool) | text_blocks(layout))[None]
@@ -154,7 +154,7 @@ def test_static_plan_estimate_in_triton_equals_reference(site, dtype):
 def test_static_estimate_stays_general_when_a_text_block_may_be_skipped():
     """The Triton estimate counts text keys in the normaliser only; a plan that may skip a block
     holding text takes the general estimate, which the reference matches too."""
-    layout = TokenLayout((1, 4, 8), (1, 4, 4), BS, 9, False)
+    layout = TokenLayout((1, 4, 8), (1, 4, 4), BS, 9, 0)
     static = torch.eye(layout.n_blocks, dtype=torch.bool)[None]
     kern = rectified_site(layout, static, dynamic=False, rectify=True, kernel="triton")
     assert not kern.text_kept()
@@ -167,15 +167,15 @@ def test_static_estimate_stays_general_when_a_text_block_may_be_skipped():
 
 
 @pytest.mark.parametrize("keys_per_share", [64, 16])
-@pytest.mark.parametrize("block_size, n_text, text_first", [(32, 0, False), (64, 37, False), (64, 21, True)])
-def test_static_estimate_in_triton_equals_general_estimate(block_size, n_text, text_first, keys_per_share):
+@pytest.mark.parametrize("block_size, n_text, n_before", [(32, 0, 0), (64, 37, 0), (64, 21, 21), (64, 21, 9)])
+def test_static_estimate_in_triton_equals_general_estimate(block_size, n_text, n_before, keys_per_share):
     """R and Ō of the Triton estimate equal the general (torch) estimate's at larger blocks, where the
     last video block is partial and text shares a block with video, with the keys in one share or
     split into several. Keys and values nearly constant per block, so GAPR trusts the pooled
     estimate and many skipped blocks are compensated."""
     from compact_compile.kernels.estimate_triton import estimate_static_triton
     from compact_compile.kernels.rectified import _estimate, pooled
-    layout = TokenLayout((4, 15, 20), (1, 4, 8), block_size, n_text, text_first)   # 1200 video tokens
+    layout = TokenLayout((4, 15, 20), (1, 4, 8), block_size, n_text, n_before)   # 1200 video tokens
     nb, S = layout.n_blocks, layout.seq_len
     g = torch.Generator().manual_seed(block_size + n_text)
     static = torch.eye(nb, dtype=torch.bool)[None] | (text_blocks(layout) if n_text else False)

@@ -19,13 +19,13 @@ BS = 16
 
 @settings(max_examples=10, deadline=None)
 @given(grid=st.tuples(st.integers(1, 3), st.integers(2, 8), st.integers(2, 9)), n_text=st.sampled_from([0, 5, 13]),
-       text_first=st.booleans(), p_remain=st.sampled_from([0.1, 0.3, 0.6]), drop=st.sampled_from([0.5, 0.8, 1.0]),
+       before=st.sampled_from([0.0, 0.5, 1.0]), p_remain=st.sampled_from([0.1, 0.3, 0.6]), drop=st.sampled_from([0.5, 0.8, 1.0]),
        density=st.sampled_from([0.0, 0.2]), seed=st.integers(0, 2**31 - 1))
-def test_choice_and_lists_equal_the_torch_estimate(grid, n_text, text_first, p_remain, drop, density, seed):
-    """Partial last blocks, text before or after the video, per-head static blocks. The choice equals
+def test_choice_and_lists_equal_the_torch_estimate(grid, n_text, before, p_remain, drop, density, seed):
+    """Partial last blocks, text before, after or around the video, per-head static blocks. The choice equals
     the torch estimate's (fp32 both; a block may differ only where cumulative sums round apart), and
     the lists hold exactly the kept blocks, ascending, then the others."""
-    layout = TokenLayout(grid, (1, 4, 4), BS, n_text, text_first)
+    layout = TokenLayout(grid, (1, 4, 4), BS, n_text, round(before * n_text))
     nb = layout.n_blocks
     g = torch.Generator().manual_seed(seed)
     static = (torch.rand(2, nb, nb, generator=g) < density) | (text_blocks(layout) if n_text else False)

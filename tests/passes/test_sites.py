@@ -67,15 +67,22 @@ class Cross(nn.Module):
 
 
 class Joint(nn.Module):
-    """Joint attention over video and text tokens concatenated in the graph (text first or last)."""
+    """Joint attention over video and other tokens concatenated in the graph: `n_before` of the text
+    tokens before the video, the rest after it (FramePack: history frames before, prompt after), in
+    nested cats when both."""
 
-    def __init__(self, text_first: bool):
+    def __init__(self, n_before: int):
         super().__init__()
-        self.text_first = text_first
+        self.n_before = n_before
         self.attn = SelfAttention(DIM, HEADS)
 
     def forward(self, video, text):
-        return self.attn(torch.cat([text, video] if self.text_first else [video, text], dim=1))
+        before, after = text[:, :self.n_before], text[:, self.n_before:]
+        if not self.n_before:
+            return self.attn(torch.cat([video, text], dim=1))
+        if self.n_before == text.shape[1]:
+            return self.attn(torch.cat([text, video], dim=1))
+        return self.attn(torch.cat([torch.cat([before, video], dim=1), after], dim=1))
 
 
 class TwoCalls(nn.Module):
@@ -186,7 +193,7 @@ def test_inputs_requiring_grad_stay_dense():
 @pytest.mark.parametrize("options, reason", [
     ({**DENSE, "grid": (2, 8, 9)}, "128 tokens do not match the video grid (2, 8, 9) (options['grid'])"),
     ({k: v for k, v in DENSE.items() if k != "grid"}, "no video grid"),
-    ({**DENSE, "grid": (2, 7, 8)}, "does not show whether the others come before or after"),
+    ({**DENSE, "grid": (2, 7, 8)}, "does not show where the video tokens are among the others"),
 ], ids=["grid-too-large", "no-grid", "extra-tokens"])
 def test_tokens_that_are_not_the_grid_stay_dense(options, reason):
     torch.manual_seed(0)
@@ -233,16 +240,16 @@ def test_video_site_positional_and_keyword_forms(call, scale):
     assert site["tile"] == layout.tile and site["block_size"] == 64
 
 
-@pytest.mark.parametrize("text_first", [True, False])
-def test_joint_text_and_video(text_first):
+@pytest.mark.parametrize("n_before", [12, 0, 5])
+def test_joint_text_and_video(n_before):
     torch.manual_seed(0)
-    model, video, text = Joint(text_first).eval(), x_video(), torch.randn(1, 12, DIM)
+    model, video, text = Joint(n_before).eval(), x_video(), torch.randn(1, 12, DIM)
     window = (1, 1, 1)
     out, _, sites = run(model, video, text, options={**DENSE, "plan": "window", "window": window})
     [site] = sites
     assert site["rewritten"] and site["kind"] == JOINT
-    assert site["n_text"] == 12 and site["text_first"] is text_first
-    layout = TokenLayout(GRID, auto_tile(GRID, 64), 64, 12, text_first)
+    assert site["n_text"] == 12 and site["n_before"] == n_before
+    layout = TokenLayout(GRID, auto_tile(GRID, 64), 64, 12, n_before)
     blocks, mask = window_reference(layout, window)
     assert not blocks.all()
     with torch.no_grad(), masked_sdpa({S + 12: [mask]}) as masked:
@@ -250,7 +257,7 @@ def test_joint_text_and_video(text_first):
     assert masked == [S + 12]
     assert rel_err(out, ref) < 1e-5 and rel_err(model.float()(video, text), ref) > 1e-3
     # text tokens see everything and are seen by everything
-    text_pos = torch.arange(12) + (0 if text_first else S)
+    text_pos = torch.cat([torch.arange(n_before), torch.arange(S + n_before, S + 12)])
     assert mask[0][text_pos].all() and mask[0][:, text_pos].all()
 
 
