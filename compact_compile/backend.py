@@ -18,14 +18,16 @@ import torch
 import torch.fx as fx
 
 from .errors import raises_unwrapped
+from .flex_backend import rewrite_flex_sites
 from .kernels.compiled import MAX_SHAPES, RecompileLimit
 from .kernels.ops import register_site
 from .kernels.site import make_site
 from .models import install_model_fixes
 from .options import CompactOptions
+from .passes.flex_sites import find_flex_sites
 from .passes.grid import carried_grids, output_tags, patch_embedding_grids
 from .passes.rewrite import rewrite_site
-from .passes.sites import CROSS, OTHER, find_sites
+from .passes.sites import CROSS, find_sites
 from .plan import PlanError
 from .planner import load_plan, plan_entry, site_spec
 from .quantize import quantized_linears
@@ -52,7 +54,10 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
     own_grids = patch_embedding_grids(gm)
     carried, input_tags = carried_grids(gm, example_inputs)    # grids from an earlier graph (video_tags.py)
     sites = find_sites(gm, own_grids + carried, opts.grid, plan.grid if plan else None)
-    if any(site.symbolic for site in sites) and not _per_size:   # still symbolic per size: inputs marked dynamic
+    flex_sites = find_flex_sites(gm, own_grids + carried, opts.grid, plan.grid if plan else None)
+    # symbolic: one graph for several sizes; compiled per size, unless it holds flex_attention, which Dynamo
+    # cannot trace again (its sites stay dense, and say so)
+    if any(s.symbolic for s in sites + flex_sites) and not flex_sites and not _per_size:
         return with_step_clock(gm, _per_video_size(gm, options, mode), schedule)
     emit = output_tags(gm, own_grids, list(input_tags.values()))
     unrewritten = copy.deepcopy(gm) if carried else None
@@ -77,10 +82,10 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
                            rectify=spec.rectify or False)
         if spec.selection is not None:   # the online choice adds blocks: at least (1 - drop) of each row
             site.extras.update(min_density=max(spec.density, 1 - spec.selection.drop))
+    rewrite_flex_sites(gm, flex_sites, opts, plan, schedule, _plan_misfit)
     gm.recompile()
-    foreign = _foreign_attention(gm)
-    _warn_if_nothing_sparse(sites, foreign)
-    record([s.summary() for s in sites] + foreign)
+    _warn_if_nothing_sparse(sites + flex_sites)
+    record([s.summary() for s in sites + flex_sites])
     compiled = quantized_linears(gm, example_inputs, opts.quantize,
                                  lambda inputs: _compile_inner(gm, inputs, opts.inner, mode or opts.mode))
     carried_sources = {c.source for c in carried}
@@ -111,17 +116,17 @@ def _per_video_size(gm: fx.GraphModule, options: dict | None, mode: str | None):
     return run
 
 
-def _warn_if_nothing_sparse(sites, foreign: list[dict]) -> None:
+def _warn_if_nothing_sparse(sites) -> None:
     """One warning for a graph whose attention all stays dense although some of it may be video
     attention: self-attention (not cross-attention), and not shorter than the video (a prompt
     refiner's few tokens are not video attention). The reasons say what to change."""
     if any(s.rewritten for s in sites):
         return
     candidates = [s for s in sites if s.kind != CROSS and s.maybe_video]
-    if not candidates and not foreign:
+    if not candidates:
         return
-    reasons = [f"{s.name}: {s.reason}" for s in candidates[:3]] + [f"{f['site']}: {f['reason']}" for f in foreign[:2]]
-    warnings.warn(f"compact: no attention in this graph runs block-sparse ({len(candidates) + len(foreign)} sites "
+    reasons = [f"{s.name}: {s.reason}" for s in candidates[:3]]
+    warnings.warn(f"compact: no attention in this graph runs block-sparse ({len(candidates)} sites "
                   f"stay dense); " + "; ".join(reasons) + ". compact_compile.report() lists every site.", stacklevel=2)
 
 
@@ -138,16 +143,6 @@ def _plan_misfit(opts: CompactOptions, site, error: PlanError) -> None:
         raise error
     warnings.warn(f"compact: site {site.name} stays dense: {error}", stacklevel=3)
     site.reason = f"plan mismatch: {error}"
-
-
-def _foreign_attention(gm: fx.GraphModule) -> list[dict]:
-    """Attention the backend cannot see as SDPA (e.g. diffusers' flex attention backend)."""
-    flex = getattr(torch.ops.higher_order, "flex_attention", None)
-    return [dict(site=n.name, kind=OTHER, q=[], k=[], dtype="", rewritten=False, grid=None, grid_source="",
-                 n_text=0, text_first=None, density=None, key_mask=False,
-                 reason="flex_attention with the model's own mask: only SDPA sites are rewritten (a diffusers model whose "
-                        "processor also runs the 'native' backend can switch: model.set_attention_backend('native'))")
-            for n in gm.graph.nodes if n.op == "call_function" and flex is not None and n.target is flex]
 
 
 def _compile_inner(gm, example_inputs, inner: str, mode: str | None):

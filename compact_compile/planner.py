@@ -2,6 +2,9 @@
 rectification, key mask and kernel, from the options, a built-in plan or a plan file."""
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 
 from .kernels.registry import choose_kernel, kernel_class
@@ -11,7 +14,7 @@ from .options import CompactOptions, OptionsError
 from .passes.sites import Site
 from .plan import Plan, PlanError
 from .schedule import range_site_name
-from .spec import Selection, SiteSpec, StepRange
+from .spec import ModelMask, Selection, SiteSpec, StepRange
 
 
 def load_plan(options: CompactOptions) -> Plan | None:
@@ -53,6 +56,30 @@ def site_spec(options: CompactOptions, plan: Plan | None, schedule: dict | None,
                     selection=Selection(options.p_remain, options.drop) if options.dynamic else None,
                     rectify=rectify, key_mask=site.key_mask, kernel=kernel, kernel_reason=why,
                     merge_in_graph=rectify == "block" and not kernel_class(kernel).fuses_rectify)
+
+
+def flex_site_spec(options: CompactOptions, plan: Plan | None, schedule: dict | None, site: Site,
+                   model_mask: ModelMask) -> SiteSpec:
+    """The spec of a flex_attention site: its plan blocks as for SDPA, the model's mask with them, and
+    FlexAttention, the one kernel that evaluates a model's mask_mod and score_mod. A model that orders
+    its tokens in tiles of the block size (NABLA's 1×8×8 at 64) keeps its tiles under tile="auto":
+    the plan's blocks are then its mask's blocks, and a full model block stays full."""
+    tiled_by = model_mask.tiled_by
+    if (plan is None and options.tile == "auto" and tiled_by is not None
+            and math.prod(tiled_by) == (options.block_size or 128)):
+        options = options.replace(tile=tuple(tiled_by))
+    spec = site_spec(options, plan, schedule, site)
+    return dataclasses.replace(spec, kernel="flex", model_mask=model_mask,
+                               kernel_reason="flex: the only kernel that evaluates the model's mask_mod and score_mod")
+
+
+def flex_site_unsupported(options: CompactOptions) -> str:
+    """Why no flex_attention site runs block-sparse under these options ("" if they can): the online
+    choice and rectification estimate blocks from pooled q and k, which know nothing of the model's mask."""
+    if options.dynamic or options.rectify:
+        return ("flex_attention with the model's own mask: online block choice (plan 'dynamic', dynamic=True) and "
+                "rectification are not supported there (their pooled estimates ignore the model's mask)")
+    return ""
 
 
 def _range_blocks(options, plan, entry: str, site: Site, layout: TokenLayout) -> torch.Tensor:

@@ -13,6 +13,7 @@ and why, is here, and the report prints it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -43,6 +44,23 @@ class Selection:
 
 
 @dataclass(frozen=True)
+class ModelMask:
+    """What a flex_attention site computes besides softmax(q·kᵀ)·v, read off the graph
+    (passes/flex_sites.py): the model's BlockMask, whose block lists arrive with every call (they may
+    change per call), and its functions, which do not change.
+
+    A key is attended where its block (q // q_block, kv // kv_block) is listed full, or listed partial
+    and `mask_mod(b, h, q, kv, *mask_buffers)` is True; scores pass through
+    `score_mod(score, b, h, q, kv, *score_buffers)`. Positions are the model's; `tiled_by` says how
+    the model orders the video tokens: tiles of that shape (NABLA's (1, 8, 8)), or None for raster."""
+    q_block: int
+    kv_block: int
+    mask_mod: Callable | None = field(default=None, compare=False)    # None: every pair of a listed block
+    score_mod: Callable | None = field(default=None, compare=False)   # None: the score unchanged
+    tiled_by: tuple[int, int, int] | None = None
+
+
+@dataclass(frozen=True)
 class SiteSpec:
     name: str
     layout: TokenLayout
@@ -53,6 +71,7 @@ class SiteSpec:
     kernel: str = "flex"                   # a name in kernels.registry.KERNELS
     kernel_reason: str = ""
     merge_in_graph: bool = False           # rectified: R·O + Ō merged by the graph on the way back
+    model_mask: ModelMask | None = None    # a flex_attention site: the model's own mask, kept inside the blocks
     extras: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):

@@ -18,15 +18,17 @@ from .registry import BlockLists, batched, kv_block_lists, sdpa_dense
 _flex = compiled(flex_attention)
 
 
-def flex(q, k, v, block_mask: BlockMask, scale: float | None = None) -> torch.Tensor:
-    """Compiled FlexAttention; inputs are zero-padded to the block mask's length (see `FlexKernel`)."""
+def flex(q, k, v, block_mask: BlockMask, scale: float | None = None, score_mod=None) -> torch.Tensor:
+    """Compiled FlexAttention; inputs are zero-padded to the block mask's length (see `FlexKernel`).
+    `score_mod`: a flex_attention site's own (kernels/model_mask.py)."""
     S, padded = q.shape[-2], block_mask.seq_lengths[0]
     if padded > S:
         q, k, v = (torch.nn.functional.pad(t, (0, 0, 0, padded - S)) for t in (q, k, v))
     # the GPU kernel's tiles must divide the mask's blocks; its default (128 on Hopper) does not divide 64
     bs = block_mask.BLOCK_SIZE[0]
     tiles = {"BLOCK_M": bs, "BLOCK_N": bs} if q.is_cuda and bs < 128 else None
-    return _flex(q, k, v, block_mask=block_mask, scale=scale, kernel_options=tiles)[..., :S, :]
+    return _flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                 kernel_options=tiles)[..., :S, :]
 
 
 def kept_map(lists: BlockLists) -> torch.Tensor:

@@ -62,6 +62,24 @@ def _(q, k, v, handle, scale, pools, key_valid):
             q.new_empty(B, H, nq, v.shape[-1], dtype=torch.float32))
 
 
+@torch.library.custom_op("compact::model_masked_attention", mutates_args=())
+def model_masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: int, scale: float,
+                           kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor,
+                           full_kv_num_blocks: torch.Tensor | None, full_kv_indices: torch.Tensor | None,
+                           score_buffers: list[torch.Tensor], mask_buffers: list[torch.Tensor]) -> torch.Tensor:
+    """A rewritten flex_attention site (kernels/model_mask.py): q, k, v in tile order; the model's
+    BlockMask lists and the tensors its score_mod and mask_mod captured, as the model made them for
+    this call (model token order)."""
+    return _SITES[handle](q, k, v, scale, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+                          score_buffers, mask_buffers).contiguous()
+
+
+@model_masked_attention.register_fake
+def _(q, k, v, handle, scale, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices, score_buffers,
+      mask_buffers):
+    return q.new_empty(q.shape[:-1] + v.shape[-1:])
+
+
 @functools.cache
 def _tile_index(layout: TokenLayout, device: torch.device, inverse: bool) -> torch.Tensor:
     return (layout.target_index if inverse else layout.source_index)(device)

@@ -1,0 +1,51 @@
+"""The backend's part for flex_attention sites (models that call FlexAttention with their own
+BlockMask: NABLA, FAR, …), the same path as SDPA sites: graph → FlexSite (passes/flex_sites.py) →
+SiteSpec with the model's mask (planner.py) → runtime (kernels/model_mask.py), registered under a
+handle → the flex_attention call rewritten into `compact.model_masked_attention` (passes/flex_sites.py).
+
+The observer option (calibration, the fidelity harness) sees SDPA sites only: a flex site's runtime
+takes the model's mask with every call, which an SDPA-site observer does not expect. So a calibrated
+plan has no entry for a flex site, and a plan file without one leaves it dense (not an error).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.fx as fx
+
+from .kernels.model_mask import make_model_masked_site
+from .kernels.ops import register_site
+from .options import CompactOptions
+from .passes.flex_sites import FlexSite, rewrite_flex_site
+from .plan import Plan, PlanError
+from .planner import flex_site_spec, flex_site_unsupported, plan_entry
+
+
+def rewrite_flex_sites(gm: fx.GraphModule, sites: list[FlexSite], opts: CompactOptions, plan: Plan | None,
+                       schedule: dict | None, plan_misfit: Callable[[CompactOptions, FlexSite, PlanError], None]
+                       ) -> None:
+    """Rewrite every eligible site of `sites` (found by passes.flex_sites.find_flex_sites); the others
+    get the reason they stay dense."""
+    unsupported = flex_site_unsupported(opts)
+    for site in sites:
+        if not site.rewritten:
+            continue
+        if unsupported:
+            site.reason = unsupported
+            continue
+        if plan is not None:
+            try:
+                plan_entry(plan, site.name)
+            except PlanError as e:
+                site.reason = f"flex_attention: the plan has no mask for it (calibration observes SDPA sites only): {e}"
+                continue
+        try:
+            spec = flex_site_spec(opts, plan, schedule, site, site.model_mask)
+        except PlanError as e:
+            plan_misfit(opts, site, e)
+            continue
+        rewrite_flex_site(gm, site, spec, register_site(make_model_masked_site(spec)))
+        site.density = spec.density
+        site.extras.update(tile=spec.layout.tile, block_size=spec.layout.block_size, kernel=spec.kernel,
+                           kernel_reason=spec.kernel_reason, dynamic=False, rectify=False,
+                           tokens_tiled_by=spec.model_mask.tiled_by)
