@@ -60,7 +60,8 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
     if any(s.symbolic for s in sites + flex_sites) and not flex_sites and not _per_size:
         return with_step_clock(gm, _per_video_size(gm, options, mode), schedule)
     emit = output_tags(gm, own_grids, list(input_tags.values()))
-    unrewritten = copy.deepcopy(gm) if carried else None
+    # the graph as it is, for inputs that turn out not to carry its tags: sharing gm's tensors, not copies
+    unrewritten = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if carried else None
     for site in sites:
         if not site.rewritten:
             if plan is not None and _has_entry(plan, site.name):  # e.g. a plan for another resolution
