@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from .errors import raises_unwrapped
-from .flex_backend import rewrite_flex_sites
+from .flex_backend import rewrite_flex_sites, rewrite_frame_masked
 from .kernels.compiled import MAX_SHAPES, RecompileLimit
 from .kernels.ops import register_site
 from .kernels.site import make_site
@@ -67,6 +67,9 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
             if plan is not None and _has_entry(plan, site.name):  # e.g. a plan for another resolution
                 _plan_misfit(opts, site, PlanError(f"the plan has a mask for site {site.name!r}, which cannot "
                                                    f"be rewritten: {site.reason}"))
+            continue
+        if site.mask is not None and site.mask.frames is not None:
+            rewrite_frame_masked(gm, site, opts, plan, schedule, _plan_misfit)
             continue
         try:
             spec = site_spec(opts, plan, schedule, site)

@@ -1,7 +1,8 @@
-"""The backend's part for flex_attention sites (models that call FlexAttention with their own
-BlockMask: NABLA, FAR, …), the same path as SDPA sites: graph → FlexSite (passes/flex_sites.py) →
-SiteSpec with the model's mask (planner.py) → runtime (kernels/model_mask.py), registered under a
-handle → the flex_attention call rewritten into `compact.model_masked_attention` (passes/flex_sites.py).
+"""The backend's part for sites that run the model's own mask on FlexAttention: flex_attention
+calls with the model's BlockMask (NABLA, FAR, …), and SDPA calls with a frame mask (SkyReels-V2).
+The same path as SDPA sites: graph → site (passes/flex_sites.py, passes/sites.py) → SiteSpec with
+the model's mask (planner.py) → runtime (kernels/model_mask.py), registered under a handle → the
+call rewritten into `compact.model_masked_attention` (passes/flex_sites.py, passes/rewrite.py).
 
 The observer option (calibration, the fidelity harness) sees SDPA sites only: a flex site's runtime
 takes the model's mask with every call, which an SDPA-site observer does not expect. So a calibrated
@@ -17,8 +18,11 @@ from .kernels.model_mask import make_model_masked_site
 from .kernels.ops import register_site
 from .options import CompactOptions
 from .passes.flex_sites import FlexSite, rewrite_flex_site
+from .passes.rewrite import rewrite_frame_masked_site
+from .passes.sites import Site
 from .plan import Plan, PlanError
 from .planner import flex_site_spec, flex_site_unsupported, plan_entry
+from .spec import ModelMask
 
 
 def rewrite_flex_sites(gm: fx.GraphModule, sites: list[FlexSite], opts: CompactOptions, plan: Plan | None,
@@ -45,7 +49,29 @@ def rewrite_flex_sites(gm: fx.GraphModule, sites: list[FlexSite], opts: CompactO
             plan_misfit(opts, site, e)
             continue
         rewrite_flex_site(gm, site, spec, register_site(make_model_masked_site(spec)))
-        site.density = spec.density
-        site.extras.update(tile=spec.layout.tile, block_size=spec.layout.block_size, kernel=spec.kernel,
-                           kernel_reason=spec.kernel_reason, dynamic=False, rectify=False,
-                           tokens_tiled_by=spec.model_mask.tiled_by)
+        _report(site, spec, spec.kernel_reason, tokens_tiled_by=spec.model_mask.tiled_by)
+
+
+def rewrite_frame_masked(gm: fx.GraphModule, site: Site, opts: CompactOptions, plan: Plan | None,
+                         schedule: dict | None, plan_misfit: Callable[[CompactOptions, Site, PlanError], None]) -> None:
+    """An SDPA site whose attn_mask is a frame mask (SkyReels-V2's diffusion-forcing blocks): the same
+    runtime as a flex site, the frame mask as the model's BlockMask of whole frames (one frame of
+    H·W tokens per model block, every listed block full)."""
+    if flex_site_unsupported(opts):
+        site.reason = ("frame mask: online block choice (plan 'dynamic', dynamic=True) and rectification are not "
+                       "supported with it (their pooled estimates ignore the mask)")
+        return
+    frame = site.grid[1] * site.grid[2]
+    try:
+        spec = flex_site_spec(opts, plan, schedule, site, ModelMask(frame, frame))
+    except PlanError as e:
+        plan_misfit(opts, site, e)
+        return
+    rewrite_frame_masked_site(gm, site, spec, register_site(make_model_masked_site(spec)))
+    _report(site, spec, "flex: the frame mask is evaluated per element in blocks that straddle frames")
+
+
+def _report(site: Site, spec, kernel_reason: str, **extras) -> None:
+    site.density = spec.density
+    site.extras.update(tile=spec.layout.tile, block_size=spec.layout.block_size, kernel=spec.kernel,
+                       kernel_reason=kernel_reason, dynamic=False, rectify=False, **extras)

@@ -24,7 +24,8 @@ SUPPORT = {
     "wan_vace": ("sparse", "video self-attention, VACE blocks too"),
     "chronoedit": ("sparse", "video self-attention"),
     "skyreels_v2": ("sparse", "video self-attention"),
-    "skyreels_v2_df": ("dense", "frame-causal attn_mask.*not provably a key-padding mask"),
+    "skyreels_v2_df": ("sparse", "video self-attention with its frame-causal mask (diffusion forcing), on "
+                                 "FlexAttention"),
     "wan_animate": ("sparse", "video self-attention"),
     "helios": ("sparse", "joint attention, history tokens before the video kept dense"),
     "anyflow": ("sparse", "video self-attention"),

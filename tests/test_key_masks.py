@@ -271,3 +271,58 @@ def test_calibrate_hunyuan_then_run_its_plan(tmp_path):
     layout = TokenLayout(layout.grid, plan.tile, plan.block_size, HUNYUAN_TEXT, 0)
     ref, _ = reference(model, inputs, {HUNYUAN_S: [model_order_mask(layout, plan.sites[s].blocks) for s in sites]})
     assert relative(out, ref) < 1e-5 and relative(dense, ref) > 1e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# a frame mask (SkyReels-V2 diffusion forcing): F [T, T] broadcast to every token of each frame
+
+
+class FrameMaskedAttention(nn.Module):
+    """Video self-attention with the mask `F.view(T,1,1,T,1,1).repeat(1,H,W,1,H,W).reshape(N,N)`."""
+
+    def __init__(self, grid, dim: int = 32, heads: int = 2):
+        super().__init__()
+        self.grid, self.heads = grid, heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x, frames):
+        T, H, W = self.grid
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        mask = frames.view(T, 1, 1, T, 1, 1).repeat(1, H, W, 1, H, W).reshape(T * H * W, T * H * W)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0).unsqueeze(0)).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("frames_kind", ["causal-blocks", "random"])
+@pytest.mark.parametrize("window", [(1, 1, 1), (3, 3, 3)])
+def test_frame_masks_run_the_plan_and_the_mask_exactly(frames_kind, window):
+    """Tiles two frames deep straddle frames, so blocks are partial under the mask: the output equals
+    the float64 reference with the plan's blocks and the frame mask, and differs from either alone."""
+    grid = (6, 4, 8)                                     # tile (2, 4, 8): each 64-token block holds 2 frames
+    T, S = grid[0], math.prod(grid)
+    torch.manual_seed(0)
+    model = FrameMaskedAttention(grid).eval()
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, S, 32, generator=g)
+    if frames_kind == "causal-blocks":                   # SkyReels-V2: blocks of 3 frames, causal across blocks
+        r = torch.arange(2).repeat_interleave(3)
+        frames = r[None, :] <= r[:, None]
+    else:
+        frames = (torch.rand(T, T, generator=g) < 0.5) | torch.eye(T, dtype=torch.bool)
+    options = dict(plan="window", window=window, grid=grid, tile=(2, 4, 8), block_size=64, inner="eager")
+    compact_compile.report(clear=True)
+    with torch.no_grad():
+        out = torch.compile(model, backend="compact", options=options)(x, frames)
+    [site] = compact_compile.report().sites
+    assert site["rewritten"] and site["frame_mask"] and site["kernel"] == "flex"
+    layout = TokenLayout(grid, (2, 4, 8), 64)
+    plan_mask = model_order_mask(layout, window_blocks(layout, window)[None])
+    frame_of = torch.arange(S) // (grid[1] * grid[2])
+    frame_mask = frames[frame_of][:, frame_of]
+    with torch.no_grad():
+        q, k, v = model.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4)
+        attend = lambda m: F.scaled_dot_product_attention(q.double(), k.double(), v.double(),  # noqa: E731
+                                                          attn_mask=m).transpose(1, 2).flatten(2)
+        want, plan_only, mask_only = attend(plan_mask & frame_mask), attend(plan_mask), attend(frame_mask[None])
+    assert relative(out, want) < 1e-5
+    assert relative(plan_only, want) > 1e-2
+    assert window == (3, 3, 3) or relative(mask_only, want) > 1e-2      # (3,3,3) keeps every block here

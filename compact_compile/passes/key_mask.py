@@ -14,6 +14,11 @@ valid_q ⊗ valid_k). A valid query's row is the key mask (its own key is valid,
 empty); a padded query's row masks every key, and SDPA returns 0 for a row with no key: the key
 mask, then the padded queries' rows set to 0 (`KeyMask.zero_masked_queries`).
 
+And a frame mask over video self-attention: a `[T, T]` bool tensor F broadcast to every token of
+each frame, `F.view(T, 1, 1, T, 1, 1).repeat(1, H, W, 1, H, W).reshape(N, N)` (SkyReels-V2's
+diffusion-forcing causal blocks): query token of frame t attends key token of frame t' iff F[t, t']
+(`KeyMask.frames`).
+
 Its values must be boolean (True = attend), or additive with only 0 and −inf: a float mask counts
 when it comes from `where(b, 0, -inf)` or `masked_fill(zeros, b, -inf)` of a boolean key mask, since
 any other additive value (e.g. −10000) re-weights keys instead of excluding them.
@@ -93,6 +98,7 @@ class KeyMask:
     reason: str = ""
     node: fx.Node | None = None
     zero_masked_queries: bool = False
+    frames: fx.Node | None = None    # a frame mask: the [T, T] bool tensor it broadcasts
 
 
 _ANDS = (operator.and_, torch.logical_and, torch.bitwise_and)
@@ -115,8 +121,35 @@ def _query_and_key(mask_node, n_keys: int):
     return None
 
 
-def classify_mask(mask_node, n_keys: int) -> KeyMask:
-    """A key-padding mask (bool, or additive 0/−inf), or valid_q ⊗ valid_k of one; else why not."""
+def _frame_mask(mask_node, grid) -> fx.Node | None:
+    """The [T, T] node F of `F.view(T, 1, 1, T, 1, 1).repeat(1, H, W, 1, H, W).reshape(N, N)` (with
+    leading unit dims added by unsqueeze/view), for the video grid (T, H, W); else None."""
+    if grid is None:
+        return None
+    T, H, W = grid
+    node = mask_node
+    while (isinstance(node, fx.Node) and _op_name(node) in ("unsqueeze", "view", "reshape", "bool")
+           and _value(node.args[0]) is not None and _value(node.args[0]).dim() != 6):
+        node = node.args[0]                          # leading unit dims, casts
+    if not (isinstance(node, fx.Node) and _op_name(node) in ("reshape", "view") and _value(node) is not None
+            and tuple(_value(node).shape) == (T * H * W,) * 2):
+        return None
+    repeated = node.args[0]
+    if not (isinstance(repeated, fx.Node) and _op_name(repeated) == "repeat"
+            and tuple(_value(repeated).shape) == (T, H, W) * 2 and tuple(repeated.args[1:]) == (1, H, W) * 2):
+        return None
+    viewed = repeated.args[0]
+    if not (isinstance(viewed, fx.Node) and _op_name(viewed) in ("view", "reshape")
+            and tuple(_value(viewed).shape) == (T, 1, 1) * 2):
+        return None
+    frames = viewed.args[0]
+    value = _value(frames)
+    return frames if value is not None and tuple(value.shape) == (T, T) and value.dtype == torch.bool else None
+
+
+def classify_mask(mask_node, n_keys: int, grid=None) -> KeyMask:
+    """A key-padding mask (bool, or additive 0/−inf), valid_q ⊗ valid_k of one, or (self-attention
+    over the video `grid` alone) a frame mask; else why not."""
     mask = _value(mask_node)
     if mask is None:
         return KeyMask("attn_mask is not a tensor the graph can inspect (kept dense)")
@@ -124,6 +157,9 @@ def classify_mask(mask_node, n_keys: int) -> KeyMask:
         both = _query_and_key(mask_node, n_keys)
         if both is not None:
             return KeyMask(node=both, zero_masked_queries=True)
+        frames = _frame_mask(mask_node, grid)
+        if frames is not None:
+            return KeyMask(frames=frames)
     source = _broadcast_source(mask_node, n_keys)
     if source is None:
         return KeyMask(f"attn_mask {tuple(mask.shape)} is not provably a key-padding mask (the same for every head "

@@ -54,6 +54,40 @@ def zero_masked_queries(out, mask):
     return out * keys[:, None, :, None].to(out.dtype)
 
 
+def frame_block_lists(frames):
+    """A frame mask F `[T, T]` as the lists of a BlockMask whose blocks are whole frames, each listed
+    one full (kernels/model_mask.py): no partial blocks, and per query frame the key frames where F
+    holds, ascending. int32 `[1, 1, T, T]` each: (num, indices, full num, full indices)."""
+    f = frames.reshape(frames.shape[-2:])
+    full_num = f.sum(-1, dtype=torch.int32)
+    full_indices = torch.argsort((~f).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return (torch.zeros_like(full_num)[None, None], torch.zeros_like(full_indices)[None, None],
+            full_num[None, None], full_indices[None, None])
+
+
+def rewrite_frame_masked_site(gm: fx.GraphModule, site: Site, spec: SiteSpec, handle: int) -> None:
+    """Replace an SDPA whose attn_mask is a frame mask (key_mask.py) by the model-mask op on q, k, v
+    in tile order: the plan's blocks, intersected with the frame pairs the mask allows."""
+    layout = spec.layout
+    a = sdpa_arguments(site.node)
+    fields = (list(layout.grid), list(layout.tile), layout.block_size, layout.n_text, layout.n_before)
+    index = torch.ops.compact.tile_index.default
+    scale = site.scale if site.scale is not None else site.q_shape[-1] ** -0.5
+    graph = gm.graph
+    with graph.inserting_before(site.node):
+        src = graph.call_function(index, (a["query"],) + fields + (False,))
+        dst = graph.call_function(index, (a["query"],) + fields + (True,))
+        q, k, v = (graph.call_function(torch.index_select, (a[n], -2, src)) for n in ("query", "key", "value"))
+        lists = graph.call_function(frame_block_lists, (site.mask.frames,))
+        num, indices, full_num, full_indices = (graph.call_function(operator.getitem, (lists, i)) for i in range(4))
+        o = graph.call_function(torch.ops.compact.model_masked_attention.default,
+                                (q, k, v, handle, scale, num, indices, full_num, full_indices, [], []))
+        out = graph.call_function(torch.index_select, (o, -2, dst))
+    out.meta.update(site.node.meta)
+    site.node.replace_all_uses_with(out)
+    graph.erase_node(site.node)
+
+
 def rewrite_site(gm: fx.GraphModule, site: Site, spec: SiteSpec, handle: int) -> None:
     """Replace the site's SDPA node by the spec's op. spec.pooled: the op takes rectification's block
     statistics, so q, k, v are reordered by `compact.tile_pool`, which computes them in the same

@@ -66,7 +66,8 @@ class Site:
                     rewritten=self.rewritten, reason=self.reason or None, grid=self.grid, grid_source=self.grid_source,
                     n_text=self.n_text, n_before=self.n_before, density=self.density,
                     key_mask=self.key_mask, **self.extras,
-                    **(dict(masked_queries_zeroed=True) if self.mask and self.mask.zero_masked_queries else {}))
+                    **(dict(masked_queries_zeroed=True) if self.mask and self.mask.zero_masked_queries else {}),
+                    **(dict(frame_mask=True) if self.mask and self.mask.frames is not None else {}))
 
 
 def is_sdpa(node: fx.Node) -> bool:
@@ -110,8 +111,8 @@ def classify(node: fx.Node, grids: list[GridCandidate], grid_option=None, plan_g
     _locate_video(site, node, S, q.shape[0], grids, grid_option, plan_grid)
     site.reason = site.reason or _ineligible(a, q, k, v)
     if not site.reason and a["attn_mask"] is not None:
-        site.mask = classify_mask(a["attn_mask"], Sk)
-        site.reason, site.key_mask = site.mask.reason, not site.mask.reason
+        site.mask = classify_mask(a["attn_mask"], Sk, site.grid if site.kind == VIDEO else None)
+        site.reason, site.key_mask = site.mask.reason, not site.mask.reason and site.mask.frames is None
     if isinstance(a["scale"], (int, float)) or a["scale"] is None:
         site.scale = None if a["scale"] is None else float(a["scale"])
     else:
