@@ -86,7 +86,7 @@ def _range_blocks(options, plan, entry: str, site: Site, layout: TokenLayout) ->
     """Block map of a later step range: the plan's entry for it, the built-in map otherwise."""
     if plan is None:
         return site_blocks(options, plan, site, layout)
-    blocks = plan.sites[entry].blocks
+    blocks = _own_heads(plan.sites[entry].blocks, site)
     return blocks | video_site_blocks(layout, neighbour_blocks(layout)) if options.dynamic else blocks
 
 
@@ -138,10 +138,21 @@ def _plan_blocks(options: CompactOptions, plan: Plan | None, site: Site, layout:
             return video_site_blocks(layout, torch.zeros(layout.n_blocks, layout.n_blocks, dtype=torch.bool))[None]
         return video_site_blocks(layout, window_blocks(layout, options.window))[None]
     s = plan.sites[plan_entry(plan, site.name)]
-    heads, head_dim = site.q_shape[1], site.q_shape[3]
-    got = dict(heads=heads, head_dim=head_dim, seq_len=layout.seq_len, n_text=site.n_text, n_before=site.n_before)
+    heads = site.q_shape[1] if site.model_heads is None else site.n_model_heads
+    got = dict(heads=heads, head_dim=site.q_shape[3], seq_len=layout.seq_len, n_text=site.n_text,
+               n_before=site.n_before)
     want = dict(heads=s.heads, head_dim=s.head_dim, seq_len=s.seq_len, n_text=s.n_text, n_before=s.n_before)
     diff = [f"{k} {want[k]} in the plan, {got[k]} in the model" for k in got if got[k] != want[k]]
+    if got["heads"] != want["heads"] and site.model_heads_unproven:
+        diff.append(site.model_heads_unproven)
     if diff:
         raise PlanError(f"plan does not fit site {site.name!r}: " + "; ".join(diff))
-    return s.blocks
+    return _own_heads(s.blocks, site)
+
+
+def _own_heads(blocks: torch.Tensor, site: Site) -> torch.Tensor:
+    """A per-head map's rows for the site's heads: all of them, or under sequence parallelism this
+    rank's share of the model's heads (passes/heads.py)."""
+    if site.model_heads is None or blocks.shape[0] == 1:
+        return blocks
+    return blocks[list(site.model_heads)]

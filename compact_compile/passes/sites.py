@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ..errors import OptionsError
 from .grid import GridCandidate, video_offset
+from .heads import head_slice
 from .key_mask import KeyMask, classify_mask
 
 VIDEO = "video self-attention"
@@ -49,6 +50,9 @@ class Site:
     density: float | None = None    # fraction of blocks computed, when rewritten
     key_mask: bool = False          # attn_mask is a key-padding mask (rewritten with it)
     mask: KeyMask | None = None     # what the attn_mask was proven to be (key_mask.py)
+    model_heads: tuple | None = None   # under sequence parallelism: the model heads of this rank's heads (heads.py)
+    n_model_heads: int = 0             # and how many heads the model has
+    model_heads_unproven: str = ""     # an all-to-all feeds the site, but which heads it gave is not proven: why
     maybe_video: bool = True        # False: fewer tokens than the video grid has (e.g. a prompt refiner)
     extras: dict = field(default_factory=dict)
 
@@ -67,7 +71,8 @@ class Site:
                     n_text=self.n_text, n_before=self.n_before, density=self.density,
                     key_mask=self.key_mask, **self.extras,
                     **(dict(masked_queries_zeroed=True) if self.mask and self.mask.zero_masked_queries else {}),
-                    **(dict(frame_mask=True) if self.mask and self.mask.frames is not None else {}))
+                    **(dict(frame_mask=True) if self.mask and self.mask.frames is not None else {}),
+                    **(dict(model_heads=list(self.model_heads)) if self.model_heads is not None else {}))
 
 
 def is_sdpa(node: fx.Node) -> bool:
@@ -109,6 +114,7 @@ def classify(node: fx.Node, grids: list[GridCandidate], grid_option=None, plan_g
         site.kind, site.reason = CROSS, "cross-attention: queries and keys are different token sets"
         return site
     _locate_video(site, node, S, q.shape[0], grids, grid_option, plan_grid)
+    site.model_heads, site.n_model_heads, site.model_heads_unproven = head_slice(a)
     site.reason = site.reason or _ineligible(a, q, k, v)
     if not site.reason and a["attn_mask"] is not None:
         site.mask = classify_mask(a["attn_mask"], Sk, site.grid if site.kind == VIDEO else None)

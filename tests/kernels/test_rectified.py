@@ -197,11 +197,14 @@ def test_static_estimate_in_triton_equals_general_estimate(block_size, n_text, n
 
 
 def key_mask(layout, kind, g):
-    """bool `[2, S]`: "random" keys anywhere, or "text tail": text padding, half the text kept by the
-    first batch element and none by the second."""
+    """bool `[2, S]`: "random" keys anywhere (at least one kept: a sequence with no key to attend is
+    not attention), or "text tail": text padding, half the text kept by the first batch element and
+    none by the second."""
     S = layout.seq_len
     if kind == "random":
-        return torch.rand(2, S, generator=g) < 0.6
+        valid = torch.rand(2, S, generator=g) < 0.6
+        valid[:, 0] = True
+        return valid
     key_valid = torch.ones(2, S, dtype=torch.bool)
     key_valid[0, layout.n_video + layout.n_text // 2:] = False
     key_valid[1, layout.n_video:] = False
