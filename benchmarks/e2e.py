@@ -6,7 +6,7 @@ speed), bf16, one GPU: one forward and a short denoising loop per variant, same 
 Models: wan1.3b (Wan2.1-1.3B, 480p 81 frames, 32,760 tokens), wan14b (Wan2.1-14B, 720p 81 frames,
 75,600 tokens), cogvideox5b (CogVideoX-5B, 720×480 49 frames, 17,550 video + 226 text tokens in
 joint attention), hunyuan13b (HunyuanVideo 13B, 720×1280 33 frames, 32,400 video + 256 text tokens
-with a key-padding mask), mochi10b (Mochi 10B, 480×848 85 frames, 23,850 video + 256 text tokens,
+with a key-padding mask; hunyuan13b-129f: the same at 129 frames, 118,800 video tokens), mochi10b (Mochi 10B, 480×848 85 frames, 23,850 video + 256 text tokens,
 prompt padding as a key mask through compact_compile.models). Variants: see VARIANTS; "-regional"
 ones compile the repeated transformer blocks only (diffusers' compile_repeated_blocks, or each of
 `transformer_blocks` for models without `_repeated_blocks`), the others the whole model.

@@ -15,13 +15,10 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from .key_mask import _op_name as _name
+
 _VIEWS = {"reshape", "view", "permute", "transpose", "flatten", "unflatten", "unsqueeze", "squeeze"}
 _SAME_VALUES = {"contiguous", "clone", "to", "float", "half", "bfloat16", "type", "detach"}
-
-
-def _name(node: fx.Node) -> str:
-    target = node.target
-    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
 def _is(node, op_name: str) -> bool:
