@@ -39,10 +39,8 @@ log = logging.getLogger("compact_compile")
 
 
 # Model fixes (models/) act while Dynamo traces, so they must be in place before it traces a frame:
-# now (the entry point loads this module when torch.compile(..., backend="compact") is called, after
-# the model exists) and at every compile start (for models whose library loads later).
+# now, or (models/__init__.py) as soon as the model's library is imported.
 install_model_fixes()
-torch._dynamo.callback_handler.register_start_callback(lambda *_: install_model_fixes())
 
 
 @raises_unwrapped   # OptionsError, PlanError reach model(...) as themselves (errors.py)

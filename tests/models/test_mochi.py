@@ -165,6 +165,25 @@ def test_joint_sdpa_reaches_backend_with_key_padding_mask(installed, tiny_mochi)
     assert calls == [((2, HEADS, S, HEAD_DIM), (2, 1, 1, S), torch.bool)] * LAYERS, calls
 
 
+def test_fix_installs_when_diffusers_loads_after_the_backend_and_a_dynamo_reset():
+    """The backend loaded first, then torch._dynamo.reset() (which clears compile-start callbacks),
+    then diffusers: the fix installs as diffusers' processor module loads, and Mochi's joint
+    attention reaches the backend."""
+    code = """if True:
+        import sys, torch, compact_compile, compact_compile.backend
+        assert not any(m.startswith("diffusers.models") for m in sys.modules)
+        torch._dynamo.reset()
+        sys.path.insert(0, "tests")
+        from support import tiny_mochi
+        model, inputs = tiny_mochi()
+        with torch.no_grad():
+            torch.compile(model, backend="compact", options=dict(plan="window", block_size=64, inner="eager"))(**inputs)
+        joint = [s for s in compact_compile.report().sites if s["kind"] == "joint text+video"]
+        assert joint and all(s["rewritten"] and s["key_mask"] for s in joint), compact_compile.report().sites
+    """
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
 def test_compiled_equals_unpatched_eager(tiny_mochi, monkeypatch):
     model, inputs = tiny_mochi
     monkeypatch.setattr(MochiAttnProcessor2_0, "__call__", diffusers_call())
