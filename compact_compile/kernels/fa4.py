@@ -4,21 +4,35 @@ FA4's Hopper forward is FlashAttention-3's design (a producer warp, two MMA warp
 ping-pong, softmax overlapped with the MMAs): what Triton cannot express on sm90. On the same block
 lists it ran 1.47× faster than our Triton kernel on an H200 (../shared/research/platform.md §9).
 
-Our block lists are FA4's "full" block lists (no mask_mod: no per-element cost). Two FA4 rules
-shape them (flash_attn/cute/block_sparse_utils.py):
-- it walks a list backwards and applies the sequence-length mask only to the first block it
-  processes, so a partial last key block must be the LAST entry of its list: our lists are
-  ascending (`kv_block_lists`), so it is;
+FA4 takes two lists of key blocks per query block (flash_attn/cute/block_sparse_utils.py,
+`consume_block_sparse_loads`): "mask" blocks, where it calls a CuTe `mask_mod` on every score, then
+"full" blocks, where it does not. Without a key mask all our blocks are full: no per-element cost.
+With a key-padding mask (`key_valid`: HunyuanVideo's and Mochi's prompt padding) each call splits
+the lists (`split_lists`): a block holding a key that key_valid excludes becomes a mask block, whose
+`mask_mod` reads key_valid at (batch, key); the others stay full. Padding touches the few text
+blocks, so the video blocks, nearly all the work, pay nothing for the mask.
+
+FA4 rules that shape the lists (flash_attn 4.0.0b36):
+- it walks each list backwards and applies the sequence-length mask only to the first block it
+  processes of each list (block_sparse_utils.py:431–616), so a partial last key block must be the
+  LAST entry of whichever list holds it: our lists are ascending (`kv_block_lists`) and the split
+  keeps their order, so it is. Keys past S are not "masked keys": they leave a block full;
 - on sm90 the key block must equal its key tile, 128 for head dims ≤ 128; 64-token plans take
-  another kernel.
-Not here: key-padding masks (they need a CuTe mask_mod; such sites take our Triton kernel, and the
-report says so), a rectification epilogue (R·O + Ō is merged in the graph), fp8 (sm100 only).
+  another kernel;
+- a query row that sees no valid key gets 0, as in our Triton kernel and the float64 reference:
+  FA4's softmax takes a −inf row max as 0 and a zero row sum as 1 (softmax.py:224, 277), and an
+  empty list pair writes zeros (flash_fwd_sm90.py:1231).
+Not here: a rectification epilogue (R·O + Ō is merged in the graph), fp8 and sm100 (its block
+sparsity needs 256-token query blocks; plans use 128).
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from ..layout import TokenLayout
 from .registry import BlockLists, batched, sdpa_dense
@@ -42,6 +56,102 @@ def fa4_importable() -> bool:
     return not isinstance(_fa4(), str)
 
 
+@functools.cache
+def _key_valid_mask_mod():
+    """The CuTe mask_mod of key-padding masks: score (b, ·, ·, kv) is kept iff aux_tensors[0][b, kv]
+    != 0. Built once per process: FA4 keys its compile cache on a hash of the callable's source
+    (interface.py:1111), which it stores on the function object (utils.py:151–186); a new function
+    per call would be read and hashed again on every call.
+
+    FA4 calls it as mask_mod(batch, head, q_idx, kv_idx, seqlen_info, aux_tensors), each index a
+    one-element TensorSSA (mask.py:23–50), and keeps the score where it returns True. Only mask
+    blocks call it (block_sparse_utils.py:431–616)."""
+    import cutlass
+    import cutlass.cute as cute
+    from flash_attn.cute import utils
+
+    @cute.jit
+    def key_valid_mask(batch, head, q_idx, kv_idx, seqlen_info, aux_tensors):
+        valid = utils.scalar_to_ssa(aux_tensors[0][batch[0], kv_idx[0]], cutlass.Int32)
+        return valid != utils.scalar_to_ssa(0, cutlass.Int32)
+
+    return key_valid_mask
+
+
+# ---- the per-call split (plain torch: runs and is tested on the CPU) ------------------------------
+
+def masked_key_blocks(key_valid: torch.Tensor, n_blocks: int, block_size: int) -> torch.Tensor:
+    """bool `[B or 1, n_blocks]`: whether key block n holds a key that `key_valid` (bool
+    `[B or 1, S]`) excludes. Positions past S in a partial last block are no keys: FA4's sequence
+    mask drops them in either list."""
+    pad = n_blocks * block_size - key_valid.shape[-1]
+    return F.pad(~key_valid.bool(), (0, pad)).reshape(-1, n_blocks, block_size).any(-1)
+
+
+def _packed(keep: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, the entries of `idx` where `keep`, packed to the front in their order), int32. The rest
+    of each row is 0: FA4 reads only the first `count` entries."""
+    width = idx.shape[-1]
+    slot = torch.where(keep, keep.cumsum(-1) - 1, width)     # dropped entries go to a spare column
+    out = idx.new_zeros(*idx.shape[:-1], width + 1).scatter_(-1, slot, idx)
+    return keep.sum(-1, dtype=torch.int32), out[..., :width].contiguous()
+
+
+def split_lists(lists: BlockLists, masked: torch.Tensor):
+    """FA4's (mask_cnt, mask_idx, full_cnt, full_idx) from our block lists (`kv_block_lists`) and the
+    per-call flags `masked` (bool `[B or 1, nk]`, `masked_key_blocks`): each listed block that holds a
+    masked key goes to the mask list, every other one to the full list, both in the order of the
+    list (ascending). Counts `[B', H or 1, nq]`, indices `[B', H or 1, nq, width]`, int32, B' the
+    batch of the lists or of the flags, whichever is not 1."""
+    num, idx = batched(lists)
+    B = max(num.shape[0], masked.shape[0])
+    _, H, nq, width = idx.shape
+    listed = torch.arange(width, device=idx.device) < num[..., None]
+    idx = torch.where(listed, idx, 0).expand(B, H, nq, width)   # entries past the count: any block
+    has_mask = masked.to(idx.device)[:, None, None, :].expand(B, H, nq, masked.shape[-1]).gather(-1, idx.long())
+    return (*_packed(listed & has_mask, idx), *_packed(listed & ~has_mask, idx))
+
+
+@triton.jit
+def _split_lists_kernel(num, idx, masked, mask_cnt, mask_idx, full_cnt, full_idx, H, NQ, WIDTH,
+                        num_sb, num_sh, idx_sb, idx_sh, idx_sq, masked_sb, BLOCK_W: tl.constexpr):
+    """`split_lists` on the GPU, one program per (batch, head, query block): the torch version is
+    about 15 launches over [B, H, nq, width] tensors (0.5 ms a call at HunyuanVideo's size)."""
+    row = tl.program_id(0)
+    q, h, b = row % NQ, (row // NQ) % H, row // (NQ * H)
+    n = tl.load(num + b * num_sb + h * num_sh + q)
+    cols = tl.arange(0, BLOCK_W)
+    listed = cols < n
+    block = tl.load(idx + b * idx_sb + h * idx_sh + q * idx_sq + cols, mask=listed, other=0)
+    has_mask = tl.load(masked + b * masked_sb + block, mask=listed, other=0) != 0
+    to_mask, to_full = listed & has_mask, listed & ~has_mask
+    # a list's k-th kept entry goes to slot k: the running count of kept entries before it
+    tl.store(mask_idx + row * WIDTH + tl.cumsum(to_mask.to(tl.int32), 0) - 1, block, mask=to_mask)
+    tl.store(full_idx + row * WIDTH + tl.cumsum(to_full.to(tl.int32), 0) - 1, block, mask=to_full)
+    tl.store(mask_cnt + row, tl.sum(to_mask.to(tl.int32), 0))
+    tl.store(full_cnt + row, tl.sum(to_full.to(tl.int32), 0))
+
+
+def split_lists_triton(lists: BlockLists, masked: torch.Tensor):
+    """`split_lists` in one launch, the same outputs (entries past each count 0)."""
+    num, idx = batched(lists)
+    B = max(num.shape[0], masked.shape[0])
+    _, H, nq, width = idx.shape
+    counts = [torch.zeros(B, H, nq, dtype=torch.int32, device=idx.device) for _ in range(2)]
+    lists_out = [torch.zeros(B, H, nq, width, dtype=torch.int32, device=idx.device) for _ in range(2)]
+    num, idx = num.to(torch.int32), idx.to(torch.int32)
+    idx = idx if idx.stride(-1) == 1 else idx.contiguous()
+    masked = masked.to(idx.device, torch.int8).contiguous()
+    stride = lambda t, d: t.stride(d) if t.shape[d] > 1 else 0  # noqa: E731  (size-1 dims broadcast)
+    _split_lists_kernel[(B * H * nq,)](
+        num, idx, masked, counts[0], lists_out[0], counts[1], lists_out[1], H, nq, width,
+        stride(num, 0), stride(num, 1), stride(idx, 0), stride(idx, 1), idx.stride(2), stride(masked, 0),
+        BLOCK_W=triton.next_power_of_2(width))
+    return counts[0], lists_out[0], counts[1], lists_out[1]
+
+
+# ---- the kernel -------------------------------------------------------------------------------------
+
 class FA4Kernel:
     name = "fa4"
     fuses_rectify = False
@@ -63,16 +173,14 @@ class FA4Kernel:
             return f"head dim {head_dim} (FA4 block-sparse here: {HEAD_DIMS})"
         if block_size != BLOCK:
             return f"block size {block_size} (FA4's key tile is {BLOCK})"
-        if key_mask:
-            return "key-padding mask (FA4 needs a CuTe mask_mod for it; not built yet)"
         if major == 10:
             return "sm100 needs 256-token query blocks for block sparsity; plans use 128"
-        got = _fa4()
+        got = _fa4()   # key masks (key_mask) run through the mask_mod: nothing more to check
         return got if isinstance(got, str) else ""
 
     def prepare(self, lists: BlockLists):
         """FA4's block-sparse tensors: counts `[B|1, H|1, nq]`, indices `[B|1, H|1, nq, width]`
-        int32, every listed block "full"; the "mask" lists are empty."""
+        int32, every listed block "full"; the "mask" lists are empty (a key mask splits them per call)."""
         _, BlockSparseTensorsTorch = _fa4()
         num, idx = (x.to(torch.int32).contiguous() for x in batched(lists))
         empty = torch.zeros_like(num)
@@ -80,9 +188,22 @@ class FA4Kernel:
                                        block_size=(self.block_size, self.block_size))
 
     def attend(self, q, k, v, prepared, scale, key_valid=None, rectify=None) -> torch.Tensor:
-        if key_valid is not None or rectify is not None:
-            raise ValueError("the FA4 kernel takes neither key masks nor a rectification epilogue")
-        return _run(q, k, v, scale, block_sparse_tensors=prepared)
+        if rectify is not None:
+            raise ValueError("the FA4 kernel takes no rectification epilogue (R·O + Ō is merged in the graph)")
+        if key_valid is None:
+            return _run(q, k, v, scale, block_sparse_tensors=prepared)
+        B, S, bs = q.shape[0], q.shape[-2], self.block_size
+        if key_valid.dim() != 2 or key_valid.shape[0] not in (1, B) or key_valid.shape[1] != S:
+            raise ValueError(f"key_valid must be [B or 1, S] = [{B}, {S}]; got {tuple(key_valid.shape)}")
+        nk = -(-S // bs)
+        valid = key_valid.to(q.device, torch.bool).expand(B, S)
+        _, BlockSparseTensorsTorch = _fa4()
+        split = split_lists_triton((prepared.full_block_cnt, prepared.full_block_idx), masked_key_blocks(valid, nk, bs))
+        # The mask_mod's table, int32 and padded with zeros to whole blocks: every key index FA4 asks
+        # about is in bounds (it also wraps indices past S, mask.py:234–258, but need not).
+        table = F.pad(valid.to(torch.int32), (0, nk * bs - S))
+        return _run(q, k, v, scale, block_sparse_tensors=BlockSparseTensorsTorch(*split, block_size=(bs, bs)),
+                    mask_mod=_key_valid_mask_mod(), aux_tensors=[table])
 
     def dense(self, q, k, v, scale, key_valid=None) -> torch.Tensor:
         if key_valid is not None:
