@@ -1,8 +1,9 @@
 """How much quality does each sparse mode keep? Generate with dense attention and with every sparse
-mode from the same noise on the trained video DiT (examples/video_dit), and compare.
+mode from the same noise on the trained video DiTs (examples/video_dit), and compare.
 
-    python benchmarks/fidelity.py [--checkpoint PATH] [--videos 8 --steps 20 --cfg 3 --dense-steps 4]
-                                  [--modes NAME ...] [--device cuda|cpu]
+    python benchmarks/fidelity.py [--models short,long] [--checkpoint PATH ...]
+                                  [--videos 8 --steps 20 --cfg 3 --dense-steps 4] [--block-size 64]
+                                  [--modes NAME ...] [--points N] [--minutes M] [--no-gif] [--device cuda|cpu]
 
 Per mode and sweep point: PSNR and SSIM (torchmetrics) of every video against the dense one, the
 per-layer attention-output relative error (each site's sparse output vs dense attention on the same
@@ -11,7 +12,23 @@ warm-up steps and dense layers count as dense) and over the sparse steps only. T
 floor (plan="dense": every site rewritten, attention dense in tile order) is stated beside it.
 The sites are measured as users get them: the observer wraps each site's runtime and calls it the
 way the rewritten graph does (fused rectification, in-graph merges).
-Writes $OUT/fidelity.json, fidelity_pareto.png, and a strip + GIF of dense vs the best sparse mode.
+Writes, per model, $OUT/<model>/fidelity.json, fidelity_pareto.png, and a strip + GIF of dense vs
+the best sparse mode (a GPU call brings back 8 files: two models with --no-gif leave room for a log).
+
+Cost: every sweep point compiles the model afresh and samples `--videos` clips for `--steps` steps at
+batch 2·videos (CFG), measuring every attention call against dense. Estimated for an H200 (not yet
+measured there): compiling (Dynamo, the backend's passes, aot_eager) is 3–5 s whatever the length
+(2–4 s for the 6-layer model on a 2-core CPU); a forward at 16 clips costs ~40 ms at 4096 tokens
+and ~160 ms at 16,384 (sparse attention plus the probe's dense reference, ~26 TFLOP, and unfused
+elementwise work), so 20 steps add ~1 s (short) or ~3 s (long): ~6 s per point for short, ~9 s
+for long. Per model add the dense reference, the floor, one calibration (~10 s) and, at the first
+use of each kernel variant and sequence-length bucket, Triton's JIT and autotuning (~30–60 s).
+The whole MODES table (34 runs per model) is then ~5 min for short and ~6 for long: too much for
+one 9-minute call with both. Five modes at `--points 3` (16 runs per model) come to ~3 + ~3.5
+min. `--points N` keeps N values of each mode's sweep (spread from its first to its last),
+`--modes` a subset of modes (in the order given), and `--minutes` stops starting points that would
+not finish in time (they are listed under "skipped"), sharing the time between the models; every
+point's `wall_s` is recorded, so the next run's budget can be set from measurements.
 
 Adding a mode is one line in MODES: name → (backend options, swept option, values).
 """
@@ -31,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import compact_compile  # noqa: E402
 from compact_compile.kernels.rectified import merge_blocks  # noqa: E402
 from compact_compile.schedule import CLOCK  # noqa: E402
-from examples.video_dit.model import CHECKPOINT, load_model  # noqa: E402
+from examples.video_dit.model import MODEL_NAMES, from_name, load_model  # noqa: E402
 from examples.video_dit.sample import fixed_noise, sample, save_gif, save_strip  # noqa: E402
 
 CALIBRATED = "calibrated"   # stands for the plan calibrated in this run, searched at the swept recall τ
@@ -50,7 +67,7 @@ MODES = {
     "calibrated ∪ top-k + rectified": (dict(plan=CALIBRATED, dynamic=True, rectify=True), "recall", [0.7, 0.8]),
 }
 FLOOR = {"dense plan": dict(plan="dense")}   # rewritten sites, every block: the dense kernel in tile order
-BLOCK_SIZE = 64    # the 16×16×16 grid in 4×4×4 tiles: 64 blocks per row
+BLOCK_SIZE = 64    # 4×4×4 tiles: the short model's 16×16×16 grid has 64 blocks per row, the long one's 256
 
 
 class Probe:
@@ -121,57 +138,92 @@ def generate(model, options, noise, labels, args):
     compact_compile.report(clear=True)
     probe = Probe()
     fast = torch.compile(model, backend="compact", dynamic=False,
-                         options=dict(options, observer=probe, inner="aot_eager", block_size=BLOCK_SIZE))
+                         options=dict(options, observer=probe, inner="aot_eager", block_size=args.block_size))
     videos = sample(fast, noise, labels, steps=args.steps, cfg=args.cfg, shift=args.shift)
     return videos, probe.summary(args.dense_steps)
 
 
-def calibrate_plan(model, args):
+def calibrate_plan(model, config, args):
     """A Compact Attention calibration on other noise and labels than the evaluation's."""
     labels = torch.arange(args.videos, 2 * args.videos) % 10
-    noise = fixed_noise(args.videos, seed=1000, device=args.device, dtype=dtype_on(args.device))
+    noise = fixed_noise(args.videos, config.frames, config.size, seed=1000, device=args.device,
+                        dtype=dtype_on(args.device))
     t0 = time.time()
     with compact_compile.calibrate(model, dense_steps=args.dense_steps, inner="aot_eager",
-                                   options=dict(block_size=BLOCK_SIZE)) as cal:
+                                   options=dict(block_size=args.block_size)) as cal:
         sample(model, noise, labels, steps=args.steps, cfg=args.cfg, shift=args.shift)
     print(f"calibrated in {time.time() - t0:.1f} s", flush=True)
     return cal
 
 
-def run(args):
-    out = Path(os.environ.get("OUT", "."))
-    model = load_model(args.checkpoint, device=args.device, dtype=dtype_on(args.device))
-    labels = torch.arange(args.videos) % 10
-    noise = fixed_noise(args.videos, seed=0, device=args.device, dtype=dtype_on(args.device))
-    modes = {name: MODES[name] for name in (args.modes or MODES)}
-    floor = FLOOR
-    dense = sample(model, noise, labels, steps=args.steps, cfg=args.cfg, shift=args.shift)
-    result = dict(device=torch.cuda.get_device_name() if args.device == "cuda" else "CPU", torch=torch.__version__,
-                  checkpoint=str(args.checkpoint), videos=args.videos, steps=args.steps, cfg=args.cfg, shift=args.shift,
-                  dense_steps=args.dense_steps, block_size=BLOCK_SIZE, floor={}, modes={})
-    for name, options in floor.items():
-        videos, _ = generate(model, options, noise, labels, args)
-        result["floor"][name] = summarize(quality(videos, dense))
-        print(name, result["floor"][name], flush=True)
-    cal = calibrate_plan(model, args) if any(o.get("plan") == CALIBRATED for o, _, _ in modes.values()) else None
-    best = None
+def sweep(modes, max_points):
+    """(mode name, its options, swept option, value) for every point, at most `max_points` values of
+    each mode's sweep, spread from its first value to its last."""
     for name, (options, swept, values) in modes.items():
-        points = []
+        if max_points is not None and max_points < len(values):
+            keep = sorted({round(i * (len(values) - 1) / max(1, max_points - 1)) for i in range(max_points)})
+            values = [values[i] for i in keep]
         for value in values:
-            opts = dict(options)
-            if opts.get("plan") == CALIBRATED:
-                opts["plan"] = (cal.search(density=value) if swept == "density"
-                                else cal.search(recall=value, cost=math.inf))
-            else:
-                opts.update({swept: value, "dense_steps": args.dense_steps})
-            videos, probe = generate(model, opts, noise, labels, args)
-            point = dict({swept: value}, **probe, **summarize(quality(videos, dense)))
-            points.append(point)
-            print(name, json.dumps({k: v for k, v in point.items() if k != "layer_error"}), flush=True)
-            if 1 - point["density"] >= args.strip_sparsity and (best is None or point["psnr"] > best[0]):
-                best = (point["psnr"], f"{name}, {swept}={value}", videos)
-        result["modes"][name] = points
+            yield name, options, swept, value
+
+
+def run_model(config, checkpoint, args, out: Path, deadline: float):
+    """The whole comparison for one model; writes out/fidelity.json (after every point, so a run cut
+    short keeps what it measured), the Pareto plot, strip and GIF."""
+    t_model = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_model(checkpoint, device=args.device, dtype=dtype_on(args.device))
+    labels = torch.arange(args.videos) % 10
+    noise = fixed_noise(args.videos, config.frames, config.size, seed=0, device=args.device,
+                        dtype=dtype_on(args.device))
+    modes = {name: MODES[name] for name in (args.modes or MODES)}
+    t0 = time.time()
+    dense = sample(model, noise, labels, steps=args.steps, cfg=args.cfg, shift=args.shift)
+    result = dict(model=config.name, grid=config.grid, tokens=config.tokens, dense_wall_s=round(time.time() - t0, 1),
+                  device=torch.cuda.get_device_name() if args.device == "cuda" else "CPU", torch=torch.__version__,
+                  checkpoint=str(checkpoint), videos=args.videos, steps=args.steps, cfg=args.cfg, shift=args.shift,
+                  dense_steps=args.dense_steps, block_size=args.block_size, floor={}, modes={}, skipped=[])
+    point_s = []    # wall time of each compiled run so far: what the next one is expected to take
+
+    def time_left():
+        return not point_s or time.time() + sum(point_s) / len(point_s) <= deadline
+
+    for name, options in FLOOR.items():
+        t0 = time.time()
+        videos, _ = generate(model, options, noise, labels, args)
+        point_s.append(time.time() - t0)
+        result["floor"][name] = dict(summarize(quality(videos, dense)), wall_s=round(point_s[-1], 1))
+        print(config.name, name, result["floor"][name], flush=True)
+    calibrated = any(options.get("plan") == CALIBRATED for options, _, _ in modes.values())
+    t0 = time.time()
+    cal = calibrate_plan(model, config, args) if calibrated and time_left() else None
+    result["calibration_wall_s"] = round(time.time() - t0, 1) if cal is not None else None
+    best = None
+    for name, options, swept, value in sweep(modes, args.points):
+        if not time_left() or (options.get("plan") == CALIBRATED and cal is None):
+            result["skipped"].append(f"{name}, {swept}={value}")
+            continue
+        t0 = time.time()
+        opts = dict(options)
+        if opts.get("plan") == CALIBRATED:
+            opts["plan"] = (cal.search(density=value) if swept == "density"
+                            else cal.search(recall=value, cost=math.inf))
+        else:
+            opts.update({swept: value, "dense_steps": args.dense_steps})
+        videos, probe = generate(model, opts, noise, labels, args)
+        point_s.append(time.time() - t0)
+        # the swept value under its own name; a density budget's as "density_budget" (the probe's "density"
+        # is the density achieved)
+        setting = {"density_budget" if swept == "density" else swept: value}
+        point = dict(setting, **probe, **summarize(quality(videos, dense)), wall_s=round(point_s[-1], 1))
+        result["modes"].setdefault(name, []).append(point)
+        print(config.name, name, json.dumps({k: v for k, v in point.items() if k not in ("layer_error", "per_video")}),
+              flush=True)
+        if 1 - point["density"] >= args.strip_sparsity and (best is None or point["psnr"] > best[0]):
+            best = (point["psnr"], f"{name}, {swept}={value}", videos)
         (out / "fidelity.json").write_text(json.dumps(result, indent=1))
+    if result["skipped"]:
+        print(f"{config.name}: out of time, skipped {len(result['skipped'])} points", flush=True)
     pareto_plot(result, out / "fidelity_pareto.png")
     if best is not None:
         shown = range(min(3, args.videos))
@@ -180,10 +232,26 @@ def run(args):
             rows[f"dense #{i}"] = dense[i]
             rows[f"sparse #{i}"] = best[2][i]          # which mode: result["strip"]
         save_strip(rows, out / "fidelity_strip.png")
-        save_gif({"dense": torch.cat([dense[i] for i in shown], -1),
-                  "sparse": torch.cat([best[2][i] for i in shown], -1)}, out / "fidelity.gif")
+        if args.gif:
+            save_gif({"dense": torch.cat([dense[i] for i in shown], -1),
+                      "sparse": torch.cat([best[2][i] for i in shown], -1)}, out / "fidelity.gif")
         result["strip"] = best[1]
+    result["wall_s"] = round(time.time() - t_model, 1)
     (out / "fidelity.json").write_text(json.dumps(result, indent=1))
+    print(f"{config.name}: {result['wall_s']} s, wrote {out}", flush=True)
+    return result
+
+
+def run(args):
+    """Every model of args.models in turn, each in $OUT/<model>/, sharing args.minutes between them
+    (time one model leaves unused goes to the next)."""
+    out = Path(os.environ.get("OUT", "."))
+    start = time.time()
+    budget = math.inf if args.minutes is None else args.minutes * 60
+    for i, (name, checkpoint) in enumerate(zip(args.models, args.checkpoint)):
+        share = (budget - (time.time() - start)) / (len(args.models) - i)
+        config = from_name(name)
+        run_model(config, checkpoint, args, out / name, deadline=time.time() + share)
 
 
 def dtype_on(device):
@@ -211,26 +279,46 @@ def pareto_plot(result, path):
     ax.set_xlabel(f"sparsity (1 − computed blocks), dense warm-up ({result['dense_steps']} of "
                   f"{result['steps']} steps) counted")
     ax.set_ylabel("PSNR vs dense (dB)")
-    ax.set_title(f"video DiT fidelity, {result['videos']} videos, {result['device']}")
-    ax.legend(fontsize=7)
+    ax.set_title(f"video DiT ({result['model']}, {result['tokens']:,} tokens) fidelity, {result['videos']} videos, "
+                 f"{result['device']}", fontsize=9)
+    if result["modes"]:
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
-    ap.add_argument("--checkpoint", default=str(CHECKPOINT))
+    ap.add_argument("--models", default="short", help=f"comma-separated, of {','.join(MODEL_NAMES)}")
+    ap.add_argument("--checkpoint", nargs="+", type=Path, help="one per model (default: each model's own)")
     ap.add_argument("--videos", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--cfg", type=float, default=3.0)
     ap.add_argument("--shift", type=float, default=1.0)
     ap.add_argument("--dense-steps", type=int, default=4)
+    ap.add_argument("--block-size", type=int, default=BLOCK_SIZE, choices=[64, 128])
     ap.add_argument("--modes", nargs="*", choices=list(MODES), help="default: every mode")
+    ap.add_argument("--points", type=int, help="at most this many values of each mode's sweep (default: all)")
+    ap.add_argument("--minutes", type=float, help="time budget for all models: points that would not finish "
+                                                  "in it are skipped (default: none)")
+    ap.add_argument("--no-gif", dest="gif", action="store_false", help="no fidelity.gif (one file fewer)")
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--strip-sparsity", type=float, default=0.6,
                     help="the strip shows the best mode at least this sparse (warm-up counted)")
-    run(ap.parse_args())
+    args = ap.parse_args(argv)
+    args.models = args.models.split(",")
+    for name in args.models:
+        if name not in MODEL_NAMES:
+            ap.error(f"--models: unknown model {name!r}; the models are {', '.join(MODEL_NAMES)}")
+    args.checkpoint = args.checkpoint or [from_name(name).checkpoint for name in args.models]
+    if len(args.checkpoint) != len(args.models):
+        ap.error(f"--checkpoint: give one per model ({len(args.models)}), in the order of --models")
+    missing = [str(path) for path in args.checkpoint if not Path(path).is_file()]
+    if missing:     # before the first model's minutes are spent
+        ap.error(f"no checkpoint at {', '.join(missing)} (train it: examples/video_dit/README.md)")
+    run(args)
 
 
 if __name__ == "__main__":

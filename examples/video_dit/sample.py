@@ -1,6 +1,6 @@
 """Deterministic Euler sampling of the video DiT, and pictures of the results.
 
-    python -m examples.video_dit.sample --checkpoint PATH --out DIR   # samples.png + samples.gif
+    python -m examples.video_dit.sample --model short|long --out DIR [--checkpoint PATH]   # samples.png + .gif
 
 `sample` works with anything called like WanTransformer3DModel.forward: the module itself,
 `torch.compile(module, backend="inductor")` or `torch.compile(module, backend="compact", options=...)`.
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .clips import NUM_CLASSES
-from .model import CHECKPOINT, FRAMES, NULL, SIZE, caption, load_model
+from .model import MODEL_NAMES, NULL, caption, from_name, load_model
 
 
 def timesteps(steps: int, shift: float = 1.0) -> torch.Tensor:
@@ -53,7 +53,7 @@ def sample(model, noise: torch.Tensor, labels: torch.Tensor, *, steps: int = 20,
     return x.clamp(-1, 1)
 
 
-def fixed_noise(batch: int, frames: int = FRAMES, size: int = SIZE, seed: int = 0, device="cpu",
+def fixed_noise(batch: int, frames: int, size: int, seed: int = 0, device="cpu",
                 dtype=torch.float32) -> torch.Tensor:
     """N(0, 1) [batch, 3, frames, size, size], drawn on the CPU so a seed gives the same noise everywhere."""
     g = torch.Generator().manual_seed(seed)
@@ -102,7 +102,8 @@ def save_gif(videos: dict[str, torch.Tensor], path: str | Path, scale: int = 2, 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Sample the video DiT (dense, uncompiled): a strip and a GIF per class.")
-    ap.add_argument("--checkpoint", default=str(CHECKPOINT))
+    ap.add_argument("--model", choices=MODEL_NAMES, default="short", help="which video DiT (model.py)")
+    ap.add_argument("--checkpoint", help="default: the model's own")
     ap.add_argument("--out", required=True)
     ap.add_argument("--classes", type=int, nargs="+", default=list(range(NUM_CLASSES)))
     ap.add_argument("--steps", type=int, default=20)
@@ -113,8 +114,9 @@ def main(argv: list[str] | None = None) -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = load_model(args.checkpoint, device, dtype)
-    noise = fixed_noise(len(args.classes), seed=args.seed, device=device, dtype=dtype)
+    config = from_name(args.model)
+    model = load_model(args.checkpoint or config.checkpoint, device, dtype)
+    noise = fixed_noise(len(args.classes), config.frames, config.size, seed=args.seed, device=device, dtype=dtype)
     videos = sample(model, noise, torch.tensor(args.classes), steps=args.steps, cfg=args.cfg, shift=args.shift)
     named = {f"digit {c}": v for c, v in zip(args.classes, videos)}
     out = Path(args.out)

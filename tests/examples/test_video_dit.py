@@ -8,12 +8,11 @@ from hypothesis import strategies as st
 
 import compact_compile
 from examples.video_dit.clips import DIGIT_SIDE, NUM_CLASSES, make_clips, render, sample_scene
-from examples.video_dit.model import CAPTION_LEN, CHECKPOINT, CONFIG, NULL, build_model, caption, load_model
+from examples.video_dit.model import CAPTION_DIM, CAPTION_LEN, NULL, TINY, build_model, caption, from_name, load_model
 from examples.video_dit.sample import fixed_noise, sample, save_gif, save_strip, timesteps
 from examples.video_dit.train import flow_loss, train_step
 
-# a tiny model of the same family (text_dim stays CONFIG's: the captions are fixed at that width)
-TINY = dict(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, num_layers=1, freq_dim=32)
+SHORT = from_name("short")
 
 
 def relative(out, ref):
@@ -79,7 +78,7 @@ def _digit_corners(scene, frames, size):
 def test_caption_shapes_fixed_per_class_and_null_is_zero():
     labels = torch.tensor([0, 3, 3, NULL])
     ctx = caption(labels)
-    assert ctx.shape == (4, CAPTION_LEN, CONFIG["text_dim"]) and ctx.dtype == torch.float32
+    assert ctx.shape == (4, CAPTION_LEN, CAPTION_DIM) and ctx.dtype == torch.float32
     assert torch.equal(ctx[1], ctx[2]) and not torch.equal(ctx[0], ctx[1])
     assert torch.equal(ctx[3], torch.zeros_like(ctx[3]))
     assert torch.equal(caption(torch.arange(NUM_CLASSES)), caption(torch.arange(NUM_CLASSES)))
@@ -89,16 +88,16 @@ def test_build_model_is_seeded_and_leaves_the_global_rng_alone():
     torch.manual_seed(7)
     before = torch.rand(1)
     torch.manual_seed(7)
-    a, b = build_model(5, **TINY), build_model(5, **TINY)
+    a, b = build_model("short", 5, **TINY), build_model(SHORT, 5, **TINY)
     assert torch.rand(1) == before
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
 
 
 def test_checkpoint_loads_and_fits_16_mib():
-    assert CHECKPOINT.is_file() and CHECKPOINT.stat().st_size <= 16 * 2**20
+    assert SHORT.checkpoint.is_file() and SHORT.checkpoint.stat().st_size <= 16 * 2**20
     model = load_model()
     assert not model.training and next(model.parameters()).dtype == torch.float32
-    assert {k: model.config[k] for k in CONFIG} == {**CONFIG, "patch_size": tuple(CONFIG["patch_size"])}
+    assert {k: model.config[k] for k in SHORT.transformer} == SHORT.transformer
     half = load_model(dtype=torch.bfloat16)     # Wan's fp32 modules stay fp32, as with from_pretrained
     assert half.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
     assert half.blocks[0].scale_shift_table.dtype == half.rope.freqs_cos.dtype == torch.float32
@@ -110,7 +109,7 @@ def test_checkpoint_loads_and_fits_16_mib():
 
 
 def test_train_step_finite_and_loss_goes_down_on_a_fixed_batch():
-    model = build_model(0, **TINY).train()
+    model = build_model("short", 0, **TINY).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     clips, labels = make_clips(4, frames=2, size=16, generator=0)
     g = torch.Generator().manual_seed(0)
@@ -130,7 +129,7 @@ def test_train_step_finite_and_loss_goes_down_on_a_fixed_batch():
 
 
 def test_sample_is_deterministic_and_cfg_1_is_plain_euler():
-    model = build_model(0, **TINY).eval()
+    model = build_model("short", 0, **TINY).eval()
     noise = fixed_noise(2, frames=2, size=16, seed=3)
     labels = torch.tensor([1, 7])
     out = sample(model, noise, labels, steps=3, cfg=1.0)
@@ -173,5 +172,5 @@ def test_checkpoint_through_compact_backend_matches_uncompiled():
     assert relative(out, ref) <= 1e-4
     sites = compact_compile.report().sites
     rewritten = [s for s in sites if s["rewritten"]]
-    assert len(rewritten) == CONFIG["num_layers"]                      # every self-attention, once
+    assert len(rewritten) == SHORT.transformer["num_layers"]                      # every self-attention, once
     assert all(tuple(s["grid"]) == (4, 8, 8) and s["density"] == 1.0 for s in rewritten)
