@@ -24,6 +24,7 @@ from .kernels.ops import register_site
 from .kernels.site import make_site
 from .models import install_model_fixes
 from .options import CompactOptions
+from .passes.direct_attention import find_direct_attention
 from .passes.flex_sites import find_flex_sites
 from .passes.grid import carried_grids, output_tags, patch_embedding_grids
 from .passes.rewrite import rewrite_site
@@ -53,6 +54,7 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
     carried, input_tags = carried_grids(gm, example_inputs)    # grids from an earlier graph (video_tags.py)
     sites = find_sites(gm, own_grids + carried, opts.grid, plan.grid if plan else None)
     flex_sites = find_flex_sites(gm, own_grids + carried, opts.grid, plan.grid if plan else None)
+    direct = find_direct_attention(gm)          # attention kernels called directly (ring attention): dense
     # symbolic: one graph for several sizes; compiled per size, unless it holds flex_attention, which Dynamo
     # cannot trace again (its sites stay dense, and say so)
     if any(s.symbolic for s in sites + flex_sites) and not flex_sites and not _per_size:
@@ -60,7 +62,7 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
     emit = output_tags(gm, own_grids, list(input_tags.values()))
     # the graph as it is, for inputs that turn out not to carry its tags: sharing gm's tensors, not copies
     unrewritten = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if carried else None
-    for site in sites:
+    for site in sites + direct:
         if not site.rewritten:
             if plan is not None and _has_entry(plan, site.name):  # e.g. a plan for another resolution
                 _plan_misfit(opts, site, PlanError(f"the plan has a mask for site {site.name!r}, which cannot "
@@ -86,8 +88,8 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
             site.extras.update(min_density=max(spec.density, 1 - spec.selection.drop))
     rewrite_flex_sites(gm, flex_sites, opts, plan, schedule, _plan_misfit)
     gm.recompile()
-    _warn_if_nothing_sparse(sites + flex_sites)
-    record([s.summary() for s in sites + flex_sites])
+    _warn_if_nothing_sparse(sites + flex_sites + direct)
+    record([s.summary() for s in sites + flex_sites + direct])
     compiled = quantized_linears(gm, example_inputs, opts.quantize,
                                  lambda inputs: _compile_inner(gm, inputs, opts.inner, mode or opts.mode))
     carried_sources = {c.source for c in carried}

@@ -1,4 +1,5 @@
-"""What the backend did with every SDPA site it saw, in this process."""
+"""What the backend did with every attention site it saw, in this process: scaled_dot_product_attention
+and flex_attention calls, and attention kernels called directly (ring attention), which stay dense."""
 from __future__ import annotations
 
 import logging
@@ -35,7 +36,7 @@ class Report:
 def record(sites: list[dict]) -> None:
     _GRAPHS.append(sites)
     n = sum(s["rewritten"] for s in sites)
-    log.info("compact: graph with %d SDPA sites, %d rewritten to block-sparse attention", len(sites), n)
+    log.info("compact: graph with %d attention sites, %d rewritten to block-sparse attention", len(sites), n)
     for s in sites:
         log.info("compact:   %s [%s] %s", s["site"], s["kind"],
                  f"density {s['density']:.3f}" if s["rewritten"] else f"dense: {s['reason']}")
@@ -47,7 +48,7 @@ def record_quantized(kind: str, quantized: int, kept: int) -> None:
 
 
 def report(clear: bool = False) -> Report:
-    """Every SDPA site of every graph compiled with backend="compact" so far."""
+    """Every attention site of every graph compiled with backend="compact" so far."""
     r = Report(list(_GRAPHS), list(_QUANTIZED))
     if clear:
         _GRAPHS.clear()

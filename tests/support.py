@@ -288,3 +288,32 @@ class Wrapper(nn.Module):
 
     def forward(self, *args):
         return self.attn(*args)
+
+
+# ----------------------------------------------------------------------------------------------
+# distributed: one process playing one rank (tracing needs no peer)
+
+
+@contextlib.contextmanager
+def fake_group(rank: int, world_size: int = 2):
+    """This process as rank `rank` on torch's fake process group: collectives trace, and do nothing when run."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def diffusers_parallel_config(rank: int, ring: int = 1, ulysses: int = 1):
+    """diffusers' ParallelConfig for context parallelism on a CPU device mesh of ring × ulysses ranks, set
+    up as `enable_parallelism` sets it up (which itself needs an accelerator to pick the device)."""
+    from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+    from torch.distributed.device_mesh import init_device_mesh
+
+    config = ParallelConfig(context_parallel_config=ContextParallelConfig(ring_degree=ring, ulysses_degree=ulysses))
+    config.setup(rank, ring * ulysses, torch.device("cpu"),
+                 mesh=init_device_mesh("cpu", (ring, ulysses), mesh_dim_names=("ring", "ulysses")))
+    return config

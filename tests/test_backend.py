@@ -290,7 +290,7 @@ def test_report_and_log_line(caplog):
     for s in report.sites:
         assert s["site"] in text and s["kind"] in text
     assert "Conv3d patch embedding" in text and "different token sets" in text
-    assert "graph with 4 SDPA sites, 2 rewritten" in caplog.text
+    assert "graph with 4 attention sites, 2 rewritten" in caplog.text
     assert "blocks.0.attn2 [cross-attention] dense" in caplog.text
     assert compact_compile.report(clear=True).sites and not compact_compile.report().sites
 

@@ -1,9 +1,13 @@
 """Sequence parallelism (Ulysses) on two gloo processes, CPU: each rank's attention site holds H/n
 heads of the whole sequence after an all-to-all, and a per-head plan is sliced to the model heads
 the graph proves that rank holds (passes/heads.py). The ranks' outputs together equal the one-process
-compact run with the same plan; a plan whose heads do not fit is one clear error."""
+compact run with the same plan; a plan whose heads do not fit is one clear error. The head replay
+itself (its size, diffusers' own Ulysses template, views it refuses) runs in this process on a fake
+process group: tracing needs no peer."""
+import logging
 import math
 import socket
+from unittest import mock
 
 import pytest
 import torch
@@ -12,10 +16,14 @@ import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers import ContextParallelConfig
+from support import WAN_GRID, diffusers_parallel_config, fake_group, tiny_wan
 
 import compact_compile
 from compact_compile.errors import PlanError
 from compact_compile.layout import TokenLayout
+from compact_compile.passes.heads import head_slice, replayed_heads
+from compact_compile.passes.sites import is_sdpa, sdpa_arguments
 from compact_compile.plan import Plan, SitePlan
 
 GRID, TILE, BLOCK = (2, 8, 8), (1, 8, 8), 64
@@ -138,3 +146,77 @@ def test_each_rank_runs_its_own_heads_of_a_per_head_plan(interleaved, heads):
 def test_a_plan_with_other_heads_is_one_clear_error(plan_heads):
     results = run_ranks(plan_heads)
     assert all(kind == "error" and f"heads {plan_heads} in the plan, 4 in the model" in msg for kind, msg in results)
+
+
+def traced_q(fn, *inputs):
+    """The SDPA arguments of the one SDPA Dynamo traces in fn(*inputs)."""
+    found = []
+
+    def capture(gm, example_inputs):
+        found.extend(sdpa_arguments(n) for n in gm.graph.nodes if is_sdpa(n))
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(fn, backend=capture, dynamic=False)(*inputs)
+    [args] = found
+    return args
+
+
+def diffusers_ulysses(rank: int):
+    """diffusers' own Ulysses attention (its templated path: flatten, all-to-all, reshape with the
+    local sizes written into the graph) on the native backend, for inputs [B, S/n, H, D]."""
+    from diffusers.models import attention_dispatch
+
+    config = diffusers_parallel_config(rank, ulysses=RANKS)
+    return lambda q, k, v: attention_dispatch._native_attention(q, k, v, _parallel_config=config)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_the_head_replay_holds_head_indices_only_whatever_the_sequence_length(rank):
+    """The replay tensor does not grow with the video: its tokens and head-dim lanes are 1 (a full
+    replay of Wan-14B 720p on 2 GPUs was 190 MB), through diffusers' Ulysses reshapes that carry the
+    local sequence length as constants."""
+    sizes, h = [], HEADS // RANKS
+    with fake_group(rank):
+        attention = diffusers_ulysses(rank)
+        for tokens in (64, 4096):
+            q, k, v = (torch.randn(1, tokens // RANKS, HEADS, HEAD_DIM) for _ in range(3))
+            args = traced_q(attention, q, k, v)
+            sizes.append(replayed_heads(args["query"])[0].numel())
+            assert head_slice(args) == (tuple(range(rank * h, rank * h + h)), HEADS, "")
+    assert sizes[0] == sizes[1] <= RANKS * HEADS
+
+
+def test_a_view_that_trades_tokens_for_heads_leaves_the_slice_unproven():
+    """[B, h, S, D] with the heads swapped for a factor of the tokens (every other token): a site
+    head is not one model head over the sequence, and the replay says so instead of guessing."""
+    def attention(q, k, v):
+        q, k, v = (heads_to_sequence(t, dist.group.WORLD) for t in (q, k, v))
+        B, h, s, D = q.shape
+        return F.scaled_dot_product_attention(
+            *(t.reshape(B, h, s // 2, 2, D).transpose(1, 3).reshape(B, h, s, D) for t in (q, k, v)))
+
+    with fake_group(0):
+        args = traced_q(attention, *(torch.randn(1, S // RANKS, HEADS, HEAD_DIM) for _ in range(3)))
+        heads, _, why = head_slice(args)
+    assert heads is None and "a view merges tokens or head-dim lanes into the heads" in why
+
+
+def test_diffusers_wan_under_enable_parallelism_runs_its_ranks_rows_of_a_per_head_plan(monkeypatch):
+    """diffusers' own Ulysses (`enable_parallelism`) on its Wan, the blocks compiled regionally: each
+    block's self-attention is the site `attn1` (blocks.0's too, which diffusers calls through its
+    split hook) and runs the rows of the one model head rank 1 holds."""
+    # diffusers 0.42.1 logs Wan's 1-D timestep with logger.warning_once, which only transformers adds
+    monkeypatch.setattr(logging.Logger, "warning_once", logging.Logger.warning, raising=False)
+    model, inputs = tiny_wan()
+    layout = TokenLayout(WAN_GRID, (1, 8, 8), 64)
+    blocks = torch.eye(layout.n_blocks, dtype=torch.bool).repeat(2, 1, 1)
+    plan = Plan(WAN_GRID, (1, 8, 8), 64, {"attn1": SitePlan(2, 16, math.prod(WAN_GRID), 0, 0, blocks)})
+    with fake_group(1):
+        with mock.patch("torch.accelerator.device_count", return_value=1):    # diffusers' device: rank % count
+            model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=RANKS))
+        model.compile_repeated_blocks(backend="compact", options=dict(plan=plan, grid=WAN_GRID, inner="eager"))
+        with torch.no_grad():
+            model(**inputs)
+    sites = [s for s in compact_compile.report().sites if s["rewritten"]]
+    assert [(s["site"], s["model_heads"], s["q"][1]) for s in sites] == [("attn1", [1], 1)] * 2

@@ -202,5 +202,8 @@ def module_path(node: fx.Node) -> str:
         return node.name
     path = list(stack.values())[-1][0]
     path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)       # ['blocks'] -> .blocks
+    # a module with diffusers hooks (context parallelism's) is called through its hook registry's
+    # `function_reference.forward`, whose __self__ is the module itself
+    path = path.replace("function_reference.forward.__self__", "")
     parts = [p for p in path.split(".") if p not in ("L", "self", "__dict__", "_modules", "")]
     return ".".join(parts) or node.name
