@@ -2,6 +2,7 @@
 
     torch.compile(model, backend="compact", options={"plan": "window"})
 """
+from .balance import balance_heads
 from .calibrate import calibrate
 from .errors import CompactError
 from .layout import TokenLayout
@@ -17,4 +18,4 @@ def load_plan(path) -> Plan:
     return Plan.load(path)
 
 
-__all__ = ["calibrate", "CompactError", "CompactOptions", "OptionsError", "Plan", "PlanError", "SitePlan", "TokenLayout", "load_plan", "report"]
+__all__ = ["balance_heads", "calibrate", "CompactError", "CompactOptions", "OptionsError", "Plan", "PlanError", "SitePlan", "TokenLayout", "load_plan", "report"]

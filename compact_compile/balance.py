@@ -3,13 +3,28 @@
 Under Ulysses each of n ranks runs the attention of H/n heads (contiguous groups in diffusers), and
 with a per-head plan a head costs about its density (the fraction of blocks it computes): a rank
 holding the dense heads waits for none of the others, and the step waits for it. Permuting the heads
-(the q, k, v projections' output columns, the output projection's input columns and the plan's rows,
-all by the same permutation; the model computes the same function) moves work between ranks. This
-module only computes the permutation; nothing here changes a model.
+moves work between ranks without changing what the model computes: the q, k, v projections' output
+rows, the output projection's input columns, norms that span all heads (Wan's
+`rms_norm_across_heads`: an RMS over all channels does not depend on their order) and the plan's
+rows, all by the same permutation. RoPE and per-head norms act within a head and are left as they are.
+
+    plan = compact_compile.balance_heads(transformer, plan, ranks=2)   # before enable_parallelism
+    transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .errors import PlanError
+from .plan import Plan
+
+_HEAD_ROWS = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")   # out features = heads × dim
+_HEAD_COLUMNS = ("to_out", "to_add_out")                                           # in features = heads × dim
+_NORMS = ("norm_q", "norm_k", "norm_added_q", "norm_added_k")
 
 
 def balanced_heads(cost: Sequence[float], ranks: int) -> list[int]:
@@ -33,3 +48,76 @@ def rank_loads(cost: Sequence[float], perm: Sequence[int], ranks: int) -> list[f
     """The summed cost of each rank's heads under `perm` (the identity: diffusers' contiguous split)."""
     room = len(perm) // ranks
     return [sum(cost[head] for head in perm[r * room:(r + 1) * room]) for r in range(ranks)]
+
+
+def balance_heads(model: nn.Module, plan: Plan, ranks: int) -> Plan:
+    """Permute, in place, the heads of every attention module a per-head site of `plan` names, so that
+    each of `ranks` contiguous head groups gets about the same work, and return the plan with those
+    sites' rows (every step range's) permuted the same way. A site name matches the module of that
+    path and, for plans of regionally compiled blocks (site `attn1`), every module whose path ends
+    with it. Head-agnostic sites (one row) are left as they are."""
+    sites = dict(plan.sites)
+    permutations = {}
+    for base in dict.fromkeys(name.split("@")[0] for name in plan.sites):
+        entries = [n for n in plan.sites if n == base or n.startswith(base + "@")]
+        blocks = [plan.sites[n].blocks for n in entries]
+        if blocks[0].shape[0] == 1:
+            continue
+        cost = torch.stack([b.float().mean((1, 2)) for b in blocks]).mean(0).tolist()
+        perm = balanced_heads(cost, ranks)
+        modules = [m for path, m in model.named_modules() if path == base or path.endswith("." + base)]
+        if not modules:
+            raise PlanError(f"balance_heads: no module of the model is at the plan's site {base!r}")
+        for module in modules:
+            permute_attention_heads(module, perm)
+        for n in entries:
+            sites[n] = dataclasses.replace(plan.sites[n], blocks=plan.sites[n].blocks[perm])
+        permutations[base] = perm
+    info = {**plan.info, "head_permutations": {**plan.info.get("head_permutations", {}), **permutations}}
+    return Plan(plan.grid, plan.tile, plan.block_size, sites, info)
+
+
+def permute_attention_heads(attn: nn.Module, perm: Sequence[int]) -> None:
+    """Reorder the heads of a diffusers attention module in place: head i of the result is head
+    perm[i] of the original. The module computes the same function of its inputs, its heads renamed."""
+    if getattr(attn, "fused_projections", False) or getattr(attn, "to_qkv", None) is not None:
+        raise PlanError(f"cannot permute the heads of {type(attn).__name__} with fused q/k/v projections; "
+                        "balance before fusing them")
+    heads = len(perm)
+    q = getattr(attn, "to_q", None)
+    if not isinstance(q, nn.Linear) or q.out_features % heads:
+        raise PlanError(f"cannot permute {heads} heads of {type(attn).__name__}: no to_q projection of "
+                        f"{heads} × head_dim outputs")
+    dim = q.out_features // heads
+    order = (torch.as_tensor(perm)[:, None] * dim + torch.arange(dim)).flatten()
+    with torch.no_grad():
+        for name in _HEAD_ROWS:
+            linear = _linear(attn, name, heads * dim, "out_features")
+            if linear is not None:
+                linear.weight.copy_(linear.weight[order])
+                if linear.bias is not None:
+                    linear.bias.copy_(linear.bias[order])
+        for name in _HEAD_COLUMNS:
+            linear = _linear(attn, name, heads * dim, "in_features")
+            if linear is not None:
+                linear.weight.copy_(linear.weight[:, order])
+        for name in _NORMS:
+            weight = getattr(getattr(attn, name, None), "weight", None)
+            if weight is None or weight.numel() == dim:        # no norm, or one within each head
+                continue
+            if weight.numel() != heads * dim:
+                raise PlanError(f"{type(attn).__name__}.{name} has {weight.numel()} weights: neither per head "
+                                f"({dim}) nor over all heads ({heads * dim})")
+            weight.copy_(weight[order])
+
+
+def _linear(attn: nn.Module, name: str, features: int, side: str) -> nn.Linear | None:
+    module = getattr(attn, name, None)
+    if isinstance(module, (nn.ModuleList, nn.Sequential)):   # to_out = [Linear, Dropout]
+        module = module[0]
+    if module is None:
+        return None
+    if not isinstance(module, nn.Linear) or getattr(module, side) != features:
+        raise PlanError(f"cannot permute heads through {type(attn).__name__}.{name}: expected a Linear with "
+                        f"{side} = {features} (grouped-query attention and other layouts are not handled)")
+    return module

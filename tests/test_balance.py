@@ -1,13 +1,17 @@
 """Head balancing for a head split: a permutation of the heads that evens out the plan's work over the
 ranks (greedy longest processing time with equal head counts), within 4/3 of the best split."""
 import itertools
+import math
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compact_compile.balance import balanced_heads, rank_loads
+from compact_compile import Plan, PlanError, SitePlan, TokenLayout, balance_heads
+from compact_compile.balance import balanced_heads, permute_attention_heads, rank_loads
+from compact_compile.masks import window_blocks
+from support import WAN_GRID, WAN_LATENT
 
 
 def test_a_plan_with_its_dense_heads_first_is_evened_out_over_two_ranks():
@@ -36,3 +40,66 @@ def test_each_rank_gets_as_many_heads_and_the_slowest_rank_is_within_four_thirds
 def test_heads_that_do_not_split_evenly_are_an_error():
     with pytest.raises(ValueError, match="5 heads do not split evenly over 2 ranks"):
         balanced_heads([1.0] * 5, 2)
+
+
+def wan_with_heads(heads: int, seed: int = 0):
+    """A 2-layer diffusers Wan with `heads` heads of 8 (norm over all heads, as Wan2.1's) and its inputs."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=8,
+                                  in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
+                                  num_layers=2, qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    inputs = dict(hidden_states=torch.randn(WAN_LATENT, generator=g), timestep=torch.tensor([500]),
+                  encoder_hidden_states=torch.randn(1, 12, 32, generator=g), return_dict=False)
+    return model, inputs
+
+
+def test_permuting_an_attention_modules_heads_keeps_the_models_function():
+    model, inputs = wan_with_heads(4)
+    with torch.no_grad():
+        before = model(**inputs)[0]
+        for block in model.blocks:
+            permute_attention_heads(block.attn1, [2, 0, 3, 1])
+        after = model(**inputs)[0]
+        block = model.blocks[0].attn1
+    assert torch.allclose(after, before, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(block.to_q.weight, wan_with_heads(4)[0].blocks[0].attn1.to_q.weight)  # it did permute
+
+
+def test_balancing_a_per_head_plan_keeps_the_output_and_evens_the_ranks():
+    """A per-head plan with its two dense heads first (diffusers' contiguous split gives both to rank 0):
+    the balanced model and plan compute what the original model and plan compute, and their ranks' loads
+    are even. Window plans differ per head, so a plan row left in the old order changes the output."""
+    model, inputs = wan_with_heads(4)
+    layout = TokenLayout(WAN_GRID, (1, 8, 8), 64)
+    rows = [window_blocks(layout, w) for w in ((3, 3, 3), (3, 3, 3), (1, 1, 1), (1, 1, 1))]
+    blocks = torch.stack([rows[0], rows[1] | torch.eye(layout.n_blocks, dtype=torch.bool).roll(1, 1), rows[2], rows[3]])
+    plan = Plan(WAN_GRID, (1, 8, 8), 64, {f"blocks.{i}.attn1": SitePlan(4, 8, math.prod(WAN_GRID), 0, 0, blocks)
+                                         for i in range(2)})
+    options = dict(grid=WAN_GRID, inner="eager", kernel="flex")
+    with torch.no_grad():
+        want = torch.compile(model, backend="compact", options=dict(plan=plan, **options))(**inputs)[0]
+        torch._dynamo.reset()
+        balanced = balance_heads(model, plan, ranks=2)
+        got = torch.compile(model, backend="compact", options=dict(plan=balanced, **options))(**inputs)[0]
+        torch._dynamo.reset()
+        stale = torch.compile(model, backend="compact", options=dict(plan=plan, **options))(**inputs)[0]
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(stale, want, atol=1e-3, rtol=1e-3)          # the rows must move with the heads
+    cost = blocks.float().mean((1, 2)).tolist()
+    perm = balanced.info["head_permutations"]["blocks.0.attn1"]
+    assert max(rank_loads(cost, perm, 2)) < max(rank_loads(cost, list(range(4)), 2))
+    assert torch.equal(balanced.sites["blocks.1.attn1"].blocks, blocks[perm])
+
+
+def test_balancing_names_what_it_cannot_do():
+    model, _ = wan_with_heads(4)
+    blocks = torch.ones(4, 4, 4, dtype=torch.bool)
+    plan = Plan(WAN_GRID, (1, 8, 8), 64, {"blocks.9.attn1": SitePlan(4, 8, math.prod(WAN_GRID), 0, 0, blocks)})
+    with pytest.raises(PlanError, match="no module of the model is at the plan's site 'blocks.9.attn1'"):
+        balance_heads(model, plan, ranks=2)
+    model.blocks[0].attn1.fuse_projections()
+    with pytest.raises(PlanError, match="fused q/k/v projections"):
+        permute_attention_heads(model.blocks[0].attn1, [1, 0, 3, 2])
