@@ -80,6 +80,10 @@ VARIANTS = {
     "inductor-dense-regional": dict(backend="inductor"),
     "inductor-no-attention-regional": dict(backend="inductor"),
     "compact-no-attention-fp8-regional": dict(backend="compact", options=dict(plan="dense", quantize="fp8")),
+    # every site rewritten, attention dense on the kernel's dense path (FA4's where installed): what
+    # dense warm-up steps cost against Inductor's SDPA
+    "compact-dense-regional": dict(backend="compact", options=dict(plan="dense")),
+    "compact-dense-sdpa-regional": dict(backend="compact", options=dict(plan="dense", kernel="flex")),
     "compact-window-regional": dict(backend="compact", options=dict(plan="window", window="WINDOW")),
     "compact-window-rectify-regional": dict(backend="compact", options=dict(plan="window", window="WINDOW",
                                                                            rectify=True)),
