@@ -179,11 +179,11 @@ COG_GRID = (3, 8, 8)
 COG_TEXT = 12                         # text tokens, before the video tokens in CogVideoX
 
 
-def tiny_wan(seed: int = 0):
+def tiny_wan(seed: int = 0, heads: int = 2, head_dim: int = 16):
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(seed)
-    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
                                   in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
                                   num_layers=2, qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
     g = torch.Generator().manual_seed(seed + 1)

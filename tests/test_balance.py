@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from compact_compile import Plan, PlanError, SitePlan, TokenLayout, balance_heads
 from compact_compile.balance import balanced_heads, permute_attention_heads, rank_loads
 from compact_compile.masks import window_blocks
-from support import WAN_GRID, WAN_LATENT
+from support import WAN_GRID, tiny_wan
 
 
 def test_a_plan_with_its_dense_heads_first_is_evened_out_over_two_ranks():
@@ -42,18 +42,9 @@ def test_heads_that_do_not_split_evenly_are_an_error():
         balanced_heads([1.0] * 5, 2)
 
 
-def wan_with_heads(heads: int, seed: int = 0):
+def wan_with_heads(heads: int):
     """A 2-layer diffusers Wan with `heads` heads of 8 (norm over all heads, as Wan2.1's) and its inputs."""
-    from diffusers import WanTransformer3DModel
-
-    torch.manual_seed(seed)
-    model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=8,
-                                  in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
-                                  num_layers=2, qk_norm="rms_norm_across_heads", rope_max_seq_len=32).eval()
-    g = torch.Generator().manual_seed(seed + 1)
-    inputs = dict(hidden_states=torch.randn(WAN_LATENT, generator=g), timestep=torch.tensor([500]),
-                  encoder_hidden_states=torch.randn(1, 12, 32, generator=g), return_dict=False)
-    return model, inputs
+    return tiny_wan(heads=heads, head_dim=8)
 
 
 def test_permuting_an_attention_modules_heads_keeps_the_models_function():
