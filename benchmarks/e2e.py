@@ -117,16 +117,16 @@ def build(spec, device="cuda"):
     return model, x, text
 
 
-def extra_inputs(spec):
+def extra_inputs(spec, device="cuda"):
     """Model-specific inputs besides latent, timestep and text: a padded prompt's mask, pooled text,
     guidance (HunyuanVideo), CogVideoX's RoPE."""
     if "prompt_tokens" in spec:
-        mask = (torch.arange(spec["text"][1], device="cuda") < spec["prompt_tokens"]).long()[None]
+        mask = (torch.arange(spec["text"][1], device=device) < spec["prompt_tokens"]).long()[None]
         extra = dict(encoder_attention_mask=mask)
         if spec["cls"] == "HunyuanVideoTransformer3DModel":
-            extra.update(pooled_projections=torch.randn(1, spec["config"]["pooled_projection_dim"], device="cuda",
+            extra.update(pooled_projections=torch.randn(1, spec["config"]["pooled_projection_dim"], device=device,
                                                         dtype=torch.bfloat16),
-                         guidance=torch.tensor([6000.0], device="cuda", dtype=torch.bfloat16))
+                         guidance=torch.tensor([6000.0], device=device, dtype=torch.bfloat16))
         return extra
     if spec["cls"] == "CogVideoXTransformer3DModel":
         return dict(image_rotary_emb=rotary(spec))
@@ -220,7 +220,7 @@ def forward(m, spec, x, t, text):
 
 def denoise(m, spec, x, text, steps):
     """Euler on the velocity over `steps` decreasing timesteps (the step clock sees a generation)."""
-    ts = torch.linspace(999, 0, steps + 1, device="cuda")
+    ts = torch.linspace(999, 0, steps + 1, device=x.device)
     for i in range(steps):
         v = forward(m, spec, x, ts[i:i + 1].round().long(), text)
         x = x + (ts[i + 1] - ts[i]) / 1000 * v
