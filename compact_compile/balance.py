@@ -89,6 +89,10 @@ def permute_attention_heads(attn: nn.Module, perm: Sequence[int]) -> None:
         raise PlanError(f"cannot permute {heads} heads of {type(attn).__name__}: no to_q projection of "
                         f"{heads} × head_dim outputs")
     dim = q.out_features // heads
+    if _linear(attn, "to_out", heads * dim, "in_features") is None:
+        raise PlanError(f"cannot permute the heads of {type(attn).__name__}: it has no output projection, so its "
+                        "heads leave the module in their order (HunyuanVideo's single-stream blocks project "
+                        "them together with the MLP); balance a plan without per-head rows for such sites")
     order = (torch.as_tensor(perm)[:, None] * dim + torch.arange(dim)).flatten()
     with torch.no_grad():
         for name in _HEAD_ROWS:

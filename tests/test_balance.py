@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from compact_compile import Plan, PlanError, SitePlan, TokenLayout, balance_heads
 from compact_compile.balance import balanced_heads, permute_attention_heads, rank_loads
 from compact_compile.masks import window_blocks
-from support import WAN_GRID, tiny_wan
+from support import WAN_GRID, tiny_hunyuan, tiny_mochi, tiny_wan
 
 
 def test_a_plan_with_its_dense_heads_first_is_evened_out_over_two_ranks():
@@ -83,6 +83,26 @@ def test_balancing_a_per_head_plan_keeps_the_output_and_evens_the_ranks():
     perm = balanced.info["head_permutations"]["blocks.0.attn1"]
     assert max(rank_loads(cost, perm, 2)) < max(rank_loads(cost, list(range(4)), 2))
     assert torch.equal(balanced.sites["blocks.1.attn1"].blocks, blocks[perm])
+
+
+@pytest.mark.parametrize("build", [tiny_hunyuan, tiny_mochi])
+def test_joint_attention_heads_permute_with_their_text_projections(build):
+    """Joint text+video attention (HunyuanVideo's dual-stream blocks, Mochi): the text's q/k/v and
+    output projections and norms move with the video's, so the model's output is unchanged. A module
+    whose heads leave it unprojected (HunyuanVideo's single-stream blocks) is refused: permuting it
+    alone would change the model."""
+    model, inputs = build()
+    with torch.no_grad():
+        before = model(**inputs)[0]
+        joint = [m for name, m in model.named_modules()
+                 if hasattr(m, "add_q_proj") and not name.startswith("single_transformer_blocks")]
+        for module in joint:
+            permute_attention_heads(module, [1, 0])
+        after = model(**inputs)[0]
+    assert joint and torch.allclose(after, before, atol=1e-5, rtol=1e-5)
+    if build is tiny_hunyuan:
+        with pytest.raises(PlanError, match="no output projection"):
+            permute_attention_heads(model.single_transformer_blocks[0].attn, [1, 0])
 
 
 def test_balancing_names_what_it_cannot_do():
