@@ -326,7 +326,7 @@ def describe(name, outs):
         r.update(sites=len(rep.sites), rewritten=len(rewritten),
                  kernels=sorted({s["kernel"] for s in rewritten}), key_masked=sum(s["key_mask"] for s in rewritten),
                  kernel_reason=rewritten[0]["kernel_reason"] if rewritten else None,
-                 density=sum(s["density"] for s in rewritten) / max(1, len(rewritten)),
+                 density=sum(s["density"] for s in rewritten) / len(rewritten) if rewritten else None,  # None: all dense
                  quantized=rep.quantized)
     base = outs.get("inductor-dense", outs.get("inductor-dense-regional"))
     if base is not None and outs[name] is not base:
