@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from compact_compile.kernels.fa4 import FA4Kernel, masked_key_blocks, split_lists_triton
-from compact_compile.kernels.registry import kv_block_lists
+from compact_compile.kernels.fa4 import FA4Kernel, split_lists_triton
+from compact_compile.kernels.registry import kv_block_lists, masked_key_blocks
 from compact_compile.kernels.triton_sparse import block_sparse_attention
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import density, window_blocks

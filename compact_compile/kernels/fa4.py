@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ..layout import TokenLayout
-from .registry import BlockLists, batched, sdpa_dense
+from .registry import BlockLists, batched, checked_key_valid, masked_key_blocks, sdpa_dense
 
 BLOCK = 128
 HEAD_DIMS = (64, 96, 128)
@@ -79,14 +79,6 @@ def _key_valid_mask_mod():
 
 
 # ---- the per-call split (plain torch: runs and is tested on the CPU) ------------------------------
-
-def masked_key_blocks(key_valid: torch.Tensor, n_blocks: int, block_size: int) -> torch.Tensor:
-    """bool `[B or 1, n_blocks]`: whether key block n holds a key that `key_valid` (bool
-    `[B or 1, S]`) excludes. Positions past S in a partial last block are no keys: FA4's sequence
-    mask drops them in either list."""
-    pad = n_blocks * block_size - key_valid.shape[-1]
-    return F.pad(~key_valid.bool(), (0, pad)).reshape(-1, n_blocks, block_size).any(-1)
-
 
 def _packed(keep: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(count, the entries of `idx` where `keep`, packed to the front in their order), int32. The rest
@@ -193,8 +185,7 @@ class FA4Kernel:
         if key_valid is None:
             return _run(q, k, v, scale, block_sparse_tensors=prepared)
         B, S, bs = q.shape[0], q.shape[-2], self.block_size
-        if key_valid.dim() != 2 or key_valid.shape[0] not in (1, B) or key_valid.shape[1] != S:
-            raise ValueError(f"key_valid must be [B or 1, S] = [{B}, {S}]; got {tuple(key_valid.shape)}")
+        checked_key_valid(key_valid, B, S)
         nk = -(-S // bs)
         valid = key_valid.to(q.device, torch.bool).expand(B, S)
         _, BlockSparseTensorsTorch = _fa4()

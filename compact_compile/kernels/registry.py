@@ -69,6 +69,21 @@ def sdpa_dense(q, k, v, scale: float | None, key_valid: torch.Tensor | None = No
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def checked_key_valid(key_valid: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """`key_valid` as every kernel takes it: `[B or 1, S]`; anything else is one ValueError."""
+    if key_valid.dim() != 2 or key_valid.shape[0] not in (1, batch) or key_valid.shape[1] != seq_len:
+        raise ValueError(f"key_valid must be [B or 1, S] = [{batch}, {seq_len}]; got {tuple(key_valid.shape)}")
+    return key_valid
+
+
+def masked_key_blocks(key_valid: torch.Tensor, n_blocks: int, block_size: int) -> torch.Tensor:
+    """bool `[B or 1, n_blocks]`: whether key block n holds a key that `key_valid` (`[B or 1, S]`,
+    nonzero = keep) excludes. Positions past S in a partial last block are no keys (each kernel
+    drops them with its sequence-length mask). Only these blocks pay for the key mask."""
+    pad = n_blocks * block_size - key_valid.shape[-1]
+    return F.pad(key_valid == 0, (0, pad)).reshape(-1, n_blocks, block_size).any(-1)
+
+
 KERNEL_NAMES = ("fa4", "triton", "flex")   # in order of preference
 
 

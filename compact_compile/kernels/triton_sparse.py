@@ -38,12 +38,11 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from ..layout import TokenLayout
-from .registry import sdpa_dense
+from .registry import checked_key_valid, masked_key_blocks, sdpa_dense
 
 # Triton reads TRITON_INTERPRET when it is imported (its own library functions are jit-decorated then),
 # so the interpreter must be chosen before `import triton`: tests/conftest.py does it on CPU machines.
@@ -312,11 +311,8 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, 
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
         raise ValueError("out must be [B, H, S, D] in q's dtype with a contiguous last dim")
     if key_valid is not None:
-        if key_valid.dim() != 2 or key_valid.shape[0] not in (1, B) or key_valid.shape[1] != S:
-            raise ValueError(f"key_valid must be [B or 1, S] = [{B}, {S}]; got {tuple(key_valid.shape)}")
-        key_valid = key_valid.to(device=q.device, dtype=torch.int8).contiguous()
-        blocks_masked = F.pad(key_valid == 0, (0, nq * block_size - S)).view(-1, nq, block_size).any(-1)
-        blocks_masked = blocks_masked.to(torch.int8)
+        key_valid = checked_key_valid(key_valid, B, S).to(device=q.device, dtype=torch.int8).contiguous()
+        blocks_masked = masked_key_blocks(key_valid, nq, block_size).to(torch.int8)
     if rectify is not None:
         r, obar = rectify
         r = r.to(device=q.device, dtype=torch.float32).expand(B, H, nq)

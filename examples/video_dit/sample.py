@@ -33,7 +33,7 @@ def sample(model, noise: torch.Tensor, labels: torch.Tensor, *, steps: int = 20,
     The model runs in `noise.dtype`; the state is kept in float32 between steps. With cfg ≠ 1 the
     conditional and NULL captions go through ONE forward of batch 2B and
     v = v_uncond + cfg·(v_cond − v_uncond); cfg = 1 runs the conditional half only."""
-    dtype, device, batch = noise.dtype, noise.device, noise.shape[0]
+    dtype, device = noise.dtype, noise.device
     labels = labels.to(device)
     guided = cfg != 1.0
     if guided:

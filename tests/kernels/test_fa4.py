@@ -16,7 +16,7 @@ from support import rectified_site
 from compact_compile.kernels.fa4 import FA4Kernel, fa4_importable
 from compact_compile.kernels.reference import (block_sparse_attention_reference, rectified_attention_reference,
                                                token_mask)
-from compact_compile.kernels.registry import kv_block_lists
+from compact_compile.kernels.registry import kv_block_lists, masked_key_blocks
 from compact_compile.layout import TokenLayout
 from compact_compile.masks import text_blocks, window_blocks
 
@@ -157,7 +157,7 @@ def test_fa4_does_not_ignore_the_key_mask():
     keys of the other: the output is the masked reference, and the unmasked one — what a kernel that
     drops the mask computes — is far from it, as is FA4 itself without the mask. Both of FA4's lists
     are used: blocks with masked keys and blocks without."""
-    from compact_compile.kernels.fa4 import masked_key_blocks, split_lists
+    from compact_compile.kernels.fa4 import split_lists
     g = torch.Generator().manual_seed(0)
     S, nb = 1000, 8
     blocks = torch.rand(2, nb, nb, generator=g) < 0.4

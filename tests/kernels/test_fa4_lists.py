@@ -8,8 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compact_compile.kernels.fa4 import masked_key_blocks, split_lists, split_lists_triton
-from compact_compile.kernels.registry import batched, kv_block_lists
+from compact_compile.kernels.fa4 import split_lists, split_lists_triton
+from compact_compile.kernels.registry import batched, kv_block_lists, masked_key_blocks
 
 
 @st.composite
