@@ -95,11 +95,14 @@ def test_joint_attention_heads_permute_with_their_text_projections(build):
     with torch.no_grad():
         before = model(**inputs)[0]
         joint = [m for name, m in model.named_modules()
-                 if hasattr(m, "add_q_proj") and not name.startswith("single_transformer_blocks")]
+                 if getattr(m, "add_q_proj", None) is not None and not name.startswith("single_transformer_blocks")]
+        weights = [(m.to_q.weight.clone(), m.add_q_proj.weight.clone()) for m in joint]
         for module in joint:
             permute_attention_heads(module, [1, 0])
         after = model(**inputs)[0]
     assert joint and torch.allclose(after, before, atol=1e-5, rtol=1e-5)
+    assert all(not torch.equal(m.to_q.weight, q) and not torch.equal(m.add_q_proj.weight, a)     # it did permute
+               for m, (q, a) in zip(joint, weights))
     if build is tiny_hunyuan:
         with pytest.raises(PlanError, match="no output projection"):
             permute_attention_heads(model.single_transformer_blocks[0].attn, [1, 0])

@@ -211,6 +211,7 @@ def test_diffusers_wan_under_enable_parallelism_runs_its_ranks_rows_of_a_per_hea
     model, inputs = tiny_wan()
     layout = TokenLayout(WAN_GRID, (1, 8, 8), 64)
     blocks = torch.eye(layout.n_blocks, dtype=torch.bool).repeat(2, 1, 1)
+    blocks[0] = True                      # head 0 dense, head 1 the diagonal: the rows must not be swapped
     plan = Plan(WAN_GRID, (1, 8, 8), 64, {"attn1": SitePlan(2, 16, math.prod(WAN_GRID), 0, 0, blocks)})
     with fake_group(1):
         with mock.patch("torch.accelerator.device_count", return_value=1):    # diffusers' device: rank % count
@@ -220,3 +221,4 @@ def test_diffusers_wan_under_enable_parallelism_runs_its_ranks_rows_of_a_per_hea
             model(**inputs)
     sites = [s for s in compact_compile.report().sites if s["rewritten"]]
     assert [(s["site"], s["model_heads"], s["q"][1]) for s in sites] == [("attn1", [1], 1)] * 2
+    assert all(s["density"] == pytest.approx(1 / layout.n_blocks) for s in sites)      # head 1's row
