@@ -93,7 +93,7 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
     compiled = quantized_linears(gm, example_inputs, opts.quantize,
                                  lambda inputs: _compile_inner(gm, inputs, opts.inner, mode or opts.mode))
     carried_sources = {c.source for c in carried}
-    expect = input_tags if any(s.rewritten and s.grid_source in carried_sources for s in sites) else {}
+    expect = input_tags if any(s.rewritten and s.grid_source in carried_sources for s in sites + flex_sites) else {}
     compiled = with_video_tags(compiled, expect, emit,
                                lambda inputs: _compile_inner(unrewritten, inputs, opts.inner, mode or opts.mode))
     return with_step_clock(gm, compiled, schedule)

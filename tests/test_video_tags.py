@@ -144,3 +144,17 @@ def test_history_before_and_text_after_the_video_across_a_graph_break():
     with torch.no_grad():
         dense = model(latent, history, text)
     assert ((out.double() - ref).norm() / ref.norm()) < 1e-5 and ((out - dense).norm() / dense.norm()) > 1e-3
+
+
+def test_a_tag_places_the_video_only_for_a_video_of_its_own_grid():
+    """A tagged input of the span's token count says where its video starts, but only for a video as
+    large as the tag's grid: another grid with the same total token count is not that video."""
+    import torch.fx as fx
+
+    from compact_compile.passes.grid import video_offset
+    from compact_compile.video_tags import VideoTag
+
+    node = next(iter(fx.symbolic_trace(lambda x: x).graph.nodes))     # an input: no cats upstream
+    tag = VideoTag(grid=(2, 2, 2), offset=3, n_tokens=20, source="conv")
+    assert video_offset(node, 8, 20, [tag]) == 3
+    assert video_offset(node, 12, 20, [tag]) is None

@@ -150,7 +150,7 @@ def video_offset(node: fx.Node, n_video: int, n_tokens: int, tags: list[VideoTag
     def offsets(span: int, depth: int) -> set[int]:
         if span == n_video:
             return {0}
-        found = {t.offset for t in tags if t.n_tokens == span}
+        found = {t.offset for t in tags if t.n_tokens == span and math.prod(t.grid) == n_video}
         for sizes in (c for c in cats if sum(c) == span and depth < 8):
             for i, size in enumerate(sizes):
                 if size >= n_video:
