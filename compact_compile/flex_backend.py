@@ -37,12 +37,10 @@ def rewrite_flex_sites(gm: fx.GraphModule, sites: list[FlexSite], opts: CompactO
         if unsupported:
             site.reason = unsupported
             continue
-        if plan is not None:
-            try:
-                plan_entry(plan, site.name)
-            except PlanError as e:
-                site.reason = f"flex_attention: the plan has no mask for it (calibration observes SDPA sites only): {e}"
-                continue
+        missing = _not_in_plan(plan, site, "flex_attention")
+        if missing:
+            site.reason = missing
+            continue
         try:
             spec = flex_site_spec(opts, plan, schedule, site, site.model_mask)
         except PlanError as e:
@@ -61,6 +59,10 @@ def rewrite_frame_masked(gm: fx.GraphModule, site: Site, opts: CompactOptions, p
         site.reason = ("frame mask: online block choice (plan 'dynamic', dynamic=True) and rectification are not "
                        "supported with it (their pooled estimates ignore the mask)")
         return
+    missing = _not_in_plan(plan, site, "frame mask")
+    if missing:
+        site.reason = missing
+        return
     frame = site.grid[1] * site.grid[2]
     try:
         spec = flex_site_spec(opts, plan, schedule, site, ModelMask(frame, frame))
@@ -69,6 +71,19 @@ def rewrite_frame_masked(gm: fx.GraphModule, site: Site, opts: CompactOptions, p
         return
     rewrite_frame_masked_site(gm, site, spec, register_site(make_model_masked_site(spec)))
     _report(site, spec, "flex: the frame mask is evaluated per element in blocks that straddle frames")
+
+
+def _not_in_plan(plan: Plan | None, site: Site, what: str) -> str:
+    """Why a plan file cannot drive this site ('' if it can): calibration observes plain SDPA sites
+    only, so a calibrated plan has no mask for the sites that run the model's own mask; they stay
+    dense, with this reason, rather than fail the compile."""
+    if plan is None:
+        return ""
+    try:
+        plan_entry(plan, site.name)
+    except PlanError as e:
+        return f"{what}: the plan has no mask for it (calibration observes SDPA sites only): {e}"
+    return ""
 
 
 def _report(site: Site, spec, kernel_reason: str, **extras) -> None:

@@ -327,3 +327,30 @@ def test_frame_masks_run_the_plan_and_the_mask_exactly(frames_kind, window):
     assert relative(out, want) < 1e-5
     assert relative(plan_only, want) > 1e-2
     assert window == (3, 3, 3) or relative(mask_only, want) > 1e-2      # (3,3,3) keeps every block here
+
+
+def test_a_plan_file_without_the_frame_masked_site_leaves_it_dense_with_the_reason():
+    """Calibration observes plain SDPA sites only, so a calibrated plan has no mask for a frame-masked
+    site: it stays dense and says why (as flex_attention sites do) instead of failing the compile;
+    a plan with an entry for it runs it."""
+    from compact_compile.plan import Plan, SitePlan
+
+    grid = (6, 4, 8)
+    S = math.prod(grid)
+    model = FrameMaskedAttention(grid).eval()
+    x, frames = torch.randn(1, S, 32), torch.ones(6, 6, dtype=torch.bool).tril()
+    blocks = window_blocks(TokenLayout(grid, (2, 4, 8), 64), (1, 1, 1))[None]
+
+    def compiled_site(plan):
+        torch._dynamo.reset()
+        compact_compile.report(clear=True)
+        with torch.no_grad():
+            torch.compile(model, backend="compact", options=dict(plan=plan, inner="eager", strict=True))(x, frames)
+        [site] = compact_compile.report().sites
+        return site
+
+    name = compiled_site("window")["site"]
+    missing = compiled_site(Plan(grid, (2, 4, 8), 64, {"elsewhere": SitePlan(2, 16, S, 0, 0, blocks)}))
+    assert not missing["rewritten"] and "frame mask: the plan has no mask for it" in missing["reason"], missing
+    present = compiled_site(Plan(grid, (2, 4, 8), 64, {name: SitePlan(2, 16, S, 0, 0, blocks)}))
+    assert present["rewritten"] and present["frame_mask"] and present["density"] < 1
