@@ -13,7 +13,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from ..layout import TokenLayout
 from .compiled import compiled
-from .registry import BlockLists, batched, kv_block_lists, sdpa_dense
+from .registry import BlockLists, batched, kv_block_lists, masked_key_blocks, sdpa_dense
 
 _flex = compiled(flex_attention)
 
@@ -50,7 +50,7 @@ def _masked_block_mask(lists: BlockLists, seq_len: int, block_size: int, key_val
     """Listed blocks holding an excluded key are partial (mask_mod: the key is valid); the rest full.
     `key_valid` `[B, whole blocks]`, False past the sequence."""
     nk = key_valid.shape[-1] // block_size
-    has_excluded = ~key_valid.view(key_valid.shape[0], nk, block_size).all(-1)[:, None, None, :]
+    has_excluded = masked_key_blocks(key_valid, nk, block_size)[:, None, None, :]
     kept = kept_map(lists)
     (part_num, part_idx), (full_num, full_idx) = (kv_block_lists(kept & has_excluded),
                                                   kv_block_lists(kept & ~has_excluded))

@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 
 from ..kernels import ops  # noqa: F401  (registers the torch.ops.compact ops)
+from ..kernels.registry import kv_block_lists
 from ..spec import SiteSpec
 from .sites import Site, sdpa_arguments
 
@@ -40,17 +41,22 @@ def merge_in_model_order(o, r, o_bar, dst, block_size: int):
     return merged.to(o.dtype)
 
 
+def _key_row(mask):
+    """`[B or 1, S]`: the one row of a key-padding mask `[.., 1, 1, S]` (or a broadcast of it)."""
+    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))[:, 0, 0, :]
+
+
 def key_valid_in_tile_order(mask, src, batch: int):
     """bool `[B, S]` in tile order from a key-padding mask that the site's classification proved to
     be the same for every head and query (passes/masks.py): bool (True = attend) or additive 0/−inf."""
-    keys = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))[:, 0, 0, :]
+    keys = _key_row(mask)
     valid = keys if keys.dtype == torch.bool else keys > float("-inf")
     return valid.expand(batch, -1).index_select(-1, src)
 
 
 def zero_masked_queries(out, mask):
     """`out` [B, H, S, D] with the rows of queries the key mask excludes set to 0 (model order)."""
-    keys = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))[:, 0, 0, :]
+    keys = _key_row(mask)
     return out * keys[:, None, :, None].to(out.dtype)
 
 
@@ -58,9 +64,7 @@ def frame_block_lists(frames):
     """A frame mask F `[T, T]` as the lists of a BlockMask whose blocks are whole frames, each listed
     one full (kernels/model_mask.py): no partial blocks, and per query frame the key frames where F
     holds, ascending. int32 `[1, 1, T, T]` each: (num, indices, full num, full indices)."""
-    f = frames.reshape(frames.shape[-2:])
-    full_num = f.sum(-1, dtype=torch.int32)
-    full_indices = torch.argsort((~f).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    full_num, full_indices = kv_block_lists(frames.reshape(frames.shape[-2:]))
     return (torch.zeros_like(full_num)[None, None], torch.zeros_like(full_indices)[None, None],
             full_num[None, None], full_indices[None, None])
 
