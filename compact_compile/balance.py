@@ -58,12 +58,12 @@ def balance_heads(model: nn.Module, plan: Plan, ranks: int) -> Plan:
     with it. Head-agnostic sites (one row) are left as they are."""
     sites = dict(plan.sites)
     permutations = {}
-    for base in dict.fromkeys(name.split("@")[0] for name in plan.sites):
-        entries = [n for n in plan.sites if n == base or n.startswith(base + "@")]
-        blocks = [plan.sites[n].blocks for n in entries]
-        if blocks[0].shape[0] == 1:
+    for base in dict.fromkeys(map(_module_path, plan.sites)):
+        # every entry of one module (its step ranges `@start`, its further calls `#n`) shares its heads
+        entries = [n for n in plan.sites if _module_path(n) == base and plan.sites[n].blocks.shape[0] > 1]
+        if not entries:
             continue
-        cost = torch.stack([b.float().mean((1, 2)) for b in blocks]).mean(0).tolist()
+        cost = torch.stack([plan.sites[n].blocks.float().mean((1, 2)) for n in entries]).mean(0).tolist()
         perm = balanced_heads(cost, ranks)
         modules = [m for path, m in model.named_modules() if path == base or path.endswith("." + base)]
         if not modules:
@@ -75,6 +75,12 @@ def balance_heads(model: nn.Module, plan: Plan, ranks: int) -> Plan:
         permutations[base] = perm
     info = {**plan.info, "head_permutations": {**plan.info.get("head_permutations", {}), **permutations}}
     return Plan(plan.grid, plan.tile, plan.block_size, sites, info)
+
+
+def _module_path(site: str) -> str:
+    """The module a plan entry belongs to: `blocks.3.attn1@20` (a step range) and `blocks.3.attn1#1`
+    (the module's second attention call) are both `blocks.3.attn1`."""
+    return site.split("@")[0].split("#")[0]
 
 
 def permute_attention_heads(attn: nn.Module, perm: Sequence[int]) -> None:

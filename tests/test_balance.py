@@ -108,6 +108,25 @@ def test_joint_attention_heads_permute_with_their_text_projections(build):
             permute_attention_heads(model.single_transformer_blocks[0].attn, [1, 0])
 
 
+def test_all_entries_of_one_module_move_with_its_one_permutation():
+    """A module's step ranges (`@start`) and further calls (`#n`) share its heads: one permutation,
+    from their combined cost, for all of them; a head-agnostic entry stays as it is."""
+    model, _ = wan_with_heads(4)
+    S, n = math.prod(WAN_GRID), TokenLayout(WAN_GRID, (1, 8, 8), 64).n_blocks
+    dense_first = torch.zeros(4, n, n, dtype=torch.bool)
+    dense_first[:2] = True
+    dense_first[:, range(n), range(n)] = True
+    entries = {"blocks.0.attn1": dense_first, "blocks.0.attn1@10": dense_first.flip(0),
+               "blocks.0.attn1#1": dense_first, "blocks.1.attn1": torch.ones(1, n, n, dtype=torch.bool)}
+    plan = Plan(WAN_GRID, (1, 8, 8), 64, {k: SitePlan(b.shape[0], 8, S, 0, 0, b) for k, b in entries.items()})
+    balanced = balance_heads(model, plan, ranks=2)
+    perm = balanced.info["head_permutations"]["blocks.0.attn1"]
+    assert list(balanced.info["head_permutations"]) == ["blocks.0.attn1"]
+    for name in ("blocks.0.attn1", "blocks.0.attn1@10", "blocks.0.attn1#1"):
+        assert torch.equal(balanced.sites[name].blocks, entries[name][perm])
+    assert torch.equal(balanced.sites["blocks.1.attn1"].blocks, entries["blocks.1.attn1"])
+
+
 def test_balancing_names_what_it_cannot_do():
     model, _ = wan_with_heads(4)
     blocks = torch.ones(4, 4, 4, dtype=torch.bool)
