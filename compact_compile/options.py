@@ -66,7 +66,7 @@ class CompactOptions:
                 offered: a graph replay would freeze the per-step kernel choice of a schedule.
     inner       what compiles the rewritten graph: "inductor" (default), "aot_eager" or "eager".
     observer    advanced: a callable `(spec, site) -> site` that wraps every rewritten site's runtime
-                (kernels/site.py; the wrapper keeps its `__call__` and `parts`): calibration records
+                (kernels/site.py; the wrapper keeps its `__call__`, `parts` and `fp8`): calibration records
                 attention statistics with it, the fidelity harness measures each call.
     """
     plan: str | Path | Plan = "window"
