@@ -8,6 +8,10 @@ Shape: Wan2.1-1.3B 480p 81 frames = grid (21, 30, 52) = 32760 tokens, B1 H12 D12
     our Triton kernel's (a kernel that ignored the lists would sit at dense attention's distance);
   * the backend's own op (`torch.ops.compact.attention` over a site built from its spec, as a
     rewritten graph calls it) at the 90% window, per kernel;
+  * fp8: at ~90% sparsity (window and random lists), the backend's FP8 op with its quantizing reorder
+    (smoothing stats + compact.tile_quant + compact.attention_fp8, from q, k, v in model order) against
+    the bf16 op of each kernel with its reorder (three gathers), and the FP8 kernel alone on tiles
+    quantized beforehand; the output's distance to the bf16 Triton kernel's and to exact float64;
   * the backend's own site: a small module (RoPE-like q/k producers, SDPA, output transpose)
     compiled with backend="compact" at the 90% window, per kernel, plain and rectified, against the
     same module compiled by Inductor with dense SDPA; its attention kernel's GPU time from the
@@ -26,6 +30,7 @@ import triton
 from compact_compile.kernels.ops import register_site
 from compact_compile.kernels.registry import KERNEL_NAMES, kernel_class, kv_block_lists
 from compact_compile.kernels.site import make_site
+from compact_compile.kernels.triton_sparse import chosen_config
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import density, window_blocks
 from compact_compile.spec import SiteSpec, single_range
@@ -49,7 +54,7 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-SECTIONS = ("dense", "lists", "fa4-forms", "op", "burst", "site")
+SECTIONS = ("dense", "lists", "fa4-forms", "op", "burst", "site", "fp8")
 
 
 def main():
@@ -78,6 +83,8 @@ def main():
         burst_rows(layout, kernels, q, k, v)
     if "site" in sections:
         site_costs(layout, kernels)
+    if "fp8" in sections:
+        fp8_rows(layout, kernels, q, k, v, sdpa)
     results.save(shape=dict(B=B, H=H, S=S, D=D, grid=GRID, tile=layout.tile, dtype="bf16"))
 
 
@@ -158,6 +165,64 @@ def op_rows(layout, kernels, q, k, v, sdpa):
         ms = bench(lambda handle=handle: torch.ops.compact.attention(q, k, v, handle, None, [], None))
         emit(impl=f"op-{name}-window{window}", sparsity=round(1 - density(blocks), 4), ms=ms, speedup=sdpa / ms,
              tflops_effective=flops * density(blocks) / ms / 1e9)
+
+
+def exact_rows(q, k, v, blocks, block_size, rows: int = 4096):
+    """Block-sparse attention of the first `rows` tiled query rows of head 0 in float64 (on the GPU)."""
+    q, k, v = (x[:, :1].double() for x in (q, k, v))
+    keep = blocks.to(dev)[torch.arange(rows, device=dev)[:, None] // block_size,
+                          torch.arange(k.shape[-2], device=dev)[None, :] // block_size]
+    scores = (q[:, :, :rows] @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return scores.masked_fill(~keep, float("-inf")).softmax(-1) @ v
+
+
+def fp8_rows(layout, kernels, q, k, v, sdpa):
+    """FP8 against bf16 on the same lists at ~90% sparsity, reorder (and quantization) included: q, k, v
+    are taken in the model's order, as a rewritten graph has them."""
+    from compact_compile.kernels.fp8 import FP8Tiles, smoothing_stats
+    from compact_compile.kernels.triton_sparse import block_sparse_attention_fp8
+
+    fields = (list(GRID), list(layout.tile), layout.block_size, layout.n_text, layout.n_before)
+    src = torch.ops.compact.tile_index(q, *fields, False)
+    window = closest_window(layout, 0.10)
+    rnd = torch.rand(layout.n_blocks, layout.n_blocks) < 0.10
+    rnd.fill_diagonal_(True)
+
+    def quantize():
+        k_mean, v_amax = smoothing_stats(k, v)
+        return torch.ops.compact.tile_quant(q, k, v, k_mean, v_amax, *fields, None, False), k_mean
+
+    for plan, blocks in ((f"window{window}", window_blocks(layout, window)), ("random", rnd)):
+        sparsity, dens = round(1 - density(blocks), 4), density(blocks)
+        exact = exact_rows(*(x.index_select(-2, src) for x in (q, k, v)), blocks, layout.block_size)
+        outs = {}
+        for name in [n for n in kernels if n != "flex"]:
+            handle = register_site(make_site(SiteSpec("bench", layout, single_range(blocks[None]), kernel=name)))
+
+            def bf16_op(h=handle):
+                return torch.ops.compact.attention(*(x.index_select(-2, src) for x in (q, k, v)), h, None, [], None)
+            outs[name] = bf16_op()
+            ms = bench(bf16_op)
+            emit(impl=f"fp8-section-{name}-bf16-op-{plan}", sparsity=sparsity, ms=ms, speedup=sdpa / ms,
+                 tflops_effective=flops * dens / ms / 1e9,
+                 rel_err_vs_float64_head0=rel(outs[name][:, :1, :exact.shape[-2]].double(), exact))
+        handle = register_site(make_site(SiteSpec("bench", layout, single_range(blocks[None]), kernel="triton",
+                                                  fp8=True)))
+
+        def fp8_op(h=handle):
+            tiles, k_mean = quantize()
+            return torch.ops.compact.attention_fp8(*tiles[:3], [*tiles[3:], k_mean], h, None, [], None, dt)
+        out = fp8_op()
+        ms = bench(fp8_op)
+        tiles = FP8Tiles(*quantize()[0], smoothing_stats(k, v)[0])
+        num, idx = (x.to(dev) for x in kv_block_lists(blocks[None]))
+        ms_kernel = bench(lambda: block_sparse_attention_fp8(tiles, num, idx, layout.block_size, dtype=dt))
+        emit(impl=f"fp8-section-triton-fp8-op-{plan}", sparsity=sparsity, ms=ms, speedup=sdpa / ms,
+             tflops_effective=flops * dens / ms / 1e9, quantizing_reorder_ms=bench(quantize),
+             kernel_only_ms=ms_kernel, kernel_tflops_effective=flops * dens / ms_kernel / 1e9,
+             kernel_config=str(chosen_config()),
+             rel_diff_vs_triton_bf16=rel(out, outs["triton"]) if "triton" in outs else None,
+             rel_err_vs_float64_head0=rel(out[:, :1, :exact.shape[-2]].double(), exact))
 
 
 def burst(fn, iters: int = 30, warmup: int = 5) -> float:

@@ -10,8 +10,13 @@ per-layer attention-output relative error (each site's sparse output vs dense at
 q/k/v, along the sparse run's own trajectory), and the achieved sparsity counted honestly (dense
 warm-up steps and dense layers count as dense) and over the sparse steps only. The rewrite's noise
 floor (plan="dense": every site rewritten, attention dense in tile order) is stated beside it.
-The sites are measured as users get them: the observer wraps each site's runtime and calls it the
-way the rewritten graph does (fused rectification, in-graph merges).
+The sites are measured as users get them: the observer (fidelity_probe.py) wraps each site's runtime
+and calls it the way the rewritten graph does (fused rectification, in-graph merges, FP8 tiles).
+FP8 modes ("<mode> + FP8": that mode with fp8_attention=True) are paired with their bf16 counterpart
+at the same plan, which is run first (recorded under its own name) unless it ran already: besides
+the above, an FP8 point gives PSNR/SSIM against the counterpart's videos (`*_vs_bf16_sparse`) and
+per site the relative error of the FP8 output against the site's output in the inputs' dtype on
+the same q, k, v, over every step (`layer_error_vs_bf16_sparse`).
 Writes, per model, $OUT/<model>/fidelity.json, fidelity_pareto.png, and a strip + GIF of dense vs
 the best sparse mode (a GPU call brings back 8 files: two models with --no-gif leave room for a log).
 
@@ -23,12 +28,15 @@ and ~160 ms at 16,384 (sparse attention plus the probe's dense reference, ~26 TF
 elementwise work), so 20 steps add ~1 s (short) or ~3 s (long): ~6 s per point for short, ~9 s
 for long. Per model add the dense reference, the floor, one calibration (~10 s) and, at the first
 use of each kernel variant and sequence-length bucket, Triton's JIT and autotuning (~30–60 s).
-The whole MODES table (34 runs per model) is then ~5 min for short and ~6 for long: too much for
-one 9-minute call with both. Five modes at `--points 3` (16 runs per model) come to ~3 + ~3.5
-min. `--points N` keeps N values of each mode's sweep (spread from its first to its last),
+The whole MODES table (40 runs per model, 6 of them FP8) is then ~6 min for short and ~7 for long:
+too much for one 9-minute call with both. Five modes at `--points 3` (16 runs per model) come to
+~3 + ~3.5 min. `--points N` keeps N values of each mode's sweep (spread from its first to its last),
 `--modes` a subset of modes (in the order given), and `--minutes` stops starting points that would
 not finish in time (they are listed under "skipped"), sharing the time between the models; every
-point's `wall_s` is recorded, so the next run's budget can be set from measurements.
+point's `wall_s` is recorded, so the next run's budget can be set from measurements. An FP8 point
+costs its own run plus, where it did not run already, its counterpart's (two FP8 modes at
+`--points 2`: 8 runs per model), and its kernels' first JIT and autotuning (FP8 and the probe's
+bf16 reference on our Triton kernel, with and without the rectified epilogue).
 
 Adding a mode is one line in MODES: name → (backend options, swept option, values).
 """
@@ -41,13 +49,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import compact_compile  # noqa: E402
-from compact_compile.kernels.rectified import merge_blocks  # noqa: E402
-from compact_compile.schedule import CLOCK  # noqa: E402
+from benchmarks.fidelity_probe import Probe, mean  # noqa: E402
 from examples.video_dit.model import MODEL_NAMES, from_name, load_model  # noqa: E402
 from examples.video_dit.sample import fixed_noise, sample, save_gif, save_strip  # noqa: E402
 
@@ -65,57 +71,13 @@ MODES = {
                                                    [0.5, 0.3, 0.2, 0.1]),
     "window + rectified": (dict(plan="window", rectify=True), "window", [(1, 1, 1), (1, 3, 3), (3, 3, 3)]),
     "calibrated ∪ top-k + rectified": (dict(plan=CALIBRATED, dynamic=True, rectify=True), "recall", [0.7, 0.8]),
+    "window (STA-like) + FP8": (dict(plan="window", fp8_attention=True), "window", [(1, 3, 3), (3, 3, 3)]),
+    "dynamic + rectified + FP8": (dict(plan="dynamic", rectify=True, fp8_attention=True), "p_remain", [0.5, 0.9]),
+    "calibrated + rectified + FP8": (dict(plan=CALIBRATED, rectify=True, fp8_attention=True), "recall", [0.8, 0.95]),
 }
+FP8 = " + FP8"   # an FP8 mode is named after its bf16 counterpart: the same options, fp8_attention=True
 FLOOR = {"dense plan": dict(plan="dense")}   # rewritten sites, every block: the dense kernel in tile order
 BLOCK_SIZE = 64    # 4×4×4 tiles: the short model's 16×16×16 grid has 64 blocks per row, the long one's 256
-
-
-class Probe:
-    """observer option: per site call, the fraction of blocks computed and the relative error of
-    the site's output against dense attention on the same inputs."""
-
-    def __init__(self):
-        self.calls = []   # dict(site, step, density, error)
-
-    def __call__(self, spec, site):
-        return ProbedSite(self, spec, site)
-
-    def summary(self, dense_steps):
-        sparse = [c for c in self.calls if c["step"] is not None and c["step"] >= dense_steps]
-        sites = sorted({c["site"] for c in self.calls}, key=lambda s: [int(p) if p.isdigit() else p
-                                                                        for p in s.split(".")])
-        return dict(density=mean(c["density"] for c in self.calls),
-                    density_sparse_steps=mean(c["density"] for c in sparse),
-                    layer_error={s: mean(c["error"] for c in sparse if c["site"] == s) for s in sites})
-
-
-class ProbedSite:
-    """The site as users get it (fused rectification, in-graph merges and all), measured per call."""
-
-    def __init__(self, probe, spec, site):
-        self.probe, self.spec, self.site = probe, spec, site
-
-    def _record(self, out, q, k, v, scale, pools, key_valid):
-        mask = None if key_valid is None else key_valid[:, None, None, :]
-        dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        err = ((out.float() - dense.float()).norm() / dense.float().norm()).item()
-        density = self.site.estimate(q, k, v, scale, pools, key_valid)[0].float().mean().item()
-        self.probe.calls.append(dict(site=self.spec.name, step=CLOCK.current, density=density, error=err))
-
-    def __call__(self, q, k, v, scale=None, pools=None, key_valid=None):
-        out = self.site(q, k, v, scale, pools, key_valid)
-        self._record(out, q, k, v, scale, pools, key_valid)
-        return out
-
-    def parts(self, q, k, v, scale, pools, key_valid=None):
-        o, r, o_bar = self.site.parts(q, k, v, scale, pools, key_valid)
-        self._record(merge_blocks(o, r, o_bar, self.spec.layout.block_size), q, k, v, scale, pools, key_valid)
-        return o, r, o_bar
-
-
-def mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def quality(videos, reference):
@@ -139,7 +101,8 @@ def generate(model, options, noise, labels, args):
     probe = Probe()
     fast = torch.compile(model, backend="compact", dynamic=False,
                          options=dict(options, observer=probe, inner="aot_eager", block_size=args.block_size))
-    videos = sample(fast, noise, labels, steps=args.steps, cfg=args.cfg, shift=args.shift)
+    with probe.active():
+        videos = sample(fast, noise, labels, steps=args.steps, cfg=args.cfg, shift=args.shift)
     return videos, probe.summary(args.dense_steps)
 
 
@@ -198,11 +161,17 @@ def run_model(config, checkpoint, args, out: Path, deadline: float):
     t0 = time.time()
     cal = calibrate_plan(model, config, args) if calibrated and time_left() else None
     result["calibration_wall_s"] = round(time.time() - t0, 1) if cal is not None else None
-    best = None
-    for name, options, swept, value in sweep(modes, args.points):
+    best = None     # (PSNR, label, videos) of the strip's mode
+    bf16_videos = {}    # (mode, value) → videos, for the modes some FP8 mode is compared with
+    paired = {name.removesuffix(FP8) for name in modes if name.endswith(FP8)}
+
+    def run_point(name, options, swept, value, bf16=None):
+        """Generate and record one point; its videos (None if skipped). `bf16`: the videos of the FP8
+        mode's bf16 counterpart at the same plan, which the point is also compared with."""
+        nonlocal best
         if not time_left() or (options.get("plan") == CALIBRATED and cal is None):
             result["skipped"].append(f"{name}, {swept}={value}")
-            continue
+            return None
         t0 = time.time()
         opts = dict(options)
         if opts.get("plan") == CALIBRATED:
@@ -216,12 +185,31 @@ def run_model(config, checkpoint, args, out: Path, deadline: float):
         # is the density achieved)
         setting = {"density_budget" if swept == "density" else swept: value}
         point = dict(setting, **probe, **summarize(quality(videos, dense)), wall_s=round(point_s[-1], 1))
+        if bf16 is not None:
+            point.update({f"{k}_vs_bf16_sparse": v for k, v in summarize(quality(videos, bf16)).items()})
         result["modes"].setdefault(name, []).append(point)
-        print(config.name, name, json.dumps({k: v for k, v in point.items() if k not in ("layer_error", "per_video")}),
+        print(config.name, name, json.dumps({k: v for k, v in point.items() if not isinstance(v, (dict, list))}),
               flush=True)
         if 1 - point["density"] >= args.strip_sparsity and (best is None or point["psnr"] > best[0]):
             best = (point["psnr"], f"{name}, {swept}={value}", videos)
         (out / "fidelity.json").write_text(json.dumps(result, indent=1))
+        return videos
+
+    for name, options, swept, value in sweep(modes, args.points):
+        if (name, value) in bf16_videos:     # run already, as an FP8 mode's counterpart
+            continue
+        bf16 = None
+        if name.endswith(FP8):   # its bf16 counterpart first (recorded under its own name), unless run already
+            bf16_name = name.removesuffix(FP8)
+            if (bf16_name, value) not in bf16_videos:
+                bf16_videos[bf16_name, value] = run_point(bf16_name, MODES[bf16_name][0], swept, value)
+            bf16 = bf16_videos[bf16_name, value]
+            if bf16 is None:
+                result["skipped"].append(f"{name}, {swept}={value}")
+                continue
+        videos = run_point(name, options, swept, value, bf16)
+        if name in paired:
+            bf16_videos[name, value] = videos
     if result["skipped"]:
         print(f"{config.name}: out of time, skipped {len(result['skipped'])} points", flush=True)
     pareto_plot(result, out / "fidelity_pareto.png")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import OptionsError
+from .kernels.registry import FP8_KERNELS
 from .plan import Plan
 
 BUILTIN_PLANS = ("dense", "window", "dynamic")
@@ -52,6 +53,12 @@ class CompactOptions:
                 own schedule (this option must then agree with it).
     strict      True: a plan that does not fit a site is an error. False: that site stays dense,
                 with a warning and a report entry.
+    fp8_attention False (default); True: the rewritten sites' attention in FP8 — q·kᵀ and P·V as e4m3
+                tensor-core dots with fp32 accumulation, q and k with one scale per block of tokens, k
+                smoothed by its mean, v with per-channel scales (kernels/fp8.py), quantized in the pass
+                that reorders q, k, v. Our Triton kernel runs it (FA4 and FlexAttention cannot), for
+                every plan, with rectification per block (not "rows"); needs a CUDA GPU of compute
+                capability ≥ 8.9. Sites on FlexAttention with a model's own mask stay in their dtype.
     quantize    None (default), "fp8" or "int8": torchao-quantized linear layers (dynamic activation and
                 weight quantization); fp8 needs compute capability ≥ 8.9.
     mode        Inductor's mode when `options` are given (torch.compile takes `mode` or `options`,
@@ -59,7 +66,7 @@ class CompactOptions:
                 offered: a graph replay would freeze the per-step kernel choice of a schedule.
     inner       what compiles the rewritten graph: "inductor" (default), "aot_eager" or "eager".
     observer    advanced: a callable `(spec, site) -> site` that wraps every rewritten site's runtime
-                (kernels/site.py; the wrapper keeps its `__call__` and `parts`): calibration records
+                (kernels/site.py; the wrapper keeps its `__call__`, `parts` and `fp8`): calibration records
                 attention statistics with it, the fidelity harness measures each call.
     """
     plan: str | Path | Plan = "window"
@@ -75,6 +82,7 @@ class CompactOptions:
     dynamic: bool = False
     p_remain: float = 0.3
     drop: float = 0.9
+    fp8_attention: bool = False
     quantize: str | None = None
     mode: str | None = None
     observer: Callable | None = None
@@ -118,6 +126,14 @@ class CompactOptions:
             raise OptionsError(f"option 'dynamic' must be True or False, not {self.dynamic!r}")
         if plan == "dynamic":
             object.__setattr__(self, "dynamic", True)
+        if not isinstance(self.fp8_attention, bool):
+            raise OptionsError(f"option 'fp8_attention' must be True or False, not {self.fp8_attention!r}")
+        if self.fp8_attention and self.kernel not in ("auto", *FP8_KERNELS):
+            raise OptionsError(f"option 'fp8_attention' runs on the {' or '.join(FP8_KERNELS)} kernel only; kernel="
+                               f"{self.kernel!r} has no FP8 (e4m3) path on sm90: use kernel='auto' or 'triton'")
+        if self.fp8_attention and self.rectify == "rows":
+            raise OptionsError("option 'fp8_attention' rectifies per block (rectify=True), in the kernel; "
+                               "rectify='rows' reads every query row unquantized")
         for name in ("p_remain", "drop"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:

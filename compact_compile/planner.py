@@ -51,11 +51,13 @@ def site_spec(options: CompactOptions, plan: Plan | None, schedule: dict | None,
     ranges = tuple(StepRange(a, b, None if m.all() else m) for (a, b), m in zip(bounds, maps))
     rectify = {False: None, True: "block", "rows": "rows"}[options.rectify]
     dtype = getattr(torch, site.dtype)
-    kernel, why = choose_kernel(options.kernel, site.device, dtype, site.q_shape[-1], layout.block_size, site.key_mask)
+    kernel, why = choose_kernel(options.kernel, site.device, dtype, site.q_shape[-1], layout.block_size, site.key_mask,
+                                fp8=options.fp8_attention)
     return SiteSpec(site.name, layout, ranges,
                     selection=Selection(options.p_remain, options.drop) if options.dynamic else None,
                     rectify=rectify, key_mask=site.key_mask, kernel=kernel, kernel_reason=why,
-                    merge_in_graph=rectify == "block" and not kernel_class(kernel).fuses_rectify)
+                    merge_in_graph=rectify == "block" and not kernel_class(kernel).fuses_rectify,
+                    fp8=options.fp8_attention)
 
 
 def flex_site_spec(options: CompactOptions, plan: Plan | None, schedule: dict | None, site: Site,
@@ -68,9 +70,11 @@ def flex_site_spec(options: CompactOptions, plan: Plan | None, schedule: dict | 
     if (plan is None and options.tile == "auto" and tiled_by is not None
             and math.prod(tiled_by) == (options.block_size or 128)):
         options = options.replace(tile=tuple(tiled_by))
-    spec = site_spec(options, plan, schedule, site)
-    return dataclasses.replace(spec, kernel="flex", model_mask=model_mask,
-                               kernel_reason="flex: the only kernel that evaluates the model's mask_mod and score_mod")
+    spec = site_spec(options.replace(fp8_attention=False), plan, schedule, site)
+    why = "flex: the only kernel that evaluates the model's mask_mod and score_mod"
+    if options.fp8_attention:
+        why += " (in the inputs' dtype: FlexAttention has no FP8 path)"
+    return dataclasses.replace(spec, kernel="flex", model_mask=model_mask, kernel_reason=why)
 
 
 def flex_site_unsupported(options: CompactOptions) -> str:

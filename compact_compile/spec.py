@@ -72,6 +72,7 @@ class SiteSpec:
     kernel_reason: str = ""
     merge_in_graph: bool = False           # rectified: R·O + Ō merged by the graph on the way back
     model_mask: ModelMask | None = None    # a flex_attention site: the model's own mask, kept inside the blocks
+    fp8: bool = False                      # attention in e4m3 (kernels/fp8.py): the op gets quantized tiles
     extras: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
@@ -81,6 +82,8 @@ class SiteSpec:
             raise ValueError("a site needs at least one step range")
         if self.merge_in_graph and self.rectify != "block":
             raise ValueError("only per-block rectification can be merged in the graph")
+        if self.fp8 and (self.merge_in_graph or self.rectify == "rows" or self.model_mask is not None):
+            raise ValueError("FP8 attention rectifies per block, in the kernel, and keeps no model mask")
 
     @property
     def pooled(self) -> bool:

@@ -5,7 +5,8 @@ compiled FlexAttention) is chosen at run time. Each site's runtime (site.py) liv
 table; the graph carries only the integer handle.
 q, k, v arrive in tiled token order (layout.py); the output is in the same order, contiguous.
 `torch.ops.compact.tile_index` gives the graph the index of that order; `torch.ops.compact.tile_pool`
-does the reorder and rectification's block pooling in one pass.
+does the reorder and rectification's block pooling in one pass; `torch.ops.compact.tile_quant` the
+same with q, k, v written as e4m3 tiles (fp8.py) for `torch.ops.compact.attention_fp8`.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import itertools
 import torch
 
 from ..layout import TokenLayout
-from .rectified import tile_pooled
+from .fp8 import FP8Tiles, padded_rows
+from .rectified import tile_pooled, tile_quantized
 from .site import SiteKernel
 
 _SITES: dict[int, SiteKernel] = {}
@@ -60,6 +62,21 @@ def _(q, k, v, handle, scale, pools, key_valid):
     B, H, nq = pools[0].shape[:3]
     return (q.new_empty(q.shape[:-1] + v.shape[-1:]), q.new_empty(B, H, nq, dtype=torch.float32),
             q.new_empty(B, H, nq, v.shape[-1], dtype=torch.float32))
+
+
+@torch.library.custom_op("compact::attention_fp8", mutates_args=())
+def attention_fp8(q: torch.Tensor, k: torch.Tensor, v_t: torch.Tensor, scales: list[torch.Tensor], handle: int,
+                  scale: float | None, pools: list[torch.Tensor], key_valid: torch.Tensor | None,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """`attention` of a site whose spec is fp8, over the tiles of `tile_quant`: q, k, vᵀ in e4m3 and
+    `scales` (q's, k's, v's, k's mean); the output in `dtype`."""
+    tiles = FP8Tiles(q, k, v_t, *scales)
+    return _SITES[handle].fp8(tiles, scale, pools or None, key_valid, dtype).contiguous()
+
+
+@attention_fp8.register_fake
+def _(q, k, v_t, scales, handle, scale, pools, key_valid, dtype):
+    return q.new_empty(q.shape, dtype=dtype)
 
 
 @torch.library.custom_op("compact::model_masked_attention", mutates_args=())
@@ -119,3 +136,27 @@ def _(q, k, v, grid, tile, block_size, n_text, n_before, key_valid):
     nb = -(-S // block_size)
     stats = [x.new_empty(B, H, nb, x.shape[-1], dtype=torch.float32) for x in (q, q, k, k, v)]
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), *stats)
+
+
+@torch.library.custom_op("compact::tile_quant", mutates_args=())
+def tile_quant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor, v_amax: torch.Tensor,
+               grid: list[int], tile: list[int], block_size: int, n_text: int, n_before: int,
+               key_valid: torch.Tensor | None, pool: bool) -> list[torch.Tensor]:
+    """q, k, v in tile order as e4m3 tiles with their scales (the fields of `fp8.FP8Tiles` but
+    k_mean, which the graph has), and where `pool` their block statistics as `tile_pool`'s:
+    `rectified.tile_quantized`, one pass over q, k, v."""
+    layout = TokenLayout(tuple(grid), tuple(tile), block_size, n_text, n_before)
+    tiles, pools = tile_quantized(q, k, v, _tile_index(layout, q.device, False), k_mean, v_amax, layout.n_video,
+                                  block_size, pool, key_valid)
+    return [x.contiguous() for x in tiles[:6]] + list(pools or ())
+
+
+@tile_quant.register_fake
+def _(q, k, v, k_mean, v_amax, grid, tile, block_size, n_text, n_before, key_valid, pool):
+    B, H, S, D = q.shape
+    nb = -(-S // block_size)
+    fp8 = torch.float8_e4m3fn
+    tiles = [q.new_empty(q.shape, dtype=fp8), q.new_empty(q.shape, dtype=fp8),
+             q.new_empty(B, H, D, padded_rows(S), dtype=fp8), q.new_empty(B, H, nb, dtype=torch.float32),
+             q.new_empty(B, H, nb, dtype=torch.float32), q.new_empty(B, H, D, dtype=torch.float32)]
+    return tiles + ([q.new_empty(B, H, nb, D, dtype=torch.float32) for _ in range(5)] if pool else [])

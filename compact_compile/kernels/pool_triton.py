@@ -8,12 +8,18 @@ values only video tokens that the key-padding mask, if any, keeps),
     δx_n = Σ_i w_i·|x_i − x̄_n| / Σ_i w_i
 A [BLOCK, COLS] slice stays in registers between the two sums, so the tensor is read once; Inductor's
 version of the same math (rectified.block_pool, the reference and CPU path) reads it twice or more.
+
+For FP8 attention (fp8.py) the same pass writes q, k, v as e4m3 tiles with their scales instead of
+copies in their dtype, pooling or not: the reorder reads each tensor once either way.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from .fp8 import E4M3, FP8Tiles, padded_rows, to_e4m3
+from .triton_sparse import INTERPRET
 
 
 @triton.jit
@@ -36,38 +42,68 @@ def key_mask_arg(key_valid: torch.Tensor, batch: int, seq_len: int):
 
 
 @triton.jit
-def _pool_tile(X, OUT, SRC, MEAN, MAD, KEY_VALID, stride_b, stride_h, stride_s, key_valid_stride_b, b, h, bh, blk,
-               out_row, c0, n_valid, S, BLOCK: tl.constexpr, D: tl.constexpr, COLS: tl.constexpr,
-               WITH_MAD: tl.constexpr, GATHER: tl.constexpr, MASKED: tl.constexpr):
+def _quantize_tile(x, OUT, SCALE, STAT, bh, blk, out_row, rows, cols, in_seq, S, S16, D: tl.constexpr,
+                   QUANT: tl.constexpr, ROUND: tl.constexpr):
+    """Write one whole block (COLS = D) in e4m3, fp8.quantize_tiles' arithmetic: QUANT 1 (q) with its
+    scale σ = amax/448 to SCALE[out_row]; 2 (k) the same of x − STAT[bh] (k's mean); 3 (v) per channel,
+    σ_d = STAT[bh, d]/448 from v's amax over all tokens (to SCALE[bh] once), transposed to [D, S16]."""
+    x = x.to(tl.float32)
+    if QUANT == 3:
+        amax = tl.maximum(tl.load(STAT + bh * D + cols), 1e-30)
+        q8 = to_e4m3(x * (448.0 / amax)[None, :], ROUND)
+        tl.store(OUT + (bh * D + cols[None, :]).to(tl.int64) * S16 + rows[:, None], q8, mask=in_seq[:, None])
+        if blk == 0:
+            tl.store(SCALE + bh * D + cols, amax / 448.0)
+    else:
+        if QUANT == 2:
+            x = x - tl.load(STAT + bh * D + cols)[None, :]
+        x = tl.where(in_seq[:, None], x, 0.0)
+        amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-30)
+        tl.store(OUT + (bh * S + rows[:, None].to(tl.int64)) * D + cols[None, :], to_e4m3(x * (448.0 / amax), ROUND),
+                 mask=in_seq[:, None])
+        tl.store(SCALE + out_row, amax / 448.0)
+
+
+@triton.jit
+def _pool_tile(X, OUT, SRC, MEAN, MAD, KEY_VALID, SCALE, STAT, stride_b, stride_h, stride_s, key_valid_stride_b,
+               b, h, bh, blk, out_row, c0, n_valid, S, S16, BLOCK: tl.constexpr, D: tl.constexpr, COLS: tl.constexpr,
+               WITH_MAD: tl.constexpr, GATHER: tl.constexpr, MASKED: tl.constexpr, POOL: tl.constexpr,
+               QUANT: tl.constexpr, ROUND: tl.constexpr):
     """Mean (and deviation) of one [BLOCK, COLS] slice of block `blk` over its rows below n_valid
-    (with MASKED: that KEY_VALID keeps); with GATHER its rows are read at model positions SRC[row]
-    and also written, in tile order, to OUT (contiguous [B, H, S, D])."""
+    (with MASKED: that KEY_VALID keeps), where POOL; with GATHER its rows are read at model positions
+    SRC[row]; the slice is written, in tile order, to OUT (contiguous [B, H, S, D]) as it is (GATHER)
+    or in e4m3 (QUANT > 0: `_quantize_tile`)."""
     rows = blk * BLOCK + tl.arange(0, BLOCK)
     cols = c0 + tl.arange(0, COLS)
     in_seq = rows < S
     src = tl.load(SRC + rows, mask=in_seq, other=0).to(tl.int64) if GATHER else rows.to(tl.int64)
     x = tl.load(X + b * stride_b + h * stride_h + src[:, None] * stride_s + cols[None, :],
                 mask=in_seq[:, None], other=0.0)
-    if GATHER:
+    if QUANT > 0:
+        _quantize_tile(x, OUT, SCALE, STAT, bh, blk, out_row, rows, cols, in_seq, S, S16, D, QUANT, ROUND)
+    elif GATHER:
         tl.store(OUT + (bh * S + rows[:, None].to(tl.int64)) * D + cols[None, :], x, mask=in_seq[:, None])
-    valid = valid_rows(rows, n_valid, KEY_VALID, key_valid_stride_b, b, MASKED)
-    x = tl.where(valid[:, None], x.to(tl.float32), 0.0)
-    count = tl.maximum(tl.sum(valid.to(tl.float32), 0), 1.0)
-    mean = tl.sum(x, 0) / count
-    tl.store(MEAN + out_row * D + cols, mean)
-    if WITH_MAD:
-        dev = tl.where(valid[:, None], tl.abs(x - mean[None, :]), 0.0)
-        tl.store(MAD + out_row * D + cols, tl.sum(dev, 0) / count)
+    if POOL:
+        valid = valid_rows(rows, n_valid, KEY_VALID, key_valid_stride_b, b, MASKED)
+        x = tl.where(valid[:, None], x.to(tl.float32), 0.0)
+        count = tl.maximum(tl.sum(valid.to(tl.float32), 0), 1.0)
+        mean = tl.sum(x, 0) / count
+        tl.store(MEAN + out_row * D + cols, mean)
+        if WITH_MAD:
+            dev = tl.where(valid[:, None], tl.abs(x - mean[None, :]), 0.0)
+            tl.store(MAD + out_row * D + cols, tl.sum(dev, 0) / count)
 
 
 @triton.jit
-def _pool_qkv(Q, K, V, QT, KT, VT, SRC, QM, QD, KM, KD, VM, KEY_VALID, sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
-              key_valid_stride_b, n_heads, S, n_kv, BLOCK: tl.constexpr, D: tl.constexpr, COLS: tl.constexpr,
-              GATHER: tl.constexpr, MASKED: tl.constexpr):
+def _pool_qkv(Q, K, V, QT, KT, VT, SRC, QM, QD, KM, KD, VM, KEY_VALID, QS, KS, VS, K_MEAN, V_AMAX,
+              sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, key_valid_stride_b, n_heads, S, S16, n_kv,
+              BLOCK: tl.constexpr, D: tl.constexpr, COLS: tl.constexpr, GATHER: tl.constexpr, MASKED: tl.constexpr,
+              POOL: tl.constexpr, QUANT: tl.constexpr, ROUND: tl.constexpr):
     """q̄, δq over all S tokens, k̄, δk, v̄ over the first n_kv (with MASKED: those KEY_VALID keeps),
-    in one launch (and, with GATHER, q, k, v in tile order). Means and deviations are per column, so
-    a program takes a [BLOCK, COLS] slice of one block of one of the three tensors: small tiles, many
-    programs in flight, and the loads are what bounds it."""
+    where POOL, in one launch (and, with GATHER, q, k, v in tile order; with QUANT, in e4m3 with their
+    scales QS, KS, VS: fp8.py). Means and deviations are per column, so a program takes a
+    [BLOCK, COLS] slice of one block of one of the three tensors: small tiles, many programs in
+    flight, and the loads are what bounds it (QUANT takes whole blocks: a block scale needs all columns)."""
     blk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     SPLIT: tl.constexpr = D // COLS
@@ -75,37 +111,50 @@ def _pool_qkv(Q, K, V, QT, KT, VT, SRC, QM, QD, KM, KD, VM, KEY_VALID, sqb, sqh,
     c0 = (tl.program_id(2) % SPLIT) * COLS
     b, h, out_row = bh // n_heads, bh % n_heads, bh * tl.num_programs(0) + blk
     if which == 0:
-        _pool_tile(Q, QT, SRC, QM, QD, KEY_VALID, sqb, sqh, sqs, key_valid_stride_b, b, h, bh, blk, out_row, c0,
-                   S, S, BLOCK, D, COLS, True, GATHER, False)
+        _pool_tile(Q, QT, SRC, QM, QD, KEY_VALID, QS, K_MEAN, sqb, sqh, sqs, key_valid_stride_b, b, h, bh, blk,
+                   out_row, c0, S, S, S16, BLOCK, D, COLS, True, GATHER, False, POOL, QUANT * 1, ROUND)
     elif which == 1:
-        _pool_tile(K, KT, SRC, KM, KD, KEY_VALID, skb, skh, sks, key_valid_stride_b, b, h, bh, blk, out_row, c0,
-                   n_kv, S, BLOCK, D, COLS, True, GATHER, MASKED)
+        _pool_tile(K, KT, SRC, KM, KD, KEY_VALID, KS, K_MEAN, skb, skh, sks, key_valid_stride_b, b, h, bh, blk,
+                   out_row, c0, n_kv, S, S16, BLOCK, D, COLS, True, GATHER, MASKED, POOL, QUANT * 2, ROUND)
     else:
-        _pool_tile(V, VT, SRC, VM, VM, KEY_VALID, svb, svh, svs, key_valid_stride_b, b, h, bh, blk, out_row, c0,
-                   n_kv, S, BLOCK, D, COLS, False, GATHER, MASKED)
+        _pool_tile(V, VT, SRC, VM, VM, KEY_VALID, VS, V_AMAX, svb, svh, svs, key_valid_stride_b, b, h, bh, blk,
+                   out_row, c0, n_kv, S, S16, BLOCK, D, COLS, False, GATHER, MASKED, POOL, QUANT * 3, ROUND)
 
 
-# per pass: pooling alone, and pooling while reordering (measured on an H100, BENCHMARKS.md)
+# per pass: pooling alone, and pooling while reordering (measured on an H100, BENCHMARKS.md); quantizing
+# takes whole blocks (COLS = D), so twice the warps for the twice larger slice
 POOL_CONFIG = {False: dict(COLS=64, num_warps=2), True: dict(COLS=128, num_warps=4)}
+QUANT_WARPS = 8
 
 
-def _pool_launch(q, k, v, n_kv: int, block_size: int, src, config: dict | None, key_valid):
+def _pool_launch(q, k, v, n_kv: int, block_size: int, src, config: dict | None, key_valid, pool: bool = True,
+                 quant: tuple | None = None):
     B, H, S, D = q.shape
     if D < 16 or D & (D - 1) or not q.shape == k.shape == v.shape:
         raise ValueError(f"q, k, v must share one shape with a power-of-two head dim ≥ 16; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     nb = triton.cdiv(S, block_size)
-    config = {**POOL_CONFIG[src is not None], **(config or {})}
-    cols = min(config["COLS"], D)
-    pools = [torch.empty(B, H, nb, D, device=q.device, dtype=torch.float32) for _ in range(5)]
-    tiled = [torch.empty(B, H, S, D, device=q.device, dtype=x.dtype) for x in (q, k, v)] if src is not None else [q] * 3
+    config = {**POOL_CONFIG[src is not None], **(dict(COLS=D, num_warps=QUANT_WARPS) if quant else {}),
+              **(config or {})}
+    cols = D if quant else min(config["COLS"], D)
+    new = lambda *shape, dtype=torch.float32: torch.empty(*shape, device=q.device, dtype=dtype)  # noqa: E731
+    pools = [new(B, H, nb, D) for _ in range(5)] if pool else [q] * 5
+    if quant:
+        k_mean, v_amax = (x.to(q.device, torch.float32).contiguous() for x in quant)
+        tiles = FP8Tiles(new(B, H, S, D, dtype=E4M3), new(B, H, S, D, dtype=E4M3),
+                         new(B, H, D, padded_rows(S), dtype=E4M3), new(B, H, nb), new(B, H, nb), new(B, H, D), k_mean)
+        tiled, scales, stats = tiles[:3], tiles[3:6], (k_mean, v_amax)
+    else:
+        tiled = [new(B, H, S, D, dtype=x.dtype) for x in (q, k, v)] if src is not None else [q] * 3
+        scales, stats = [q] * 3, [q] * 2
     masked = key_valid is not None
     key_valid, key_valid_stride_b = key_mask_arg(key_valid.to(q.device), B, S) if masked else (q, 0)
-    _pool_qkv[(nb, B * H, 3 * (D // cols))](q, k, v, *tiled, q if src is None else src, *pools, key_valid,
-                                            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], key_valid_stride_b,
-                                            H, S, n_kv, BLOCK=block_size, D=D, COLS=cols, GATHER=src is not None,
-                                            MASKED=masked, num_warps=config["num_warps"])
-    return tuple(tiled), tuple(pools)
+    _pool_qkv[(nb, B * H, 3 * (D // cols))](q, k, v, *tiled, q if src is None else src, *pools, key_valid, *scales,
+                                            *stats, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                                            key_valid_stride_b, H, S, padded_rows(S), n_kv, BLOCK=block_size, D=D,
+                                            COLS=cols, GATHER=src is not None, MASKED=masked, POOL=pool,
+                                            QUANT=quant is not None, ROUND=INTERPRET, num_warps=config["num_warps"])
+    return (tiles if quant else tuple(tiled)), (tuple(pools) if pool else None)
 
 
 def block_pool_qkv_triton(q, k, v, n_kv: int, block_size: int, config: dict | None = None, key_valid=None):
@@ -116,11 +165,25 @@ def block_pool_qkv_triton(q, k, v, n_kv: int, block_size: int, config: dict | No
     return _pool_launch(q, k, v, n_kv, block_size, None, config, key_valid)[1]
 
 
+def _check_src(src, q):
+    if src.shape != (q.shape[-2],) or src.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"src must be an int32/int64 [S={q.shape[-2]}] index; got {src.dtype} {tuple(src.shape)}")
+    return src.contiguous()
+
+
 def tile_pool_qkv_triton(q, k, v, src, n_kv: int, block_size: int, config: dict | None = None, key_valid=None):
     """((q, k, v) in tile order, contiguous, (q̄, δq, k̄, δk, v̄) as block_pool_qkv_triton's) in one
     pass over q, k, v `[B, H, S, D]` in model order: tiled row p is model row src[p], and `key_valid`
     is in tile order (its row p is tiled row p). Rectification's pooling rides on the reorder the
     sparse path does anyway."""
-    if src.shape != (q.shape[-2],) or src.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"src must be an int32/int64 [S={q.shape[-2]}] index; got {src.dtype} {tuple(src.shape)}")
-    return _pool_launch(q, k, v, n_kv, block_size, src.contiguous(), config, key_valid)
+    return _pool_launch(q, k, v, n_kv, block_size, _check_src(src, q), config, key_valid)
+
+
+def tile_quant_qkv_triton(q, k, v, src, k_mean, v_amax, n_kv: int, block_size: int, pool: bool,
+                          config: dict | None = None, key_valid=None):
+    """(`fp8.FP8Tiles` of q, k, v reordered into tile order, the pooled statistics of
+    `tile_pool_qkv_triton` (of the unquantized, unsmoothed inputs) where `pool`, else None) in one pass
+    over q, k, v: fp8.quantize_tiles' arithmetic, with k's mean and v's channel amax `[B, H, D]` from
+    the graph (fp8.smoothing_stats). `src` None: q, k, v are in tile order already."""
+    src = None if src is None else _check_src(src, q)
+    return _pool_launch(q, k, v, n_kv, block_size, src, config, key_valid, pool, (k_mean, v_amax))

@@ -37,7 +37,8 @@ import triton
 
 from .compiled import compiled
 from .estimate_triton import estimate_static_triton, video_key_counts
-from .pool_triton import block_pool_qkv_triton, tile_pool_qkv_triton
+from .fp8 import quantize_tiles
+from .pool_triton import block_pool_qkv_triton, tile_pool_qkv_triton, tile_quant_qkv_triton
 from .select_triton import MAX_BLOCKS, select_blocks_triton
 from .triton_sparse import HEAD_DIMS, triton_available
 
@@ -88,6 +89,16 @@ def tile_pooled(q, k, v, src, n_video: int, block_size: int, key_valid=None):
         return tile_pool_qkv_triton(q, k, v, src, n_video, block_size, key_valid=key_valid)
     tiled = tuple(x.index_select(-2, src) for x in (q, k, v))
     return tiled, pooled(*tiled, n_video, block_size, key_valid)
+
+
+def tile_quantized(q, k, v, src, k_mean, v_amax, n_video: int, block_size: int, pool: bool, key_valid=None):
+    """(`fp8.FP8Tiles` of q, k, v gathered into tile order, their `pooled` statistics where `pool`,
+    else None): tile_pooled for FP8 attention, its tiles in e4m3 (one pass on the GPU)."""
+    if _pool_on_gpu(q, k, v):
+        return tile_quant_qkv_triton(q, k, v, src, k_mean, v_amax, n_video, block_size, pool, key_valid=key_valid)
+    tiled = tuple(x.index_select(-2, src) for x in (q, k, v))
+    return (quantize_tiles(*tiled, k_mean, v_amax, block_size),
+            pooled(*tiled, n_video, block_size, key_valid) if pool else None)
 
 
 def valid_counts(video_count: torch.Tensor, n_video: int, block_size: int, key_valid: torch.Tensor | None):

@@ -101,3 +101,31 @@ def rectified_attention_reference(q, k, v, *, n_video: int, block_size: int, sta
                         o = r * o + o_bar
                     out[b, h, i] = o
     return out, keep
+
+
+def fp8_attention_reference(tiles, blocks, block_size: int, scale: float | None = None, key_valid=None):
+    """(O, bound) for FP8 attention over `tiles` (kernels/fp8.py): O is block-sparse attention in
+    float64 over the dequantized tiles — exactly the q, k − μ, v the kernel's e4m3 dots see (the
+    shift μ changes no softmax) — and `bound` `[B, H, S, D]` the most the kernel may differ from O
+    per element through quantizing P (448·p in e4m3, normaliser summed unrounded):
+        |Õ − O|_id ≤ u·Σ_j a_ij·|ṽ_jd| + n_i·2^-10/448·max_j |ṽ_jd| + 2^-11·c_i·max_j |ṽ_jd|
+    u = 2^-4 (rounding of a normal 448·p), n_i the keys row i keeps (each p below e4m3's normal range
+    is off by at most half its 2^-9 step, /448), c_i = scale·max_j Σ_d |q̃_id·k̃_jd| bounding the
+    score error of an fp32 accumulation as coarse as Hopper's e4m3 MMA (≥ 13 significand bits).
+    The output's own rounding to its dtype (and rectification's R·O + Ō) come on top."""
+    from .fp8 import U, dequantize
+
+    q, k, v = dequantize(tiles, block_size)
+    S = q.shape[-2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mask = token_mask(blocks.to(q.device), S, block_size)
+    if key_valid is not None:
+        mask = mask & key_valid.to(q.device, torch.bool)[:, None, None, :]
+    mask = mask.expand(q.shape[0], q.shape[1], S, S)
+    a = (q @ k.transpose(-1, -2) * scale).masked_fill(~mask, -math.inf).softmax(-1).nan_to_num(0.0)
+    out = a @ v
+    v_max = v.abs().amax(-2, keepdim=True)
+    c = ((q.abs() @ k.abs().transpose(-1, -2)) * scale).masked_fill(~mask, 0).amax(-1, keepdim=True)
+    n = mask.sum(-1, keepdim=True).double()
+    bound = U * (a @ v.abs()) + (n * 2.0 ** -10 / 448 + 2.0 ** -11 * c) * v_max
+    return out, bound

@@ -14,6 +14,10 @@ with the site's token layout and answers four things:
     dense(q, k, v, scale, key_valid) -> O
                         full attention, for dense steps and all-block maps: its fastest dense path
 
+FP8 attention (fp8.py) runs on the kernels of `FP8_KERNELS` only, which also answer
+    attend_fp8(tiles, prepared, scale, dtype, key_valid, rectify) -> O
+                        `attend` over e4m3 tiles (`prepared` None: every block), the output in dtype.
+
 Block lists (`BlockLists`) are what `kv_block_lists` makes: per query block the count of kept key
 blocks `[B or 1, H or 1, nq]` and their indices, kept first and ascending, `[B or 1, H or 1, nq, nk]`
 int32. q, k, v are `[B, H, S, D]` in tiled token order (layout.py); `key_valid` is bool `[B, S]` in
@@ -85,6 +89,7 @@ def masked_key_blocks(key_valid: torch.Tensor, n_blocks: int, block_size: int) -
 
 
 KERNEL_NAMES = ("fa4", "triton", "flex")   # in order of preference
+FP8_KERNELS = ("triton",)   # FA4's CuTe kernel and FlexAttention have no e4m3 path on sm90
 
 
 def _kernels() -> dict[str, type]:
@@ -101,12 +106,16 @@ def kernel_class(name: str) -> type:
 
 
 def choose_kernel(option: str, device, dtype: torch.dtype, head_dim: int, block_size: int,
-                  key_mask: bool = False) -> tuple[str, str]:
+                  key_mask: bool = False, fp8: bool = False) -> tuple[str, str]:
     """(kernel name, why): `option` "auto" takes the first kernel of `KERNEL_NAMES` that runs these
     inputs (Flex runs everything); a named kernel that cannot is replaced by Flex, and the reason says
-    why. Only an explicitly named kernel runs where it is slow but correct (Triton's CPU interpreter)."""
+    why. Only an explicitly named kernel runs where it is slow but correct (Triton's CPU interpreter).
+    `fp8`: a kernel of FP8_KERNELS or one OptionsError saying why none can run here (the options
+    have refused a named kernel that has no FP8 path)."""
     device = torch.device(device)
     kernels = _kernels()
+    if fp8:
+        return _choose_fp8(kernels, device, dtype, head_dim, block_size, key_mask)
     if option != "auto":
         why = kernels[option].unsupported(device, dtype, head_dim, block_size, True, key_mask)
         if not why:
@@ -119,3 +128,19 @@ def choose_kernel(option: str, device, dtype: torch.dtype, head_dim: int, block_
             return name, f"{name}: the fastest available here" + (f" ({'; '.join(skipped)})" if skipped else "")
         skipped.append(f"{name}: {why}")
     raise AssertionError("FlexAttention runs every input")   # FlexKernel.unsupported is always ""
+
+
+def _choose_fp8(kernels, device, dtype, head_dim, block_size, key_mask) -> tuple[str, str]:
+    from ..errors import OptionsError
+    from .fp8 import fp8_unsupported
+
+    why = fp8_unsupported(device)
+    if why:
+        raise OptionsError(f"option 'fp8_attention' cannot run here: {why}")
+    name = FP8_KERNELS[0]
+    why = kernels[name].unsupported(device, dtype, head_dim, block_size, True, key_mask)
+    if why or head_dim < 32:
+        raise OptionsError(f"option 'fp8_attention': a site's inputs do not fit the {name} kernel's FP8 path "
+                           f"({why or f'head dim {head_dim}: e4m3 dots need ≥ 32'})")
+    others = [k for k in KERNEL_NAMES if k not in FP8_KERNELS]
+    return name, f"{name}: the one kernel with an FP8 (e4m3) path ({', '.join(others)} have none on sm90)"

@@ -6,9 +6,12 @@ rectification estimate where the spec asks for them (rectified.py), then the ker
 graph calls it through `torch.ops.compact.attention` (the merged output) or, where the spec merges
 R·O + Ō in the graph, `torch.ops.compact.attention_parts` (O, R, Ō).
 
+A site whose spec is fp8 is called through `torch.ops.compact.attention_fp8` with e4m3 tiles
+(fp8.py) instead: `fp8(tiles, …)`, on the Triton kernel, dense steps included (every block listed).
+
 Wrappers (the `observer` option: calibration, the fidelity harness, tests) get the site and return
-anything with the same two calls, `__call__` and `parts`; the rewrite reads what the op takes from
-the spec, never from the object.
+anything with the same two calls, `__call__` and `parts` (and `fp8` for fp8 sites); the rewrite reads
+what the op takes from the spec, never from the object.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import torch
 
 from ..schedule import CLOCK, warn_unknown_step
 from ..spec import SiteSpec
+from .fp8 import FP8Tiles, dequantized_keys
 from .rectified import choose_triton, estimate, merge, on_triton, pooled, valid_counts
 from .registry import kernel_class, kv_block_lists
 
@@ -30,6 +34,8 @@ class SiteKernel(Protocol):
     def __call__(self, q, k, v, scale, pools=None, key_valid=None) -> torch.Tensor: ...
 
     def parts(self, q, k, v, scale, pools, key_valid=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def fp8(self, tiles: FP8Tiles, scale, pools, key_valid, dtype: torch.dtype) -> torch.Tensor: ...
 
 
 class SiteAttention:
@@ -57,6 +63,12 @@ class SiteAttention:
             r, o_bar = o.new_ones(B, H, nq, dtype=torch.float32), o.new_zeros(B, H, nq, o.shape[-1], dtype=torch.float32)
         return o, r, o_bar
 
+    def fp8(self, tiles: FP8Tiles, scale, pools=None, key_valid=None, dtype=torch.bfloat16) -> torch.Tensor:
+        """`__call__` over the e4m3 tiles of q, k, v (spec.fp8), rectification fused in the kernel;
+        the output in `dtype`."""
+        o, r, o_bar = self._attend(tiles.q, tiles.k, None, scale, pools, key_valid, fuse=True, fp8=(tiles, dtype))
+        return o if r is None else merge(o, r, o_bar, self.spec.layout.block_size)
+
     def estimate(self, q, k, v, scale=None, pools=None, key_valid=None):
         """(keep bool `[B, H, nq, nk]`, R, Ō) of the current step's range for these inputs (R, Ō None
         without rectification; keep all True in a dense step): for benchmarks and tests."""
@@ -74,21 +86,29 @@ class SiteAttention:
         return self._static_data(index, torch.device("cpu"))[3]
 
     # ---- work -----------------------------------------------------------------------------------
-    def _attend(self, q, k, v, scale, pools, key_valid, fuse: bool):
+    def _attend(self, q, k, v, scale, pools, key_valid, fuse: bool, fp8=None):
+        """(O, R, Ō), R and Ō None where nothing is left to merge. `fp8`: (tiles, output dtype), q and
+        k then being the tiles' e4m3 q and k."""
         spec = self.spec
         if spec.scheduled and CLOCK.current is None:
             warn_unknown_step()
         index = spec.range_index(CLOCK.current)
+        if fp8 is None:
+            def attend(prepared, rectify=None):
+                return self.kernel.attend(q, k, v, prepared, scale, key_valid, rectify=rectify)
+        else:
+            def attend(prepared, rectify=None):   # prepared None: every block
+                return self.kernel.attend_fp8(fp8[0], prepared, scale, fp8[1], key_valid, rectify=rectify)
         if index is None:
-            return self.kernel.dense(q, k, v, scale, key_valid), None, None
+            return (self.kernel.dense(q, k, v, scale, key_valid) if fp8 is None else attend(None)), None, None
         prepared = self._static_data(index, q.device)[2]
         if not spec.pooled:
-            return self.kernel.attend(q, k, v, prepared, scale, key_valid), None, None
-        keep, lists, r, o_bar = self._choose(index, q, k, v, scale, pools, key_valid)
+            return attend(prepared), None, None
+        keep, lists, r, o_bar = self._choose(index, q, k, v, scale, pools, key_valid, None if fp8 is None else fp8[0])
         if spec.selection is not None:
             prepared = self.kernel.prepare(lists if lists is not None else kv_block_lists(keep.bool()))
         fused = fuse and r is not None and spec.rectify == "block" and self.kernel.fuses_rectify
-        o = self.kernel.attend(q, k, v, prepared, scale, key_valid, rectify=(r, o_bar) if fused else None)
+        o = attend(prepared, rectify=(r, o_bar) if fused else None)
         return (o, None, None) if fused else (o, r, o_bar)
 
     def _static_data(self, index: int, device: torch.device):
@@ -102,21 +122,28 @@ class SiteAttention:
             self._static[key] = (blocks, blocks.to(torch.int8), self.kernel.prepare(kv_block_lists(blocks)), text_kept)
         return self._static[key]
 
-    def _choose(self, index, q, k, v, scale, pools, key_valid):
-        """(keep, its block lists `[B, H, …]` or None, R, Ō) for this call's range."""
+    def _choose(self, index, q, k, v, scale, pools, key_valid, tiles: FP8Tiles | None = None):
+        """(keep, its block lists `[B, H, …]` or None, R, Ō) for this call's range. With FP8 `tiles`
+        (q, k their e4m3 tiles, v None) the pools come from the reorder, and the few text keys the
+        estimate reads one by one are dequantized; the Triton estimate, which reads them from k in
+        place, runs where there are none (it then gets an fp32 stand-in for k, never read)."""
         spec, L = self.spec, self.spec.layout
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         static, static_i8, _, text_kept = self._static_data(index, q.device)
         dynamic, rectify = spec.selection is not None, spec.rectify is not None
         p_remain = spec.selection.p_remain if dynamic else 0.0
         pools = pooled(q, k, v, L.n_video, L.block_size, key_valid) if pools is None else pools
-        if on_triton(q, k, v, rows=spec.rectify == "rows", rectify=rectify, dynamic=dynamic, text_kept=text_kept,
-                     n_blocks=L.n_blocks, explicit_triton=spec.kernel == "triton"):
+        if on_triton(q, k, k if tiles is not None else v, rows=spec.rectify == "rows", rectify=rectify,
+                     dynamic=dynamic, text_kept=text_kept, n_blocks=L.n_blocks,
+                     explicit_triton=spec.kernel == "triton") and (tiles is None or L.n_video == L.seq_len):
+            if tiles is not None:
+                k = torch.zeros(1, 1, 1, 1, device=q.device).expand(k.shape)
             return choose_triton(pools, k, static_i8, L.n_video, scale, L.block_size, dynamic=dynamic,
                                  rectify=rectify, p_remain=p_remain, k_min=self.k_min, key_valid=key_valid)
         counts = valid_counts(self.video_count.to(q.device), L.n_video, L.block_size, key_valid)
         text_valid = None if key_valid is None else key_valid[:, L.n_video:].bool()
-        keep, r, o_bar = estimate(pools, q if spec.rectify == "rows" else None, k[:, :, L.n_video:], static, counts,
+        k_text = k[:, :, L.n_video:] if tiles is None else dequantized_keys(tiles, L.n_video, L.block_size)
+        keep, r, o_bar = estimate(pools, q if spec.rectify == "rows" else None, k_text, static, counts,
                                   self.text_block.to(q.device), scale, L.block_size, dynamic, rectify,
                                   spec.rectify == "rows", p_remain, self.k_min, text_valid)
         return keep, None, r, o_bar

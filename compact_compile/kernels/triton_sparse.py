@@ -1,37 +1,10 @@
-"""Block-sparse attention forward in Triton, over compacted key-block lists.
+"""Our Triton block-sparse attention: the launcher (argument checks, autotuned configurations, TMA
+eligibility) and `TritonKernel`, the registry's "triton" entry. The kernel and its math are in
+triton_attn.py; `block_sparse_attention` runs it on q, k, v in their dtype, `block_sparse_attention_fp8`
+on e4m3 tiles (fp8.py).
 
-Per (batch, head, query block) a list of key blocks: `kv_num_blocks [B or 1, H or 1, nq]` and
-`kv_indices [B or 1, H or 1, nq, nk]` (kept first, ascending: `registry.kv_block_lists`), broadcast
-where a dim is 1 (static plans: over the batch; head-agnostic plans: over heads too). One program
-computes BLOCK_M query rows of one (batch, head) and walks only its listed key blocks: no scan over
-a dense bitmap.
-
-Online softmax (FlashAttention-2) in base 2. For query row i and the key tiles j seen so far, with
-s_ij = q_i·k_j and c = scale·log2(e):
-    m_i  = max_j s_ij·c                       running max (base-2 exponent domain)
-    l_i  = Σ_j 2^(s_ij·c − m_i)               running normaliser
-    acc_i = Σ_j 2^(s_ij·c − m_i) · v_j        running unnormalised output
-A new tile raises the max to m' = max(m_i, max_j s_ij·c); the old sums are rescaled by
-α = 2^(m_i − m'), so l' = α·l + Σ_j p_ij, acc' = α·acc + P·V with p_ij = 2^(s_ij·c − m').
-At the end O_i = acc_i / l_i = softmax(s_i·scale)·V since 2^(x·log2 e) = e^x.
-
-Extras, fused into the one pass:
-- key-padding masks: with `key_valid [B, S]`, keys where it is 0 score −inf, in the key blocks that
-  hold such a key (a per-block flag computed per call: text padding touches a few blocks); a row that
-  has seen no valid key yet keeps m = 0 as its exponent base, so the zeros it adds are zeros, not NaN;
-- rectification epilogue: with R `[B, H, nq]` and Ō `[B, H, nq, D]` (fp32, per query block),
-  the kernel writes R·O + Ō.
-
-On Hopper the K/V tiles come through TMA tensor descriptors where the strides allow (autotuned
-against pointer loads; rows past S read as zeros). fp32 inputs get IEEE fp32 dots, not TF32.
-
-Partial last block (S not a multiple of the block size): only key block nk−1 can hold keys ≥ S,
-and it is the last entry of a sorted list, so the main loop runs unmasked and only that entry is
-handled by a masked tail loop (keys ≥ S get −inf); query rows ≥ S are not stored.
-
-With TRITON_INTERPRET=1 (set before Triton is imported) the kernels run in Triton's interpreter
-on CPU tensors (slowly: tests only). The interpreter's bf16 `tl.dot` is wrong
-(triton-lang/triton#11584), so there, and only there, bf16 tiles are upcast to fp32 for the dots.
+With TRITON_INTERPRET=1 (set before Triton is imported) the kernel runs in Triton's interpreter
+on CPU tensors (slowly: tests only).
 """
 from __future__ import annotations
 
@@ -42,7 +15,9 @@ import triton
 import triton.language as tl
 
 from ..layout import TokenLayout
-from .registry import checked_key_valid, masked_key_blocks, sdpa_dense
+from .fp8 import E4M3, FP8Tiles
+from .registry import checked_key_valid, kv_block_lists, masked_key_blocks, sdpa_dense
+from .triton_attn import _attn_fwd
 
 # Triton reads TRITON_INTERPRET when it is imported (its own library functions are jit-decorated then),
 # so the interpreter must be chosen before `import triton`: tests/conftest.py does it on CPU machines.
@@ -59,133 +34,6 @@ def triton_available(device) -> bool:
     if device.type == "cuda":
         return not INTERPRET and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
     return device.type == "cpu" and INTERPRET
-
-
-@triton.jit
-def _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, valid_base, masked_base, k_off, v_off, offs_n, j, S,
-             stride_ks, stride_vs, qk_scale,
-             PLAN_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr, HAS_KEYMASK: tl.constexpr,
-             UPCAST: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr):
-    """One BLOCK_N key tile: step j of the flattened (list entry, sub-tile) loop."""
-    SUB: tl.constexpr = PLAN_BLOCK // BLOCK_N          # kernel tiles per plan block
-    kb = tl.load(idx_ptr + j // SUB)                   # listed key block
-    n0 = kb * PLAN_BLOCK + (j % SUB) * BLOCK_N         # first tiled key position of this tile
-    pos = n0 + offs_n
-    if USE_TMA:   # k_base, v_base are tensor descriptors of this (batch, head)'s [S, D]; rows ≥ S read 0
-        k = k_base.load([n0, 0])
-        v = v_base.load([n0, 0])
-    else:         # contiguous tile: 64-bit scalar start + 32-bit in-tile offsets k_off, v_off
-        k_ptrs = k_base + n0.to(tl.int64) * stride_ks + k_off
-        v_ptrs = v_base + n0.to(tl.int64) * stride_vs + v_off
-        if MASK:
-            k = tl.load(k_ptrs, mask=(pos < S)[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=(pos < S)[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
-    p_ty = v.dtype
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)      # s_ij = q_i·k_j, fp32
-    if MASK:
-        qk = tl.where((pos < S)[None, :], qk, float("-inf"))
-    if HAS_KEYMASK:   # key-padding: excluded keys score −inf, in the blocks that have any (a select
-        if tl.load(masked_base + kb) != 0:    # over the whole tile costs ~20% of the kernel)
-            valid = tl.load(valid_base + pos, mask=pos < S, other=0)
-            qk = tl.where((valid != 0)[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)   # m' = max(m, max_j s_ij·c)
-    if HAS_KEYMASK:   # a row with no valid key yet: exponents against 0, so 2^(−inf − 0) = 0, not NaN
-        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(qk * qk_scale - m_new[:, None])    # p_ij = 2^(s_ij·c − m')
-    alpha = tl.math.exp2(m_i - m_new)                   # α = 2^(m − m')
-    l_i = l_i * alpha + tl.sum(p, 1)                    # l' = α·l + Σ_j p_ij
-    p = p.to(p_ty)
-    if UPCAST:
-        p = p.to(tl.float32)
-    acc = tl.dot(p, v, acc * alpha[:, None], input_precision=PRECISION)   # acc' = α·acc + P·V
-    return acc, l_i, m_new
-
-
-@triton.jit(do_not_specialize=["H", "S", "NK", "S_BUCKET"])  # one binary across sequence lengths
-def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, KV_VALID, KV_MASKED, R, OBAR,
-              stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks,
-              stride_vb, stride_vh, stride_vs, stride_ob, stride_oh, stride_os,
-              stride_nb, stride_nh, stride_nq, stride_ib, stride_ih, stride_iq, stride_mb, stride_kmb,
-              stride_rb, stride_rh, stride_rq, stride_cb, stride_ch, stride_cq,
-              H, S, NK, qk_scale, S_BUCKET, FIRST_BLOCKS,
-              HEAD_DIM: tl.constexpr, PLAN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              EVEN_S: tl.constexpr, HAS_KEYMASK: tl.constexpr, HAS_RECT: tl.constexpr, UPCAST: tl.constexpr,
-              TMA_OK: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr):
-    # grid: (query tiles, B·H); all tiles of one head run together, so its K/V stay in L2. Except
-    # that the tiles of the last FIRST_BLOCKS query blocks (text, which attends every key block) of
-    # every head are launched before all others: a row 10× longer than the rest, started in the last
-    # wave, would run on alone after everything else finished.
-    n_tiles = tl.num_programs(0)
-    pid = tl.program_id(1) * n_tiles + tl.program_id(0)
-    n_first = tl.where(FIRST_BLOCKS > 0, n_tiles - (NK - FIRST_BLOCKS) * (PLAN_BLOCK // BLOCK_M), 0)  # their tiles
-    n_heavy = n_first * tl.num_programs(1)
-    heavy = pid < n_heavy
-    p = tl.where(heavy, pid, pid - n_heavy)
-    per_head = tl.where(heavy, n_first, n_tiles - n_first)
-    pid_bh = p // per_head
-    pid_m = p % per_head + tl.where(heavy, n_tiles - n_first, 0)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    m0 = pid_m * BLOCK_M
-    qb = m0 // PLAN_BLOCK                       # plan query block (BLOCK_M divides PLAN_BLOCK)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_valid = offs_m < S
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
-                mask=q_valid[:, None], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    k_base = K + b * stride_kb + h * stride_kh
-    v_base = V + b * stride_vb + h * stride_vh
-    if USE_TMA:   # Hopper's tensor-memory accelerator copies the K/V tiles (eligibility: `_tma_ok`)
-        k_base = tl.make_tensor_descriptor(k_base, shape=[S, HEAD_DIM], strides=[stride_ks, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        v_base = tl.make_tensor_descriptor(v_base, shape=[S, HEAD_DIM], strides=[stride_vs, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-    k_off = offs_n[:, None] * stride_ks + offs_d[None, :]
-    v_off = offs_n[:, None] * stride_vs + offs_d[None, :]
-    valid_base = KV_VALID + b * stride_mb
-    masked_base = KV_MASKED + b * stride_kmb
-
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-
-    # this (batch, head, query block)'s list; the strides are 0 where the lists broadcast
-    idx_ptr = KV_IDX + b * stride_ib + h * stride_ih + qb * stride_iq
-    n = tl.load(KV_NUM + b * stride_nb + h * stride_nh + qb * stride_nq)
-    SUB: tl.constexpr = PLAN_BLOCK // BLOCK_N
-    n_main = n
-    if not EVEN_S:   # the partial block nk−1, if listed, is the last entry: keep it for the tail
-        last = tl.load(idx_ptr + tl.maximum(n - 1, 0))
-        n_main = tl.where((n > 0) & (last == NK - 1), n - 1, n)
-    for j in range(0, n_main * SUB):
-        acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, valid_base, masked_base, k_off, v_off,
-                                 offs_n, j, S, stride_ks, stride_vs, qk_scale,
-                                 PLAN_BLOCK, BLOCK_N, False, HAS_KEYMASK, UPCAST, USE_TMA, PRECISION)
-    if not EVEN_S:
-        # sub-tiles of block nk−1 that hold a key < S; each starts below S, so every row of the first
-        # one has a finite score and m_i never stays −inf into a later tile (unless keys are masked)
-        n_tail = (n - n_main) * ((S - (NK - 1) * PLAN_BLOCK + BLOCK_N - 1) // BLOCK_N)
-        for j in range(n_main * SUB, n_main * SUB + n_tail):
-            acc, l_i, m_i = _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, valid_base, masked_base, k_off,
-                                     v_off, offs_n, j, S, stride_ks, stride_vs, qk_scale,
-                                     PLAN_BLOCK, BLOCK_N, True, HAS_KEYMASK, UPCAST, USE_TMA, PRECISION)
-
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]    # O = acc / l (a row with no kept key: 0)
-    if HAS_RECT:    # rectified output R·O + Ō of this query block
-        r = tl.load(R + b * stride_rb + h * stride_rh + qb * stride_rq)
-        ob = tl.load(OBAR + b * stride_cb + h * stride_ch + qb * stride_cq + offs_d)
-        out = out * r + ob[None, :]
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_os + offs_d[None, :],
-             out.to(Out.dtype.element_ty), mask=q_valid[:, None])
 
 
 # ---- launch configuration ---------------------------------------------------------------------------
@@ -234,7 +82,7 @@ def _tma_scratch(device):
 _attn_fwd_tuned = None if INTERPRET else triton.autotune(
     configs=[triton.Config(dict(BLOCK_M=m, BLOCK_N=n, USE_TMA=tma), num_warps=w, num_stages=s)
              for m, n, w, s, tma in SM90_CONFIGS],
-    key=["HEAD_DIM", "S_BUCKET", "PLAN_BLOCK", "HAS_KEYMASK", "HAS_RECT", "TMA_OK"],
+    key=["HEAD_DIM", "S_BUCKET", "PLAN_BLOCK", "HAS_KEYMASK", "HAS_RECT", "TMA_OK", "FP8"],
     prune_configs_by={"early_config_prune": _prune},
 )(_attn_fwd)
 
@@ -271,6 +119,26 @@ def _check_qkv(q, k, v):
         raise ValueError("q, k, v must be on one device")
 
 
+def _check_fp8(tiles: FP8Tiles, block_size: int, dtype: torch.dtype):
+    B, H, S, D = tiles.q.shape
+    nb = triton.cdiv(S, block_size)
+    want = dict(q=((B, H, S, D), E4M3), k=((B, H, S, D), E4M3), v_t=((B, H, D, None), E4M3),
+                q_scale=((B, H, nb), torch.float32), k_scale=((B, H, nb), torch.float32),
+                v_scale=((B, H, D), torch.float32))
+    for name, (shape, dt) in want.items():
+        t = getattr(tiles, name)
+        if (tuple(t.shape[:3]) != shape[:3] or (shape[3:] != (None,) and tuple(t.shape) != shape)
+                or t.dtype != dt or not t.is_contiguous()):
+            raise ValueError(f"FP8 tiles: {name} must be contiguous {dt} {shape} (None: any); got {t.dtype} "
+                             f"{tuple(t.shape)}")
+    if tiles.v_t.shape[-1] < S or tiles.v_t.shape[-1] % 16:
+        raise ValueError(f"FP8 tiles: v_t's rows must hold S = {S} tokens, padded to a multiple of 16")
+    if D not in HEAD_DIMS or D < 32:   # e4m3 dots take K ≥ 32
+        raise ValueError(f"head dim {D} not supported in FP8 (supported: {tuple(d for d in HEAD_DIMS if d >= 32)})")
+    if dtype not in DTYPES:
+        raise ValueError(f"output dtype must be one of {DTYPES}, not {dtype}")
+
+
 def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, scale: float | None = None, *,
                            key_valid=None, rectify=None, first_blocks: int = 0, out=None,
                            config: dict | None = None) -> torch.Tensor:
@@ -288,6 +156,22 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, 
     loads K/V through TMA descriptors where the inputs allow it (`_tma_ok`), else it is ignored.
     """
     _check_qkv(q, k, v)
+    return _launch(q, k, v, None, q.dtype, kv_num_blocks, kv_indices, block_size, scale, key_valid, rectify,
+                   first_blocks, out, config)
+
+
+def block_sparse_attention_fp8(tiles: FP8Tiles, kv_num_blocks, kv_indices, block_size: int,
+                               scale: float | None = None, *, dtype: torch.dtype, key_valid=None, rectify=None,
+                               first_blocks: int = 0, out=None, config: dict | None = None) -> torch.Tensor:
+    """`block_sparse_attention` of the e4m3 tiles of fp8.py (q, k per-block scales, k smoothed, v
+    transposed with per-channel scales; the scales' block size is `block_size`), the output in `dtype`."""
+    _check_fp8(tiles, block_size, dtype)
+    return _launch(tiles.q, tiles.k, tiles.v_t, tiles, dtype, kv_num_blocks, kv_indices, block_size, scale,
+                   key_valid, rectify, first_blocks, out, config)
+
+
+def _launch(q, k, v, fp8: FP8Tiles | None, dtype, kv_num_blocks, kv_indices, block_size, scale, key_valid, rectify,
+            first_blocks, out, config) -> torch.Tensor:
     if not triton_available(q.device):
         raise RuntimeError(f"the Triton block-sparse kernel cannot run on {q.device}: it needs a CUDA GPU "
                            f"(sm80+), or TRITON_INTERPRET=1 set before Triton is imported (CPU, tests only)")
@@ -307,9 +191,9 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, 
     if idx.stride(-1) != 1:
         idx = idx.contiguous()
     if out is None:
-        out = torch.empty(B, H, S, D, device=q.device, dtype=q.dtype)
-    elif out.shape != q.shape or out.dtype != q.dtype or out.stride(-1) != 1:
-        raise ValueError("out must be [B, H, S, D] in q's dtype with a contiguous last dim")
+        out = torch.empty(B, H, S, D, device=q.device, dtype=dtype)
+    elif out.shape != q.shape or out.dtype != dtype or out.stride(-1) != 1:
+        raise ValueError(f"out must be [B, H, S, D] in {dtype} with a contiguous last dim")
     if key_valid is not None:
         key_valid = checked_key_valid(key_valid, B, S).to(device=q.device, dtype=torch.int8).contiguous()
         blocks_masked = masked_key_blocks(key_valid, nq, block_size).to(torch.int8)
@@ -324,9 +208,12 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, 
         r = obar = None
         r_strides = c_strides = (0, 0, 0)
     scale = D ** -0.5 if scale is None else scale
+    # v's token and channel strides: [B, H, S, D] as given, or (FP8) transposed [B, H, D, S16]
+    stride_vs, stride_vd = (v.stride(2), 1) if fp8 is None else (1, v.stride(2))
+    scales = (q, q, q) if fp8 is None else (fp8.q_scale, fp8.k_scale, fp8.v_scale)
     bstride = lambda t, d: t.stride(d) if t.shape[d] > 1 else 0  # noqa: E731  (broadcast dims: 0)
     args = (q, k, v, out, num, idx, *((num, num) if key_valid is None else (key_valid, blocks_masked)), r, obar,
-            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            *scales, *q.stride()[:3], *k.stride()[:3], *v.stride()[:2], stride_vs, stride_vd, *out.stride()[:3],
             bstride(num, 0), bstride(num, 1), num.stride(2), bstride(idx, 0), bstride(idx, 1), idx.stride(2),
             *((0, 0) if key_valid is None else (bstride(key_valid, 0), bstride(blocks_masked, 0))),
             *r_strides, *c_strides,
@@ -334,8 +221,9 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, 
     meta = dict(HEAD_DIM=D, PLAN_BLOCK=block_size, EVEN_S=S % block_size == 0,
                 HAS_KEYMASK=key_valid is not None, HAS_RECT=rectify is not None,
                 UPCAST=INTERPRET and q.dtype == torch.bfloat16, TMA_OK=_tma_ok(k, v),
-                # fp32 inputs get fp32 dots, not TF32: torch's own fp32 matmul default
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                # fp32 inputs get fp32 dots, not TF32: torch's own fp32 matmul default (e4m3 dots ignore it)
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8 is not None,
+                ROUND_E4M3=INTERPRET)
     if meta["TMA_OK"] and not INTERPRET:   # any allocator serves; this one is torch's caching allocator
         triton.set_allocator(_tma_scratch(q.device))
     if config is None and INTERPRET:
@@ -355,7 +243,8 @@ def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, 
 
 
 class TritonKernel:
-    """Our Triton kernel: block lists as they are, key masks and the rectified epilogue in the one pass."""
+    """Our Triton kernel: block lists as they are, key masks and the rectified epilogue in the one
+    pass; and the one kernel with an FP8 path (`attend_fp8`)."""
 
     name = "triton"
     fuses_rectify = True
@@ -363,6 +252,7 @@ class TritonKernel:
     def __init__(self, layout: TokenLayout):
         self.block_size = layout.block_size
         self.text_blocks = layout.n_blocks - layout.n_video // layout.block_size if layout.n_text else 0
+        self._all: dict[torch.device, tuple] = {}
 
     @staticmethod
     def unsupported(device, dtype, head_dim, block_size, explicit, key_mask=False) -> str:
@@ -386,3 +276,16 @@ class TritonKernel:
 
     def dense(self, q, k, v, scale, key_valid=None) -> torch.Tensor:
         return sdpa_dense(q, k, v, scale, key_valid)
+
+    def attend_fp8(self, tiles: FP8Tiles, prepared, scale, dtype, key_valid=None, rectify=None) -> torch.Tensor:
+        """`attend` over e4m3 tiles (fp8.py); `prepared` None: every block (a dense step; no FP8
+        dense kernel is faster on sm90 than this one with full lists)."""
+        if prepared is None:
+            device = tiles.q.device
+            if device not in self._all:
+                nb = tiles.q_scale.shape[-1]
+                self._all[device] = self.prepare(kv_block_lists(torch.ones(1, 1, nb, nb, dtype=torch.bool,
+                                                                           device=device)))
+            prepared = self._all[device]
+        return block_sparse_attention_fp8(tiles, *prepared, self.block_size, scale, dtype=dtype, key_valid=key_valid,
+                                          rectify=rectify, first_blocks=self.text_blocks)

@@ -12,6 +12,16 @@ handed to `compact.attention`. A kernel without an epilogue for R·O + Ō (FlexA
 
     out = R[dst // B] · O[dst] + Ō[dst // B]        (B the block size; one pass, fused by Inductor)
 
+Where the spec is fp8, `compact.tile_quant` reorders q, k, v into e4m3 tiles with their scales (and
+pools them where the spec is pooled) in one pass, after the graph has reduced k to its mean and v to
+its channel amax over the tokens (kernels/fp8.py: smoothing needs the mean before the first tile is
+written; the reductions read k and v in the model's order, where Inductor can fuse them into their
+producers); `compact.attention_fp8` takes the tiles:
+
+    k_mean, v_amax = smoothing_stats(k, v)
+    q8, k8, v8ᵀ, σq, σk, σv, *pools = compact.tile_quant(q, k, v, k_mean, v_amax, layout…, key_valid, pooled)
+    o   = compact.attention_fp8(q8, k8, v8ᵀ, [σq, σk, σv, k_mean], handle, scale, pools, key_valid, dtype)
+
 A key-padding mask (`attn_mask` [B, 1, 1, S], or a broadcast of it) reaches the op as `key_valid`,
 bool [B, S] in tile order; for valid_q ⊗ valid_k the output's rows of padded queries are then set to
 0, as SDPA leaves a row that masks every key.
@@ -28,6 +38,7 @@ import torch
 import torch.fx as fx
 
 from ..kernels import ops  # noqa: F401  (registers the torch.ops.compact ops)
+from ..kernels.fp8 import smoothing_stats
 from ..kernels.registry import kv_block_lists
 from ..spec import SiteSpec
 from .sites import Site, sdpa_arguments
@@ -96,7 +107,8 @@ def rewrite_site(gm: fx.GraphModule, site: Site, spec: SiteSpec, handle: int) ->
     """Replace the site's SDPA node by the spec's op. spec.pooled: the op takes rectification's block
     statistics, so q, k, v are reordered by `compact.tile_pool`, which computes them in the same
     pass. spec.merge_in_graph: the op returns O, R, Ō (`compact.attention_parts`) and the graph
-    merges R·O + Ō in the same pass that returns the output to model order. spec.key_mask: the
+    merges R·O + Ō in the same pass that returns the output to model order. spec.fp8: q, k, v are
+    reordered into e4m3 tiles by `compact.tile_quant` for `compact.attention_fp8`. spec.key_mask: the
     SDPA's attn_mask becomes a per-batch key mask in tile order."""
     layout = spec.layout
     a = sdpa_arguments(site.node)
@@ -106,27 +118,45 @@ def rewrite_site(gm: fx.GraphModule, site: Site, spec: SiteSpec, handle: int) ->
     with graph.inserting_before(site.node):
         dst = graph.call_function(index, (a["query"],) + fields + (True,))
         key_valid = None
-        if spec.key_mask or not spec.pooled:
+        if spec.key_mask or not (spec.pooled or spec.fp8):
             src = graph.call_function(index, (a["query"],) + fields + (False,))
         if spec.key_mask:
             key_valid = graph.call_function(key_valid_in_tile_order, (site.mask.node, src, site.q_shape[0]))
-        if spec.pooled:
-            out = graph.call_function(torch.ops.compact.tile_pool.default,
-                                      (a["query"], a["key"], a["value"]) + fields + (key_valid,))
-            q, k, v, *pools = (graph.call_function(operator.getitem, (out, i)) for i in range(8))
-        else:
-            q, k, v = (graph.call_function(torch.index_select, (a[n], -2, src)) for n in ("query", "key", "value"))
-            pools = []
-        call = (q, k, v, handle, site.scale, pools, key_valid)
-        if spec.merge_in_graph:
-            parts = graph.call_function(torch.ops.compact.attention_parts.default, call)
-            o, r, o_bar = (graph.call_function(operator.getitem, (parts, i)) for i in range(3))
-            out = graph.call_function(merge_in_model_order, (o, r, o_bar, dst, layout.block_size))
-        else:
-            o = graph.call_function(torch.ops.compact.attention.default, call)
+        if spec.fp8:
+            o = _fp8_attention(graph, a, fields, key_valid, spec.pooled, handle, site)
             out = graph.call_function(torch.index_select, (o, -2, dst))
+        else:
+            if spec.pooled:
+                out = graph.call_function(torch.ops.compact.tile_pool.default,
+                                          (a["query"], a["key"], a["value"]) + fields + (key_valid,))
+                q, k, v, *pools = (graph.call_function(operator.getitem, (out, i)) for i in range(8))
+            else:
+                q, k, v = (graph.call_function(torch.index_select, (a[n], -2, src)) for n in ("query", "key", "value"))
+                pools = []
+            call = (q, k, v, handle, site.scale, pools, key_valid)
+            if spec.merge_in_graph:
+                parts = graph.call_function(torch.ops.compact.attention_parts.default, call)
+                o, r, o_bar = (graph.call_function(operator.getitem, (parts, i)) for i in range(3))
+                out = graph.call_function(merge_in_model_order, (o, r, o_bar, dst, layout.block_size))
+            else:
+                o = graph.call_function(torch.ops.compact.attention.default, call)
+                out = graph.call_function(torch.index_select, (o, -2, dst))
         if spec.key_mask and site.mask.zero_masked_queries:
             out = graph.call_function(zero_masked_queries, (out, site.mask.node))
     out.meta.update(site.node.meta)
     site.node.replace_all_uses_with(out)
     graph.erase_node(site.node)
+
+
+def _fp8_attention(graph: fx.Graph, a: dict, fields: tuple, key_valid, pooled: bool, handle: int, site: Site):
+    """The nodes of an fp8 site, inserted where the graph's insertion point is: k's mean and v's
+    channel amax, the quantizing reorder, the FP8 op; returns the op's node (output in tile order)."""
+    stats = graph.call_function(smoothing_stats, (a["key"], a["value"]))
+    k_mean, v_amax = (graph.call_function(operator.getitem, (stats, i)) for i in range(2))
+    out = graph.call_function(torch.ops.compact.tile_quant.default,
+                              (a["query"], a["key"], a["value"], k_mean, v_amax) + fields + (key_valid, pooled))
+    q, k, v_t, q_scale, k_scale, v_scale, *pools = (graph.call_function(operator.getitem, (out, i))
+                                                    for i in range(11 if pooled else 6))
+    return graph.call_function(torch.ops.compact.attention_fp8.default,
+                               (q, k, v_t, [q_scale, k_scale, v_scale, k_mean], handle, site.scale, pools, key_valid,
+                                getattr(torch, site.dtype)))

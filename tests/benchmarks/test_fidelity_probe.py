@@ -4,7 +4,7 @@ import pytest
 import torch
 from support import WAN_GRID, tiny_wan
 
-from benchmarks.fidelity import Probe
+from benchmarks.fidelity_probe import Probe
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import window_blocks
 

@@ -1,0 +1,157 @@
+"""FP8 (e4m3) attention's quantization: what the tiles and their scales are, how they are made, and
+where FP8 attention can run. The Triton kernel (triton_attn.py, FP8=True) consumes them; the reorder
+pass (pool_triton.py) makes them on the GPU in the pass that already reads q, k, v; `quantize_tiles`
+here is the same arithmetic in torch (the CPU path and the tests' reference).
+
+e4m3 is a floating-point format: 3 mantissa bits, so every normal value is rounded to within a
+relative u = 2^-4 of itself, from 2^-6 up to its largest finite value 448 (2^-9 steps below 2^-6).
+A scale therefore buys range, not precision: it maps the largest |x| it covers to 448, and only
+values more than ~2^15 below that lose relative precision. Hence:
+
+  q, k   one fp32 scale per (batch, head, plan block) of tokens: σ = amax/448 over the block. Per
+         token would change only tokens 2^15 below their block's largest; per block, the kernel
+         folds both scales into one scalar per tile (free).
+  k      smoothed first: k − μ, μ = k's mean over all tokens of its (batch, head). For query i every
+         score shifts by the same q_i·μ, and softmax over any set of keys (the kept blocks, the keys a
+         key-padding mask keeps) is unchanged by a shift common to that row: exact for any μ, sparse
+         or dense, masked or not. Rectification's estimate uses the unsmoothed pooled statistics
+         (its GAPR test compares |q̄·k̄| terms, which a shift would change), so it is unaffected too.
+         Why: a common offset of k (large in real models) would set the scale and the rounding,
+         u·|μ| per element, which then swamps the part of k that varies between keys — the only
+         part softmax sees.
+  v      one fp32 scale per channel of each (batch, head): amax over all tokens / 448; applied to
+         the output once (O·σv), since P·V sums over tokens within a channel.
+  P      448·p (p ≤ 1 after the running max) in e4m3: no per-block scale needed.
+
+Error bound (FP8 output Õ against exact attention O = Σ_j a_ij v_j over the same kept keys):
+  1. quantization, per element: |x̃ − x| ≤ u·|x| + 2^-10·σ (half a subnormal step), x = q, k − μ, v.
+  2. scores: |s̃_ij − s_ij| ≤ Δ_ij = scale·Σ_d (e^q_id·|k'_jd| + |q_id|·e^k_jd + e^q_id·e^k_jd), e the
+     bounds of 1. (≈ 2u·scale·Σ_d |q_id·k'_jd|: the scores' magnitude, of k' = k − μ, sets it); the
+     softmax weights then move by a factor within e^{±2Δ_i}, Δ_i = max_j Δ_ij:
+     Σ_j |ã_ij − a_ij| ≤ e^{2Δ_i} − 1.
+  3. P in e4m3 and v's rounding: + u·Σ_j a_ij·|v_jd| + n_i·2^-10/448·max_j |v_jd| + u·max_j |v_jd|.
+  |Õ_id − O_id| ≤ (e^{2Δ_i} − 1)·max_j |v_jd| + (3) + the output's rounding to its dtype.
+This worst case adds every rounding error with one sign; with N(0, 1) activations the errors are
+independent and the output's relative error is a few percent (tests/kernels/test_fp8.py checks 1.
+on the pass and 3. on the kernel exactly, reference.fp8_attention_reference; test_smoothing_…
+shows what 2. does to keys with a large mean when they are not smoothed).
+
+μ and v's channel amax are reductions over all tokens, needed before the first tile is quantized:
+the rewritten graph computes them (`smoothing_stats`) where Inductor can fuse them into the kernels
+producing k and v; the reorder pass then reads q, k, v once and writes the e4m3 tiles.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+U = 2.0 ** -4        # e4m3's relative rounding error (3 mantissa bits, round to nearest)
+TINY = 1e-30         # floor of an amax: an all-zero block gets a finite scale and zero tiles
+MIN_CAPABILITY = (8, 9)   # e4m3 tensor cores: Ada, Hopper, Blackwell
+
+
+class FP8Tiles(NamedTuple):
+    """q, k, v of one site call in tile order, quantized; what the FP8 kernel reads."""
+    q: torch.Tensor          # e4m3 [B, H, S, D]
+    k: torch.Tensor          # e4m3 [B, H, S, D], of k − k_mean
+    v_t: torch.Tensor        # e4m3 [B, H, D, S16]: v transposed, rows padded to a multiple of 16 (TMA)
+    q_scale: torch.Tensor    # fp32 [B, H, nq]
+    k_scale: torch.Tensor    # fp32 [B, H, nk]
+    v_scale: torch.Tensor    # fp32 [B, H, D]
+    k_mean: torch.Tensor     # fp32 [B, H, D]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+
+@triton.jit
+def to_e4m3(x, ROUND: tl.constexpr):
+    """fp32 x (|x| ≤ 448) as e4m3, rounded to nearest even. With ROUND (Triton's interpreter, whose
+    cast drops the carry of a round-up into the exponent: 126.7 became 64) x is first rounded to the
+    e4m3 grid in fp32 — dropping 20 of fp32's 23 mantissa bits as integer arithmetic (the carry
+    moves the exponent), and steps of 2^-9 below 2^-6 (subnormals) — so the cast itself is exact."""
+    if ROUND:
+        bits = x.to(tl.int32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+        subnormal = (x + 24576.0) - 24576.0      # 1.5·2^14: its fp32 step is 2^-9
+        x = tl.where(tl.abs(x) < 0.015625, subnormal, normal)
+    return x.to(tl.float8e4nv)
+
+
+def fp8_unsupported(device) -> str:
+    """Why FP8 attention cannot run on `device` ("" if it can): e4m3 tensor cores need compute
+    capability ≥ 8.9; on the CPU only Triton's interpreter (tests) runs the kernel."""
+    from .triton_sparse import INTERPRET
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        cap = torch.cuda.get_device_capability(device)
+        if cap < MIN_CAPABILITY:
+            return (f"{torch.cuda.get_device_name(device)} has compute capability {cap[0]}.{cap[1]}; e4m3 tensor "
+                    f"cores need ≥ {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} (Ada, Hopper)")
+        return ""
+    if device.type == "cpu" and INTERPRET:
+        return ""
+    return f"no e4m3 tensor cores on {device.type} (a CUDA GPU of compute capability ≥ 8.9 is needed)"
+
+
+def smoothing_stats(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k's mean, v's largest |value|) over all tokens, fp32 `[B, H, D]`, of `[B, H, S, D]` tensors in
+    any token order: the graph computes them before the reorder (two reductions Inductor may fuse
+    into k's and v's producers)."""
+    return k.float().mean(-2), v.float().abs().amax(-2)
+
+
+def padded_rows(seq_len: int) -> int:
+    """Row length of v's transposed tiles: a multiple of 16 bytes, as TMA descriptors need."""
+    return -(-seq_len // 16) * 16
+
+
+def quantize_tiles(q, k, v, k_mean, v_amax, block_size: int) -> FP8Tiles:
+    """`FP8Tiles` of q, k, v `[B, H, S, D]` (already in tile order) in torch: the pass of
+    pool_triton.tile_quant_qkv_triton, the same fp32 arithmetic, for the CPU and as its reference."""
+    B, H, S, D = q.shape
+    nb = -(-S // block_size)
+
+    def per_block(x):   # (e4m3 x / σ, σ) with σ = amax over each block of tokens / 448
+        xb = F.pad(x, (0, 0, 0, nb * block_size - S)).view(B, H, nb, block_size * D)
+        amax = xb.abs().amax(-1).clamp_min(TINY)
+        inv = (E4M3_MAX / amax).repeat_interleave(block_size, -1)[..., :S, None]
+        return (x * inv).to(E4M3), amax / E4M3_MAX
+
+    q8, q_scale = per_block(q.float())
+    k8, k_scale = per_block(k.float() - k_mean.float()[:, :, None, :])
+    amax = v_amax.float().clamp_min(TINY)
+    v8 = (v.float() * (E4M3_MAX / amax)[:, :, None, :]).to(E4M3)
+    v_t = torch.empty(B, H, D, padded_rows(S), dtype=E4M3, device=v.device)
+    v_t[..., :S] = v8.transpose(-1, -2)
+    v_t[..., S:] = 0
+    return FP8Tiles(q8, k8, v_t, q_scale, k_scale, amax / E4M3_MAX, k_mean.float().contiguous())
+
+
+def dequantize(tiles: FP8Tiles, block_size: int, dtype=torch.float64):
+    """(q, k − μ, v) as the FP8 kernel sees them, in `dtype`: the tiles times their scales."""
+    S = tiles.q.shape[-2]
+
+    def per_block(x8, scale):
+        return x8.to(dtype) * scale.to(dtype).repeat_interleave(block_size, -1)[..., :S, None]
+
+    v = tiles.v_t[..., :S].transpose(-1, -2).to(dtype) * tiles.v_scale.to(dtype)[:, :, None, :]
+    return per_block(tiles.q, tiles.q_scale), per_block(tiles.k, tiles.k_scale), v
+
+
+def dequantized_keys(tiles: FP8Tiles, start: int, block_size: int) -> torch.Tensor:
+    """Keys from tiled row `start` on, fp32, the mean added back: the few text keys rectification's
+    estimate reads one by one (to within e4m3's rounding of k − μ)."""
+    k8 = tiles.k[:, :, start:]
+    blocks = torch.arange(start, start + k8.shape[-2], device=k8.device) // block_size
+    return k8.float() * tiles.k_scale[..., blocks, None] + tiles.k_mean[:, :, None, :]

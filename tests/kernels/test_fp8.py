@@ -1,0 +1,196 @@
+"""FP8 attention (kernels/fp8.py): the quantizing reorder and the Triton kernel's FP8 path against
+float64 references, with the error bounds fp8.py states.
+
+Two halves of one bound. The pass: every quantized element is within e4m3's rounding of the exact
+one, |x̃ − x| ≤ u·|x| + 2^-10·σ (u = 2^-4, σ the element's scale: half a subnormal step below 2^-6).
+The kernel: against float64 attention over the dequantized tiles, reference.fp8_attention_reference's
+per-element bound (P's rounding). On a CPU-only machine both run in Triton's interpreter (it runs
+e4m3 dots; tests/conftest.py), on a GPU the compiled kernels.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from compact_compile.kernels.fp8 import TINY, U, dequantize, quantize_tiles, smoothing_stats
+from compact_compile.kernels.pool_triton import tile_pool_qkv_triton, tile_quant_qkv_triton
+from compact_compile.kernels.reference import block_sparse_attention_reference, fp8_attention_reference
+from compact_compile.kernels.registry import kv_block_lists
+from compact_compile.kernels.triton_sparse import INTERPRET, block_sparse_attention_fp8, triton_available
+
+DEVICE = "cpu" if INTERPRET else "cuda"
+ON_GPU = DEVICE == "cuda"
+pytestmark = pytest.mark.skipif(
+    not triton_available(DEVICE) or (ON_GPU and torch.cuda.get_device_capability() < (8, 9)),
+    reason="needs a CUDA GPU of compute capability ≥ 8.9 or TRITON_INTERPRET=1")
+
+MAX_S = 2000 if ON_GPU else 260
+EXAMPLES = int(os.environ.get("COMPACT_GPU_EXAMPLES", 200)) if ON_GPU else 25
+
+
+def inputs(B, H, S, D, dtype, gen, offset=0.0, sharpness=1.0):
+    """q, k, v `[B, H, S, D]` N(0, 1) (q times `sharpness`, k plus a common `offset` vector)."""
+    q, k, v = (torch.randn(B, H, S, D, generator=gen) for _ in range(3))
+    k = k + offset * torch.randn(B, H, 1, D, generator=gen)
+    return tuple(x.to(dtype).to(DEVICE) for x in (q * sharpness, k, v))
+
+
+def random_blocks(H, nb, density, gen):
+    blocks = torch.rand(H, nb, nb, generator=gen) < density
+    blocks[:, torch.arange(nb), torch.arange(nb)] = True
+    return blocks
+
+
+def quantized(q, k, v, bs, src=None):
+    """The FP8 tiles as the rewritten graph makes them (smoothing stats, then the one-pass reorder)."""
+    k_mean, v_amax = smoothing_stats(k, v)
+    return tile_quant_qkv_triton(q, k, v, src, k_mean, v_amax, q.shape[-2], bs, pool=False)[0]
+
+
+def assert_within_rounding(x8_dequantized, exact, scale):
+    """Each element within e4m3's rounding of the exact value: u·|x| + half a subnormal step."""
+    err = (x8_dequantized - exact).abs()
+    bound = U * exact.abs() + 2.0 ** -10 * scale * (1 + 1e-6) + 1e-12
+    assert (err <= bound).all(), f"worst excess {(err - bound).max():.3g}"
+
+
+@pytest.mark.parametrize("S, bs, gather", [(150, 64, True), (128, 128, False), (77, 64, True)])
+def test_quantizing_pass_rounds_each_element_and_pools_as_before(S, bs, gather):
+    gen = torch.Generator().manual_seed(S)
+    q, k, v = inputs(2, 2, S, 64, torch.bfloat16, gen, offset=5.0)
+    src = torch.randperm(S, generator=gen).to(DEVICE) if gather else None
+    k_mean, v_amax = smoothing_stats(k, v)
+    tiles, pools = tile_quant_qkv_triton(q, k, v, src, k_mean, v_amax, S, bs, pool=True)
+    tq, tk, tv = (x if src is None else x.index_select(-2, src) for x in (q, k, v))
+    dq, dk, dv = (x.cpu() for x in dequantize(tiles, bs))
+    exact = (tq.double().cpu(), tk.double().cpu() - k_mean.double().cpu()[:, :, None], tv.double().cpu())
+    rows = torch.arange(S) // bs
+    for got, want, s in ((dq, exact[0], tiles.q_scale.cpu()[..., rows, None]),
+                         (dk, exact[1], tiles.k_scale.cpu()[..., rows, None]),
+                         (dv, exact[2], tiles.v_scale.cpu()[:, :, None, :])):
+        assert_within_rounding(got, want, s.double())
+    # the torch path (CPU, reference) gives the same tiles but for near-ties (fp32 1/σ rounds differently)
+    ref = quantize_tiles(tq, tk, tv, k_mean, v_amax, bs)
+    for name in ("q", "k"):
+        same = (getattr(tiles, name).float() == getattr(ref, name).float()).float().mean()
+        assert same > 0.99, f"{name}: {same:.3f} of the elements equal"
+    assert torch.equal(tiles.q_scale, ref.q_scale) and torch.equal(tiles.k_scale, ref.k_scale)
+    # pooled statistics of the unquantized, unsmoothed inputs, as tile_pool computes them
+    if src is not None:
+        for got, want in zip(pools, tile_pool_qkv_triton(q, k, v, src, S, bs)[1]):
+            assert torch.allclose(got, want, atol=1e-6)
+
+
+@st.composite
+def cases(draw):
+    return dict(B=draw(st.integers(1, 2)), H=draw(st.integers(1, 2)), S=draw(st.integers(1, MAX_S)),
+                D=draw(st.sampled_from([32, 64, 128])), bs=draw(st.sampled_from([64, 128])),
+                dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])), density=draw(st.floats(0.0, 1.0)),
+                sharpness=draw(st.sampled_from([0.5, 1.0, 3.0])), offset=draw(st.sampled_from([0.0, 20.0])),
+                scale=draw(st.sampled_from([None, 0.3])), rectify=draw(st.booleans()),
+                key_mask=draw(st.sampled_from([None, "random", "tail"])),
+                block_m=draw(st.sampled_from([64, 128])), block_n=draw(st.sampled_from([32, 64, 128])),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def key_mask(kind, B, S, gen):
+    if kind is None:
+        return None
+    valid = (torch.rand(B, S, generator=gen) < 0.7 if kind == "random"
+             else torch.arange(S)[None] < torch.randint(1, S + 1, (B, 1), generator=gen))
+    valid[:, 0] = True
+    return valid.to(DEVICE)
+
+
+def run_case(c):
+    gen = torch.Generator().manual_seed(c["seed"])
+    B, H, S, D, bs, dtype = c["B"], c["H"], c["S"], c["D"], c["bs"], c["dtype"]
+    nb = -(-S // bs)
+    q, k, v = inputs(B, H, S, D, dtype, gen, c["offset"], c["sharpness"])
+    blocks = random_blocks(H, nb, c["density"], gen)
+    valid = key_mask(c["key_mask"], B, S, gen)
+    rectify = None
+    if c["rectify"]:
+        rectify = (torch.rand(B, H, nb, generator=gen) + 0.5, torch.randn(B, H, nb, D, generator=gen))
+    tiles = quantized(q, k, v, bs)
+    num, idx = (x.to(DEVICE) for x in kv_block_lists(blocks))
+    out = torch.full((B, H, S, D), float("nan"), dtype=dtype, device=DEVICE)   # poison: every row written
+    block_sparse_attention_fp8(tiles, num, idx, bs, c["scale"], dtype=dtype, key_valid=valid, out=out,
+                               rectify=None if rectify is None else tuple(x.to(DEVICE) for x in rectify),
+                               config=dict(BLOCK_M=c["block_m"], BLOCK_N=c["block_n"], num_warps=4, num_stages=2))
+    ref, bound = fp8_attention_reference(tiles, blocks, bs, c["scale"], valid)
+    ref, bound = ref.cpu(), bound.cpu()
+    if rectify is not None:
+        r = rectify[0].double().repeat_interleave(bs, -1)[..., :S, None]          # per query block, to rows
+        o_bar = rectify[1].double().repeat_interleave(bs, -2)[..., :S, :]
+        ref, bound = r * ref + o_bar, r.abs() * bound
+    out = out.double().cpu()
+    assert torch.isfinite(out).all(), "non-finite output (an unwritten or NaN row)"
+    err = (out - ref).abs()
+    allowed = bound + 2 * torch.finfo(dtype).eps * ref.abs() + 1e-6
+    assert (err <= allowed).all(), f"worst excess over the bound {(err - allowed).max():.3g}"
+    return out, q, k, v, blocks, valid, rectify
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+@example(dict(B=1, H=2, S=129, D=64, bs=128, dtype=torch.bfloat16, density=0.0, sharpness=1.0, offset=0.0,
+              scale=None, rectify=False, key_mask=None, block_m=64, block_n=64, seed=0))   # one key in the tail
+@example(dict(B=2, H=1, S=200, D=32, bs=64, dtype=torch.float16, density=1.0, sharpness=3.0, offset=20.0,
+              scale=None, rectify=True, key_mask="tail", block_m=64, block_n=32, seed=3))  # a key block all masked
+def test_kernel_within_the_bound_of_its_float64_reference(c):
+    run_case(c)
+
+
+def exact_error(q, k, v, blocks, bs, smooth: bool):
+    """Relative error of FP8 attention against exact float64 attention of the unquantized inputs."""
+    k_mean, v_amax = smoothing_stats(k, v)
+    tiles = quantize_tiles(q, k, v, k_mean if smooth else torch.zeros_like(k_mean), v_amax, bs)
+    num, idx = (x.to(DEVICE) for x in kv_block_lists(blocks))
+    out = block_sparse_attention_fp8(tiles, num, idx, bs, dtype=q.dtype).double().cpu()
+    ref = block_sparse_attention_reference(q.cpu(), k.cpu(), v.cpu(), blocks, bs)
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def test_smoothing_keeps_the_error_of_keys_with_a_large_common_offset():
+    """k = 30·c + noise: without smoothing the offset sets k's scales, and its rounding (u·30 per
+    element) swamps the part of k that differs between keys — the only part softmax sees. Smoothed,
+    the error is that of k without the offset; a kernel path that dropped the mean would fail here."""
+    gen = torch.Generator().manual_seed(1)
+    S, bs = 256, 64
+    q, k, v = inputs(1, 2, S, 64, torch.bfloat16, gen)
+    blocks = random_blocks(2, S // bs, 0.5, gen)
+    offset = (30 * torch.randn(1, 2, 1, 64, generator=gen)).to(torch.bfloat16).to(DEVICE)
+    plain = exact_error(q, k, v, blocks, bs, smooth=True)
+    smoothed = exact_error(q, k + offset, v, blocks, bs, smooth=True)
+    unsmoothed = exact_error(q, k + offset, v, blocks, bs, smooth=False)
+    assert smoothed < 1.5 * plain + 0.01 and smoothed < 0.1
+    assert unsmoothed > 3 * smoothed
+
+
+def test_mask_is_not_ignored():
+    """FP8 over a sparse map and a key mask matches its reference, which is far from dense: a kernel
+    ignoring either would sit at dense attention's distance."""
+    gen = torch.Generator().manual_seed(5)
+    S, bs = 192, 64
+    q, k, v = inputs(1, 2, S, 64, torch.bfloat16, gen)
+    blocks = random_blocks(2, 3, 0.3, gen)
+    valid = key_mask("random", 1, S, gen)
+    tiles = quantized(q, k, v, bs)
+    dense, _ = fp8_attention_reference(tiles, torch.ones(1, 3, 3, dtype=torch.bool), bs)
+    for keys in (None, valid):
+        num, idx = (x.to(DEVICE) for x in kv_block_lists(blocks))
+        out = block_sparse_attention_fp8(tiles, num, idx, bs, dtype=torch.bfloat16, key_valid=keys).double().cpu()
+        ref, _ = fp8_attention_reference(tiles, blocks, bs, key_valid=keys)
+        assert (out - ref).norm() < 0.05 * ref.norm()
+        assert (ref - dense).norm() > 0.3 * dense.norm()
+
+
+def test_all_zero_blocks_quantize_to_zero():
+    x = torch.zeros(1, 1, 64, 32, dtype=torch.bfloat16, device=DEVICE)
+    tiles = quantized(x, x, x, 64)
+    assert tiles.q_scale.min() == TINY / 448 and (tiles.q.float() == 0).all() and (tiles.v_t.float() == 0).all()

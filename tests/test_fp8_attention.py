@@ -1,0 +1,79 @@
+"""The fp8_attention option: options → planner → SiteSpec → the Triton kernel's FP8 path, with one
+clear error wherever it cannot run (a kernel without an FP8 path, rows rectification, hardware
+without e4m3 tensor cores). On a CPU-only machine the kernel runs in Triton's interpreter."""
+import pytest
+import torch
+from support import SelfAttention, Wrapper, raises_from_backend, rel_err
+
+import compact_compile
+from compact_compile.errors import OptionsError
+from compact_compile.kernels import fp8 as fp8_module
+from compact_compile.kernels.registry import choose_kernel
+from compact_compile.kernels.triton_sparse import triton_available
+from compact_compile.options import CompactOptions
+
+GRID = (2, 8, 8)   # 128 tokens; tile (1, 8, 8) = one 64-token block per frame
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_fp8 = pytest.mark.skipif(bool(fp8_module.fp8_unsupported(DEVICE)) or not triton_available(DEVICE),
+                               reason="needs e4m3 tensor cores or TRITON_INTERPRET=1")
+# Inductor compiles on the GPU only: on the CPU it would spend minutes of C++ compilation on a tiny model
+INNERS = [("window", False, "aot_eager"), ("window", True, "eager"), ("dynamic", True, "aot_eager"),
+          ("dense", False, "eager")] + ([("window", True, "inductor")] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(fp8_attention=1), "must be True or False"),
+    (dict(fp8_attention=True, kernel="flex"), "kernel='flex' has no FP8"),
+    (dict(fp8_attention=True, kernel="fa4"), "kernel='fa4' has no FP8"),
+    (dict(fp8_attention=True, rectify="rows"), "rectifies per block"),
+])
+def test_options_refuse_what_cannot_run_fp8(options, match):
+    with pytest.raises(OptionsError, match=match):
+        CompactOptions.from_dict(options)
+
+
+def test_refused_below_compute_capability_8_9(monkeypatch):
+    """An A100 (8.0) has no e4m3 tensor cores: one OptionsError naming its capability."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(OptionsError, match=r"A100 has compute capability 8\.0; e4m3 tensor cores need ≥ 8\.9"):
+        choose_kernel("auto", "cuda", torch.bfloat16, 64, 64, fp8=True)
+
+
+def test_auto_chooses_triton_and_says_why(monkeypatch):
+    monkeypatch.setattr(fp8_module, "fp8_unsupported", lambda device: "")
+    if not triton_available("cpu"):
+        pytest.skip("needs TRITON_INTERPRET=1")
+    name, why = choose_kernel("auto", "cpu", torch.bfloat16, 64, 64, fp8=True)
+    assert name == "triton" and "the one kernel with an FP8 (e4m3) path" in why and "fa4, flex have none" in why
+
+
+@needs_fp8
+@pytest.mark.parametrize("plan, rectify, inner", INNERS)
+def test_compiled_site_runs_fp8_close_to_its_dtype(plan, rectify, inner):
+    """Static, dynamic and dense plans, rectified or not: the rewritten site runs the FP8 op, within
+    FP8's error of the same site in bf16 (N(0, 1)-like activations: a few percent)."""
+    torch.manual_seed(0)
+    model = Wrapper(SelfAttention(dim=2 * 64, heads=2)).eval().to(DEVICE, torch.bfloat16)
+    x = torch.randn(1, 128, 128, dtype=torch.bfloat16, device=DEVICE)
+    options = dict(plan=plan, window=(1, 1, 1), grid=GRID, tile=(1, 8, 8), block_size=64, rectify=rectify,
+                   kernel="triton", inner=inner)
+    with torch.no_grad():
+        ref = torch.compile(model, backend="compact", options=options)(x)
+        torch._dynamo.reset()
+        compact_compile.report(clear=True)
+        out = torch.compile(model, backend="compact", options=dict(options, fp8_attention=True))(x)
+    [site] = compact_compile.report().sites
+    assert site["kernel"] == "triton" and "FP8" in site["kernel_reason"]
+    assert rel_err(out, ref) < 0.08
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU without the interpreter")
+def test_refused_on_cpu_without_the_interpreter(monkeypatch):
+    from compact_compile.kernels import triton_sparse
+    monkeypatch.setattr(triton_sparse, "INTERPRET", False)
+    model = Wrapper(SelfAttention(dim=2 * 64, heads=2)).eval()
+    options = dict(plan="window", grid=GRID, tile=(1, 8, 8), block_size=64, fp8_attention=True, inner="eager")
+    with raises_from_backend(OptionsError, "no e4m3 tensor cores on cpu"), torch.no_grad():
+        torch.compile(model, backend="compact", options=options)(torch.randn(1, 128, 128))
