@@ -53,10 +53,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import compact_compile  # noqa: E402
+from compact_compile import CompactOptions  # noqa: E402
 from benchmarks.fidelity_probe import Probe, mean  # noqa: E402
 from examples.video_dit.model import MODEL_NAMES, from_name, load_model  # noqa: E402
 from examples.video_dit.sample import fixed_noise, sample, save_gif, save_strip  # noqa: E402
 
+DEFAULTS = "defaults (no options)"
 CALIBRATED = "calibrated"   # stands for the plan calibrated in this run, searched at the swept recall τ
 # alone (λ = ∞): the default cost limit λ = 0.011 stops this small model's search near dense at every τ;
 # or, swept by "density", at that budget (build.py: one λ for all heads, found by bisection)
@@ -74,6 +76,10 @@ MODES = {
     "window (STA-like) + FP8": (dict(plan="window", fp8_attention=True), "window", [(1, 3, 3), (3, 3, 3)]),
     "dynamic + rectified + FP8": (dict(plan="dynamic", rectify=True, fp8_attention=True), "p_remain", [0.5, 0.9]),
     "calibrated + rectified + FP8": (dict(plan=CALIBRATED, rectify=True, fp8_attention=True), "recall", [0.8, 0.95]),
+    "dynamic + rectified, warm-up steps": (dict(plan="dynamic", rectify=True), "dense_steps", [0, 2, 4]),
+    "window + rectified, warm-up steps": (dict(plan="window", rectify=True), "dense_steps", [0, 2, 4]),
+    # what `backend="compact"` with no options does: nothing swept, nothing of this harness's set
+    DEFAULTS: (dict(block_size=CompactOptions.block_size), None, [None]),
 }
 FP8 = " + FP8"   # an FP8 mode is named after its bf16 counterpart: the same options, fp8_attention=True
 FLOOR = {"dense plan": dict(plan="dense")}   # rewritten sites, every block: the dense kernel in tile order
@@ -94,16 +100,17 @@ def quality(videos, reference):
     return out
 
 
-def generate(model, options, noise, labels, args):
-    """Videos from `model` compiled with the compact backend and `options`, and its probe summary."""
+def generate(model, options, noise, labels, args, dense_steps):
+    """Videos from `model` compiled with the compact backend and `options` (block size: this harness's
+    unless `options` set one), and its probe summary with the first `dense_steps` steps as warm-up."""
     torch._dynamo.reset()
     compact_compile.report(clear=True)
     probe = Probe()
     fast = torch.compile(model, backend="compact", dynamic=False,
-                         options=dict(options, observer=probe, inner="aot_eager", block_size=args.block_size))
+                         options=dict(dict(block_size=args.block_size), **options, observer=probe, inner="aot_eager"))
     with probe.active():
         videos = sample(fast, noise, labels, steps=args.steps, cfg=args.cfg, shift=args.shift)
-    return videos, probe.summary(args.dense_steps)
+    return videos, probe.summary(dense_steps)
 
 
 def calibrate_plan(model, config, args):
@@ -153,7 +160,7 @@ def run_model(config, checkpoint, args, out: Path, deadline: float):
 
     for name, options in FLOOR.items():
         t0 = time.time()
-        videos, _ = generate(model, options, noise, labels, args)
+        videos, _ = generate(model, options, noise, labels, args, dense_steps=0)
         point_s.append(time.time() - t0)
         result["floor"][name] = dict(summarize(quality(videos, dense)), wall_s=round(point_s[-1], 1))
         print(config.name, name, result["floor"][name], flush=True)
@@ -174,16 +181,21 @@ def run_model(config, checkpoint, args, out: Path, deadline: float):
             return None
         t0 = time.time()
         opts = dict(options)
-        if opts.get("plan") == CALIBRATED:
+        if opts.get("plan") == CALIBRATED:     # the plan carries the calibration's schedule
             opts["plan"] = (cal.search(density=value) if swept == "density"
                             else cal.search(recall=value, cost=math.inf))
+            dense_steps = args.dense_steps
+        elif swept is None:                    # the options as they are, the backend's defaults for the rest
+            dense_steps = opts.get("dense_steps", CompactOptions.dense_steps)
         else:
-            opts.update({swept: value, "dense_steps": args.dense_steps})
-        videos, probe = generate(model, opts, noise, labels, args)
+            opts = dict({"dense_steps": args.dense_steps}, **opts, **{swept: value})
+            dense_steps = opts["dense_steps"]
+        videos, probe = generate(model, opts, noise, labels, args, dense_steps)
         point_s.append(time.time() - t0)
         # the swept value under its own name; a density budget's as "density_budget" (the probe's "density"
         # is the density achieved)
-        setting = {"density_budget" if swept == "density" else swept: value}
+        setting = {} if swept is None else {"density_budget" if swept == "density" else swept: value}
+        setting["dense_steps"] = dense_steps
         point = dict(setting, **probe, **summarize(quality(videos, dense)), wall_s=round(point_s[-1], 1))
         if bf16 is not None:
             point.update({f"{k}_vs_bf16_sparse": v for k, v in summarize(quality(videos, bf16)).items()})
@@ -191,7 +203,7 @@ def run_model(config, checkpoint, args, out: Path, deadline: float):
         print(config.name, name, json.dumps({k: v for k, v in point.items() if not isinstance(v, (dict, list))}),
               flush=True)
         if 1 - point["density"] >= args.strip_sparsity and (best is None or point["psnr"] > best[0]):
-            best = (point["psnr"], f"{name}, {swept}={value}", videos)
+            best = (point["psnr"], name if swept is None else f"{name}, {swept}={value}", videos)
         (out / "fidelity.json").write_text(json.dumps(result, indent=1))
         return videos
 
@@ -264,8 +276,7 @@ def pareto_plot(result, path):
         ax.axhline(min(floor["psnr"], 80), ls=":", color="grey")
         ax.text(0.01, min(floor["psnr"], 80), f"{name} vs SDPA", fontsize=7, color="grey",
                 transform=ax.get_yaxis_transform(), va="bottom")
-    ax.set_xlabel(f"sparsity (1 − computed blocks), dense warm-up ({result['dense_steps']} of "
-                  f"{result['steps']} steps) counted")
+    ax.set_xlabel(f"sparsity (1 − computed blocks) over all {result['steps']} steps, dense warm-up steps counted")
     ax.set_ylabel("PSNR vs dense (dB)")
     ax.set_title(f"video DiT ({result['model']}, {result['tokens']:,} tokens) fidelity, {result['videos']} videos, "
                  f"{result['device']}", fontsize=9)

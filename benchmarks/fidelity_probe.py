@@ -50,7 +50,7 @@ class Probe:
         """Densities over all steps and over the sparse ones; per site, the mean error against dense
         over the sparse steps (dense steps are exact but for FP8), and for FP8 sites against their
         output in the inputs' dtype over every step (FP8 runs in the dense warm-up too)."""
-        sparse = [c for c in self.calls if c["step"] is not None and c["step"] >= dense_steps]
+        sparse = [c for c in self.calls if not dense_steps or (c["step"] is not None and c["step"] >= dense_steps)]
         sites = sorted({c["site"] for c in self.calls}, key=lambda s: [int(p) if p.isdigit() else p
                                                                         for p in s.split(".")])
         out = dict(density=mean(c["density"] for c in self.calls),
