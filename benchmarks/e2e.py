@@ -95,6 +95,11 @@ VARIANTS = {
     "compact-dynamic-rectify-regional": dict(backend="compact", options=dict(plan="dynamic", rectify=True)),
     "compact-window-fp8-regional": dict(backend="compact",
                                         options=dict(plan="window", window="WINDOW", quantize="fp8")),
+    # FP8 attention (issue #18), alone and with FP8 linears
+    "compact-window-fp8attn-regional": dict(backend="compact",
+                                            options=dict(plan="window", window="WINDOW", fp8_attention=True)),
+    "compact-window-fp8attn-fp8-regional": dict(backend="compact", options=dict(
+        plan="window", window="WINDOW", fp8_attention=True, quantize="fp8")),
 }
 # HunyuanVideo at 129 frames: 33×45×80 = 118,800 video tokens (+ 256 text)
 MODELS["hunyuan13b-129f"] = dict(MODELS["hunyuan13b"], latent=(1, 16, 33, 90, 160))

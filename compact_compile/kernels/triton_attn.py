@@ -52,7 +52,9 @@ import triton.language as tl
 
 from .fp8 import to_e4m3
 
-P_LOG2_SCALE = 8.807354922057604   # log2(448): P enters the PV dot as e4m3 of 448·p (fp8.E4M3_MAX)
+# log2(448): P enters the PV dot as e4m3 of 448·p (fp8.E4M3_MAX); a jit function reads a global only as
+# tl.constexpr (the interpreter reads any global, the compiler refuses others)
+P_LOG2_SCALE = tl.constexpr(8.807354922057604)
 
 
 @triton.jit
