@@ -157,10 +157,11 @@ def compiled(model, name, spec, dense_steps, variants=VARIANTS):
     options = kwargs.get("options")
     if options is not None:
         options.update({k: spec["window"] for k, v in options.items() if v == "WINDOW"})
+        # always given: the backend's default warm-up would make the timed step (pinned to `dense_steps`) dense
+        options["dense_steps"] = dense_steps
         if name.endswith("-regional"):  # the patch embedding and the timestep are outside the block graphs
             options["grid"] = grid_of(spec)
-        else:
-            options["dense_steps"] = dense_steps
+            compact_compile.follow_steps(model)
     if name.endswith("-regional"):
         if getattr(model, "_repeated_blocks", None):
             model.compile_repeated_blocks(dynamic=False, **kwargs)

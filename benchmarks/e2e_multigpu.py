@@ -75,7 +75,7 @@ from compact_compile.balance import rank_loads
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import video_site_blocks, window_blocks
 from compact_compile.plan import Plan, SitePlan
-from compact_compile.schedule import CLOCK, at_step
+from compact_compile.schedule import at_step
 
 PER_HEAD_WINDOWS = [(1, 3, 3), (3, 3, 3), (3, 5, 5), (5, 7, 7)]
 BLOCK = 128
@@ -248,7 +248,7 @@ def main():
     spec["extra"] = e2e.extra_inputs(spec, device)
     inputs = (x, torch.tensor([500], device=device), text)
     # the block graphs do not see the timestep: feed the step clock from the model's own call
-    model.register_forward_pre_hook(lambda m, a, kw: [CLOCK.observe(kw["timestep"]), None][1], with_kwargs=True)
+    compact_compile.follow_steps(model)
 
     plan = Plan.load(args.plan) if args.plan else synthetic_per_head_plan(spec, spec["block"])
     if args.plan and not any("." in site for site in plan.sites):

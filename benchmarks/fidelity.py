@@ -76,8 +76,8 @@ MODES = {
     "window (STA-like) + FP8": (dict(plan="window", fp8_attention=True), "window", [(1, 3, 3), (3, 3, 3)]),
     "dynamic + rectified + FP8": (dict(plan="dynamic", rectify=True, fp8_attention=True), "p_remain", [0.5, 0.9]),
     "calibrated + rectified + FP8": (dict(plan=CALIBRATED, rectify=True, fp8_attention=True), "recall", [0.8, 0.95]),
-    "dynamic + rectified, warm-up steps": (dict(plan="dynamic", rectify=True), "dense_steps", [0, 2, 4]),
-    "window + rectified, warm-up steps": (dict(plan="window", rectify=True), "dense_steps", [0, 2, 4]),
+    "dynamic + rectified, warm-up steps": (dict(plan="dynamic", rectify=True), "dense_steps", [0, 2, 4, 10]),
+    "window + rectified, warm-up steps": (dict(plan="window", rectify=True), "dense_steps", [0, 2, 4, 10]),
     # what `backend="compact"` with no options does: nothing swept, nothing of this harness's set
     DEFAULTS: (dict(block_size=CompactOptions.block_size), None, [None]),
 }
@@ -186,7 +186,7 @@ def run_model(config, checkpoint, args, out: Path, deadline: float):
                             else cal.search(recall=value, cost=math.inf))
             dense_steps = args.dense_steps
         elif swept is None:                    # the options as they are, the backend's defaults for the rest
-            dense_steps = opts.get("dense_steps", CompactOptions.dense_steps)
+            dense_steps = CompactOptions(**opts).warmup_steps
         else:
             opts = dict({"dense_steps": args.dense_steps}, **opts, **{swept: value})
             dense_steps = opts["dense_steps"]

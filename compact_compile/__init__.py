@@ -9,6 +9,7 @@ from .layout import TokenLayout
 from .options import CompactOptions, OptionsError
 from .plan import Plan, PlanError, SitePlan
 from .report import report
+from .schedule import follow_steps
 
 __version__ = "0.1.0"
 
@@ -18,4 +19,5 @@ def load_plan(path) -> Plan:
     return Plan.load(path)
 
 
-__all__ = ["balance_heads", "calibrate", "CompactError", "CompactOptions", "OptionsError", "Plan", "PlanError", "SitePlan", "TokenLayout", "load_plan", "report"]
+__all__ = ["balance_heads", "calibrate", "CompactError", "CompactOptions", "follow_steps", "OptionsError", "Plan",
+           "PlanError", "SitePlan", "TokenLayout", "load_plan", "report"]

@@ -49,7 +49,7 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
                     _per_size: bool = False):
     opts = CompactOptions.from_dict(options)
     plan = load_plan(opts)
-    schedule = site_schedule(plan, opts.dense_steps)
+    schedule = site_schedule(plan, opts.warmup_steps)
     own_grids = patch_embedding_grids(gm)
     carried, input_tags = carried_grids(gm, example_inputs)    # grids from an earlier graph (video_tags.py)
     sites = find_sites(gm, own_grids + carried, opts.grid, plan.grid if plan else None)

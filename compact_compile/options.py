@@ -17,6 +17,10 @@ from .kernels.registry import FP8_KERNELS
 from .plan import Plan
 
 BUILTIN_PLANS = ("dense", "window", "dynamic")
+# The defaults below were chosen by measurement (README "Defaults", BENCHMARKS.md): the fastest setting
+# that keeps ≥ 30 dB PSNR against dense sampling on both trained models with ≥ 60% of the blocks skipped.
+DEFAULT_DENSE_STEPS = 4
+SMALL_VIDEO_TOKENS = 64 * 128   # fewer video tokens than 64 blocks of 128: 64-token blocks by default
 KERNELS = ("auto", "fa4", "triton", "flex")   # kernels/registry.py KERNEL_NAMES, and "auto"
 INNER_BACKENDS = ("inductor", "aot_eager", "eager")
 QUANTIZE = (None, "fp8", "int8")
@@ -34,23 +38,27 @@ class CompactOptions:
                 is unchanged up to rounding), "dynamic" (blocks chosen online per call from pooled
                 q/k, no calibration), a path to a plan file, or a `Plan`. Without `plan` in
                 options, the environment variable COMPACT_PLAN is used when set.
-    rectify     False; True: correct block-sparse attention for the blocks it skips (Rectified
-                SpaAttn: R·O_sparse + Ō from pooled q/k/v, per query block); "rows": the same
-                estimated per query row.
+    rectify     "auto" (default): True where the site supports it, off at flex_attention and frame-masked
+                sites (their model masks are not in the pooled estimates); True: correct block-sparse
+                attention for the blocks it skips (Rectified SpaAttn: R·O_sparse + Ō from pooled q/k/v, per
+                query block), and such sites stay dense; "rows": the same estimated per query row; False.
     dynamic     also choose blocks online and add them to a static plan (always on for "dynamic").
     p_remain    online choice: the fewest top blocks holding this estimated mass, default 0.3 …
     drop        … but at least (1 − drop) of the key blocks; default 0.9.
     window      window extent in tiles (t, h, w) for plan="window"; odd numbers, default (3, 3, 3).
     grid        (T, H, W) video tokens; default: inferred from the graph (patch-embedding conv).
     tile        (tt, th, tw) tokens per tile, tt·th·tw = block_size; default "auto".
-    block_size  64 or 128 tokens per attention block; default: the plan file's, else 128.
+    block_size  64 or 128 tokens per attention block; default: the plan file's, else 128 (64 for a video
+                of fewer than 8,192 tokens: with 128 it would have under 64 blocks, too coarse for a local
+                window to skip much).
     kernel      "auto" (default: the fastest kernel that runs the site — FlashAttention-4 where it is
                 installed on sm90, else our Triton kernel on CUDA GPUs, else FlexAttention), or one of
                 "fa4", "triton", "flex" (a named kernel that cannot run a site is replaced by Flex, and
                 the report says why).
     dense_steps the first N denoising steps run dense attention (the step is read from the model's
-                `timestep` input), the plan's masks after; default 0. A calibrated plan carries its
-                own schedule (this option must then agree with it).
+                `timestep` input), the plan's masks after; default: a plan file's own schedule, else 4
+                (0 turns the warm-up off). A plan file's schedule and this option must agree. Compiling only
+                the repeated blocks hides the timestep: `compact_compile.follow_steps(model)` feeds it.
     strict      True: a plan that does not fit a site is an error. False: that site stays dense,
                 with a warning and a report entry.
     fp8_attention False (default); True: the rewritten sites' attention in FP8 — q·kᵀ and P·V as e4m3
@@ -75,10 +83,10 @@ class CompactOptions:
     tile: tuple[int, int, int] | str = "auto"
     block_size: int | None = None
     kernel: str = "auto"
-    dense_steps: int = 0
+    dense_steps: int | None = None
     strict: bool = True
     inner: str = "inductor"
-    rectify: bool | str = False
+    rectify: bool | str = "auto"
     dynamic: bool = False
     p_remain: float = 0.3
     drop: float = 0.9
@@ -114,10 +122,12 @@ class CompactOptions:
         for name, allowed in (("kernel", KERNELS), ("inner", INNER_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise OptionsError(f"option {name!r} must be one of {allowed}, not {getattr(self, name)!r}")
-        if self.rectify not in (False, True, "rows"):
-            raise OptionsError(f"option 'rectify' must be False, True or \"rows\", not {self.rectify!r}")
-        if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int) or self.dense_steps < 0:
-            raise OptionsError(f"option 'dense_steps' must be an integer ≥ 0, not {self.dense_steps!r}")
+        if self.rectify not in (False, True, "rows", "auto"):
+            raise OptionsError(f"option 'rectify' must be \"auto\", False, True or \"rows\", not {self.rectify!r}")
+        if self.dense_steps is not None and (isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int)
+                                             or self.dense_steps < 0):
+            raise OptionsError(f"option 'dense_steps' must be an integer ≥ 0 (or None: the default), "
+                               f"not {self.dense_steps!r}")
         if self.mode not in MODES:
             raise OptionsError(f"option 'mode' must be one of {MODES}, not {self.mode!r}")
         if self.quantize not in QUANTIZE:
@@ -167,6 +177,21 @@ class CompactOptions:
 
     def replace(self, **changes) -> "CompactOptions":
         return dataclasses.replace(self, **changes)
+
+    @property
+    def warmup_steps(self) -> int:
+        """Dense steps a built-in plan (or a plan file without a schedule) starts with: the option, or by
+        default DEFAULT_DENSE_STEPS (none for plan="dense", where every step is dense anyway)."""
+        if self.dense_steps is not None:
+            return self.dense_steps
+        return 0 if self.plan == "dense" else DEFAULT_DENSE_STEPS
+
+    def block_size_for(self, video_tokens: int) -> int:
+        """The block size of a built-in plan's site: the option, else 128 (the tile's, for a given tile),
+        64 for a video of fewer than SMALL_VIDEO_TOKENS."""
+        if self.block_size is not None or self.tile != "auto":
+            return self.block_size or 128
+        return 64 if video_tokens < SMALL_VIDEO_TOKENS else 128
 
 
 def _triple(name: str, value, odd: bool = False) -> tuple[int, int, int]:

@@ -30,7 +30,7 @@ def load_plan(options: CompactOptions) -> Plan | None:
     if options.grid is not None and tuple(options.grid) != plan.grid:
         raise OptionsError(f"option 'grid' {options.grid} contradicts the plan's {plan.grid}")
     schedule = plan.info.get("schedule")
-    if options.dense_steps and schedule and schedule["dense_steps"] != options.dense_steps:
+    if options.dense_steps is not None and schedule and schedule["dense_steps"] != options.dense_steps:
         raise OptionsError(f"option 'dense_steps' {options.dense_steps} contradicts the plan's schedule "
                            f"({schedule['dense_steps']} dense steps)")
     return plan
@@ -49,7 +49,9 @@ def site_spec(options: CompactOptions, plan: Plan | None, schedule: dict | None,
     else:
         bounds, maps = [(0, None)], [blocks]
     ranges = tuple(StepRange(a, b, None if m.all() else m) for (a, b), m in zip(bounds, maps))
-    rectify = {False: None, True: "block", "rows": "rows"}[options.rectify]
+    # nothing skipped at any step (plan "dense"): nothing to rectify, R = 1 and Ō = 0
+    skips = any(r.blocks is not None for r in ranges) or options.dynamic
+    rectify = {False: None, True: "block", "auto": "block", "rows": "rows"}[options.rectify] if skips else None
     dtype = getattr(torch, site.dtype)
     kernel, why = choose_kernel(options.kernel, site.device, dtype, site.q_shape[-1], layout.block_size, site.key_mask,
                                 fp8=options.fp8_attention)
@@ -68,9 +70,9 @@ def flex_site_spec(options: CompactOptions, plan: Plan | None, schedule: dict | 
     the plan's blocks are then its mask's blocks, and a full model block stays full."""
     tiled_by = model_mask.tiled_by
     if (plan is None and options.tile == "auto" and tiled_by is not None
-            and math.prod(tiled_by) == (options.block_size or 128)):
+            and math.prod(tiled_by) == options.block_size_for(math.prod(site.grid))):
         options = options.replace(tile=tuple(tiled_by))
-    spec = site_spec(options.replace(fp8_attention=False), plan, schedule, site)
+    spec = site_spec(options.replace(fp8_attention=False, rectify=False), plan, schedule, site)
     why = "flex: the only kernel that evaluates the model's mask_mod and score_mod"
     if options.fp8_attention:
         why += " (in the inputs' dtype: FlexAttention has no FP8 path)"
@@ -80,7 +82,7 @@ def flex_site_spec(options: CompactOptions, plan: Plan | None, schedule: dict | 
 def flex_site_unsupported(options: CompactOptions) -> str:
     """Why no flex_attention site runs block-sparse under these options ("" if they can): the online
     choice and rectification estimate blocks from pooled q and k, which know nothing of the model's mask."""
-    if options.dynamic or options.rectify:
+    if options.dynamic or options.rectify in (True, "rows"):
         return ("flex_attention with the model's own mask: online block choice (plan 'dynamic', dynamic=True) and "
                 "rectification are not supported there (their pooled estimates ignore the model's mask)")
     return ""
@@ -97,7 +99,7 @@ def _range_blocks(options, plan, entry: str, site: Site, layout: TokenLayout) ->
 def site_layout(options: CompactOptions, plan: Plan | None, site: Site) -> TokenLayout:
     if plan is not None:
         return TokenLayout(plan.grid, plan.tile, plan.block_size, site.n_text, site.n_before)
-    block_size = options.block_size or 128
+    block_size = options.block_size_for(math.prod(site.grid))
     tile = auto_tile(site.grid, block_size) if options.tile == "auto" else options.tile
     return TokenLayout(site.grid, tile, block_size, site.n_text, site.n_before)
 

@@ -131,9 +131,10 @@ def warn_unknown_step() -> None:
     global _warned_unknown_step
     if not _warned_unknown_step:
         _warned_unknown_step = True
-        warnings.warn("compact: the plan has a step schedule but no timestep was seen (no `timestep` input in the "
-                      "compiled graph?): sparse masks are used at every step. Pin a step with "
-                      "compact_compile.schedule.at_step(n) to choose.", stacklevel=3)
+        warnings.warn("compact: the plan has a step schedule (dense warm-up steps) but no timestep was seen (no "
+                      "`timestep` input in the compiled graph, e.g. compile_repeated_blocks): sparse masks are used "
+                      "at every step. compact_compile.follow_steps(model) feeds the model's timestep to the "
+                      "schedule; dense_steps=0 turns the warm-up off.", stacklevel=3)
 
 
 def reset_warnings() -> None:
@@ -148,6 +149,32 @@ def site_schedule(plan, dense_steps: int) -> dict | None:
     if schedule or not dense_steps:
         return schedule or None
     return make_schedule(dense_steps)
+
+
+def follow_steps(model: torch.nn.Module):
+    """Feed the CLOCK from `model`'s `timestep` argument on every call, for compiled graphs that do not
+    see it (compile_repeated_blocks compiles the blocks, whose inputs are the timestep's embedding).
+    Returns the hook's handle (`.remove()` undoes it); a model already followed keeps its one hook."""
+    import inspect
+
+    handle = getattr(model, "_compact_step_hook", None)
+    if handle is not None and handle.id in model._forward_pre_hooks:
+        return handle
+
+    params = [p.name for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if "timestep" not in params:
+        raise TypeError(f"follow_steps: {type(model).__name__}.forward has no `timestep` argument "
+                        f"(its arguments: {params})")
+    position = params.index("timestep")
+
+    def observe(module, args, kwargs):
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[position] if position < len(args) else None
+        if timestep is not None:
+            CLOCK.observe(timestep)
+
+    model._compact_step_hook = model.register_forward_pre_hook(observe, with_kwargs=True)
+    return model._compact_step_hook
 
 
 def timestep_input(gm: torch.fx.GraphModule) -> int | None:

@@ -18,6 +18,10 @@ from compact_compile.kernels.site import make_site
 from compact_compile.layout import TokenLayout
 from compact_compile.spec import Selection, SiteSpec, single_range
 
+# The block-sparse path exactly as planned at every call: no rectification and no dense warm-up
+# steps (both on by default), so a compiled model equals a float64 model using the plan's mask.
+AS_PLANNED = {"rectify": False, "dense_steps": 0}
+
 # ----------------------------------------------------------------------------------------------
 # errors raised inside a backend reach the caller wrapped in BackendCompilerFailed
 

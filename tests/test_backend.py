@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from support import (COG_GRID, COG_TEXT, WAN_GRID, masked_sdpa, model_order_mask, raises_from_backend, rectified_sdpa,
+from support import (AS_PLANNED, COG_GRID, COG_TEXT, WAN_GRID, masked_sdpa, model_order_mask, raises_from_backend, rectified_sdpa,
                      rel_err, tiny_cogvideox, tiny_wan, to_double)
 
 import compact_compile
@@ -106,7 +106,7 @@ def test_wan_window_equals_masked_float64_reference():
     window = (1, 3, 3)
     with torch.no_grad():
         compiled = torch.compile(model, backend="compact", fullgraph=True,
-                                 options={"plan": "window", "window": window, "block_size": 64, "inner": "aot_eager"})
+                                 options={**AS_PLANNED, "plan": "window", "window": window, "block_size": 64, "inner": "aot_eager"})
         out = compiled(**inputs)[0]
         dense = model(**inputs)[0]
     layout = TokenLayout(WAN_GRID, auto_tile(WAN_GRID, 64), 64)
@@ -140,7 +140,7 @@ def test_wan_per_head_plan_file_equals_masked_float64_reference(tmp_path):
     plan.save(tmp_path / "wan.plan.safetensors")
     with torch.no_grad():
         out = torch.compile(model, backend="compact", fullgraph=True,
-                            options={"plan": str(tmp_path / "wan.plan.safetensors"), "inner": "aot_eager"})(**inputs)[0]
+                            options={**AS_PLANNED, "plan": str(tmp_path / "wan.plan.safetensors"), "inner": "aot_eager"})(**inputs)[0]
     ref, masked = reference_f64(model, inputs, {WAN_S: masks})
     assert masked == [WAN_S, WAN_S]
     assert relative(out, ref) < 1e-5
@@ -155,7 +155,7 @@ def test_dense_steps_run_dense_then_the_window():
     """dense_steps=2 on the built-in window plan: steps 0 and 1 (timesteps 900, 800) equal the
     uncompiled model, step 2 (700) equals the window plan without a schedule."""
     model, inputs = tiny_wan()
-    options = {"plan": "window", "window": (1, 3, 3), "block_size": 64, "inner": "aot_eager"}
+    options = {**AS_PLANNED, "plan": "window", "window": (1, 3, 3), "block_size": 64, "inner": "aot_eager"}
     warm = torch.compile(model, backend="compact", options=dict(options, dense_steps=2))
     window = torch.compile(copy.deepcopy(model), backend="compact", options=options)
     at = [dict(inputs, timestep=torch.tensor([t])) for t in (900, 800, 700)]
@@ -177,7 +177,7 @@ def test_regional_compile_of_the_repeated_blocks_equals_whole_model_compile(tmp_
     """diffusers' compile_repeated_blocks: one block graph (site "attn1") for every layer; the grid
     must come from the options (the patch embedding is outside the block graph)."""
     model, inputs = tiny_wan()
-    options = {"plan": "window", "window": (1, 3, 3), "block_size": 64, "grid": WAN_GRID, "inner": "aot_eager"}
+    options = {**AS_PLANNED, "plan": "window", "window": (1, 3, 3), "block_size": 64, "grid": WAN_GRID, "inner": "aot_eager"}
     with torch.no_grad():
         whole = torch.compile(copy.deepcopy(model), backend="compact", options=options)(**inputs)[0]
         compact_compile.report(clear=True)
@@ -200,7 +200,7 @@ def test_cogvideox_window_equals_masked_float64_reference():
     window = (1, 1, 1)
     with torch.no_grad():
         out = torch.compile(model, backend="compact", fullgraph=True,
-                            options={"plan": "window", "window": window, "block_size": 64,
+                            options={**AS_PLANNED, "plan": "window", "window": window, "block_size": 64,
                                      "inner": "aot_eager"})(**inputs)[0]
         dense = model(**inputs)[0]
     layout = TokenLayout(COG_GRID, auto_tile(COG_GRID, 64), 64, COG_TEXT, n_before=COG_TEXT)
@@ -239,7 +239,7 @@ def test_rectified_window_equals_float64_reference(model_name, monkeypatch):
     blocks = video_site_blocks(layout, window_blocks(layout, (1, 1, 1)))[None]
     with torch.no_grad():
         out = torch.compile(model, backend="compact", fullgraph=True,
-                            options={"plan": "window", "window": (1, 1, 1), "block_size": 64, "rectify": True,
+                            options={**AS_PLANNED, "plan": "window", "window": (1, 1, 1), "block_size": 64, "rectify": True,
                                      "inner": "aot_eager"})(**inputs)[0]
     assert len(tile_pool_calls) == len(pool_calls) == len(parts_calls) == 2   # the kernel pooled nothing again
     ref_model = copy.deepcopy(model).double()
@@ -255,7 +255,7 @@ def test_rectified_with_dense_steps_runs_dense_then_rectified():
     """rectify under a step schedule: the dense step's kernel has no parts of its own (R = 1, Ō = 0
     stand in), so step 0 equals the uncompiled model and step 1 the schedule-free rectified model."""
     model, inputs = tiny_wan()
-    options = {"plan": "window", "window": (1, 1, 1), "block_size": 64, "rectify": True, "inner": "aot_eager"}
+    options = {**AS_PLANNED, "plan": "window", "window": (1, 1, 1), "block_size": 64, "rectify": True, "inner": "aot_eager"}
     scheduled = torch.compile(model, backend="compact", options=dict(options, dense_steps=1))
     rectified = torch.compile(copy.deepcopy(model), backend="compact", options=options)
     at = [dict(inputs, timestep=torch.tensor([t])) for t in (900, 800)]
@@ -316,6 +316,7 @@ ENTRY_POINT_SCRIPT = textwrap.dedent("""
     assert not any(m.startswith("compact_compile") for m in sys.modules), "imported too early"
     compiled = torch.compile(model, backend="compact",
                              options={"grid": (2, 8, 8), "tile": (1, 8, 8), "plan": "window", "window": (1, 1, 1),
+                                      "rectify": False, "dense_steps": 0,
                                       "block_size": 64, "inner": "eager"})
     with torch.no_grad():
         out = compiled(x)
@@ -368,7 +369,7 @@ def test_every_video_size_keeps_its_sparse_attention():
     with a symbolic sequence length. Each size still runs its own sparse graph — the first size
     too, after the second — equal to a static compile of that size, and the report lists them."""
     model, inputs = tiny_wan()
-    options = {"plan": "window", "window": (1, 3, 3), "block_size": 64, "inner": "aot_eager"}
+    options = {**AS_PLANNED, "plan": "window", "window": (1, 3, 3), "block_size": 64, "inner": "aot_eager"}
     small = dict(inputs, hidden_states=inputs["hidden_states"][..., :16])          # grid (3, 8, 8)
     compiled = torch.compile(model, backend="compact", options=options)
     with torch.no_grad():

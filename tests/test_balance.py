@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from compact_compile import Plan, PlanError, SitePlan, TokenLayout, balance_heads
 from compact_compile.balance import balanced_heads, permute_attention_heads, rank_loads
 from compact_compile.masks import window_blocks
-from support import WAN_GRID, tiny_hunyuan, tiny_mochi, tiny_wan
+from support import AS_PLANNED, WAN_GRID, tiny_hunyuan, tiny_mochi, tiny_wan
 
 
 def test_a_plan_with_its_dense_heads_first_is_evened_out_over_two_ranks():
@@ -69,14 +69,14 @@ def test_balancing_a_per_head_plan_keeps_the_output_and_evens_the_ranks():
     blocks = torch.stack([rows[0], rows[1] | torch.eye(layout.n_blocks, dtype=torch.bool).roll(1, 1), rows[2], rows[3]])
     plan = Plan(WAN_GRID, (1, 8, 8), 64, {f"blocks.{i}.attn1": SitePlan(4, 8, math.prod(WAN_GRID), 0, 0, blocks)
                                          for i in range(2)})
-    options = dict(grid=WAN_GRID, inner="eager", kernel="flex")
+    options = dict(AS_PLANNED, grid=WAN_GRID, inner="eager", kernel="flex")
     with torch.no_grad():
-        want = torch.compile(model, backend="compact", options=dict(plan=plan, **options))(**inputs)[0]
+        want = torch.compile(model, backend="compact", options=dict(AS_PLANNED, plan=plan, **options))(**inputs)[0]
         torch._dynamo.reset()
         balanced = balance_heads(model, plan, ranks=2)
-        got = torch.compile(model, backend="compact", options=dict(plan=balanced, **options))(**inputs)[0]
+        got = torch.compile(model, backend="compact", options=dict(AS_PLANNED, plan=balanced, **options))(**inputs)[0]
         torch._dynamo.reset()
-        stale = torch.compile(model, backend="compact", options=dict(plan=plan, **options))(**inputs)[0]
+        stale = torch.compile(model, backend="compact", options=dict(AS_PLANNED, plan=plan, **options))(**inputs)[0]
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(stale, want, atol=1e-3, rtol=1e-3)          # the rows must move with the heads
     cost = blocks.float().mean((1, 2)).tolist()

@@ -4,7 +4,7 @@ and falls back to Flex with the reason in the report where it cannot; every choi
 same attention."""
 import pytest
 import torch
-from support import SelfAttention, Wrapper, masked_sdpa, model_order_mask, rel_err
+from support import AS_PLANNED, SelfAttention, Wrapper, masked_sdpa, model_order_mask, rel_err
 
 import compact_compile
 from compact_compile.layout import TokenLayout
@@ -23,7 +23,7 @@ def test_kernel_choice_and_equal_results(kernel, head_dim, want):
     heads = 2
     model = Wrapper(SelfAttention(dim=heads * head_dim, heads=heads)).eval()
     x = torch.randn(1, 128, heads * head_dim)
-    options = dict(plan="window", window=(1, 1, 1), grid=GRID, tile=(1, 8, 8), block_size=64, kernel=kernel,
+    options = dict(AS_PLANNED, plan="window", window=(1, 1, 1), grid=GRID, tile=(1, 8, 8), block_size=64, kernel=kernel,
                    inner="eager")
     compiled = torch.compile(model, backend="compact", options=options)
     with torch.no_grad():

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from support import (HUNYUAN_GRID, HUNYUAN_TEXT, MOCHI_GRID, MOCHI_TEXT, masked_sdpa, model_order_mask, rectified_sdpa,
+from support import (AS_PLANNED, HUNYUAN_GRID, HUNYUAN_TEXT, MOCHI_GRID, MOCHI_TEXT, masked_sdpa, model_order_mask, rectified_sdpa,
                      tiny_hunyuan, tiny_mochi, to_double)
 
 import compact_compile
@@ -42,7 +42,7 @@ def reference(model, inputs, masks_by_len, ignore_key_mask=False):
 
 
 def compile_and_run(model, inputs, **options):
-    options = dict(dict(plan="window", window=WINDOW, block_size=64, inner="aot_eager"), **options)
+    options = dict(dict(AS_PLANNED, plan="window", window=WINDOW, block_size=64, inner="aot_eager"), **options)
     with torch.no_grad():
         return torch.compile(model, backend="compact", options=options)(**inputs)[0]
 
@@ -184,7 +184,7 @@ def run_masked(form, kernel="flex"):
     x = torch.randn(2, S, 32, generator=g)
     key_mask = torch.rand(2, S, generator=g) < 0.7     # keys excluded inside every video block
     key_mask[:, 0] = True
-    options = dict(plan="window", window=(1, 1, 1), grid=GRID, tile=(1, 8, 8), block_size=64, kernel=kernel,
+    options = dict(AS_PLANNED, plan="window", window=(1, 1, 1), grid=GRID, tile=(1, 8, 8), block_size=64, kernel=kernel,
                    inner="eager")
     with torch.no_grad():
         out = torch.compile(model, backend="compact", options=options)(x, key_mask)
@@ -309,7 +309,7 @@ def test_frame_masks_run_the_plan_and_the_mask_exactly(frames_kind, window):
         frames = r[None, :] <= r[:, None]
     else:
         frames = (torch.rand(T, T, generator=g) < 0.5) | torch.eye(T, dtype=torch.bool)
-    options = dict(plan="window", window=window, grid=grid, tile=(2, 4, 8), block_size=64, inner="eager")
+    options = dict(AS_PLANNED, plan="window", window=window, grid=grid, tile=(2, 4, 8), block_size=64, inner="eager")
     compact_compile.report(clear=True)
     with torch.no_grad():
         out = torch.compile(model, backend="compact", options=options)(x, frames)

@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
-from support import SelfAttention, Wrapper, masked_sdpa, model_order_mask, raises_from_backend, rel_err
+from support import AS_PLANNED, SelfAttention, Wrapper, masked_sdpa, model_order_mask, raises_from_backend, rel_err
 
 import compact_compile
 from compact_compile.layout import TokenLayout
@@ -273,7 +273,7 @@ def test_plan_for_another_model_names_the_difference(s, match):
 def compile_attention(options, heads=2):
     model = Wrapper(SelfAttention(dim=32, heads=heads)).eval()
     x = torch.randn(1, 128, 32)
-    return model, x, torch.compile(model, backend="compact", options={"inner": "eager", **options})
+    return model, x, torch.compile(model, backend="compact", options={**AS_PLANNED, "inner": "eager", **options})
 
 
 def test_strict_backend_raises_on_mismatch(tmp_path):

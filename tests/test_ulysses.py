@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import ContextParallelConfig
-from support import WAN_GRID, diffusers_parallel_config, fake_group, tiny_wan
+from support import AS_PLANNED, WAN_GRID, diffusers_parallel_config, fake_group, tiny_wan
 
 import compact_compile
 from compact_compile.errors import PlanError
@@ -88,7 +88,7 @@ def per_head_plan(heads: int = HEADS) -> Plan:
 
 
 def compact(model, plan):
-    return torch.compile(model, backend="compact", options=dict(plan=plan, grid=GRID, inner="eager"))
+    return torch.compile(model, backend="compact", options=dict(AS_PLANNED, plan=plan, grid=GRID, inner="eager"))
 
 
 def inputs():
@@ -216,7 +216,7 @@ def test_diffusers_wan_under_enable_parallelism_runs_its_ranks_rows_of_a_per_hea
     with fake_group(1):
         with mock.patch("torch.accelerator.device_count", return_value=1):    # diffusers' device: rank % count
             model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=RANKS))
-        model.compile_repeated_blocks(backend="compact", options=dict(plan=plan, grid=WAN_GRID, inner="eager"))
+        model.compile_repeated_blocks(backend="compact", options=dict(AS_PLANNED, plan=plan, grid=WAN_GRID, inner="eager"))
         with torch.no_grad():
             model(**inputs)
     sites = [s for s in compact_compile.report().sites if s["rewritten"]]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from support import masked_sdpa, model_order_mask
+from support import AS_PLANNED, masked_sdpa, model_order_mask
 
 import compact_compile
 from compact_compile.layout import TokenLayout, auto_tile
@@ -56,7 +56,7 @@ def window_reference(model, latent, grid):
 
 
 def compiled(model, window=WINDOW):
-    return torch.compile(model, backend="compact", options=dict(plan="window", window=window, block_size=64,
+    return torch.compile(model, backend="compact", options=dict(AS_PLANNED, plan="window", window=window, block_size=64,
                                                                  inner="aot_eager"))
 
 

@@ -59,7 +59,7 @@ def test_calibrate_tiny_wan_then_run_the_plan(tmp_path):
 
     # the backend follows the plan and its schedule, with the step read from the timestep input
     CLOCK.reset()
-    fast = torch.compile(model, backend="compact", options={"plan": str(path), "inner": "aot_eager"}, dynamic=False)
+    fast = torch.compile(model, backend="compact", options={"plan": str(path), "rectify": False, "inner": "aot_eager"}, dynamic=False)
     layout = TokenLayout(plan.grid, plan.tile, plan.block_size)
     x, cond = _inputs(3)
     with torch.no_grad():

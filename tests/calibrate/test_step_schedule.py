@@ -63,7 +63,7 @@ def test_site_follows_a_plans_schedule():
     early, late = torch.eye(8, dtype=torch.bool)[None], torch.eye(8, dtype=torch.bool).roll(1, -1)[None] | torch.eye(8, dtype=torch.bool)
     for name, blocks in (("a", early), ("a@6", late), ("b", torch.ones_like(early)), ("b@6", torch.ones_like(early))):
         plan.sites[name] = SitePlan(1, 8, 32, 0, 0, blocks)
-    opts = CompactOptions(plan=plan, kernel="flex")
+    opts = CompactOptions(plan=plan, kernel="flex", rectify=False)
     unscheduled = site_spec(opts, plan, site_schedule(plan, 0), _site("a", plan))
     assert [(r.start, r.end) for r in unscheduled.ranges] == [(0, None)] and not unscheduled.scheduled
     plan.info["schedule"] = make_schedule(3, [(3, 6), (6, None)])

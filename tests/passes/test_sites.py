@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from support import SelfAttention, Wrapper, masked_sdpa, model_order_mask, rel_err
+from support import AS_PLANNED, SelfAttention, Wrapper, masked_sdpa, model_order_mask, rel_err
 
 import compact_compile
 from compact_compile.layout import TokenLayout, auto_tile
@@ -338,7 +338,7 @@ def test_grid_from_the_reshapes_of_a_linear_patch_embedding():
     torch.manual_seed(0)
     model, latent = LinearPatchify().eval(), torch.randn(1, 4, 2, 16, 32)     # grid (2, 8, 16)
     window = (1, 1, 1)
-    out, _, sites = run(model, latent, options={"plan": "window", "window": window, "block_size": 64,
+    out, _, sites = run(model, latent, options={**AS_PLANNED, "plan": "window", "window": window, "block_size": 64,
                                                 "tile": (1, 8, 8), "inner": "eager"})
     [site] = sites
     assert site["rewritten"] and tuple(site["grid"]) == (2, 8, 16) and "merged into 256 tokens" in site["grid_source"]

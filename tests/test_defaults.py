@@ -1,0 +1,93 @@
+"""What `backend="compact"` does with no options (chosen by measurement, README "Defaults"): the window
+plan, block rectification where the site supports it, the first DEFAULT_DENSE_STEPS steps dense, and
+64-token blocks for videos too small for 128."""
+import copy
+import warnings
+
+import pytest
+import torch
+from support import WAN_GRID, tiny_wan
+
+import compact_compile
+from compact_compile.options import DEFAULT_DENSE_STEPS, SMALL_VIDEO_TOKENS, CompactOptions
+from compact_compile.schedule import CLOCK, reset_warnings
+
+
+def relative(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def test_default_values():
+    opts = CompactOptions()
+    assert opts.plan == "window" and opts.rectify == "auto" and opts.warmup_steps == DEFAULT_DENSE_STEPS > 0
+    assert CompactOptions(plan="dense").warmup_steps == 0            # every step is dense anyway
+    assert CompactOptions(dense_steps=0).warmup_steps == 0
+    assert opts.block_size_for(SMALL_VIDEO_TOKENS) == 128 and opts.block_size_for(SMALL_VIDEO_TOKENS - 1) == 64
+    assert CompactOptions(block_size=128).block_size_for(100) == 128
+    assert CompactOptions(tile=(1, 8, 16)).block_size_for(100) == 128   # a given tile holds the block
+
+
+@pytest.mark.parametrize("value", [-1, True, 2.0, "4"])
+def test_bad_dense_steps_is_one_error(value):
+    with pytest.raises(compact_compile.OptionsError, match="option 'dense_steps'"):
+        CompactOptions(dense_steps=value)
+
+
+def test_no_options_is_dense_warm_up_then_the_rectified_window():
+    """Steps 0..3 equal the model; step 4 equals the window plan with rectification and no warm-up,
+    on 64-token blocks (the tiny video has 216 tokens)."""
+    model, inputs = tiny_wan()
+    CLOCK.reset()
+    default = torch.compile(model, backend="compact", options={"inner": "aot_eager"})
+    explicit = torch.compile(copy.deepcopy(model), backend="compact",
+                             options={"plan": "window", "block_size": 64, "rectify": True, "dense_steps": 0,
+                                      "inner": "aot_eager"})
+    at = [dict(inputs, timestep=torch.tensor([t])) for t in range(900, 400, -100)]
+    with torch.no_grad():
+        outs = [(default(**x)[0], model(**x)[0]) for x in at]
+        last = explicit(**at[-1])[0]
+    for step in range(DEFAULT_DENSE_STEPS):
+        assert relative(*outs[step]) < 1e-5, step
+    assert relative(outs[-1][0], last) < 1e-6 and relative(outs[-1][0], outs[-1][1]) > 1e-3
+    sites = [s for s in compact_compile.report().sites if s["rewritten"]]
+    assert sites and all(s["rectify"] == "block" and s["block_size"] == 64 for s in sites), sites
+
+
+def test_rectification_is_dropped_where_nothing_is_skipped():
+    model, inputs = tiny_wan()
+    with torch.no_grad():
+        out = torch.compile(model, backend="compact", options={"plan": "dense", "rectify": True,
+                                                               "inner": "aot_eager"})(**inputs)[0]
+        assert relative(out, model(**inputs)[0]) < 1e-5
+    sites = [s for s in compact_compile.report().sites if s["rewritten"]]
+    assert sites and not any(s["rectify"] for s in sites)
+
+
+def _regional(model):
+    model.compile_repeated_blocks(backend="compact", options={"grid": WAN_GRID, "inner": "aot_eager"})
+    return model
+
+
+def test_regional_compile_warns_that_it_cannot_see_the_steps_and_follow_steps_feeds_them():
+    model, inputs = tiny_wan()
+    with torch.no_grad():
+        dense = model(**inputs)[0]
+        CLOCK.reset()
+        reset_warnings()
+        blind = _regional(copy.deepcopy(model))
+        with pytest.warns(UserWarning, match="follow_steps"):
+            unfed = blind(**inputs)[0]
+        assert relative(unfed, dense) > 1e-3                  # no step seen: sparse from the first call
+        CLOCK.reset()
+        followed = _regional(copy.deepcopy(model))
+        handle = compact_compile.follow_steps(followed)
+        assert compact_compile.follow_steps(followed) is handle and len(followed._forward_pre_hooks) == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert relative(followed(**inputs)[0], dense) < 1e-5   # step 0: the dense warm-up
+        handle.remove()
+
+
+def test_follow_steps_needs_a_timestep_argument():
+    with pytest.raises(TypeError, match="no `timestep` argument"):
+        compact_compile.follow_steps(torch.nn.Linear(2, 2))
