@@ -63,6 +63,7 @@ class StepClock:
         self.step: int | None = None     # None: never fed (step unknown)
         self.generation = 0              # generations seen so far (a new one starts at step 0)
         self._last: float | None = None
+        self._repeats = 0                # calls in a row at the current timestep
         self._pinned: list[int] = []
 
     def observe(self, timestep) -> int:
@@ -72,7 +73,10 @@ class StepClock:
             log.debug("compact: generation %d starts (timestep %g)", self.generation, value)
         elif value < self._last:
             self.step += 1
+        self._repeats = self._repeats + 1 if value == self._last else 1
         self._last = value
+        if self._repeats == SAME_TIMESTEP_CALLS and not self._pinned:
+            warn_same_timestep(value, self.step)
         return self.step
 
     @property
@@ -82,6 +86,8 @@ class StepClock:
 
 
 CLOCK = StepClock()
+# a sampler calls the model once or twice per timestep (classifier-free guidance), a few times at most
+SAME_TIMESTEP_CALLS = 8
 
 
 @contextlib.contextmanager
@@ -137,9 +143,24 @@ def warn_unknown_step() -> None:
                       "schedule; dense_steps=0 turns the warm-up off.", stacklevel=3)
 
 
+_warned_same_timestep = False
+
+
+def warn_same_timestep(value: float, step: int) -> None:
+    """Once per process: many calls at one timestep, as a benchmark loop makes, all count as one step."""
+    global _warned_same_timestep
+    if not _warned_same_timestep:
+        _warned_same_timestep = True
+        warnings.warn(f"compact: {SAME_TIMESTEP_CALLS} calls in a row at timestep {value:g} all count as denoising "
+                      f"step {step}; under a schedule with dense warm-up steps (the default dense_steps) the early "
+                      f"steps run dense attention. To time sparse attention, call with decreasing timesteps as a "
+                      f"sampler does, pin a step with compact_compile.schedule.at_step(n), or set dense_steps=0.",
+                      stacklevel=3)
+
+
 def reset_warnings() -> None:
-    global _warned_unknown_step
-    _warned_unknown_step = False
+    global _warned_unknown_step, _warned_same_timestep
+    _warned_unknown_step = _warned_same_timestep = False
 
 
 def site_schedule(plan, dense_steps: int) -> dict | None:

@@ -91,3 +91,13 @@ def test_regional_compile_warns_that_it_cannot_see_the_steps_and_follow_steps_fe
 def test_follow_steps_needs_a_timestep_argument():
     with pytest.raises(TypeError, match="no `timestep` argument"):
         compact_compile.follow_steps(torch.nn.Linear(2, 2))
+
+
+def test_a_loop_at_one_timestep_is_told_that_it_stays_in_the_warm_up():
+    model, inputs = tiny_wan()
+    CLOCK.reset()
+    reset_warnings()
+    compiled = torch.compile(model, backend="compact", options={"inner": "aot_eager"})
+    with torch.no_grad(), pytest.warns(UserWarning, match="all count as denoising step 0"):
+        for _ in range(8):
+            compiled(**inputs)
