@@ -89,4 +89,5 @@ def _not_in_plan(plan: Plan | None, site: Site, what: str) -> str:
 def _report(site: Site, spec, kernel_reason: str, **extras) -> None:
     site.density = spec.density
     site.extras.update(tile=spec.layout.tile, block_size=spec.layout.block_size, kernel=spec.kernel,
-                       kernel_reason=kernel_reason, dynamic=False, rectify=False, **extras)
+                       kernel_reason=kernel_reason, dynamic=False, rectify=False,
+                       dense_steps=spec.ranges[0].start, **extras)

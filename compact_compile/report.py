@@ -20,17 +20,32 @@ class Report:
         return [s for g in self.graphs for s in g]
 
     def __str__(self) -> str:
-        rows = [("site", "kind", "q shape", "rewritten", "density", "grid (source)", "reason")]
+        rows = [("site", "kind", "q shape", "rewritten", "density", "kernel", "rectify", "dense steps",
+                 "grid (source)", "reason")]
         for s in self.sites:
             grid = f"{tuple(s['grid'])} ({s['grid_source']})" if s["grid"] else ""
             dens = f"{s['density']:.3f}" if s["density"] is not None else ""
-            rows.append((s["site"], s["kind"], "x".join(map(str, s["q"])), "yes" if s["rewritten"] else "no",
-                         dens, grid, s["reason"] or ""))
+            rewritten = s["rewritten"]
+            rows.append((s["site"], s["kind"], "x".join(map(str, s["q"])), "yes" if rewritten else "no", dens,
+                         s.get("kernel", "") if rewritten else "", (s.get("rectify") or "no") if rewritten else "",
+                         f"< {s['dense_steps']}" if rewritten and s.get("dense_steps") else "", grid, s["reason"] or ""))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         quant = [f"linear layers: {q['quantized']} quantized to {q['kind']}, {q['kept']} kept (shape not a "
                  f"multiple of 16)" for q in self.quantized]
-        return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:] + quant)
+        return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:] + [self.gained()] + quant)
+
+    def gained(self) -> str:
+        """One line: how much of the attention runs block-sparse, and from which step."""
+        sparse = [s for s in self.sites if s["rewritten"]]
+        if not sparse:
+            return f"none of {len(self.sites)} attention sites rewritten (reasons above): attention runs as it was"
+        skipped = 1 - sum(s["density"] for s in sparse) / len(sparse)
+        warm = {s.get("dense_steps") or 0 for s in sparse}
+        after = (f", after {max(warm)} dense warm-up steps" if warm == {max(warm)} and max(warm)
+                 else ", after each site's dense warm-up steps" if len(warm) > 1 else "")
+        return (f"{len(sparse)} of {len(self.sites)} attention sites rewritten: {skipped:.1%} of their blocks "
+                f"skipped per call{after}")
 
 
 def record(sites: list[dict]) -> None:
