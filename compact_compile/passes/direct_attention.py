@@ -20,7 +20,8 @@ import re
 import torch
 import torch.fx as fx
 
-from .sites import OTHER, Site, module_path
+from .graph_util import argument, example_value, module_path
+from .sites import OTHER, Site
 
 RING = "ring attention"
 RING_REASON = "ring attention (diffusers' templated ring path): per-chunk LSE merge not rewritten"
@@ -35,7 +36,7 @@ def find_direct_attention(gm: fx.GraphModule) -> list[Site]:
             by_module.setdefault(module_path(node), []).append(node)
     sites = []
     for name, calls in by_module.items():
-        if any(_gathered(_argument(node, 1, "key")) for node in calls):
+        if any(_gathered(argument(node, 1, "key")) for node in calls):
             op = _attention_op(calls[0])
             sites.append(_site(calls[0], name, RING, f"{RING_REASON} ({op} on each of {len(calls)} key chunks)",
                                op=op, chunks=len(calls)))
@@ -61,10 +62,6 @@ def _attention_op(node: fx.Node) -> str:
     return f"{namespace}.{name}" if namespace != "compact" and re.search("attention|attn", name) else ""
 
 
-def _argument(node: fx.Node, position: int, name: str):
-    return node.kwargs.get(name, node.args[position] if len(node.args) > position else None)
-
-
 def _gathered(node) -> bool:
     """`node` is an all-gather's result, or a slice, chunk or view of one."""
     for _ in range(_GATHER_DEPTH):
@@ -77,8 +74,7 @@ def _gathered(node) -> bool:
 
 
 def _site(node: fx.Node, name: str, kind: str, reason: str, **extras) -> Site:
-    q, k = (_argument(node, i, n) for i, n in ((0, "query"), (1, "key")))
-    q, k = (t.meta.get("example_value") if isinstance(t, fx.Node) else None for t in (q, k))
+    q, k = (example_value(argument(node, i, n)) for i, n in ((0, "query"), (1, "key")))
     return Site(node, name, kind, tuple(getattr(q, "shape", ())), tuple(getattr(k, "shape", ())),
                 str(getattr(q, "dtype", "?")).replace("torch.", ""), str(getattr(q, "device", "")),
                 reason=reason, extras=extras)

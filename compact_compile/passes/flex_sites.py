@@ -48,7 +48,8 @@ import torch.fx as fx
 from ..kernels import ops  # noqa: F401  (registers the torch.ops.compact ops)
 from ..spec import ModelMask, SiteSpec
 from .grid import GridCandidate
-from .sites import CROSS, JOINT, OTHER, Site, _ineligible, _locate_video, _value, module_path
+from .graph_util import example_value, module_path
+from .sites import CROSS, JOINT, OTHER, Site, _ineligible, _locate_video
 from .token_order import TokenOrder, token_orders
 
 FLEX_ATTENTION = getattr(torch.ops.higher_order, "flex_attention", None)
@@ -106,7 +107,7 @@ def find_flex_sites(gm: fx.GraphModule, grids: list[GridCandidate], grid_option=
 def classify_flex(gm: fx.GraphModule, node: fx.Node, grids: list[GridCandidate], orders: list[TokenOrder],
                   grid_option=None, plan_grid=None) -> FlexSite:
     query, key, value, score_node, mask_tuple, scale, options, score_buffers, mask_buffers = _arguments(node)
-    q, k, v = (_value(x) for x in (query, key, value))
+    q, k, v = (example_value(x) for x in (query, key, value))
     site = FlexSite(node, module_path(node), OTHER, tuple(getattr(q, "shape", ())), tuple(getattr(k, "shape", ())),
                     str(getattr(q, "dtype", "?")).replace("torch.", ""), str(getattr(q, "device", "")),
                     extras=dict(attention="flex_attention"))
@@ -189,7 +190,7 @@ def _options_reason(options) -> str:
 
 def _buffers_reason(buffers) -> str:
     for b in buffers:
-        t = _value(b)
+        t = example_value(b)
         if not isinstance(t, torch.Tensor):
             return "a score_mod/mask_mod captures a value the graph does not show as a tensor"
         if t.requires_grad:
@@ -206,11 +207,11 @@ def _block_mask(mask_tuple, batch: int, heads: int, S: int) -> tuple[dict, str]:
         return {}, "its block mask's block sizes are not constants"
     nodes = dict(zip(("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices"), mask_tuple[2:6]))
     for name, n in nodes.items():
-        t = _value(n)
+        t = example_value(n)
         rank = 4 if name.endswith("indices") else 3
         if not (n is None and name.startswith("full")) and not (isinstance(t, torch.Tensor) and t.dim() == rank):
             return {}, f"its block mask's {name} is not a tensor of the expected rank"
-    num, idx = _value(nodes["kv_num_blocks"]), _value(nodes["kv_indices"])
+    num, idx = example_value(nodes["kv_num_blocks"]), example_value(nodes["kv_indices"])
     if num.shape[-1] < -(-S // q_block) or idx.shape[-1] < -(-S // kv_block):
         return {}, f"its block mask covers fewer than the {S} tokens of q and k"
     if num.shape[0] not in (1, batch) or num.shape[1] not in (1, heads):

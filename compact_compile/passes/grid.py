@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 
 from ..video_tags import VideoTag, tag_of
+from .graph_util import argument, call_name, example_value
 
 _CONV3D = (torch.conv3d, torch.nn.functional.conv3d)
 _CONV2D = (torch.conv2d, torch.nn.functional.conv2d)
@@ -62,11 +63,10 @@ def token_merges(gm: fx.GraphModule) -> list[GridCandidate]:
     leaves the others as they are (at most one of the three may be 1: a frame of an image model)."""
     out = []
     for node in gm.graph.nodes:
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-        if node.op not in ("call_function", "call_method") or name not in _MERGES or not node.args:
+        name = call_name(node)
+        if name not in _MERGES or not node.args:
             continue
-        before = getattr(node.args[0], "meta", {}).get("example_value") if isinstance(node.args[0], fx.Node) else None
-        after = node.meta.get("example_value")
+        before, after = example_value(node.args[0]), example_value(node)
         if before is None or after is None or not hasattr(before, "shape") or not hasattr(after, "shape"):
             continue
         triple = _merged_triple(tuple(before.shape), tuple(after.shape))
@@ -105,7 +105,7 @@ def output_tags(gm: fx.GraphModule, grids: list[GridCandidate], carried: list[Vi
     out = {}
     results = gm.graph.output_node().args[0]
     for i, node in enumerate(results if isinstance(results, (tuple, list)) else [results]):
-        value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+        value = example_value(node)
         if not isinstance(value, torch.Tensor) or value.dim() != 3 or not isinstance(value.shape[1], int):
             continue
         batch, n = value.shape[:2]
@@ -140,8 +140,7 @@ def video_offset(node: fx.Node, n_video: int, n_tokens: int, tags: list[VideoTag
             continue
         seen.add(n)
         if n.op == "call_function" and n.target in _CAT:
-            parts = n.args[0] if n.args else n.kwargs.get("tensors")
-            dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+            parts, dim = argument(n, 0, "tensors"), argument(n, 1, "dim", 0)
             sizes = [p.meta["example_value"].shape[dim] if isinstance(p, fx.Node) else None for p in parts]
             if all(isinstance(sz, int) for sz in sizes):
                 cats.append(sizes)

@@ -33,7 +33,7 @@ import math
 import torch
 import torch.fx as fx
 
-from .key_mask import _op_name as _name
+from .graph_util import dim_order, example_value, static_shape, target_name
 
 _VIEWS = {"reshape", "view", "permute", "transpose", "flatten", "unflatten", "unsqueeze", "squeeze"}
 _SAME_VALUES = {"contiguous", "clone", "to", "float", "half", "bfloat16", "type", "detach"}
@@ -49,7 +49,7 @@ def _is(node, op_name: str) -> bool:
 
 def _replayable(node) -> bool:
     return (isinstance(node, fx.Node) and node.op in ("call_method", "call_function")
-            and (_name(node) in _VIEWS | _SAME_VALUES or _is(node, "wait_tensor"))
+            and (target_name(node) in _VIEWS | _SAME_VALUES or _is(node, "wait_tensor"))
             and not any(isinstance(a, fx.Node) for a in list(node.args[1:]) + list(node.kwargs.values())))
 
 
@@ -60,12 +60,6 @@ def _chain(node):
         chain.append(node)
         node = node.args[0]
     return chain[::-1], node
-
-
-def _shape(node) -> tuple[int, ...] | None:
-    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
-    shape = tuple(getattr(value, "shape", ()))
-    return shape if value is not None and all(isinstance(s, int) for s in shape) else None
 
 
 def _small(dims: list[list[Factor]]) -> list[int]:
@@ -98,25 +92,18 @@ def _regroup(dims: list[list[Factor]], shape) -> list[list[Factor]] | None:
     return None if factors else out
 
 
-def _order(node, ndim: int) -> list[int]:
-    """For a permute or transpose: the input dim each output dim comes from (read off the op applied
-    to a meta tensor whose dims all differ in size, so any way of writing its arguments works)."""
-    probe = torch.empty(tuple(range(1, ndim + 1)), device="meta")
-    return [s - 1 for s in getattr(torch.Tensor, _name(node))(probe, *node.args[1:], **node.kwargs).shape]
-
-
 def _replay(chain, x: torch.Tensor, dims: list[list[Factor]]):
     """(x and its factors after the chain's views; None, None if a view is not followed)."""
     for node in chain:
-        name = _name(node)
+        name = target_name(node)
         if name in _SAME_VALUES or _is(node, "wait_tensor"):
             continue                                   # values (head indices) unchanged
         if name in _REORDERS:
             x = getattr(torch.Tensor, name)(x, *node.args[1:], **node.kwargs)
-            dims = [dims[i] for i in _order(node, len(dims))]
+            dims = [dims[i] for i in dim_order(node, len(dims))]
             continue
         # every other view keeps the elements' row-major order: a reshape to the node's shape
-        shape = _shape(node)
+        shape = static_shape(node)
         dims = None if shape is None else _regroup(dims, shape)
         if dims is None:
             return None, None
@@ -155,7 +142,7 @@ def replayed_heads(node) -> tuple[torch.Tensor | None, int, str]:
 
     group = dist.distributed_c10d._resolve_process_group(group_name)
     n, rank = dist.get_world_size(group), dist.get_rank(group)
-    local = _shape(node)
+    local = static_shape(node)
     if local is None or len(local) != 4:
         return None, 0, "q, k or v has no static 4-D shape"
     h = local[1]
@@ -163,10 +150,10 @@ def replayed_heads(node) -> tuple[torch.Tensor | None, int, str]:
     # views, after the model's own split of its projection into heads (diffusers: unflatten to [B, S, H, D])
     before, source = _chain(x)
     tensors = [source] + before
-    start = next((i for i, t in enumerate(tensors) if n * h in (_shape(t) or ())), None)
+    start = next((i for i, t in enumerate(tensors) if n * h in (static_shape(t) or ())), None)
     if start is None:
         return None, 0, f"no tensor before the all-to-all has a dim of {n} × {h} heads"
-    source, before, shape = tensors[start], before[start:], _shape(tensors[start])
+    source, before, shape = tensors[start], before[start:], static_shape(tensors[start])
     head_dims = [d for d, size in enumerate(shape) if size == n * h]
     if len(head_dims) != 1:
         return None, 0, f"the tensor before the all-to-all, {shape}, has more than one dim of {n} × {h} heads"
@@ -206,7 +193,7 @@ def _tensor_parallel(node) -> str:
         if not isinstance(n, fx.Node) or n in seen:
             continue
         seen.add(n)
-        placements = getattr(n.meta.get("example_value"), "placements", ())
+        placements = getattr(example_value(n), "placements", ())
         if any(p.is_shard() for p in placements):
             return (f"q is computed from a DTensor sharded {tuple(placements)} (graph node {n.name}): the rank holds "
                     f"some of the heads' columns, and a sharded projection's columns are not followed to the "

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from .graph_util import example_value, target_name
+
 _BROADCASTS = {  # ops whose output holds the same values per (batch, key) as their first input
     "expand", "expand_as", "repeat", "broadcast_to", "contiguous", "clone", "to", "bool", "view", "reshape",
     "unsqueeze",
@@ -41,17 +43,8 @@ _VALUE_PRESERVING = _BROADCASTS | {  # ops whose output values are some of their
 }
 
 
-def _value(x):
-    return x.meta.get("example_value") if isinstance(x, fx.Node) else None
-
-
 def _is_key_shaped(t, n_keys: int) -> bool:
     return t is not None and t.dim() <= 4 and t.shape[-1] == n_keys and all(s == 1 for s in tuple(t.shape)[-3:-1])
-
-
-def _op_name(node: fx.Node) -> str:
-    target = node.target
-    return target if isinstance(target, str) else getattr(target, "__name__", "")
 
 
 def _broadcast_source(node, n_keys: int, depth: int = 8):
@@ -59,13 +52,13 @@ def _broadcast_source(node, n_keys: int, depth: int = 8):
     for _ in range(depth):
         if not isinstance(node, fx.Node):
             return None
-        if _is_key_shaped(_value(node), n_keys):
+        if _is_key_shaped(example_value(node), n_keys):
             return node
-        if node.op not in ("call_method", "call_function") or _op_name(node) not in _BROADCASTS:
+        if node.op not in ("call_method", "call_function") or target_name(node) not in _BROADCASTS:
             return None
-        if _op_name(node) == "view" or _op_name(node) == "reshape":
-            source = _value(node.args[0])   # a view that keeps the key dim last and adds leading dims only
-            if source is None or source.shape[-1] != n_keys or source.numel() != _value(node).numel():
+        if target_name(node) == "view" or target_name(node) == "reshape":
+            source = example_value(node.args[0])   # a view that keeps the key dim last and adds leading dims only
+            if source is None or source.shape[-1] != n_keys or source.numel() != example_value(node).numel():
                 return None
         node = node.args[0]
     return None
@@ -77,16 +70,17 @@ def _is_minus_inf(x) -> bool:
 
 def _additive_from_bool(node: fx.Node) -> bool:
     """True for `where(b, 0, -inf)` and `zeros.masked_fill(b, -inf)`-shaped producers."""
-    name = _op_name(node)
+    name = target_name(node)
     if name == "where" and len(node.args) == 3:
         cond, a, b = node.args
-        return (_value(cond) is not None and _value(cond).dtype == torch.bool
+        return (example_value(cond) is not None and example_value(cond).dtype == torch.bool
                 and isinstance(a, (int, float)) and a == 0 and _is_minus_inf(b))
     if name in ("masked_fill", "masked_fill_") and len(node.args) == 3:
         base, cond, fill = node.args
         producer = base if isinstance(base, fx.Node) else None
-        zeros = producer is not None and _op_name(producer) in ("zeros", "zeros_like", "new_zeros")
-        return zeros and _is_minus_inf(fill) and _value(cond) is not None and _value(cond).dtype == torch.bool
+        zeros = producer is not None and target_name(producer) in ("zeros", "zeros_like", "new_zeros")
+        return (zeros and _is_minus_inf(fill) and example_value(cond) is not None
+                and example_value(cond).dtype == torch.bool)
     return False
 
 
@@ -108,14 +102,14 @@ def _query_and_key(mask_node, n_keys: int):
     """For `m & m.transpose(-1, -2)` (either order, through bool casts) of a key-mask broadcast `m`:
     the node of `m`; else None."""
     node = mask_node
-    while isinstance(node, fx.Node) and node.op == "call_method" and _op_name(node) in ("bool", "contiguous"):
+    while isinstance(node, fx.Node) and node.op == "call_method" and target_name(node) in ("bool", "contiguous"):
         node = node.args[0]
     if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _ANDS and len(node.args) == 2):
         return None
     for m, t in (node.args, node.args[::-1]):
-        if (isinstance(t, fx.Node) and _op_name(t) == "transpose" and len(t.args) == 3
-                and sorted(d % 4 for d in t.args[1:]) == [2, 3] and _value(t.args[0]) is not None
-                and _value(t.args[0]).dim() == 4 and _broadcast_source(m, n_keys) is not None
+        if (isinstance(t, fx.Node) and target_name(t) == "transpose" and len(t.args) == 3
+                and sorted(d % 4 for d in t.args[1:]) == [2, 3] and example_value(t.args[0]) is not None
+                and example_value(t.args[0]).dim() == 4 and _broadcast_source(m, n_keys) is not None
                 and _broadcast_source(t.args[0], n_keys) is _broadcast_source(m, n_keys)):
             return m
     return None
@@ -128,29 +122,29 @@ def _frame_mask(mask_node, grid) -> fx.Node | None:
         return None
     T, H, W = grid
     node = mask_node
-    while (isinstance(node, fx.Node) and _op_name(node) in ("unsqueeze", "view", "reshape", "bool")
-           and _value(node.args[0]) is not None and _value(node.args[0]).dim() != 6):
+    while (isinstance(node, fx.Node) and target_name(node) in ("unsqueeze", "view", "reshape", "bool")
+           and example_value(node.args[0]) is not None and example_value(node.args[0]).dim() != 6):
         node = node.args[0]                          # leading unit dims, casts
-    if not (isinstance(node, fx.Node) and _op_name(node) in ("reshape", "view") and _value(node) is not None
-            and tuple(_value(node).shape) == (T * H * W,) * 2):
+    if not (isinstance(node, fx.Node) and target_name(node) in ("reshape", "view") and example_value(node) is not None
+            and tuple(example_value(node).shape) == (T * H * W,) * 2):
         return None
     repeated = node.args[0]
-    if not (isinstance(repeated, fx.Node) and _op_name(repeated) == "repeat"
-            and tuple(_value(repeated).shape) == (T, H, W) * 2 and tuple(repeated.args[1:]) == (1, H, W) * 2):
+    if not (isinstance(repeated, fx.Node) and target_name(repeated) == "repeat"
+            and tuple(example_value(repeated).shape) == (T, H, W) * 2 and tuple(repeated.args[1:]) == (1, H, W) * 2):
         return None
     viewed = repeated.args[0]
-    if not (isinstance(viewed, fx.Node) and _op_name(viewed) in ("view", "reshape")
-            and tuple(_value(viewed).shape) == (T, 1, 1) * 2):
+    if not (isinstance(viewed, fx.Node) and target_name(viewed) in ("view", "reshape")
+            and tuple(example_value(viewed).shape) == (T, 1, 1) * 2):
         return None
     frames = viewed.args[0]
-    value = _value(frames)
+    value = example_value(frames)
     return frames if value is not None and tuple(value.shape) == (T, T) and value.dtype == torch.bool else None
 
 
 def classify_mask(mask_node, n_keys: int, grid=None) -> KeyMask:
     """A key-padding mask (bool, or additive 0/−inf), valid_q ⊗ valid_k of one, or (self-attention
     over the video `grid` alone) a frame mask; else why not."""
-    mask = _value(mask_node)
+    mask = example_value(mask_node)
     if mask is None:
         return KeyMask("attn_mask is not a tensor the graph can inspect (kept dense)")
     if mask.dtype == torch.bool:
@@ -177,7 +171,7 @@ def _values_reason(mask_node, mask) -> str:
     for _ in range(8):   # through casts, views and indexing to the op that made the additive values
         if _additive_from_bool(node):
             return ""
-        if (node.op not in ("call_method", "call_function") or _op_name(node) not in _VALUE_PRESERVING
+        if (node.op not in ("call_method", "call_function") or target_name(node) not in _VALUE_PRESERVING
                 or not node.args or not isinstance(node.args[0], fx.Node)):
             break
         node = node.args[0]

@@ -32,8 +32,6 @@ and one write of the tensor.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 
@@ -41,6 +39,7 @@ from ..kernels import ops  # noqa: F401  (registers the torch.ops.compact ops)
 from ..kernels.fp8 import smoothing_stats
 from ..kernels.registry import kv_block_lists
 from ..spec import SiteSpec
+from .graph_util import getitems, replace_node
 from .sites import Site, sdpa_arguments
 
 
@@ -94,13 +93,11 @@ def rewrite_frame_masked_site(gm: fx.GraphModule, site: Site, spec: SiteSpec, ha
         dst = graph.call_function(index, (a["query"],) + fields + (True,))
         q, k, v = (graph.call_function(torch.index_select, (a[n], -2, src)) for n in ("query", "key", "value"))
         lists = graph.call_function(frame_block_lists, (site.mask.frames,))
-        num, indices, full_num, full_indices = (graph.call_function(operator.getitem, (lists, i)) for i in range(4))
+        num, indices, full_num, full_indices = getitems(lists, 4)
         o = graph.call_function(torch.ops.compact.model_masked_attention.default,
                                 (q, k, v, handle, scale, num, indices, full_num, full_indices, [], []))
         out = graph.call_function(torch.index_select, (o, -2, dst))
-    out.meta.update(site.node.meta)
-    site.node.replace_all_uses_with(out)
-    graph.erase_node(site.node)
+    replace_node(site.node, out)
 
 
 def rewrite_site(gm: fx.GraphModule, site: Site, spec: SiteSpec, handle: int) -> None:
@@ -129,34 +126,31 @@ def rewrite_site(gm: fx.GraphModule, site: Site, spec: SiteSpec, handle: int) ->
             if spec.pooled:
                 out = graph.call_function(torch.ops.compact.tile_pool.default,
                                           (a["query"], a["key"], a["value"]) + fields + (key_valid,))
-                q, k, v, *pools = (graph.call_function(operator.getitem, (out, i)) for i in range(8))
+                q, k, v, *pools = getitems(out, 8)
             else:
                 q, k, v = (graph.call_function(torch.index_select, (a[n], -2, src)) for n in ("query", "key", "value"))
                 pools = []
             call = (q, k, v, handle, site.scale, pools, key_valid)
             if spec.merge_in_graph:
                 parts = graph.call_function(torch.ops.compact.attention_parts.default, call)
-                o, r, o_bar = (graph.call_function(operator.getitem, (parts, i)) for i in range(3))
+                o, r, o_bar = getitems(parts, 3)
                 out = graph.call_function(merge_in_model_order, (o, r, o_bar, dst, layout.block_size))
             else:
                 o = graph.call_function(torch.ops.compact.attention.default, call)
                 out = graph.call_function(torch.index_select, (o, -2, dst))
         if spec.key_mask and site.mask.zero_masked_queries:
             out = graph.call_function(zero_masked_queries, (out, site.mask.node))
-    out.meta.update(site.node.meta)
-    site.node.replace_all_uses_with(out)
-    graph.erase_node(site.node)
+    replace_node(site.node, out)
 
 
 def _fp8_attention(graph: fx.Graph, a: dict, fields: tuple, key_valid, pooled: bool, handle: int, site: Site):
     """The nodes of an fp8 site, inserted where the graph's insertion point is: k's mean and v's
     channel amax, the quantizing reorder, the FP8 op; returns the op's node (output in tile order)."""
     stats = graph.call_function(smoothing_stats, (a["key"], a["value"]))
-    k_mean, v_amax = (graph.call_function(operator.getitem, (stats, i)) for i in range(2))
+    k_mean, v_amax = getitems(stats, 2)
     out = graph.call_function(torch.ops.compact.tile_quant.default,
                               (a["query"], a["key"], a["value"], k_mean, v_amax) + fields + (key_valid, pooled))
-    q, k, v_t, q_scale, k_scale, v_scale, *pools = (graph.call_function(operator.getitem, (out, i))
-                                                    for i in range(11 if pooled else 6))
+    q, k, v_t, q_scale, k_scale, v_scale, *pools = getitems(out, 11 if pooled else 6)
     return graph.call_function(torch.ops.compact.attention_fp8.default,
                                (q, k, v_t, [q_scale, k_scale, v_scale, k_mean], handle, site.scale, pools, key_valid,
                                 getattr(torch, site.dtype)))

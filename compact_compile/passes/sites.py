@@ -10,7 +10,6 @@ report.
 from __future__ import annotations
 
 import inspect
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..errors import OptionsError
+from .graph_util import example_value, module_path
 from .grid import GridCandidate, video_offset
 from .heads import head_slice
 from .key_mask import KeyMask, classify_mask
@@ -99,7 +99,7 @@ def find_sites(gm: fx.GraphModule, grids: list[GridCandidate], grid_option=None,
 
 def classify(node: fx.Node, grids: list[GridCandidate], grid_option=None, plan_grid=None) -> Site:
     a = sdpa_arguments(node)
-    q, k, v = (_value(a[n]) for n in ("query", "key", "value"))
+    q, k, v = (example_value(a[n]) for n in ("query", "key", "value"))
     site = Site(node, module_path(node), OTHER, tuple(getattr(q, "shape", ())), tuple(getattr(k, "shape", ())),
                 str(getattr(q, "dtype", "?")).replace("torch.", ""), str(getattr(q, "device", "")))
     if any(t is None or t.dim() != 4 for t in (q, k, v)):
@@ -190,20 +190,3 @@ def _check_grid_option(grid, grids: list[GridCandidate], batch: int) -> None:
             raise OptionsError(f"option 'grid' {grid} contradicts the model's patch embedding, which makes a {found} "
                                f"grid of the same {n} tokens ({candidate.source}): leave 'grid' out to use the "
                                f"graph's, or correct it")
-
-
-def _value(x):
-    return x.meta.get("example_value") if isinstance(x, fx.Node) else None
-
-
-def module_path(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return node.name
-    path = list(stack.values())[-1][0]
-    path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)       # ['blocks'] -> .blocks
-    # a module with diffusers hooks (context parallelism's) is called through its hook registry's
-    # `function_reference.forward`, whose __self__ is the module itself
-    path = path.replace("function_reference.forward.__self__", "")
-    parts = [p for p in path.split(".") if p not in ("L", "self", "__dict__", "_modules", "")]
-    return ".".join(parts) or node.name

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from ..layout import TokenLayout
+from .graph_util import call_name, constant_permutation, static_shape
 
 _RESHAPES = {"view", "reshape", "flatten", "unflatten"}
 _PERMUTES = {"permute", "transpose"}
@@ -39,39 +40,12 @@ class TokenOrder:
     source: str
 
 
-def _op(node: fx.Node) -> str:
-    if node.op not in ("call_function", "call_method"):
-        return ""
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-
-
-def _shape(node) -> tuple | None:
-    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
-    shape = tuple(getattr(value, "shape", ())) if isinstance(value, torch.Tensor) else None
-    return shape if shape is not None and all(isinstance(d, int) for d in shape) else None
-
-
-def _permutation(node: fx.Node, rank: int) -> list[int] | None:
-    """The dims permutation a permute/transpose node applies (None if its args are not constants)."""
-    args = list(node.args[1:]) + [v for k, v in node.kwargs.items() if k in ("dims", "dim0", "dim1")]
-    if _op(node) == "permute":
-        dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
-        if len(dims) != rank or not all(isinstance(d, int) for d in dims):
-            return None
-        return [d % rank for d in dims]
-    if len(args) != 2 or not all(isinstance(d, int) for d in args):
-        return None
-    perm = list(range(rank))
-    a, b = args[0] % rank, args[1] % rank
-    perm[a], perm[b] = perm[b], perm[a]
-    return perm
-
-
 def _chain(end: fx.Node, prefix: tuple, suffix: tuple) -> list[fx.Node]:
     """Layout-op nodes leading to `end` (first = the furthest), every one keeping `prefix` and `suffix`."""
     chain, node = [], end
-    while len(chain) < _MAX_CHAIN and _op(node) in _RESHAPES | _PERMUTES | _SAME and isinstance(node.args[0], fx.Node):
-        source = _shape(node.args[0])
+    while (len(chain) < _MAX_CHAIN and call_name(node) in _RESHAPES | _PERMUTES | _SAME
+           and isinstance(node.args[0], fx.Node)):
+        source = static_shape(node.args[0])
         if source is None or source[:len(prefix)] != prefix or source[len(source) - len(suffix):] != suffix:
             break
         chain.append(node)
@@ -81,17 +55,17 @@ def _chain(end: fx.Node, prefix: tuple, suffix: tuple) -> list[fx.Node]:
 
 def _replay(chain: list[fx.Node], prefix: tuple, suffix: tuple) -> torch.Tensor | None:
     """The token order (position along the merged dim -> raster index) the chain produces."""
-    start = _shape(chain[0].args[0])
+    start = static_shape(chain[0].args[0])
     middle = start[len(prefix):len(start) - len(suffix)]
     if len(middle) != 3:
         return None
     index = torch.arange(math.prod(middle)).view(middle)
     for node in chain:
-        out = _shape(node)
+        out = static_shape(node)
         if out is None:
             return None
-        if _op(node) in _PERMUTES:
-            perm = _permutation(node, len(out))
+        if call_name(node) in _PERMUTES:
+            perm = constant_permutation(node, len(out))
             p = len(prefix)
             if perm is None or perm[:p] != list(range(p)) or perm[len(perm) - len(suffix):] != list(
                     range(len(perm) - len(suffix), len(perm))):
@@ -124,26 +98,26 @@ def token_orders(gm: fx.GraphModule) -> list[TokenOrder]:
     """Every merge of (T, H, W) into a token dim the graph shows, with its order."""
     out = []
     for node in gm.graph.nodes:
-        shape = _shape(node)
-        if shape is None or _op(node) not in _RESHAPES:
+        shape = static_shape(node)
+        if shape is None or call_name(node) not in _RESHAPES:
             continue
         for dim, n in enumerate(shape):
             prefix, suffix = shape[:dim], shape[dim + 1:]
             chain = _chain(node, prefix, suffix)
             # the chain starts at its furthest tensor holding the three dims (T, H, W) of n tokens
-            starts = [i for i, c in enumerate(chain) if _grid_dims(_shape(c.args[0]), dim, len(shape), n)]
+            starts = [i for i, c in enumerate(chain) if _grid_dims(static_shape(c.args[0]), dim, len(shape), n)]
             if n < 2 or not starts:
                 continue
             chain = chain[starts[0]:]
             order = _replay(chain, prefix, suffix)
             if order is None:
                 continue
-            grid = tuple(_shape(chain[0].args[0])[dim:dim + 3])
+            grid = tuple(static_shape(chain[0].args[0])[dim:dim + 3])
             tile = tile_of(order, grid)
             if tile is not None:
                 tiled = tile != (1, 1, 1)
                 out.append(TokenOrder(grid, tile if tiled else None, f"graph: {grid} merged into {n} tokens"
-                                      + (f" in {tile} tiles" if tiled else "") + f" by {_op(node)} {node.name}"))
+                                      + (f" in {tile} tiles" if tiled else "") + f" by {call_name(node)} {node.name}"))
     return out
 
 
