@@ -47,7 +47,8 @@ class CompactOptions:
     drop        … but at least (1 − drop) of the key blocks; default 0.9.
     window      window extent in tiles (t, h, w) for plan="window"; odd numbers, default (3, 3, 3).
     grid        (T, H, W) video tokens; default: inferred from the graph (patch-embedding conv).
-    tile        (tt, th, tw) tokens per tile, tt·th·tw = block_size; default "auto".
+    tile        (tt, th, tw) tokens per tile, tt·th·tw = block_size (without block_size, it sets it);
+                default "auto".
     block_size  64 or 128 tokens per attention block; default: the plan file's, else 128 (64 for a video
                 of fewer than 8,192 tokens: with 128 it would have under 64 blocks, too coarse for a local
                 window to skip much).
@@ -115,10 +116,14 @@ class CompactOptions:
             raise OptionsError(f"option 'block_size' must be 64 or 128, not {self.block_size!r}")
         # with a plan file and no block_size, the block size is the plan's: planner.load_plan checks the tile
         tile_checked_by_plan = self.block_size is None and not (isinstance(plan, str) and plan in BUILTIN_PLANS)
-        if (self.tile != "auto" and not tile_checked_by_plan
-                and self.tile[0] * self.tile[1] * self.tile[2] != (self.block_size or 128)):
-            raise OptionsError(f"option 'tile' {self.tile} holds {self.tile[0] * self.tile[1] * self.tile[2]} "
-                               f"tokens; it must hold block_size = {self.block_size or 128}")
+        if self.tile != "auto" and not tile_checked_by_plan:
+            volume = self.tile[0] * self.tile[1] * self.tile[2]
+            if self.block_size is None and volume not in (64, 128):
+                raise OptionsError(f"option 'tile' {self.tile} holds {volume} tokens; a tile holds one attention "
+                                   f"block: 64 or 128 tokens")
+            if self.block_size is not None and volume != self.block_size:
+                raise OptionsError(f"option 'tile' {self.tile} holds {volume} tokens; it must hold block_size = "
+                                   f"{self.block_size}")
         for name, allowed in (("kernel", KERNELS), ("inner", INNER_BACKENDS)):
             if getattr(self, name) not in allowed:
                 raise OptionsError(f"option {name!r} must be one of {allowed}, not {getattr(self, name)!r}")
@@ -187,10 +192,12 @@ class CompactOptions:
         return 0 if self.plan == "dense" else DEFAULT_DENSE_STEPS
 
     def block_size_for(self, video_tokens: int) -> int:
-        """The block size of a built-in plan's site: the option, else 128 (the tile's, for a given tile),
-        64 for a video of fewer than SMALL_VIDEO_TOKENS."""
-        if self.block_size is not None or self.tile != "auto":
-            return self.block_size or 128
+        """The block size of a built-in plan's site: the option, else a given tile's token count, else 128
+        (64 for a video of fewer than SMALL_VIDEO_TOKENS)."""
+        if self.block_size is not None:
+            return self.block_size
+        if self.tile != "auto":
+            return self.tile[0] * self.tile[1] * self.tile[2]
         return 64 if video_tokens < SMALL_VIDEO_TOKENS else 128
 
 

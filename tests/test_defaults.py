@@ -25,6 +25,7 @@ def test_default_values():
     assert opts.block_size_for(SMALL_VIDEO_TOKENS) == 128 and opts.block_size_for(SMALL_VIDEO_TOKENS - 1) == 64
     assert CompactOptions(block_size=128).block_size_for(100) == 128
     assert CompactOptions(tile=(1, 8, 16)).block_size_for(100) == 128   # a given tile holds the block
+    assert CompactOptions(tile=(1, 8, 8)).block_size_for(10 ** 5) == 64
 
 
 @pytest.mark.parametrize("value", [-1, True, 2.0, "4"])

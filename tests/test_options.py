@@ -65,7 +65,7 @@ BAD_VALUES = [
     ("window", (True, True, True)), ("window", (3.0, 3, 3)),
     ("grid", (0, 8, 8)), ("grid", (3, 8)), ("grid", ("a", 8, 8)), ("grid", (3.5, 8, 8)), ("grid", 216),
     ("grid", (True, 8, 8)), ("grid", (2, 8, False)),
-    ("tile", (1, 8, 4)), ("tile", (1, 8, 8)), ("tile", (1, 8)), ("tile", (0, 8, 8)), ("tile", "cube"), ("tile", None),
+    ("tile", (1, 8, 4)), ("tile", (1, 4, 4)), ("tile", (1, 8)), ("tile", (0, 8, 8)), ("tile", "cube"), ("tile", None),
     ("block_size", 32), ("block_size", 256), ("block_size", "64"), ("block_size", 0), ("block_size", 64.0),
     ("block_size", 127.9), ("kernel", "triton_typo"), ("kernel", None), ("kernel", "FLEX"),
     ("strict", "yes"), ("strict", 1), ("strict", None),

@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from support import fake_group, raises_from_backend
+from support import AS_PLANNED, fake_group, masked_sdpa, model_order_mask, raises_from_backend
 
 import compact_compile
 from compact_compile.layout import TokenLayout
+from compact_compile.masks import window_blocks
 from compact_compile.plan import Plan, PlanError, SitePlan
 
 GRID, TILE, BLOCK, HEADS, HEAD_DIM, RANKS = (2, 8, 8), (1, 8, 8), 64, 4, 8, 2
@@ -59,18 +60,31 @@ def per_head_plan() -> Plan:
     return Plan(GRID, TILE, BLOCK, {"attn": SitePlan(HEADS, HEAD_DIM, S, 0, 0, blocks)})
 
 
-def call(plan):
-    fast = torch.compile(tensor_parallel(Model().eval()), backend="compact",
-                         options=dict(plan=plan, grid=GRID, inner="eager"))
+def call(plan, model=None, x=None):
+    model = model or tensor_parallel(Model().eval())
+    fast = torch.compile(model, backend="compact",
+                         options=dict(AS_PLANNED, plan=plan, window=(1, 1, 1), tile=TILE, grid=GRID, inner="eager"))
     with torch.no_grad():
-        return fast(torch.randn(1, S, DIM))
+        return fast(torch.randn(1, S, DIM) if x is None else x)
 
 
 def test_a_head_agnostic_plan_runs_on_each_ranks_heads():
+    """The rank's output equals the same sharded model with its SDPA masked by the window (one tile of
+    two in time: half the blocks), and differs from it unmasked."""
+    torch.manual_seed(0)
+    x = torch.randn(1, S, DIM)
     with fake_group(0):
-        call("window")
+        model = tensor_parallel(Model().eval())
+        out = call("window", model, x)
+        layout = TokenLayout(GRID, TILE, BLOCK)
+        with torch.no_grad():
+            with masked_sdpa({S: [model_order_mask(layout, window_blocks(layout, (1, 1, 1))[None])]}):
+                ref = model(x)
+            dense = model(x)
     [site] = compact_compile.report().sites
-    assert site["rewritten"] and site["q"] == [1, HEADS // RANKS, S, HEAD_DIM]
+    assert site["rewritten"] and site["q"] == [1, HEADS // RANKS, S, HEAD_DIM] and site["density"] == 0.5
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (out - dense).abs().max() > 1e-3
 
 
 def test_a_per_head_plan_is_one_error_saying_why_the_ranks_heads_are_unproven():
