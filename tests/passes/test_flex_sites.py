@@ -183,8 +183,14 @@ def run_problem(p, dtype):
     layout = site_layout(site)
     blocks = window_blocks(layout, p["window"])[None] if p["plan"] == "window" else plan.sites["attn"].blocks
     plan_mask = plan_mask_in_model_order(layout, blocks, p["tiled_by"])
-    for out, args in zip(outs, (first, second)):
-        check_close(out, reference(m.attn, *args, plan_mask), dtype, str(p))
+    refs = [reference(m.attn, *args, plan_mask) for args in (first, second)]
+    for ref, args in zip(refs, (first, second)):
+        # a path that dropped the model's mask or the plan's must miss the tolerance: a problem where
+        # either mask moves the result less (a low-precision dtype's loose bound) checks neither
+        for wrong in (reference(m.attn, *args, None), reference(m.attn, *args, plan_mask, use_model_mask=False)):
+            assume((wrong - ref).abs().max().item() > 4 * TOL[dtype] * ref.abs().max().item())
+    for out, ref in zip(outs, refs):
+        check_close(out, ref, dtype, str(p))
 
 
 @settings(max_examples=5, deadline=None)
