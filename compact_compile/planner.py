@@ -72,11 +72,11 @@ def flex_site_spec(options: CompactOptions, plan: Plan | None, schedule: dict | 
     if (plan is None and options.tile == "auto" and tiled_by is not None
             and math.prod(tiled_by) == options.block_size_for(math.prod(site.grid))):
         options = options.replace(tile=tuple(tiled_by))
-    spec = site_spec(options.replace(fp8_attention=False, rectify=False), plan, schedule, site)
+    spec = site_spec(options.replace(fp8_attention=False, rectify=False, kernel="flex"), plan, schedule, site)
     why = "flex: the only kernel that evaluates the model's mask_mod and score_mod"
     if options.fp8_attention:
         why += " (in the inputs' dtype: FlexAttention has no FP8 path)"
-    return dataclasses.replace(spec, kernel="flex", model_mask=model_mask, kernel_reason=why)
+    return dataclasses.replace(spec, model_mask=model_mask, kernel_reason=why)
 
 
 def flex_site_unsupported(options: CompactOptions) -> str:
