@@ -63,17 +63,17 @@ CALIBRATED = "calibrated"   # stands for the plan calibrated in this run, search
 # alone (λ = ∞): the default cost limit λ = 0.011 stops this small model's search near dense at every τ;
 # or, swept by "density", at that budget (build.py: one λ for all heads, found by bisection)
 MODES = {
-    "window (STA-like)": (dict(plan="window"), "window", [(1, 1, 1), (1, 3, 3), (3, 3, 3), (3, 5, 5)]),
-    "top-k, no rectification": (dict(plan="dynamic"), "p_remain", [0.3, 0.5, 0.7, 0.9]),
+    "window (STA-like)": (dict(plan="window", rectify=False), "window", [(1, 1, 1), (1, 3, 3), (3, 3, 3), (3, 5, 5)]),
+    "top-k, no rectification": (dict(plan="dynamic", rectify=False), "p_remain", [0.3, 0.5, 0.7, 0.9]),
     "dynamic + rectified": (dict(plan="dynamic", rectify=True), "p_remain", [0.3, 0.5, 0.7, 0.9]),
-    "calibrated": (dict(plan=CALIBRATED), "recall", [0.7, 0.8, 0.9, 0.95]),
+    "calibrated": (dict(plan=CALIBRATED, rectify=False), "recall", [0.7, 0.8, 0.9, 0.95]),
     "calibrated + rectified": (dict(plan=CALIBRATED, rectify=True), "recall", [0.7, 0.8, 0.9, 0.95]),
-    "calibrated at a density budget": (dict(plan=CALIBRATED), "density", [0.5, 0.3, 0.2, 0.1]),
+    "calibrated at a density budget": (dict(plan=CALIBRATED, rectify=False), "density", [0.5, 0.3, 0.2, 0.1]),
     "calibrated at a density budget + rectified": (dict(plan=CALIBRATED, rectify=True), "density",
                                                    [0.5, 0.3, 0.2, 0.1]),
     "window + rectified": (dict(plan="window", rectify=True), "window", [(1, 1, 1), (1, 3, 3), (3, 3, 3)]),
     "calibrated ∪ top-k + rectified": (dict(plan=CALIBRATED, dynamic=True, rectify=True), "recall", [0.7, 0.8]),
-    "window (STA-like) + FP8": (dict(plan="window", fp8_attention=True), "window", [(1, 3, 3), (3, 3, 3)]),
+    "window (STA-like) + FP8": (dict(plan="window", rectify=False, fp8_attention=True), "window", [(1, 3, 3), (3, 3, 3)]),
     "dynamic + rectified + FP8": (dict(plan="dynamic", rectify=True, fp8_attention=True), "p_remain", [0.5, 0.9]),
     "calibrated + rectified + FP8": (dict(plan=CALIBRATED, rectify=True, fp8_attention=True), "recall", [0.8, 0.95]),
     "dynamic + rectified, warm-up steps": (dict(plan="dynamic", rectify=True), "dense_steps", [0, 2, 4, 10]),

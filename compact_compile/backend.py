@@ -33,7 +33,7 @@ from .plan import PlanError
 from .planner import load_plan, plan_entry, site_spec
 from .quantize import quantized_linears
 from .report import record
-from .schedule import site_schedule, with_step_clock
+from .schedule import per_element_timesteps, site_schedule, with_step_clock
 from .video_tags import with_video_tags
 
 log = logging.getLogger("compact_compile")
@@ -49,7 +49,12 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
                     _per_size: bool = False):
     opts = CompactOptions.from_dict(options)
     plan = load_plan(opts)
-    schedule = site_schedule(plan, opts.warmup_steps)
+    warmup = opts.warmup_steps
+    if opts.dense_steps is None and warmup and per_element_timesteps(gm, example_inputs):
+        log.info("compact: per-frame or per-token timesteps: no default dense warm-up (steps cannot be read "
+                 "from them; dense_steps=N asks for it anyway)")
+        warmup = 0
+    schedule = site_schedule(plan, warmup)
     own_grids = patch_embedding_grids(gm)
     carried, input_tags = carried_grids(gm, example_inputs)    # grids from an earlier graph (video_tags.py)
     sites = find_sites(gm, own_grids + carried, opts.grid, plan.grid if plan else None)

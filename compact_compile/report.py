@@ -40,12 +40,14 @@ class Report:
         sparse = [s for s in self.sites if s["rewritten"]]
         if not sparse:
             return f"none of {len(self.sites)} attention sites rewritten (reasons above): attention runs as it was"
-        skipped = 1 - sum(s["density"] for s in sparse) / len(sparse)
+        # online choice adds blocks per call: count its floor (at least 1 - drop of each row)
+        skipped = 1 - sum(s.get("min_density", s["density"]) for s in sparse) / len(sparse)
+        up_to = "up to " if any(s.get("dynamic") for s in sparse) else ""
         warm = {s.get("dense_steps") or 0 for s in sparse}
         after = (f", after {max(warm)} dense warm-up steps" if warm == {max(warm)} and max(warm)
                  else ", after each site's dense warm-up steps" if len(warm) > 1 else "")
-        return (f"{len(sparse)} of {len(self.sites)} attention sites rewritten: {skipped:.1%} of their blocks "
-                f"skipped per call{after}")
+        return (f"{len(sparse)} of {len(self.sites)} attention sites rewritten: {up_to}{skipped:.1%} of their "
+                f"blocks skipped per call{after}")
 
 
 def record(sites: list[dict]) -> None:

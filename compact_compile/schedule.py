@@ -75,7 +75,7 @@ class StepClock:
             self.step += 1
         self._repeats = self._repeats + 1 if value == self._last else 1
         self._last = value
-        if self._repeats == SAME_TIMESTEP_CALLS and not self._pinned:
+        if self._repeats == SAME_TIMESTEP_CALLS and not self._pinned and _dense_steps_scheduled:
             warn_same_timestep(value, self.step)
         return self.step
 
@@ -86,8 +86,10 @@ class StepClock:
 
 
 CLOCK = StepClock()
-# a sampler calls the model once or twice per timestep (classifier-free guidance), a few times at most
-SAME_TIMESTEP_CALLS = 8
+# a sampler feeds the clock a few times per timestep (classifier-free guidance as separate calls, a graph
+# break that gives the timestep to two graphs); a benchmark loop, many more
+SAME_TIMESTEP_CALLS = 16
+_dense_steps_scheduled = False   # some site built in this process has dense warm-up steps
 
 
 @contextlib.contextmanager
@@ -140,7 +142,7 @@ def warn_unknown_step() -> None:
         warnings.warn("compact: the plan has a step schedule (dense warm-up steps) but no timestep was seen (no "
                       "`timestep` input in the compiled graph, e.g. compile_repeated_blocks): sparse masks are used "
                       "at every step. compact_compile.follow_steps(model) feeds the model's timestep to the "
-                      "schedule; dense_steps=0 turns the warm-up off.", stacklevel=3)
+                      "schedule (with a built-in plan, dense_steps=0 turns the warm-up off).", stacklevel=3)
 
 
 _warned_same_timestep = False
@@ -152,10 +154,11 @@ def warn_same_timestep(value: float, step: int) -> None:
     if not _warned_same_timestep:
         _warned_same_timestep = True
         warnings.warn(f"compact: {SAME_TIMESTEP_CALLS} calls in a row at timestep {value:g} all count as denoising "
-                      f"step {step}; under a schedule with dense warm-up steps (the default dense_steps) the early "
-                      f"steps run dense attention. To time sparse attention, call with decreasing timesteps as a "
-                      f"sampler does, pin a step with compact_compile.schedule.at_step(n), or set dense_steps=0.",
-                      stacklevel=3)
+                      f"step {step}, and sites here run dense warm-up steps (the default dense_steps, or a plan's "
+                      f"schedule): the early steps run dense attention. To time sparse attention, call with "
+                      f"decreasing timesteps as a sampler does, or pin a step with "
+                      f"compact_compile.schedule.at_step(n); with a built-in plan, dense_steps=0 turns the "
+                      f"warm-up off.", stacklevel=3)
 
 
 def reset_warnings() -> None:
@@ -166,10 +169,20 @@ def reset_warnings() -> None:
 def site_schedule(plan, dense_steps: int) -> dict | None:
     """The schedule sites follow: the plan's own, else `dense_steps` dense steps then the masks
     (the `dense_steps` option; 0 = none)."""
+    global _dense_steps_scheduled
     schedule = getattr(plan, "info", {}).get("schedule") if plan is not None else None
-    if schedule or not dense_steps:
-        return schedule or None
-    return make_schedule(dense_steps)
+    schedule = schedule or (make_schedule(dense_steps) if dense_steps else None)
+    _dense_steps_scheduled |= bool(schedule and schedule["dense_steps"])
+    return schedule
+
+
+def per_element_timesteps(gm: torch.fx.GraphModule, example_inputs) -> bool:
+    """Whether the graph's timestep input holds more than one value per sample (`[B, F]` per frame in
+    diffusion forcing, `[B, S]` per token): its maximum need not fall step after step (a frame starting
+    from noise raises it), so the clock cannot read steps from it."""
+    index = timestep_input(gm)
+    value = example_inputs[index] if index is not None and index < len(example_inputs) else None
+    return isinstance(value, torch.Tensor) and value.dim() > 1
 
 
 def follow_steps(model: torch.nn.Module):
@@ -190,6 +203,8 @@ def follow_steps(model: torch.nn.Module):
     position = params.index("timestep")
 
     def observe(module, args, kwargs):
+        if torch.compiler.is_compiling():   # a whole-model graph reads its timestep input itself
+            return
         timestep = kwargs["timestep"] if "timestep" in kwargs else args[position] if position < len(args) else None
         if timestep is not None:
             CLOCK.observe(timestep)

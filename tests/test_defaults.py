@@ -10,7 +10,7 @@ from support import WAN_GRID, tiny_wan
 
 import compact_compile
 from compact_compile.options import DEFAULT_DENSE_STEPS, SMALL_VIDEO_TOKENS, CompactOptions
-from compact_compile.schedule import CLOCK, reset_warnings
+from compact_compile.schedule import CLOCK, SAME_TIMESTEP_CALLS, reset_warnings
 
 
 def relative(out, ref):
@@ -100,8 +100,46 @@ def test_a_loop_at_one_timestep_is_told_that_it_stays_in_the_warm_up():
     reset_warnings()
     compiled = torch.compile(model, backend="compact", options={"inner": "aot_eager"})
     with torch.no_grad(), pytest.warns(UserWarning, match="all count as denoising step 0"):
-        for _ in range(8):
+        for _ in range(SAME_TIMESTEP_CALLS):
             compiled(**inputs)
+
+
+def test_a_sampler_is_not_told_it_loops():
+    """Classifier-free guidance as two calls per step, over 20 steps: no warning about one timestep."""
+    model, inputs = tiny_wan()
+    CLOCK.reset()
+    reset_warnings()
+    compiled = torch.compile(model, backend="compact", options={"inner": "aot_eager"})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for t in range(1000, 0, -50):
+            for _ in range(2):
+                compiled(**dict(inputs, timestep=torch.tensor([t])))
+
+
+def test_per_frame_timesteps_get_no_default_warm_up():
+    """Diffusion forcing passes a timestep per frame; a frame starting from noise raises the maximum the
+    clock reads, which would restart the default warm-up: it is off there (an explicit one stays)."""
+    import torch.fx as fx
+
+    from compact_compile.schedule import per_element_timesteps
+
+    graph = fx.Graph()
+    graph.placeholder("l_kwargs_timestep_")
+    graph.output(None)
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    assert per_element_timesteps(gm, [torch.zeros(1, 21)]) and not per_element_timesteps(gm, [torch.zeros(1)])
+    model, inputs = tiny_wan()        # Wan takes a timestep per token too (Wan 2.2 TI2V)
+    compact_compile.report(clear=True)
+    with torch.no_grad():
+        torch.compile(model, backend="compact", options={"inner": "aot_eager"})(
+            **dict(inputs, timestep=torch.full((1, 216), 900.0)))
+    assert compact_compile.report().gained().endswith("skipped per call")        # no "after 4 dense warm-up steps"
+    compact_compile.report(clear=True)
+    with torch.no_grad():
+        torch.compile(copy.deepcopy(model), backend="compact", options={"inner": "aot_eager", "dense_steps": 2})(
+            **dict(inputs, timestep=torch.full((1, 216), 900.0)))
+    assert compact_compile.report().gained().endswith("after 2 dense warm-up steps")
 
 
 def test_the_report_says_what_was_gained():
