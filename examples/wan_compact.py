@@ -131,9 +131,9 @@ def main():
     print("  With random weights attention is spread evenly, so this shows the path works, not how a trained "
           "model's\n  videos change: for that see benchmarks/fidelity.py (PSNR/SSIM on a trained video DiT).")
     if device == "cpu":
-        print("  On a CPU at this size attention is a small share of the work and FlexAttention's CPU kernel is "
-              "no faster\n  than dense: the speed-up is a GPU's at real size (BENCHMARKS.md: 2.5-3x on an H200; "
-              "try --size 1.3b).")
+        print("  On a CPU at this size the times say little (they move with the machine's load, and attention is "
+              "a small\n  share of the work): the speed-up that matters is a GPU's at real size (BENCHMARKS.md: "
+              "2.5-3x a sparse step\n  on an H200; try --size 1.3b).")
 
 
 if __name__ == "__main__":
