@@ -34,7 +34,7 @@ from compact_compile.kernels.triton_sparse import chosen_config
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import density, window_blocks
 from compact_compile.spec import SiteSpec, single_range
-from timing import Results, available_kernels, bench, kernel_times
+from timing import Results, available_kernels, bench, kernel_times, rel_diff
 
 GRID, H, D, B = (21, 30, 52), 12, 128, 1
 S = GRID[0] * GRID[1] * GRID[2]
@@ -48,10 +48,6 @@ def closest_window(layout, target):
     odd = range(1, 16, 2)
     cands = [(abs(density(window_blocks(layout, (t, h, h))) - target), (t, h, h)) for t in odd[:5] for h in odd]
     return min(cands)[1]
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 SECTIONS = ("dense", "lists", "fa4-forms", "op", "burst", "site", "fp8")
@@ -93,7 +89,7 @@ def dense_rows(built, q, k, v, sdpa):
     for name, kern in built.items():
         ms = bench(lambda kern=kern: kern.dense(q, k, v, None))
         emit(impl=f"{name}-dense", sparsity=0.0, ms=ms, speedup=sdpa / ms, tflops=flops / ms / 1e9,
-             rel_diff_vs_sdpa=rel(kern.dense(q, k, v, None), dense_out))
+             rel_diff_vs_sdpa=rel_diff(kern.dense(q, k, v, None), dense_out))
 
 
 def list_rows(layout, built, q, k, v, sdpa):
@@ -114,8 +110,8 @@ def list_rows(layout, built, q, k, v, sdpa):
                 reference = out if reference is None else reference
                 ms = bench(lambda kern=kern, prepared=prepared: kern.attend(q, k, v, prepared, None))
                 emit(impl=f"{name}-{plan}", sparsity=round(1 - dens, 4), ms=ms, speedup=sdpa / ms,
-                     tflops_effective=flops * dens / ms / 1e9, rel_diff_vs_first_kernel=rel(out, reference),
-                     rel_diff_dense_vs_first_kernel=rel(dense_out, reference))
+                     tflops_effective=flops * dens / ms / 1e9, rel_diff_vs_first_kernel=rel_diff(out, reference),
+                     rel_diff_dense_vs_first_kernel=rel_diff(dense_out, reference))
 
 
 def fa4_list_forms(kern, nb, q, k, v, sdpa):
@@ -209,7 +205,7 @@ def fp8_rows(layout, kernels, q, k, v, sdpa):
             ms = bench(bf16_op)
             emit(impl=f"fp8-section-{name}-bf16-op-{plan}", sparsity=sparsity, ms=ms, speedup=sdpa / ms,
                  tflops_effective=flops * dens / ms / 1e9,
-                 rel_err_vs_float64_head0=rel(outs[name][:, :1, :exact.shape[-2]].double(), exact))
+                 rel_err_vs_float64_head0=rel_diff(outs[name][:, :1, :exact.shape[-2]].double(), exact))
         handle = register_site(make_site(SiteSpec("bench", layout, single_range(blocks[None]), kernel="triton",
                                                   fp8=True)))
 
@@ -218,15 +214,16 @@ def fp8_rows(layout, kernels, q, k, v, sdpa):
             return torch.ops.compact.attention_fp8(*tiles[:3], [*tiles[3:], k_mean], h, None, [], None, dt)
         out = fp8_op()
         ms = bench(fp8_op)
-        tiles = FP8Tiles(*quantize()[0], stats(k, v)[0])
+        quantized, k_mean = quantize()
+        tiles = FP8Tiles(*quantized, k_mean)
         num, idx = (x.to(dev) for x in kv_block_lists(blocks[None]))
         ms_kernel = bench(lambda: block_sparse_attention_fp8(tiles, num, idx, layout.block_size, dtype=dt))
         emit(impl=f"fp8-section-triton-fp8-op-{plan}", sparsity=sparsity, ms=ms, speedup=sdpa / ms,
              tflops_effective=flops * dens / ms / 1e9, quantizing_reorder_ms=bench(quantize),
              kernel_only_ms=ms_kernel, kernel_tflops_effective=flops * dens / ms_kernel / 1e9,
              kernel_config=str(chosen_config()),
-             rel_diff_vs_triton_bf16=rel(out, outs["triton"]) if "triton" in outs else None,
-             rel_err_vs_float64_head0=rel(out[:, :1, :exact.shape[-2]].double(), exact))
+             rel_diff_vs_triton_bf16=rel_diff(out, outs["triton"]) if "triton" in outs else None,
+             rel_err_vs_float64_head0=rel_diff(out[:, :1, :exact.shape[-2]].double(), exact))
 
 
 def burst(fn, iters: int = 30, warmup: int = 5) -> float:
@@ -310,7 +307,7 @@ def site_costs(layout, kernels):
                 attn = attention_us(times)
                 row = dict(impl=f"site-{name}" + ("-rectified" if rectify else ""), window=window,
                            density=density(window_blocks(layout, window)), ms=ms, speedup_vs_dense_site=t_dense / ms,
-                           gpu_us=total_us, attention_kernel_us=attn, rel_diff_vs_dense=rel(out, ref),
+                           gpu_us=total_us, attention_kernel_us=attn, rel_diff_vs_dense=rel_diff(out, ref),
                            top_kernels={n[:80]: round(us, 1) for n, us in list(times.items())[:8]})
                 if rectify and plain_us:
                     row["rectify_overhead_of_attention"] = (total_us - plain_us[0]) / plain_us[1]

@@ -22,7 +22,7 @@ from compact_compile.kernels.registry import kv_block_lists, masked_key_blocks
 from compact_compile.kernels.triton_sparse import block_sparse_attention
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import density, window_blocks
-from timing import Results, bench
+from timing import Results, bench, rel_diff
 
 SHAPES = {"mochi10b": ((15, 30, 53), 24, (1, 5, 5)), "hunyuan13b": ((9, 45, 80), 24, (3, 3, 3))}
 N_TEXT, VALID_TEXT, D = 256, 100, 128
@@ -74,8 +74,7 @@ def fa4_row(model, layout, blocks, q, k, v, valid, num, idx, triton_out, sdpa_ms
     run = lambda: kern.attend(q, k, v, prepared, None, key_valid=valid)  # noqa: E731
     out, ms = run(), bench(run)
     unmasked = kern.attend(q, k, v, prepared, None)
-    rel = lambda a: ((a.float() - triton_out.float()).norm() / triton_out.float().norm()).item()  # noqa: E731
-    err, ignored = rel(out), rel(unmasked)
+    err, ignored = rel_diff(out, triton_out), rel_diff(unmasked, triton_out)
     masked = masked_key_blocks(valid, layout.n_blocks, layout.block_size)
     split = lambda: split_lists_triton((num, idx), masked)  # noqa: E731
     mask_cnt = split()[0]

@@ -31,6 +31,7 @@ import triton
 
 import compact_compile
 from compact_compile.schedule import at_step
+from timing import rel_diff
 
 MODELS = {
     "wan1.3b": dict(cls="WanTransformer3DModel", window=(3, 3, 3), latent=(1, 16, 21, 60, 104), text=(1, 512, 4096),
@@ -338,15 +339,11 @@ def describe(name, outs):
                  quantized=rep.quantized)
     base = outs.get("inductor-dense", outs.get("inductor-dense-regional"))
     if base is not None and outs[name] is not base:
-        r["rel_diff_vs_inductor_dense"] = rel(outs[name], base)
+        r["rel_diff_vs_inductor_dense"] = rel_diff(outs[name], base)
     unquantized = re.sub(r"-(fp8|int8)", "", name).replace("compact-dense", "inductor-dense")
     if unquantized != name and unquantized in outs:
-        r["rel_diff_vs_unquantized"] = rel(outs[name], outs[unquantized])
+        r["rel_diff_vs_unquantized"] = rel_diff(outs[name], outs[unquantized])
     return r
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def save(path, meta, res):

@@ -76,6 +76,7 @@ from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import video_site_blocks, window_blocks
 from compact_compile.plan import Plan, SitePlan
 from compact_compile.schedule import at_step
+from timing import rel_diff
 
 PER_HEAD_WINDOWS = [(1, 3, 3), (3, 3, 3), (3, 5, 5), (5, 7, 7)]
 BLOCK = 128
@@ -193,9 +194,9 @@ def run_phase(phase, model, spec, inputs, plan_path, args, outs_1gpu, results, s
             r["step_loop_s"] = max(r["loop_s"])
         r.update(e2e.describe(name, outs))
         if name in outs_1gpu:
-            r["rel_diff_vs_1gpu"] = gathered(e2e.rel(outs[name], outs_1gpu[name]))
+            r["rel_diff_vs_1gpu"] = gathered(rel_diff(outs[name], outs_1gpu[name]))
             if name != DENSE:
-                r["rel_diff_vs_1gpu_dense"] = gathered(e2e.rel(outs[name], outs_1gpu[DENSE]))
+                r["rel_diff_vs_1gpu_dense"] = gathered(rel_diff(outs[name], outs_1gpu[DENSE]))
         results.setdefault(phase, {})[name] = r
         save()
         if dist.get_rank() == 0:

@@ -17,6 +17,8 @@ from compact_compile.kernels import ops
 from compact_compile.kernels.rectified import merge_blocks
 from compact_compile.schedule import CLOCK
 
+from benchmarks.timing import rel_diff
+
 
 class Probe:
     """observer option: records one dict(site, step, density, error) per site call, and for FP8 sites
@@ -74,7 +76,7 @@ class ProbedSite:
         dense = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         density = self.site.estimate(q, k, v, scale, pools, key_valid)[0].float().mean().item()
         self.probe.calls.append(dict(site=self.spec.name, step=CLOCK.current, density=density,
-                                     error=relative_error(out, dense), **extra))
+                                     error=rel_diff(out, dense), **extra))
 
     def __call__(self, q, k, v, scale=None, pools=None, key_valid=None):
         out = self.site(q, k, v, scale, pools, key_valid)
@@ -93,12 +95,8 @@ class ProbedSite:
             raise RuntimeError(f"site {self.spec.name}: FP8 tiles whose unquantized q, k, v the probe did not "
                                f"see; run the compiled model inside `with probe.active():`")
         sparse = self.site(*inputs, scale, pools, key_valid)   # same blocks (same pools), in q's dtype
-        self._record(out, *inputs, scale, pools, key_valid, error_vs_sparse=relative_error(out, sparse))
+        self._record(out, *inputs, scale, pools, key_valid, error_vs_sparse=rel_diff(out, sparse))
         return out
-
-
-def relative_error(x, reference) -> float:
-    return ((x.float() - reference.float()).norm() / reference.float().norm()).item()
 
 
 def mean(xs):

@@ -15,6 +15,11 @@ from torch.profiler import ProfilerActivity, profile
 from compact_compile.kernels.registry import KERNEL_NAMES, kernel_class, kv_block_lists
 
 
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖, in fp32."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
 def bench(fn) -> float:
     """Median ms per call of fn, CUDA events, after warm-up."""
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")

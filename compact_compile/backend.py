@@ -30,7 +30,7 @@ from .passes.grid import carried_grids, output_tags, patch_embedding_grids
 from .passes.rewrite import rewrite_site
 from .passes.sites import CROSS, find_sites
 from .plan import PlanError
-from .planner import load_plan, plan_entry, site_spec
+from .planner import load_plan, plan_entry_error, site_spec
 from .quantize import quantized_linears
 from .report import record
 from .schedule import per_element_timesteps, site_schedule, with_step_clock
@@ -69,7 +69,7 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
     unrewritten = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if carried else None
     for site in sites + direct:
         if not site.rewritten:
-            if plan is not None and _has_entry(plan, site.name):  # e.g. a plan for another resolution
+            if plan is not None and not plan_entry_error(plan, site.name):  # e.g. a plan for another resolution
                 _plan_misfit(opts, site, PlanError(f"the plan has a mask for site {site.name!r}, which cannot "
                                                    f"be rewritten: {site.reason}"))
             continue
@@ -137,13 +137,6 @@ def _warn_if_nothing_sparse(sites) -> None:
     reasons = [f"{s.name}: {s.reason}" for s in candidates[:3]]
     warnings.warn(f"compact: no attention in this graph runs block-sparse ({len(candidates)} sites "
                   f"stay dense); " + "; ".join(reasons) + ". compact_compile.report() lists every site.", stacklevel=2)
-
-
-def _has_entry(plan, site: str) -> bool:
-    try:
-        return bool(plan_entry(plan, site))
-    except PlanError:
-        return False
 
 
 def _plan_misfit(opts: CompactOptions, site, error: PlanError) -> None:

@@ -21,7 +21,7 @@ from .passes.flex_sites import FlexSite, rewrite_flex_site
 from .passes.rewrite import rewrite_frame_masked_site
 from .passes.sites import Site
 from .plan import Plan, PlanError
-from .planner import flex_site_spec, flex_site_unsupported, plan_entry
+from .planner import flex_site_spec, flex_site_unsupported, plan_entry_error
 from .spec import ModelMask
 
 
@@ -77,13 +77,8 @@ def _not_in_plan(plan: Plan | None, site: Site, what: str) -> str:
     """Why a plan file cannot drive this site ('' if it can): calibration observes plain SDPA sites
     only, so a calibrated plan has no mask for the sites that run the model's own mask; they stay
     dense, with this reason, rather than fail the compile."""
-    if plan is None:
-        return ""
-    try:
-        plan_entry(plan, site.name)
-    except PlanError as e:
-        return f"{what}: the plan has no mask for it (calibration observes SDPA sites only): {e}"
-    return ""
+    error = plan_entry_error(plan, site.name) if plan is not None else ""
+    return f"{what}: the plan has no mask for it (calibration observes SDPA sites only): {error}" if error else ""
 
 
 def _report(site: Site, spec, kernel_reason: str, **extras) -> None:

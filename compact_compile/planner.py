@@ -136,6 +136,15 @@ def plan_entry(plan: Plan, site: str) -> str:
                     f"is it a plan for another model?")
 
 
+def plan_entry_error(plan: Plan, site: str) -> str:
+    """Why `plan` has no entry for the graph's site `site` ("" if it has one)."""
+    try:
+        plan_entry(plan, site)
+    except PlanError as e:
+        return str(e)
+    return ""
+
+
 def _plan_blocks(options: CompactOptions, plan: Plan | None, site: Site, layout: TokenLayout) -> torch.Tensor:
     if plan is None:
         if options.plan == "dense":
