@@ -43,8 +43,15 @@ def test_heads_that_do_not_split_evenly_are_an_error():
 
 
 def wan_with_heads(heads: int):
-    """A 2-layer diffusers Wan with `heads` heads of 8 (norm over all heads, as Wan2.1's) and its inputs."""
-    return tiny_wan(heads=heads, head_dim=8)
+    """A 2-layer diffusers Wan with `heads` heads of 8 (norm over all heads, as Wan2.1's) and its inputs.
+    The q/k norms' weights are random (they start at 1, which a permutation that skipped them keeps)."""
+    model, inputs = tiny_wan(heads=heads, head_dim=8)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in model.blocks:
+            for norm in (block.attn1.norm_q, block.attn1.norm_k):
+                norm.weight.copy_(torch.rand(norm.weight.shape, generator=g) + 0.5)
+    return model, inputs
 
 
 def test_permuting_an_attention_modules_heads_keeps_the_models_function():

@@ -25,17 +25,21 @@ def test_the_table_names_short_and_long_and_rejects_others():
         from_name("medium")
 
 
-def test_short_is_the_committed_checkpoint_exactly():
-    assert (SHORT.frames, SHORT.size, SHORT.grid, SHORT.tokens) == (16, 64, (16, 16, 16), 4096)
-    assert SHORT.checkpoint.is_file() and SHORT.checkpoint.parent.name == "checkpoint"
-    on_disk = load_file(str(SHORT.checkpoint))
-    model = load_model(SHORT.checkpoint)
-    assert {k: model.config[k] for k in SHORT.transformer} == SHORT.transformer
-    assert checkpoint_metadata(SHORT.checkpoint)["config"] == json.loads(json.dumps(SHORT.transformer))
+@pytest.mark.parametrize("name, folder, shape", [("short", "checkpoint", (16, 64, (16, 16, 16), 4096)),
+                                                 ("long", "checkpoint_long", (16, 128, (16, 32, 32), 16384))])
+def test_each_model_is_its_committed_checkpoint_exactly(name, folder, shape):
+    config = from_name(name)
+    assert (config.frames, config.size, config.grid, config.tokens) == shape
+    assert config.checkpoint.is_file() and config.checkpoint.parent.name == folder
+    assert config.checkpoint.stat().st_size <= 16 * 2**20
+    on_disk = load_file(str(config.checkpoint))
+    model = load_model(config.checkpoint)
+    assert {k: model.config[k] for k in config.transformer} == config.transformer
+    assert checkpoint_metadata(config.checkpoint)["config"] == json.loads(json.dumps(config.transformer))
     state = model.state_dict()
     assert state.keys() == on_disk.keys()
     assert all(torch.equal(state[k].to(torch.bfloat16), v) for k, v in on_disk.items())   # bf16 → fp32 exact
-    fresh = build_model("short").state_dict()          # the table builds the same architecture
+    fresh = build_model(name).state_dict()             # the table builds the same architecture
     assert all(fresh[k].shape == v.shape for k, v in on_disk.items())
 
 
