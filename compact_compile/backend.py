@@ -33,7 +33,7 @@ from .plan import PlanError
 from .planner import load_plan, plan_entry_error, site_spec
 from .quantize import quantized_linears
 from .report import record
-from .schedule import per_element_timesteps, site_schedule, with_step_clock
+from .schedule import site_schedule, steps_readable, with_step_clock
 from .video_tags import with_video_tags
 
 log = logging.getLogger("compact_compile")
@@ -50,9 +50,9 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
     opts = CompactOptions.from_dict(options)
     plan = load_plan(opts)
     warmup = opts.warmup_steps
-    if opts.dense_steps is None and warmup and per_element_timesteps(gm, example_inputs):
-        log.info("compact: per-frame or per-token timesteps: no default dense warm-up (steps cannot be read "
-                 "from them; dense_steps=N asks for it anyway)")
+    if opts.dense_steps is None and warmup and not steps_readable(gm, example_inputs):
+        log.info("compact: this graph cannot tell the denoising step (no timestep input and no follow_steps, or "
+                 "per-frame/per-token timesteps): no default dense warm-up (dense_steps=N asks for it anyway)")
         warmup = 0
     schedule = site_schedule(plan, warmup)
     own_grids = patch_embedding_grids(gm)

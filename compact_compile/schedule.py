@@ -65,6 +65,7 @@ class StepClock:
         self._last: float | None = None
         self._repeats = 0                # calls in a row at the current timestep
         self._pinned: list[int] = []
+        self.followed = False            # follow_steps feeds it from a model's call
 
     def observe(self, timestep) -> int:
         value = float(timestep.max()) if isinstance(timestep, torch.Tensor) else float(timestep)
@@ -176,13 +177,17 @@ def site_schedule(plan, dense_steps: int) -> dict | None:
     return schedule
 
 
-def per_element_timesteps(gm: torch.fx.GraphModule, example_inputs) -> bool:
-    """Whether the graph's timestep input holds more than one value per sample (`[B, F]` per frame in
-    diffusion forcing, `[B, S]` per token): its maximum need not fall step after step (a frame starting
-    from noise raises it), so the clock cannot read steps from it."""
+def steps_readable(gm: torch.fx.GraphModule, example_inputs) -> bool:
+    """Whether this graph's calls can know their denoising step, as the default warm-up needs: the graph
+    has a timestep input with one value per sample, or (no timestep input: e.g. a block graph of
+    compile_repeated_blocks) follow_steps feeds the clock. A timestep with more values per sample
+    (`[B, F]` per frame in diffusion forcing, `[B, S]` per token) does not tell the step: its maximum
+    need not fall step after step (a frame starting from noise raises it)."""
     index = timestep_input(gm)
-    value = example_inputs[index] if index is not None and index < len(example_inputs) else None
-    return isinstance(value, torch.Tensor) and value.dim() > 1
+    if index is None:
+        return CLOCK.followed
+    value = example_inputs[index] if index < len(example_inputs) else None
+    return not (isinstance(value, torch.Tensor) and value.dim() > 1)
 
 
 def follow_steps(model: torch.nn.Module):
@@ -209,6 +214,7 @@ def follow_steps(model: torch.nn.Module):
         if timestep is not None:
             CLOCK.observe(timestep)
 
+    CLOCK.followed = True
     model._compact_step_hook = model.register_forward_pre_hook(observe, with_kwargs=True)
     return model._compact_step_hook
 

@@ -15,15 +15,20 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import compact_compile  # noqa: E402
+from compact_compile.schedule import CLOCK  # noqa: E402
 
 # Helpers and tiny model builders shared by the tests live in tests/support.py.
 
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
-    """Each test starts with no compiled code and an empty compact report (and leaves none behind)."""
+    """Each test starts with no compiled code, an empty compact report and a step clock that has seen no
+    timestep (and leaves none behind): the clock is process-wide, and a step left by an earlier test made
+    a later model without a timestep input run its default dense warm-up."""
     torch._dynamo.reset()
     compact_compile.report(clear=True)
+    CLOCK.reset()
     yield
+    CLOCK.reset()
     torch._dynamo.reset()
     compact_compile.report(clear=True)

@@ -424,8 +424,9 @@ def test_a_plan_matches_sites_of_a_wrapped_model(tmp_path):
             return self.transformer(**kw)
 
     with torch.no_grad():
-        bare = torch.compile(copy.deepcopy(model), backend="compact", options={"plan": plan, "inner": "eager"})(**inputs)[0]
-        wrapped = torch.compile(Pipeline(model), backend="compact", options={"plan": plan, "inner": "eager"})(**inputs)[0]
+        options = {**AS_PLANNED, "plan": plan, "inner": "eager"}
+        bare = torch.compile(copy.deepcopy(model), backend="compact", options=options)(**inputs)[0]
+        wrapped = torch.compile(Pipeline(model), backend="compact", options=options)(**inputs)[0]
     names = [s["site"] for s in compact_compile.report().sites if s["rewritten"]]
     assert names == ["blocks.0.attn1", "blocks.1.attn1", "transformer.blocks.0.attn1", "transformer.blocks.1.attn1"]
     assert relative(wrapped, bare) < 1e-6

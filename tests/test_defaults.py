@@ -69,24 +69,36 @@ def _regional(model):
     return model
 
 
-def test_regional_compile_warns_that_it_cannot_see_the_steps_and_follow_steps_feeds_them():
+def test_regional_compile_gets_the_warm_up_when_follow_steps_feeds_the_steps():
+    """Block graphs have no timestep input: without follow_steps no default warm-up (sparse from the first
+    call, quietly: nothing was asked for), with it the first steps are dense."""
     model, inputs = tiny_wan()
     with torch.no_grad():
         dense = model(**inputs)[0]
-        CLOCK.reset()
         reset_warnings()
         blind = _regional(copy.deepcopy(model))
-        with pytest.warns(UserWarning, match="follow_steps"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
             unfed = blind(**inputs)[0]
-        assert relative(unfed, dense) > 1e-3                  # no step seen: sparse from the first call
+        assert relative(unfed, dense) > 1e-3
+        torch._dynamo.reset()     # the block graph compiled above would serve the copy below (same code, same guards)
         CLOCK.reset()
         followed = _regional(copy.deepcopy(model))
         handle = compact_compile.follow_steps(followed)
         assert compact_compile.follow_steps(followed) is handle and len(followed._forward_pre_hooks) == 1
         with warnings.catch_warnings():
-            warnings.simplefilter("error")
+            warnings.simplefilter("error", UserWarning)
             assert relative(followed(**inputs)[0], dense) < 1e-5   # step 0: the dense warm-up
         handle.remove()
+
+
+def test_an_asked_for_warm_up_that_cannot_see_the_steps_warns():
+    model, inputs = tiny_wan()
+    reset_warnings()
+    model.compile_repeated_blocks(backend="compact", options={"grid": WAN_GRID, "dense_steps": 2,
+                                                              "inner": "aot_eager"})
+    with torch.no_grad(), pytest.warns(UserWarning, match="follow_steps"):
+        model(**inputs)
 
 
 def test_follow_steps_needs_a_timestep_argument():
@@ -111,7 +123,7 @@ def test_a_sampler_is_not_told_it_loops():
     reset_warnings()
     compiled = torch.compile(model, backend="compact", options={"inner": "aot_eager"})
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", UserWarning)
         for t in range(1000, 0, -50):
             for _ in range(2):
                 compiled(**dict(inputs, timestep=torch.tensor([t])))
@@ -122,13 +134,13 @@ def test_per_frame_timesteps_get_no_default_warm_up():
     clock reads, which would restart the default warm-up: it is off there (an explicit one stays)."""
     import torch.fx as fx
 
-    from compact_compile.schedule import per_element_timesteps
+    from compact_compile.schedule import steps_readable
 
     graph = fx.Graph()
     graph.placeholder("l_kwargs_timestep_")
     graph.output(None)
     gm = fx.GraphModule(torch.nn.Module(), graph)
-    assert per_element_timesteps(gm, [torch.zeros(1, 21)]) and not per_element_timesteps(gm, [torch.zeros(1)])
+    assert not steps_readable(gm, [torch.zeros(1, 21)]) and steps_readable(gm, [torch.zeros(1)])
     model, inputs = tiny_wan()        # Wan takes a timestep per token too (Wan 2.2 TI2V)
     compact_compile.report(clear=True)
     with torch.no_grad():
