@@ -8,8 +8,10 @@
     torchrun --nproc_per_node 8 benchmarks/e2e_multigpu.py --model wan14b --ring 2 --ulysses 4 --phases parallel \
         --steps 10 --dense-steps 2
     torchrun --nproc_per_node 8 benchmarks/e2e_multigpu.py --model hunyuan13b-129f --steps 10 --dense-steps 2
-    # with a calibrated plan (per-layer sites: the per-head variant compiles the whole model)
+    # with a calibrated plan (per-layer sites: the per-head variant compiles the whole model): a plan
+    # file, or one calibrated here on the random-weight model at a density budget (--calibrate 0.1)
     torchrun --nproc_per_node 8 benchmarks/e2e_multigpu.py --model wan14b --plan wan14b.plan.safetensors ...
+    torchrun --nproc_per_node 2 benchmarks/e2e_multigpu.py --model wan14b --calibrate 0.1 --variants compact-perhead
     # CPU smoke test (a tiny model of the family, gloo): the same code paths, nothing timed that matters
     torchrun --nproc_per_node 2 benchmarks/e2e_multigpu.py --smoke --model wan14b
     torchrun --nproc_per_node 4 benchmarks/e2e_multigpu.py --smoke --model wan14b --ring 2 --ulysses 2
@@ -32,7 +34,10 @@ Variants: `inductor-dense-regional`; `compact-window-regional`, the window plan 
 model; the per-head plan: `--plan PATH`, a calibrated plan file (`compact-perhead`, whole model: its
 sites are per layer, which regional graphs cannot take), else `compact-perhead-regional`, a SYNTHETIC
 plan, head i the window PER_HEAD_WINDOWS[i % 4] (uncalibrated: what the per-head path costs, not a
-plan's quality). Before enable_parallelism, `compact_compile.balance_heads(model, plan, ranks=N)`
+plan's quality). `--calibrate D`: rank 0 calibrates the model as built (random weights, so the plan is
+what Compact Attention's search makes of near-uniform attention at a budget of D of the blocks: its
+speed and per-head shape are real, its quality means nothing), one forward at the timed timestep,
+and every rank runs that plan. --variants picks which of dense, window and per-head run. Before enable_parallelism, `compact_compile.balance_heads(model, plan, ranks=N)`
 permutes the heads so that the ranks' head groups carry the same work (--no-balance: diffusers'
 split); the per-rank loads (summed block density) before and after are in the JSON.
 
@@ -95,6 +100,8 @@ SMOKE = {
                     qk_norm="rms_norm", guidance_embeds=True, text_embed_dim=32, pooled_projection_dim=16,
                     rope_axes_dim=(4, 6, 6))),
 }
+VARIANT_KIND = {DENSE: "dense", "compact-window-regional": "window", "compact-perhead": "perhead",
+                "compact-perhead-regional": "perhead"}
 SELF_ATTENTION = {"WanTransformer3DModel": "attn1", "HunyuanVideoTransformer3DModel": "attn"}
 
 
@@ -181,6 +188,8 @@ def run_phase(phase, model, spec, inputs, plan_path, args, outs_1gpu, results, s
     outs, sync = {}, (torch.cuda.synchronize if inputs[0].is_cuda else (lambda: None))
     strict = not ring and (bool(args.plan) or spec["cls"] != "HunyuanVideoTransformer3DModel")
     for name, kwargs in variants(plan_path, bool(args.plan), strict, args.dense_steps).items():
+        if VARIANT_KIND[name] not in args.variants:
+            continue
         torch._dynamo.reset()
         compact_compile.report(clear=True)
         with torch.no_grad():
@@ -195,7 +204,7 @@ def run_phase(phase, model, spec, inputs, plan_path, args, outs_1gpu, results, s
         r.update(e2e.describe(name, outs))
         if name in outs_1gpu:
             r["rel_diff_vs_1gpu"] = gathered(rel_diff(outs[name], outs_1gpu[name]))
-            if name != DENSE:
+            if name != DENSE and DENSE in outs_1gpu:
                 r["rel_diff_vs_1gpu_dense"] = gathered(rel_diff(outs[name], outs_1gpu[DENSE]))
         results.setdefault(phase, {})[name] = r
         save()
@@ -217,6 +226,23 @@ def speedups(results):
                     r["loop_speedup_vs_1gpu"] = results["1gpu"][name]["step_loop_s"] / r["step_loop_s"]
 
 
+def calibrated_plan(model, spec, inputs, density, path):
+    """Rank 0 calibrates `model` (one forward, dense attention recording block mass) at a density budget
+    and saves the plan to `path`; every rank returns it. Calibration time in the plan's info."""
+    if dist.get_rank() == 0:
+        t0 = time.time()
+        with torch.no_grad(), compact_compile.calibrate(model, density=density, dense_steps=0, inner="aot_eager",
+                                                        options=dict(block_size=spec["block"])) as cal:
+            e2e.forward(model, spec, *inputs)
+        plan = cal.plan
+        plan.info.update(calibrated=f"random weights, density budget {density}, one forward",
+                         calibrate_s=round(time.time() - t0, 1))
+        plan.save(path)
+        torch._dynamo.reset()
+    dist.barrier()
+    return Plan.load(path)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="wan14b", choices=["wan14b", "hunyuan13b-129f", "hunyuan13b", "wan1.3b"])
@@ -225,6 +251,10 @@ def main():
     ap.add_argument("--ring-backend", default="_native_cudnn", help="diffusers attention backend for a ring")
     ap.add_argument("--phases", nargs="*", default=["1gpu", "parallel"], choices=["1gpu", "parallel"])
     ap.add_argument("--plan", help="a calibrated plan file for the per-head variant (default: a synthetic one)")
+    ap.add_argument("--calibrate", type=float, metavar="DENSITY",
+                    help="calibrate the per-head plan here at this density budget (instead of --plan)")
+    ap.add_argument("--variants", nargs="*", choices=["dense", "window", "perhead"],
+                    default=["dense", "window", "perhead"], help="which variants run (default: all three)")
     ap.add_argument("--no-balance", dest="balance", action="store_false", help="keep diffusers' head split")
     ap.add_argument("--reps", type=int, default=3, help="timed forwards per variant (after one warm)")
     ap.add_argument("--steps", type=int, default=0, help="denoising-loop steps (0: no loop)")
@@ -251,17 +281,25 @@ def main():
     # the block graphs do not see the timestep: feed the step clock from the model's own call
     compact_compile.follow_steps(model)
 
-    plan = Plan.load(args.plan) if args.plan else synthetic_per_head_plan(spec, spec["block"])
+    if args.plan and args.calibrate:
+        ap.error("give --plan or --calibrate, not both")
+    if args.calibrate:
+        plan = calibrated_plan(model, spec, inputs, args.calibrate,
+                               os.path.join(tempfile.gettempdir(), "e2e-multigpu-calibrated.plan.safetensors"))
+        args.plan = "calibrated here"
+    else:
+        plan = Plan.load(args.plan) if args.plan else synthetic_per_head_plan(spec, spec["block"])
     if args.plan and not any("." in site for site in plan.sites):
         ap.error("--plan: expected a calibrated plan with per-layer sites (the variant compiles the whole model)")
     plan_path = os.path.join(tempfile.gettempdir(), f"e2e-multigpu-perhead-rank{rank}.plan.safetensors")
     plan.save(plan_path)
     layout = f"ring{args.ring}xulysses{ulysses}" if args.ring > 1 else f"ulysses{ulysses}"
-    model_name = ("smoke-" if args.smoke else "") + args.model
+    model_name = ("smoke-" if args.smoke else "") + args.model + ("-calibrated" if args.plan else "")
     meta = dict(device=torch.cuda.get_device_name() if cuda else "cpu", world_size=world, ulysses=ulysses,
                 ring=args.ring, torch=torch.__version__, model=model_name, config=spec["config"],
                 latent=spec["latent"], text=spec["text"], window=spec["window"], block_size=spec["block"],
-                reps=args.reps, steps=args.steps, dense_steps=args.dense_steps, compile="regional",
+                reps=args.reps, steps=args.steps, dense_steps=args.dense_steps,
+                compile="regional" + (" (the calibrated per-head plan: whole model)" if args.plan else ""),
                 per_head_plan=dict(plan.info, path=args.plan, balance=args.balance,
                                    rank_loads_contiguous=loads(plan, ulysses)))
     results = {}
@@ -311,7 +349,7 @@ def enable_parallelism(model, spec, ulysses, args):
         model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=ulysses, ring_degree=args.ring),
                                  cp_plan=hunyuan_cp_plan() if hunyuan else None)
     if hunyuan:
-        JointUlysses.install(spec["text"][1], dist.get_rank())     # Ulysses only: the global rank
+        JointUlysses.install(spec["text"][1], ulysses, dist.get_rank())     # Ulysses only: the global rank
 
 
 def hunyuan_cp_plan():
@@ -336,8 +374,12 @@ class JointUlysses:
         self.dispatch, self.n_text, self.rank = dispatch, n_text, rank   # rank in the Ulysses group
 
     @classmethod
-    def install(cls, n_text, rank):
+    def install(cls, n_text, degree, rank):
         from diffusers.models.transformers import transformer_hunyuan_video as module
+
+        if n_text % degree:   # each rank sends 1/n of the text through the all-to-all: a remainder would be lost
+            raise SystemExit(f"HunyuanVideo under Ulysses {degree}: the text's {n_text} tokens do not split "
+                             f"into {degree} equal parts; pad the prompt to a multiple of {degree}")
 
         module.dispatch_attention_fn = cls(module.dispatch_attention_fn, n_text, rank)
 

@@ -129,9 +129,12 @@ def plan_entry(plan: Plan, site: str) -> str:
         return outside[0]
     if layered:   # the site's name drops a layer index: one graph stands for many layers
         raise PlanError(f"plan has per-layer sites (e.g. {layered[0]!r}) but this graph's site is {site!r}: "
-                        f"regional compilation (compile_repeated_blocks) compiles one graph for all blocks, so it "
-                        f"takes one mask for all layers (plan='window' or 'dynamic'); compile the whole model to use "
-                        f"a per-layer plan")
+                        f"this graph starts inside a block, so it cannot tell which layer it is. Either regional "
+                        f"compilation (compile_repeated_blocks: one graph for all blocks, so one mask for all layers, "
+                        f"plan='window' or 'dynamic'; compile the whole model to use a per-layer plan) or a graph "
+                        f"break before the block (TORCH_LOGS=graph_breaks shows where; diffusers' context-parallel "
+                        f"hooks break the graph on the first call if it is compiled: call the model once before "
+                        f"compiling it)")
     raise PlanError(f"plan has no site {site!r} (it has {len(plan.sites)} sites, e.g. {list(plan.sites)[:3]}): "
                     f"is it a plan for another model?")
 

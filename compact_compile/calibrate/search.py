@@ -13,7 +13,9 @@ can only go further while still guaranteeing it.)
 
 Moves per frame group on (ω1, η1, ω2, η2): shrink one parameter; shrink both windows' ω (or η) —
 the box move, needed while the windows are equal because one alone changes nothing; shrink η1 with
-ω2 (or ω1 with η2) — carving a cross out of a box; drop the group (skip those frames).
+ω2 (or ω1 with η2) — carving a cross out of a box; drop the group (skip those frames). Group 0 (the
+query's own frames) always keeps a window, so every query block keeps at least its own key block,
+whatever τ, λ or a density budget allow.
 
 Every candidate is evaluated in O(1) from 2D prefix sums. For a group g let
     Hm[g, dh, dw] = Σ (|n|/S)·A[n, m] over video block pairs (n, m) whose representative tiles are at
@@ -143,6 +145,9 @@ def greedy(tables: _Tables, family: Family, tau: float, lam: float, params: torc
         cand[:, :, -1] = -1                                                # drop the group
         valid = (cand >= -1).all(-1) & ~(params[:, :, None, :] == -1).all(-1)
         cand = _normalise(cand.clamp(min=-1))
+        # group 0 holds each query block's own key block (temporal and spatial offset 0): keep one window
+        # there, or a query block could end up attending to nothing (a zero output; Plan refuses it)
+        valid[:, 0] &= ~(cand[:, 0] == -1).all(-1)
         new_m = _union(tables.mass[:, :, None, :], cand, ntw)
         new_c = _union(tables.count[None, :, None, :], cand, ntw)
         loss = (um[..., None] - new_m).clamp(min=0)

@@ -81,9 +81,13 @@ def module_path(node: fx.Node) -> str:
         return node.name
     path = list(stack.values())[-1][0]
     path = re.sub(r"\[['\"]([^'\"]+)['\"]\]", r".\1", path)       # ['blocks'] -> .blocks
-    # a module with diffusers hooks (context parallelism's) is called through its hook registry's
-    # `function_reference.forward`, whose __self__ is the module itself
+    # a module with diffusers hooks (context parallelism's) is called through its hook registry: its
+    # `forward` is a partial of a closure whose function reference's `forward.__self__` is the module
+    # itself ("blocks.0.forward.func.__closure__[0].cell_contents.forward.__self__.attn1"; older
+    # diffusers: "…function_reference.forward.__self__…"): the path from `forward` to `__self__` is
+    # the module again
     path = path.replace("function_reference.forward.__self__", "")
+    path = re.sub(r"\.forward\.(?:[^.]+\.)*?__self__(?=\.|$)", "", path)
     parts = [p for p in path.split(".") if p not in ("L", "self", "__dict__", "_modules", "")]
     return ".".join(parts) or node.name
 

@@ -13,7 +13,7 @@ from compact_compile.calibrate.patterns import Family
 from compact_compile.calibrate.search import density, recall, search_sites, union
 from compact_compile.calibrate.stats import CalibrationStats
 from compact_compile.layout import TokenLayout
-from compact_compile.plan import Plan
+from compact_compile.plan import Plan, SitePlan
 
 TILES = [(1, 2, 2), (1, 2, 4), (2, 2, 2), (1, 4, 4)]
 
@@ -58,6 +58,22 @@ def test_searched_masks_keep_recall_at_least_tau(layout, heads, tau, lam, seed):
         assert d[0] == pytest.approx(1.0) and r[0] == pytest.approx(1.0)
         assert all(b < a for a, b in zip(d, d[1:])) and all(b <= a + 1e-12 for a, b in zip(r, r[1:]))
         assert r[-1] >= tau
+
+
+@settings(max_examples=40, deadline=None)
+@given(layouts(), st.integers(1, 4), st.sampled_from([1e-9, 0.05, 0.3]), st.integers(0, 2**31))
+def test_every_query_block_keeps_its_own_block(layout, heads, tau, seed):
+    """However far the search contracts (recall floor near 0, no λ limit: a density budget's worst
+    case), each query block keeps its own key block, so no row of a plan attends to nothing and the
+    plan saves and loads (Plan refuses a row with no block)."""
+    mass = structured_mass(layout, heads, torch.Generator().manual_seed(seed))
+    res = search_sites({"s": mass}, Family(layout), tau, math.inf)["s"]
+    assert res.blocks.diagonal(dim1=-2, dim2=-1).all()
+    plan = Plan(layout.grid, layout.tile, layout.block_size,
+                {"s": SitePlan(heads, 16, layout.seq_len, layout.n_text, layout.n_before, res.blocks)})
+    with tempfile.TemporaryDirectory() as d:
+        plan.save(Path(d) / "p.plan.safetensors")
+        assert torch.equal(Plan.load(Path(d) / "p.plan.safetensors").sites["s"].blocks, res.blocks)
 
 
 @settings(max_examples=40, deadline=None)
