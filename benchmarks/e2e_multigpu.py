@@ -315,12 +315,14 @@ def main():
     if "1gpu" in args.phases:
         outs_1gpu = run_phase("1gpu", model, spec, inputs, plan_path, args, {}, results, save)
     if "parallel" in args.phases:
-        if args.balance:
+        if args.balance and "perhead" in args.variants:
             plan = compact_compile.balance_heads(model, plan, ranks=ulysses)
             meta["per_head_plan"].update(rank_loads_balanced=loads(plan, ulysses),
                                          head_permutations=plan.info["head_permutations"])
             plan.save(plan_path)
         enable_parallelism(model, spec, ulysses, args)
+        with torch.no_grad():   # diffusers' split hook reads the blocks' signature on its first call, which
+            e2e.forward(model, spec, *inputs)   # would break a whole-model graph compiled around it
         run_phase(layout, model, spec, inputs, plan_path, args, outs_1gpu, results, save, ring=args.ring > 1)
     dist.destroy_process_group()
 
