@@ -20,8 +20,9 @@ by the price that meets it. λ is the recall a head may lose per unit of density
 for all heads stops each head where its next shrink costs more than λ, which is how a budget is
 best shared (a head with concentrated attention gives up most of its blocks, a near-uniform head
 few). Each head's greedy path is fixed and a larger λ only lets it go further, so the mean density
-falls monotonically with λ: a bisection on log λ finds the densest plan within the budget, per
-step range, union over inputs included.
+falls monotonically with λ, changing only at the prices where some head steps: a binary search over
+those prices finds the densest plan within the budget, per step range, union over inputs included;
+each path is searched once (search.GreedyPath).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import torch
 from ..plan import Plan, SitePlan
 from ..schedule import make_schedule, range_site_name
 from .patterns import DEFAULT_GROUPS, Family
-from .search import SiteSearch, density, recall, search_sites, union
+from .search import SiteSearch, density, recall, search_paths, union
 from .stats import CalibrationStats
 
 MERGES = ("union", "mean")
@@ -49,64 +50,151 @@ def fingerprint(stats: CalibrationStats) -> dict:
     return dict(sites=len(shapes), shapes=kinds, digest=digest)
 
 
+class StatsSearch:
+    """Every site of one set of statistics searched once (greedy paths to their end, search.py); the
+    masks at any λ are read off the paths. The first `dense_layers` sites (in call order) stay full."""
+
+    def __init__(self, stats: CalibrationStats, tau: float, groups=DEFAULT_GROUPS, dense_layers: int = 0,
+                 progress=None):
+        by_layout: dict = {}
+        for i, (name, s) in enumerate(stats.sites.items()):
+            if i >= dense_layers:
+                by_layout.setdefault(s.layout, {})[name] = s.mass
+        self.stats, self.groups = stats, tuple(groups)
+        self.paths = [search_paths(masses, Family(layout, self.groups), tau, progress)
+                      for layout, masses in by_layout.items()]
+        self.path_of = {name: paths for paths in self.paths for name in paths.masses}
+
+    def at(self, lam: float) -> dict[str, SiteSearch]:
+        found = {}
+        for paths in self.paths:
+            found.update(paths.at(lam))
+        return {name: found[name] if name in found else self._full(name) for name in self.stats.sites}
+
+    def steps_at(self, lam: float) -> dict[str, torch.Tensor]:
+        """Per site, the steps each head takes at λ (none for a dense layer)."""
+        out = {}
+        for name, s in self.stats.sites.items():
+            paths = self.path_of.get(name)
+            if paths is None:
+                out[name] = torch.zeros(s.heads, dtype=torch.long)
+            else:
+                start = paths.first_head(name)
+                out[name] = paths.path.steps(lam)[start:start + s.heads]
+        return out
+
+    def head_blocks(self, name: str, heads: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        paths = self.path_of.get(name)
+        if paths is None:
+            return self._full(name).blocks[heads]
+        return paths.head_blocks(name, heads, steps)
+
+    def searched_density_at(self, lam: float) -> float:
+        """Mean over every head of the searched masks' density at λ: at most the realised density
+        (a realised map keeps every block its representative tiles keep, and maybe more)."""
+        parts = [paths.path.density[paths.path.steps(lam), torch.arange(paths.path.density.shape[1])]
+                 for paths in self.paths]
+        dense = sum(s.heads for name, s in self.stats.sites.items() if name not in self.path_of)
+        return (torch.cat(parts).sum().item() + dense) / sum(s.heads for s in self.stats.sites.values())
+
+    def prices(self) -> torch.Tensor:
+        """Every λ at which some head takes a step."""
+        ratios = torch.cat([paths.path.ratios.flatten() for paths in self.paths] or [torch.empty(0)])
+        return ratios[ratios.isfinite()].clamp(min=LAMBDA_RANGE[0])
+
+    def _full(self, name: str) -> SiteSearch:   # a dense layer
+        s = self.stats.sites[name]
+        fam = Family(s.layout, self.groups)
+        blocks = fam.block_map(fam.full_params(s.heads))
+        return SiteSearch(fam.full_params(s.heads), blocks, recall(blocks, s.mass, s.layout), density(blocks),
+                          [[(1.0, 1.0)] for _ in range(s.heads)])
+
+
 def search_stats(stats: CalibrationStats, tau: float, lam: float, groups=DEFAULT_GROUPS, dense_layers: int = 0,
                  progress=None) -> dict[str, SiteSearch]:
-    """Search every site of one step range; the first `dense_layers` sites (in call order) stay full."""
-    by_layout: dict = {}
-    for i, (name, s) in enumerate(stats.sites.items()):
-        if i >= dense_layers:
-            by_layout.setdefault(s.layout, {})[name] = s.mass
-    found = {}
-    for layout, masses in by_layout.items():
-        found.update(search_sites(masses, Family(layout, tuple(groups)), tau, lam, progress))
-    out = {}
-    for i, (name, s) in enumerate(stats.sites.items()):
-        if name in found:
-            out[name] = found[name]
-        else:  # a dense layer
-            fam = Family(s.layout, tuple(groups))
-            p = fam.full_params(s.heads)
-            blocks = fam.block_map(p)
-            out[name] = SiteSearch(p, blocks, recall(blocks, s.mass, s.layout), density(blocks),
-                                   [[(1.0, 1.0)] for _ in range(s.heads)])
-    return out
+    """Search every site of one step range at (τ, λ)."""
+    return StatsSearch(stats, tau, groups, dense_layers, progress).at(lam)
 
 
-def _search_range(total: CalibrationStats, gens: list[CalibrationStats], tau: float, lam: float, groups,
-                  dense_layers: int, merge: str, progress=None) -> dict[str, SiteSearch]:
-    """One step range's masks: searched on the accumulated statistics, OR-ed with each input's."""
-    result = search_stats(total, tau, lam, groups, dense_layers, progress)
-    if merge == "union" and len(gens) > 1:
-        for g in gens:
-            for name, res in search_stats(g, tau, lam, groups, dense_layers, progress).items():
-                result[name].blocks = union(result[name].blocks, res.blocks)
-    return result
+class RangeSearch:
+    """One step range's masks: searched on the accumulated statistics, OR-ed (merge "union") with each
+    input's. Every search runs once; a λ then reads the masks off the greedy paths. The realised
+    density of each head is kept per state (its steps in each search), so a bisection over λ
+    realises only the heads whose state it has not seen."""
 
+    def __init__(self, total: CalibrationStats, gens: list[CalibrationStats], tau: float, groups,
+                 dense_layers: int, merge: str, progress=None):
+        inputs = [total] + (gens if merge == "union" and len(gens) > 1 else [])
+        self.searches = [StatsSearch(s, tau, groups, dense_layers, progress) for s in inputs]
+        self.sites = total.sites
+        self._density: dict = {}     # (site, head, steps in each search) → realised density
 
-def mean_density(result: dict[str, SiteSearch]) -> float:
-    """Fraction of blocks computed over every head of every site, each head counted once."""
-    return torch.cat([density(r.blocks) for r in result.values()]).mean().item()
+    def at(self, lam: float) -> dict[str, SiteSearch]:
+        result = self.searches[0].at(lam)
+        for search in self.searches[1:]:
+            steps = search.steps_at(lam)
+            for name, res in result.items():
+                res.blocks = union(res.blocks, search.head_blocks(name, torch.arange(len(steps[name])), steps[name]))
+        return result
+
+    def density_at(self, lam: float) -> float:
+        """Fraction of blocks computed at λ over every head of every site, each head counted once."""
+        steps = [search.steps_at(lam) for search in self.searches]
+        found = []
+        for name, s in self.sites.items():
+            keys = [(name, h, *(int(st[name][h]) for st in steps)) for h in range(s.heads)]
+            missing = torch.tensor([h for h, key in enumerate(keys) if key not in self._density], dtype=torch.long)
+            if len(missing):
+                maps = union(*(search.head_blocks(name, missing, st[name][missing])
+                               for search, st in zip(self.searches, steps)))
+                for h, d in zip(missing.tolist(), density(maps).tolist()):
+                    self._density[keys[h]] = d
+            found += [self._density[key] for key in keys]
+        return sum(found) / len(found)
+
+    def searched_density_at(self, lam: float) -> float:
+        return self.searches[0].searched_density_at(lam)
+
+    def prices(self) -> torch.Tensor:
+        return torch.unique(torch.cat([search.prices() for search in self.searches]))     # sorted
 
 
 LAMBDA_RANGE = (1e-8, 1e4)
-BISECTIONS = 24   # λ to within a factor of 1e12 ** (1 / 2 ** 24) of the densest plan in budget
 
 
-def price_for_density(target: float, search) -> tuple[float, dict[str, SiteSearch]]:
-    """(λ, `search(λ)`) for the smallest λ whose plan computes at most `target` of the blocks; the
-    sparsest reachable plan (largest λ) when the budget is below it."""
-    lo, hi = LAMBDA_RANGE
-    best = search(hi)
-    if mean_density(best) > target:
-        return hi, best
-    for _ in range(BISECTIONS):
-        mid = (lo * hi) ** 0.5
-        found = search(mid)
-        if mean_density(found) <= target:
-            hi, best = mid, found
+def price_for_density(target: float, search: RangeSearch) -> float:
+    """The smallest λ whose plan computes at most `target` of the blocks (the largest step price, the
+    sparsest reachable plan, when the budget is below it). The density only changes at the prices
+    where some head takes a step, so λ is one of them: a binary search over them. It starts where
+    the searched density (free to read, a lower bound of the realised one) meets the target, and
+    widens upward from there, so it realises few heads beyond one plan's worth."""
+    prices = search.prices().tolist()
+    if not prices:
+        return LAMBDA_RANGE[1]
+    if search.density_at(prices[-1]) > target:
+        return prices[-1]
+    meets = lambda i: search.density_at(prices[i]) <= target  # noqa: E731
+    hi = len(prices) - 1                       # prices[hi] meets the budget; below lo, none does
+    a, b = 0, hi
+    while a < b:                               # where the searched density first meets it
+        mid = (a + b) // 2
+        if search.searched_density_at(prices[mid]) <= target:
+            b = mid
         else:
-            lo = mid
-    return hi, best
+            a = mid + 1
+    lo, step, i = a, 1, a
+    while not meets(i):                        # gallop up to a price that meets it
+        lo, i, step = i + 1, min(i + step, hi), 2 * step
+    hi = i
+    if lo > 0 and meets(lo - 1):               # the lower bound failed (it should not): search all below
+        lo = 0
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if meets(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return prices[hi]
 
 
 def build_plan(ranges: list[list[CalibrationStats]], *, recall_target: float = 0.9, cost: float = 0.011,
@@ -133,12 +221,11 @@ def build_plan(ranges: list[list[CalibrationStats]], *, recall_target: float = 0
     plan = Plan(first.grid, first.tile, first.block_size)
     heads_info, prices = {}, []
     for r, (total, gens) in enumerate(zip(totals, ranges)):
-        if density_target is None:
-            result = _search_range(total, gens, recall_target, cost, groups, dense_layers, merge, progress)
-        else:
-            lam, result = price_for_density(density_target, lambda lam, total=total, gens=gens: _search_range(
-                total, gens, recall_target, lam, groups, dense_layers, merge))
-            prices.append(dict(steps=list(total.steps), cost=lam, density=round(mean_density(result), 6)))
+        search = RangeSearch(total, gens, recall_target, groups, dense_layers, merge, progress)
+        lam = cost if density_target is None else price_for_density(density_target, search)
+        result = search.at(lam)
+        if density_target is not None:
+            prices.append(dict(steps=list(total.steps), cost=lam, density=round(search.density_at(lam), 6)))
         for name, res in result.items():
             s = total.sites[name]
             if (s.layout.grid, s.layout.tile, s.layout.block_size) != (plan.grid, plan.tile, plan.block_size):

@@ -132,15 +132,17 @@ def _normalise(params: torch.Tensor) -> torch.Tensor:
     return p
 
 
-def greedy(tables: _Tables, family: Family, tau: float, lam: float, params: torch.Tensor):
-    """Contract params `[N, G, 4]` for N heads at once; returns (params, curves)."""
+def greedy(tables: _Tables, family: Family, tau: float, params: torch.Tensor) -> "GreedyPath":
+    """Contract params `[N, G, 4]` for N heads at once, each head to the end of its path (no shrink
+    keeps recall ≥ τ). λ is not needed here: it only says where along the path a head stops."""
     ntw = family.layout.tile_grid[2]
     N, G, _ = params.shape
     moves = torch.cat([MOVES, torch.zeros(1, 4, dtype=MOVES.dtype)])     # last row: drop, set below
     um, uc = _union(tables.mass, params, ntw), _union(tables.count[None], params, ntw)
     R, C = tables.const_mass + um.sum(1), tables.const_count + uc.sum(1)
-    history, active = [(C.clone(), R.clone(), torch.ones(N, dtype=torch.bool))], torch.ones(N, dtype=torch.bool)
-    while active.any():
+    states, ratios, densities, recalls = [params.clone()], [], [C.clone()], [R.clone()]
+    rows = torch.arange(N)
+    while True:
         cand = params[:, :, None, :] + moves                               # [N, G, 9, 4]
         cand[:, :, -1] = -1                                                # drop the group
         valid = (cand >= -1).all(-1) & ~(params[:, :, None, :] == -1).all(-1)
@@ -157,42 +159,107 @@ def greedy(tables: _Tables, family: Family, tau: float, lam: float, params: torc
         # least recall lost per compute saved; among equal ratios (e.g. zero loss) the larger saving
         best = (ratio - 1e-9 * saved).flatten(1).argmin(1)
         g, j = best // moves.shape[0], best % moves.shape[0]
-        rows = torch.arange(N)
         best_ratio = ratio[rows, g, j]
-        active = active & torch.isfinite(best_ratio) & (best_ratio <= lam)
-        i = rows[active]
-        params[i, g[active]] = cand[i, g[active], j[active]]
-        um[i, g[active]] = new_m[i, g[active], j[active]]
-        uc[i, g[active]] = new_c[i, g[active], j[active]]
+        moving = torch.isfinite(best_ratio)
+        if not moving.any():
+            break
+        i = rows[moving]
+        params[i, g[moving]] = cand[i, g[moving], j[moving]]
+        um[i, g[moving]] = new_m[i, g[moving], j[moving]]
+        uc[i, g[moving]] = new_c[i, g[moving], j[moving]]
         R, C = tables.const_mass + um.sum(1), tables.const_count + uc.sum(1)
-        history.append((C.clone(), R.clone(), active.clone()))
-    curves = [[(float(c[h]), float(r[h])) for c, r, moved in history if moved[h]] for h in range(N)]
-    return params, curves
+        states.append(params.clone())
+        ratios.append(best_ratio)
+        densities.append(C.clone())
+        recalls.append(R.clone())
+    return GreedyPath(torch.stack(states), torch.stack(ratios) if ratios else torch.empty(0, N, dtype=torch.float64),
+                      torch.stack(densities), torch.stack(recalls))
 
 
-def search_sites(masses: dict[str, torch.Tensor], family: Family, tau: float = 0.9, lam: float = 0.011,
-                 progress=None) -> dict[str, SiteSearch]:
-    """Search every head of every site (`{name: A [H, nb, nb]}`, all of `family`'s layout) in one
-    batched greedy loop; realise each site's block maps and measure them exactly."""
+@dataclass
+class GreedyPath:
+    """Every head's greedy path from full attention to its end. A head's path does not depend on λ
+    (each step takes the least ratio there is); λ stops the head at its first step whose ratio exceeds
+    λ. So one path serves every λ: a density budget's bisection over λ reads it, never searches again."""
+    params: torch.Tensor       # int64 [T + 1, N, G, 4]: after t steps (a head at its end keeps its params)
+    ratios: torch.Tensor       # float64 [T, N]: the ratio of each head's step t (inf: no step left)
+    density: torch.Tensor      # float64 [T + 1, N], of the searched (not realised) masks
+    recall: torch.Tensor       # float64 [T + 1, N]
+
+    def steps(self, lam: float) -> torch.Tensor:
+        """Steps each head takes under λ: those before its first ratio above λ."""
+        if not lam > 0:
+            raise ValueError(f"cost limit λ must be > 0 (inf disables it), not {lam}")
+        return ((self.ratios <= lam) & self.ratios.isfinite()).long().cumprod(0).sum(0)
+
+    def params_at(self, lam: float) -> torch.Tensor:
+        return self.params[self.steps(lam), torch.arange(self.params.shape[1])]
+
+    def curves_at(self, lam: float) -> list:
+        """Per head [(density, recall), …] from full attention to where λ stops it."""
+        return [[(float(self.density[t, h]), float(self.recall[t, h])) for t in range(int(n) + 1)]
+                for h, n in enumerate(self.steps(lam))]
+
+
+@dataclass
+class SitePaths:
+    """The greedy paths of every head of some sites of one layout, and what realises them at a λ."""
+    family: Family
+    masses: dict               # {site: A [H, nb, nb]} float64 on the CPU
+    path: GreedyPath           # heads of all sites, in `masses` order
+
+    def first_head(self, name: str) -> int:
+        """Index in the path of site `name`'s head 0."""
+        start = 0
+        for other, mass in self.masses.items():
+            if other == name:
+                return start
+            start += mass.shape[0]
+        raise KeyError(name)
+
+    def head_blocks(self, name: str, heads: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """Realised block maps of some heads of site `name`, each after its given number of steps."""
+        return self.family.block_map(self.path.params[steps, self.first_head(name) + heads])
+
+    def blocks_at(self, lam: float) -> dict[str, torch.Tensor]:
+        """Each site's realised block maps at λ (bool [H, nb, nb])."""
+        params, out, start = self.path.params_at(lam), {}, 0
+        for name, mass in self.masses.items():
+            out[name] = self.family.block_map(params[start:start + mass.shape[0]])
+            start += mass.shape[0]
+        return out
+
+    def at(self, lam: float) -> dict[str, SiteSearch]:
+        """Each site's masks at λ, measured exactly on its statistics."""
+        params, curves, start, out = self.path.params_at(lam), self.path.curves_at(lam), 0, {}
+        for name, blocks in self.blocks_at(lam).items():
+            h = blocks.shape[0]
+            out[name] = SiteSearch(params[start:start + h], blocks, recall(blocks, self.masses[name], self.family.layout),
+                                   density(blocks), curves[start:start + h])
+            start += h
+        return out
+
+
+def search_paths(masses: dict[str, torch.Tensor], family: Family, tau: float = 0.9, progress=None) -> SitePaths:
+    """The greedy paths of every head of every site (`{name: A [H, nb, nb]}`, all of `family`'s
+    layout), in one batched loop."""
     if not 0.0 < tau < 1.0:
         raise ValueError(f"recall target τ must be in (0, 1), not {tau}")
-    if not lam > 0:
-        raise ValueError(f"cost limit λ must be > 0 (inf disables it), not {lam}")
-    names = list(masses)
+    masses = {name: m.double().cpu() for name, m in masses.items()}
     parts = []
-    for name in names:
-        parts.append(_tables(masses[name].double().cpu(), family))
+    for mass in masses.values():
+        parts.append(_tables(mass, family))
         if progress is not None:
             progress.update(1)
     tables = _Tables(torch.cat([t.mass for t in parts]), parts[0].count,
                      torch.cat([t.const_mass for t in parts]), parts[0].const_count)
-    heads = [masses[n].shape[0] for n in names]
-    params, curves = greedy(tables, family, tau, lam, family.full_params(sum(heads)))
-    out, start = {}, 0
-    for name, h in zip(names, heads):
-        p = params[start:start + h]
-        blocks = family.block_map(p)
-        out[name] = SiteSearch(p, blocks, recall(blocks, masses[name].double().cpu(), family.layout),
-                               density(blocks), curves[start:start + h])
-        start += h
-    return out
+    heads = sum(m.shape[0] for m in masses.values())
+    return SitePaths(family, masses, greedy(tables, family, tau, family.full_params(heads)))
+
+
+def search_sites(masses: dict[str, torch.Tensor], family: Family, tau: float = 0.9, lam: float = 0.011,
+                 progress=None) -> dict[str, SiteSearch]:
+    """Search every head of every site at (τ, λ); realise each site's block maps and measure them exactly."""
+    if not lam > 0:
+        raise ValueError(f"cost limit λ must be > 0 (inf disables it), not {lam}")
+    return search_paths(masses, family, tau, progress).at(lam)

@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compact_compile.calibrate.build import build_plan, search_stats
+from compact_compile.calibrate.build import LAMBDA_RANGE, RangeSearch, build_plan, search_stats
+from compact_compile.calibrate.patterns import DEFAULT_GROUPS
 from compact_compile.calibrate.patterns import Family
 from compact_compile.calibrate.search import density, recall, search_sites, union
 from compact_compile.calibrate.stats import CalibrationStats
@@ -174,6 +175,34 @@ def test_a_density_budget_is_met_and_shared_by_need(seed):
         found.append(achieved)
         assert plan.info["calibration"]["density"] == target and plan.info["calibration"]["cost"] is None
     assert found == sorted(found, reverse=True)
+
+
+@settings(max_examples=25, deadline=None)
+@given(layouts(), st.floats(0.05, 0.9), st.sampled_from(["mean", "union"]), st.integers(0, 1), st.integers(0, 2**31))
+def test_a_density_budget_finds_the_densest_plan_within_it(layout, target, merge, dense_layers, seed):
+    """On any layout (tiles cut by the grid's edges, text blocks, dense layers, unions over inputs) the
+    price found meets the budget with the realised maps, measured afresh, and the next lower price at
+    which any head steps does not: no plan in budget is denser."""
+    gens = [_stats(layout, 2, 2, seed + i) for i in range(2)]
+    plan = build_plan([gens], density_target=target, recall_target=1e-9, dense_steps=3, merge=merge,
+                      dense_layers=dense_layers)
+    lam = plan.info["calibration"]["prices"][0]["cost"]
+    fresh = RangeSearch(_merged(gens), gens, 1e-9, DEFAULT_GROUPS, dense_layers, merge)
+    realised = torch.cat([density(s.blocks) for s in plan.sites.values()]).mean().item()
+    assert realised == pytest.approx(fresh.density_at(lam), abs=1e-12)
+    prices = fresh.prices().tolist()
+    lower = [p for p in prices if p < lam]
+    if realised <= target:
+        assert not lower or fresh.density_at(lower[-1]) > target
+    else:   # below the sparsest reachable plan: the largest price (none: no head can shrink at all)
+        assert lam == (prices[-1] if prices else LAMBDA_RANGE[1])
+
+
+def _merged(gens):
+    total = CalibrationStats(gens[0].steps)
+    for g in gens:
+        total.merge(g)
+    return total
 
 
 def test_a_density_budget_gives_planted_heads_what_they_need():
