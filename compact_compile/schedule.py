@@ -49,7 +49,9 @@ import torch
 log = logging.getLogger("compact_compile")
 
 STEP_SOURCE = "timestep"
-_TIMESTEP_PLACEHOLDER = re.compile(r"^l_(kwargs_)?timestep_$")   # model(timestep=…) / forward frame
+# model(timestep=…) / the forward frame / a wrapper passing **kw or **model_kwargs on; not a module's
+# parameter or buffer that happens to be called timestep (l_self_modules_…_buffers_timestep_)
+_TIMESTEP_PLACEHOLDER = re.compile(r"^l_(?!.*_(?:modules|parameters|buffers)_)(?:\w+_)?timestep_$")
 _POSITIONAL_PLACEHOLDER = re.compile(r"^l_args_(\d+)_$")           # model(x, t, …) through *args
 
 
@@ -222,8 +224,8 @@ def follow_steps(model: torch.nn.Module):
 def timestep_input(gm: torch.fx.GraphModule) -> int | None:
     """Position of the graph's `timestep` placeholder, if it has one.
 
-    By name when the timestep was passed by keyword (`l_kwargs_timestep_`) or the compiled frame is
-    the model's forward (`l_timestep_`). A positional call through `Module.__call__(*args)` names it
+    By name when the timestep was passed by keyword (`l_kwargs_timestep_`, or through a wrapper's
+    `**kw`: `l_kw_timestep_`) or the compiled frame is the model's forward (`l_timestep_`). A positional call through `Module.__call__(*args)` names it
     `l_args_1_`; then the frame's `self` (read from Dynamo's current translator, a private API,
     hence the fallback to "not found") gives the forward signature that maps positions to names."""
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]

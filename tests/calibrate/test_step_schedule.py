@@ -110,6 +110,49 @@ def test_timestep_placeholder_by_name_feeds_the_clock():
     assert with_step_clock(gm, gm.forward, None) == gm.forward   # no schedule: as is
 
 
+class _Inner(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.register_buffer("timestep", torch.ones(1))       # a buffer of that name is not the input
+
+    def forward(self, x, timestep):
+        return self.proj(x) * timestep * self.timestep
+
+
+class _KeywordWrapper(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.model = _Inner()
+
+    def forward(self, **kw):
+        return self.model(**kw)
+
+
+class _NamedKeywordWrapper(_KeywordWrapper):
+    def forward(self, x, **model_kwargs):
+        return self.model(x, **model_kwargs)
+
+
+@pytest.mark.parametrize("wrapper", [_KeywordWrapper, _NamedKeywordWrapper])
+def test_a_wrapper_passing_keywords_on_still_shows_its_timestep(wrapper):
+    """A model wrapped in a forward(**kw) (or forward(x, **model_kwargs)) hands Dynamo its timestep as
+    `l_kw_timestep_` (`l_model_kwargs_timestep_`): still the timestep input, unlike the module's
+    own buffer named timestep."""
+    found = []
+
+    def capture(gm, example_inputs):
+        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+        found.append((names, timestep_input(gm)))
+        return gm.forward
+
+    x, t = torch.ones(2, 4), torch.tensor([3.0])
+    model = torch.compile(wrapper(), backend=capture)
+    model(x=x, timestep=t) if wrapper is _KeywordWrapper else model(x, timestep=t)
+    [(names, index)] = found
+    assert index is not None and names[index].endswith("_timestep_") and "buffers" not in names[index]
+
+
 def test_dense_steps_option_gives_plans_without_a_schedule_one():
     assert site_schedule(None, 0) is None
     assert site_schedule(None, 4) == make_schedule(4)
