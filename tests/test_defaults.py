@@ -162,10 +162,25 @@ def test_the_report_says_what_was_gained():
     text = str(compact_compile.report())
     header, rows = text.splitlines()[0], [line for line in text.splitlines() if line.startswith("blocks.0.attn1")]
     assert all(col in header for col in ("kernel", "rectify", "dense steps")) and "< 4" in rows[0]
-    assert text.splitlines()[-1] == ("2 of 4 attention sites rewritten: 12.5% of their blocks skipped per call, "
-                                     "after 4 dense warm-up steps")
+    assert text.splitlines()[-1] == ("2 of 4 attention sites rewritten: 12.5% of their attention work skipped "
+                                     "per call, after 4 dense warm-up steps")
     compact_compile.report(clear=True)
     with torch.no_grad():
         torch.compile(model, backend="compact", options={"plan": "dense", "inner": "aot_eager"})(**inputs)
     assert str(compact_compile.report()).splitlines()[-1] == "2 of 4 attention sites rewritten: 0.0% of their " \
-                                                             "blocks skipped per call"
+                                                             "attention work skipped per call"
+
+
+def test_the_gain_weighs_each_site_by_its_attention_work():
+    """A large site at 10% density and a small one dense: the work skipped is the large site's 90% of
+    nearly all the work, not the sites' mean (45%)."""
+    from compact_compile.report import Report
+
+    def site(tokens, density):
+        return dict(site="s", kind="video self-attention", rewritten=True, density=density,
+                    q=[1, 2, tokens, 8], k=[1, 2, tokens, 8])
+
+    big, small = 1024, 64
+    gained = Report([[site(big, 0.1), site(small, 1.0)]], []).gained()
+    expected = 1 - (0.1 * big ** 2 + small ** 2) / (big ** 2 + small ** 2)
+    assert f"{expected:.1%} of their attention work skipped" in gained and expected > 0.89
