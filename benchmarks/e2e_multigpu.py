@@ -53,7 +53,7 @@ Writes $OUT/e2e-multigpu-<model>-<layout>.json after every variant.
 HunyuanVideo: diffusers 0.42.1 gives it no context-parallel plan (`_cp_plan`), and its joint
 attention (video tokens, then text, with the prompt's key-padding mask) under Ulysses needs the text
 kept whole on every rank and appended after the all-to-all (xDiT's "rear" joint strategy), which
-diffusers' templated attention does not do; hunyuan_cp_plan and JointUlysses below do it (Ulysses
+diffusers' templated attention does not do; hunyuan_context_parallel.py does it (Ulysses
 only: with a ring the parallel phase stops with an error). On the CPU (fp32, eager) its output equals
 the 1-GPU model's exactly. compact rewrites its joint attention with the window plan there, but does
 not prove the head split through JointUlysses' two all-to-alls: the per-head variant's joint sites
@@ -81,6 +81,7 @@ from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import video_site_blocks, window_blocks
 from compact_compile.plan import Plan, SitePlan
 from compact_compile.schedule import at_step
+from hunyuan_context_parallel import JointUlysses, hunyuan_cp_plan
 from timing import rel_diff
 
 PER_HEAD_WINDOWS = [(1, 3, 3), (3, 3, 3), (3, 5, 5), (5, 7, 7)]
@@ -352,64 +353,6 @@ def enable_parallelism(model, spec, ulysses, args):
                                  cp_plan=hunyuan_cp_plan() if hunyuan else None)
     if hunyuan:
         JointUlysses.install(spec["text"][1], ulysses, dist.get_rank())     # Ulysses only: the global rank
-
-
-def hunyuan_cp_plan():
-    """HunyuanVideo's video tokens split over the ranks after the patch embedding (with their RoPE),
-    gathered before the output projection; the text stays whole on every rank (JointUlysses)."""
-    from diffusers.models._modeling_parallel import ContextParallelInput as In, ContextParallelOutput as Out
-
-    return {"x_embedder": {0: In(split_dim=1, expected_dims=3, split_output=True)},
-            "rope": {0: In(split_dim=0, expected_dims=2, split_output=True),
-                     1: In(split_dim=0, expected_dims=2, split_output=True)},
-            "proj_out": Out(gather_dim=1, expected_dims=3)}
-
-
-class JointUlysses:
-    """Ulysses over HunyuanVideo's joint attention, text kept whole: each rank's q/k/v are its video
-    shard then the whole text [B, S/n + T, H, D]; the video goes through diffusers' all-to-all (the
-    whole video, H/n heads), the text keeps this rank's H/n heads and is appended after it, so
-    attention sees [video; text] with the model's key-padding mask, as on one GPU (xDiT's "rear").
-    The text's output heads are all-gathered back."""
-
-    def __init__(self, dispatch, n_text, rank):
-        self.dispatch, self.n_text, self.rank = dispatch, n_text, rank   # rank in the Ulysses group
-
-    @classmethod
-    def install(cls, n_text, degree, rank):
-        from diffusers.models.transformers import transformer_hunyuan_video as module
-
-        if n_text % degree:   # each rank sends 1/n of the text through the all-to-all: a remainder would be lost
-            raise SystemExit(f"HunyuanVideo under Ulysses {degree}: the text's {n_text} tokens do not split "
-                             f"into {degree} equal parts; pad the prompt to a multiple of {degree}")
-
-        module.dispatch_attention_fn = cls(module.dispatch_attention_fn, n_text, rank)
-
-    def __call__(self, query, key, value, attn_mask=None, parallel_config=None, **kwargs):
-        if parallel_config is None:
-            return self.dispatch(query, key, value, attn_mask=attn_mask, **kwargs)
-        from diffusers.models.attention_dispatch import _all_to_all_single, funcol
-
-        cp = parallel_config.context_parallel_config
-        group, n, rank = cp._ulysses_mesh.get_group(), cp.ulysses_degree, self.rank
-        B, s_local, H, D = query.shape
-        s, h = s_local - self.n_text, H // n
-
-        def a2a(x):             # [B, s, H, D] → [B, n·s, H/n, D]: diffusers' Ulysses all-to-all
-            x = x.reshape(B, x.shape[1], n, h, D).permute(2, 1, 0, 3, 4).contiguous()
-            return _all_to_all_single(x, group).flatten(0, 1).permute(1, 0, 2, 3)
-
-        def to_heads(x):        # video shard and this rank's 1/n of the text through the same all-to-all
-            t = self.n_text // n
-            return torch.cat([a2a(x[:, :s]), a2a(x[:, s + rank * t:s + (rank + 1) * t])], dim=1)
-
-        mask = torch.cat([attn_mask.new_ones(B, 1, 1, n * s), attn_mask[..., s:]], dim=-1)   # [video; text]
-        out = self.dispatch(to_heads(query), to_heads(key), to_heads(value), attn_mask=mask, **kwargs)
-        video = out[:, :n * s].reshape(B, n, s, h, D).permute(1, 3, 0, 2, 4).contiguous()
-        video = _all_to_all_single(video, group).flatten(0, 1).permute(1, 2, 0, 3)
-        text = out[:, n * s:].permute(2, 0, 1, 3).contiguous()                          # [H/n, B, T, D]
-        text = funcol.all_gather_tensor(text, gather_dim=0, group=group).permute(1, 2, 0, 3)
-        return torch.cat([video, text], dim=1)
 
 
 def cpu_flash_forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
