@@ -92,14 +92,21 @@ def dense_rows(built, q, k, v, sdpa):
              rel_diff_vs_sdpa=rel_diff(kern.dense(q, k, v, None), dense_out))
 
 
+def random_blocks(nb: int, density: float) -> torch.Tensor:
+    """A random block map of about `density`, its diagonal kept, the same whichever sections ran
+    before (its own generator, seeded by the density)."""
+    blocks = torch.rand(nb, nb, generator=torch.Generator().manual_seed(round(density * 1000))) < density
+    blocks.fill_diagonal_(True)
+    return blocks
+
+
 def list_rows(layout, built, q, k, v, sdpa):
     """Every kernel on the same lists: windows and random maps at ~50/25/10/5% density."""
     dense_out = F.scaled_dot_product_attention(q, k, v)
     nb = layout.n_blocks
     for target in (0.5, 0.25, 0.10, 0.05):
         w = closest_window(layout, target)
-        rnd = torch.rand(nb, nb) < target
-        rnd.fill_diagonal_(True)
+        rnd = random_blocks(nb, target)
         for plan, blocks in ((f"window{w}", window_blocks(layout, w)), ("random", rnd)):
             lists = tuple(x.to(dev) for x in kv_block_lists(blocks[None]))
             dens = density(blocks)
@@ -181,8 +188,7 @@ def fp8_rows(layout, kernels, q, k, v, sdpa):
     fields = (list(GRID), list(layout.tile), layout.block_size, layout.n_text, layout.n_before)
     src = torch.ops.compact.tile_index(q, *fields, False)
     window = closest_window(layout, 0.10)
-    rnd = torch.rand(layout.n_blocks, layout.n_blocks) < 0.10
-    rnd.fill_diagonal_(True)
+    rnd = random_blocks(layout.n_blocks, 0.10)
 
     # compiled as in a rewritten graph: eager, k.float() and v.float() are full fp32 copies (2026-11-30's
     # run timed those, 0.81-0.83 ms for the "quantizing reorder")
