@@ -27,6 +27,7 @@ from compact_compile.passes.sites import is_sdpa, sdpa_arguments
 from compact_compile.plan import Plan, SitePlan
 
 GRID, TILE, BLOCK = (2, 8, 8), (1, 8, 8), 64
+OFFSET = 3.0     # the rectified and dynamic tests' common token offset (inputs)
 S, HEADS, HEAD_DIM, DIM, RANKS = math.prod(GRID), 4, 8, 32, 2
 
 
@@ -87,25 +88,34 @@ def per_head_plan(heads: int = HEADS) -> Plan:
     return Plan(GRID, TILE, BLOCK, {"attn": SitePlan(heads, HEAD_DIM, S, 0, 0, blocks)})
 
 
-def compact(model, plan):
-    return torch.compile(model, backend="compact", options=dict(AS_PLANNED, plan=plan, grid=GRID, inner="eager"))
+def compact(model, plan, **options):
+    return torch.compile(model, backend="compact",
+                         options={**AS_PLANNED, "plan": plan, "grid": GRID, "inner": "eager", **options})
 
 
-def inputs():
+def inputs(offset: float = 0.0, tokens: int = S):
+    """Weights and x; `offset` adds one vector to every token, so blocks' pooled q and k dominate
+    their spread (where rectification's GAPR test trusts its estimate: N(0, 1) tokens never pass it)."""
     torch.manual_seed(0)
-    return Model().eval().state_dict(), torch.randn(1, S, DIM)
+    x = torch.randn(1, tokens, DIM)
+    return Model().eval().state_dict(), x + offset * torch.randn(1, 1, DIM)
 
 
-def rank_run(rank: int, port: int, plan_heads: int, interleaved: bool, results):
+def the_plan(plan_heads: int):
+    return "dynamic" if plan_heads == 0 else per_head_plan(plan_heads)
+
+
+def rank_run(rank: int, port: int, plan_heads: int, interleaved: bool, options: dict, results):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=RANKS)
     try:
-        weights, x = inputs()
+        options = dict(options)
+        weights, x = inputs(options.pop("offset", 0.0), math.prod(options.get("grid", GRID)))
         model = Model(dist.group.WORLD, interleaved).eval()
         model.load_state_dict(weights)
         compact_compile.report(clear=True)
         try:
             with torch.no_grad():
-                out = compact(model, per_head_plan(plan_heads))(x.chunk(RANKS, dim=1)[rank])
+                out = compact(model, the_plan(plan_heads), **options)(x.chunk(RANKS, dim=1)[rank])
         except PlanError as e:
             results[rank] = ("error", str(e))
             return
@@ -115,13 +125,14 @@ def rank_run(rank: int, port: int, plan_heads: int, interleaved: bool, results):
         dist.destroy_process_group()
 
 
-def run_ranks(plan_heads: int = HEADS, interleaved: bool = False):
+def run_ranks(plan_heads: int = HEADS, interleaved: bool = False, **options):
+    """Each rank's result; plan_heads 0: the dynamic plan."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(rank_run, args=(port, plan_heads, interleaved, results), nprocs=RANKS)
+        mp.spawn(rank_run, args=(port, plan_heads, interleaved, options, results), nprocs=RANKS)
         return [results[r] for r in range(RANKS)]
 
 
@@ -140,6 +151,33 @@ def test_each_rank_runs_its_own_heads_of_a_per_head_plan(interleaved, heads):
         dense = one(x)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert ((ref - dense).norm() / dense.norm()) > 1e-2             # the plan drops blocks
+
+
+DYNAMIC_GRID = (4, 16, 32)   # 32 blocks of 64 tokens: enough that the dynamic plan skips some
+
+
+@pytest.mark.parametrize("plan_heads, options", [
+    (HEADS, dict(rectify=True)), (0, dict(rectify=True, grid=DYNAMIC_GRID)), (0, dict(rectify=False, grid=DYNAMIC_GRID)),
+], ids=["per-head-rectified", "dynamic-rectified", "dynamic"])
+def test_rectified_and_dynamic_plans_under_ulysses_equal_one_process(plan_heads, options):
+    """Rectification (R·O + Ō from each head's pooled q/k/v) and the dynamic plan (blocks chosen per
+    head from pooled q/k) work per head, so each rank computes them for the heads it holds: the ranks'
+    outputs together equal the one-process run with the same options, which differs from plain
+    sparse attention (rectification) and from dense attention (the dynamic plan skips blocks)."""
+    results = run_ranks(plan_heads, offset=OFFSET, **options)
+    assert all(kind == "out" for kind, *_ in results), results
+    out = torch.cat([r[1] for r in results], dim=1)
+    weights, x = inputs(OFFSET, math.prod(options.get("grid", GRID)))
+    one = Model().eval()
+    one.load_state_dict(weights)
+    with torch.no_grad():
+        ref = compact(one, the_plan(plan_heads), **options)(x)
+        torch._dynamo.reset()                                  # other options: compile again
+        other = compact(one, the_plan(plan_heads), **dict(options, rectify=not options["rectify"]))(x)
+        dense = one(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (ref - other).norm() / ref.norm() > 1e-3           # the option changes the result
+    assert (ref - dense).norm() / dense.norm() > 1e-3         # blocks are skipped
 
 
 @pytest.mark.parametrize("plan_heads", [3, 8])
