@@ -214,16 +214,19 @@ HUNYUAN_GRID = (3, 8, 9)   # latent (4, 3, 16, 18), patch (1, 2, 2)
 HUNYUAN_TEXT = 12          # prompt tokens, after the video tokens in the joint sequence
 
 
-def tiny_hunyuan(seed: int = 0, lengths=(7, 12)):
+def tiny_hunyuan(seed: int = 0, lengths=(7, 12), head_dim: int = 16):
     """HunyuanVideo (1 dual-stream block, 1 single-stream, 1 refiner), one sample per prompt length:
-    its joint attention always carries a key-padding mask `[B, 1, 1, S]` of the prompt's padding."""
+    its joint attention always carries a key-padding mask `[B, 1, 1, S]` of the prompt's padding.
+    head_dim 16 or a multiple of 16 (its RoPE splits it 1:1.5:1.5 over frames, rows, columns)."""
     from diffusers import HunyuanVideoTransformer3DModel
 
     torch.manual_seed(seed)
-    model = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
-                                           num_layers=1, num_single_layers=1, num_refiner_layers=1, mlp_ratio=2.0,
-                                           patch_size=2, patch_size_t=1, qk_norm="rms_norm", guidance_embeds=False,
-                                           text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6)).eval()
+    rope = (head_dim // 4, head_dim * 3 // 8, head_dim * 3 // 8)
+    model = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                           attention_head_dim=head_dim, num_layers=1, num_single_layers=1,
+                                           num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+                                           qk_norm="rms_norm", guidance_embeds=False, text_embed_dim=32,
+                                           pooled_projection_dim=16, rope_axes_dim=rope).eval()
     g = torch.Generator().manual_seed(seed + 1)
     B = len(lengths)
     mask = (torch.arange(HUNYUAN_TEXT)[None] < torch.tensor(lengths)[:, None]).long()

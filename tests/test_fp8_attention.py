@@ -69,6 +69,73 @@ def test_compiled_site_runs_fp8_close_to_its_dtype(plan, rectify, inner):
     assert rel_err(out, ref) < 0.08
 
 
+class KeyMaskedAttention(torch.nn.Module):
+    """Self-attention over the video tokens with a key-padding mask `[B, 1, 1, S]` (keys excluded
+    inside every block, not only text)."""
+
+    def __init__(self, dim: int = 128, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, x, key_mask):
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=key_mask[:, None, None, :])
+        return o.transpose(1, 2).flatten(2)
+
+
+@needs_fp8
+@pytest.mark.parametrize("rectify", [False, True])
+def test_fp8_site_honours_a_key_mask(rectify):
+    """The key mask reaches the FP8 op: its output is within FP8's error of float64 attention over the
+    plan's blocks and the kept keys, while ignoring the mask would be 10× further off."""
+    torch.manual_seed(0)
+    model = KeyMaskedAttention().eval().to(DEVICE, torch.bfloat16)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 128, 128, generator=g).to(DEVICE, torch.bfloat16)
+    key_mask = (torch.rand(2, 128, generator=g) < 0.6).to(DEVICE)
+    key_mask[:, 0] = True
+    options = dict(plan="window", window=(1, 1, 1), grid=GRID, tile=(1, 8, 8), block_size=64, rectify=rectify,
+                   kernel="triton", inner="eager", fp8_attention=True, dense_steps=0)
+    compact_compile.report(clear=True)
+    with torch.no_grad():
+        out = torch.compile(model, backend="compact", options=options)(x, key_mask)
+        q, k, v = (t.double() for t in model.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4))
+    [site] = compact_compile.report().sites
+    assert site["rewritten"] and site["key_mask"] and "FP8" in site["kernel_reason"]
+    blocks = torch.eye(2, dtype=torch.bool, device=DEVICE).repeat_interleave(64, 0).repeat_interleave(64, 1)
+    sdpa = torch.nn.functional.scaled_dot_product_attention   # window (1, 1, 1): each frame's block alone
+    want = sdpa(q, k, v, attn_mask=blocks & key_mask[:, None, None, :]).transpose(1, 2).flatten(2)
+    ignored = sdpa(q, k, v, attn_mask=blocks).transpose(1, 2).flatten(2)
+    assert rel_err(out, want) < 0.05 and rel_err(ignored, want) > 0.5
+
+
+@needs_fp8
+@pytest.mark.parametrize("rectify", [False, True])
+def test_fp8_runs_hunyuans_joint_sites_with_their_prompt_masks(rectify):
+    """HunyuanVideo's joint text+video sites (the text after the video, the prompt's key-padding mask,
+    two prompt lengths), rectified or not: every joint site runs the FP8 op, and the model's output
+    is within FP8's error of the same model with bf16 sparse attention."""
+    from support import tiny_hunyuan
+
+    from compact_compile.passes.sites import JOINT
+
+    model, inputs = tiny_hunyuan(lengths=(5, 12), head_dim=32)
+    model = model.to(DEVICE, torch.bfloat16)
+    inputs = {k: v.to(DEVICE, torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else
+              v.to(DEVICE) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    options = dict(plan="window", window=(1, 3, 3), block_size=64, rectify=rectify, kernel="triton",
+                   inner="eager", dense_steps=0)
+    with torch.no_grad():
+        ref = torch.compile(model, backend="compact", options=options)(**inputs)[0]
+        torch._dynamo.reset()
+        compact_compile.report(clear=True)
+        out = torch.compile(model, backend="compact", options=dict(options, fp8_attention=True))(**inputs)[0]
+    joint = [s for s in compact_compile.report().sites if s["kind"] == JOINT]
+    assert joint and all(s["rewritten"] and s["key_mask"] and "FP8" in s["kernel_reason"] for s in joint)
+    assert rel_err(out, ref) < 0.08
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU without the interpreter")
 def test_refused_on_cpu_without_the_interpreter(monkeypatch):
     from compact_compile.kernels import triton_sparse
