@@ -90,8 +90,8 @@ class StatsSearch:
         return paths.head_blocks(name, heads, steps)
 
     def searched_density_at(self, lam: float) -> float:
-        """Mean over every head of the searched masks' density at λ: at most the realised density
-        (a realised map keeps every block its representative tiles keep, and maybe more)."""
+        """Mean over every head of the searched masks' density at λ: at most the realised density, up
+        to rounding (a realised map keeps every block its representative tiles keep, and maybe more)."""
         parts = [paths.path.density[paths.path.steps(lam), torch.arange(paths.path.density.shape[1])]
                  for paths in self.paths]
         dense = sum(s.heads for name, s in self.stats.sites.items() if name not in self.path_of)
@@ -100,7 +100,7 @@ class StatsSearch:
     def prices(self) -> torch.Tensor:
         """Every λ at which some head takes a step."""
         ratios = torch.cat([paths.path.ratios.flatten() for paths in self.paths] or [torch.empty(0)])
-        return ratios[ratios.isfinite()].clamp(min=LAMBDA_RANGE[0])
+        return ratios[ratios.isfinite()].clamp(min=MIN_PRICE)
 
     def _full(self, name: str) -> SiteSearch:   # a dense layer
         s = self.stats.sites[name]
@@ -131,10 +131,10 @@ class RangeSearch:
 
     def at(self, lam: float) -> dict[str, SiteSearch]:
         result = self.searches[0].at(lam)
-        for search in self.searches[1:]:
-            steps = search.steps_at(lam)
-            for name, res in result.items():
-                res.blocks = union(res.blocks, search.head_blocks(name, torch.arange(len(steps[name])), steps[name]))
+        for search in self.searches[1:]:   # an input without some site (not called at its steps) adds nothing there
+            for name, steps in search.steps_at(lam).items():
+                result[name].blocks = union(result[name].blocks,
+                                            search.head_blocks(name, torch.arange(len(steps)), steps))
         return result
 
     def density_at(self, lam: float) -> float:
@@ -142,11 +142,11 @@ class RangeSearch:
         steps = [search.steps_at(lam) for search in self.searches]
         found = []
         for name, s in self.sites.items():
-            keys = [(name, h, *(int(st[name][h]) for st in steps)) for h in range(s.heads)]
+            having = [(search, st[name]) for search, st in zip(self.searches, steps) if name in st]
+            keys = [(name, h, *(int(st[name][h]) if name in st else -1 for st in steps)) for h in range(s.heads)]
             missing = torch.tensor([h for h, key in enumerate(keys) if key not in self._density], dtype=torch.long)
             if len(missing):
-                maps = union(*(search.head_blocks(name, missing, st[name][missing])
-                               for search, st in zip(self.searches, steps)))
+                maps = union(*(search.head_blocks(name, missing, st[missing]) for search, st in having))
                 for h, d in zip(missing.tolist(), density(maps).tolist()):
                     self._density[keys[h]] = d
             found += [self._density[key] for key in keys]
@@ -156,21 +156,23 @@ class RangeSearch:
         return self.searches[0].searched_density_at(lam)
 
     def prices(self) -> torch.Tensor:
-        return torch.unique(torch.cat([search.prices() for search in self.searches]))     # sorted
+        """Every λ at which the plan can change, sorted: the smallest λ there is (before any step
+        that costs recall), then each price at which some head steps."""
+        return torch.unique(torch.cat([torch.tensor([MIN_PRICE], dtype=torch.float64)]
+                                      + [search.prices().double() for search in self.searches]))
 
 
-LAMBDA_RANGE = (1e-8, 1e4)
+MIN_PRICE = 1e-8   # λ must be > 0: steps that cost no recall (ratio 0) are taken at any λ
 
 
 def price_for_density(target: float, search: RangeSearch) -> float:
     """The smallest λ whose plan computes at most `target` of the blocks (the largest step price, the
     sparsest reachable plan, when the budget is below it). The density only changes at the prices
     where some head takes a step, so λ is one of them: a binary search over them. It starts where
-    the searched density (free to read, a lower bound of the realised one) meets the target, and
-    widens upward from there, so it realises few heads beyond one plan's worth."""
+    the searched density (free to read, a lower bound of the realised one up to rounding) meets the
+    target, and widens upward from there, so it realises few heads beyond one plan's worth; a start
+    past the answer (rounding) is caught and searched below."""
     prices = search.prices().tolist()
-    if not prices:
-        return LAMBDA_RANGE[1]
     if search.density_at(prices[-1]) > target:
         return prices[-1]
     meets = lambda i: search.density_at(prices[i]) <= target  # noqa: E731
