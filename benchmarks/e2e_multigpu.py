@@ -262,6 +262,10 @@ def main():
     ap.add_argument("--dense-steps", type=int, default=0, help="compact variants: the first N steps dense")
     ap.add_argument("--smoke", action="store_true", help="a tiny model of the family on the CPU over gloo")
     args = ap.parse_args()
+    if args.plan and args.calibrate is not None:
+        ap.error("give --plan or --calibrate, not both")
+    if args.calibrate is not None and not (0 < args.calibrate <= 1 and "perhead" in args.variants):
+        ap.error("--calibrate DENSITY: a density in (0, 1], for the per-head variant (--variants … perhead)")
 
     cuda = not args.smoke
     if cuda:
@@ -282,9 +286,7 @@ def main():
     # the block graphs do not see the timestep: feed the step clock from the model's own call
     compact_compile.follow_steps(model)
 
-    if args.plan and args.calibrate:
-        ap.error("give --plan or --calibrate, not both")
-    if args.calibrate:
+    if args.calibrate is not None:
         plan = calibrated_plan(model, spec, inputs, args.calibrate,
                                os.path.join(tempfile.gettempdir(), "e2e-multigpu-calibrated.plan.safetensors"))
         args.plan = "calibrated here"

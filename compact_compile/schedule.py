@@ -49,9 +49,7 @@ import torch
 log = logging.getLogger("compact_compile")
 
 STEP_SOURCE = "timestep"
-# model(timestep=…) / the forward frame / a wrapper passing **kw or **model_kwargs on; not a module's
-# parameter or buffer that happens to be called timestep (l_self_modules_…_buffers_timestep_)
-_TIMESTEP_PLACEHOLDER = re.compile(r"^l_(?!.*_(?:modules|parameters|buffers)_)(?:\w+_)?timestep_$")
+_TIMESTEP_PLACEHOLDER = re.compile(r"^l_(kwargs_)?timestep_$")   # model(timestep=…) / forward frame
 _POSITIONAL_PLACEHOLDER = re.compile(r"^l_args_(\d+)_$")           # model(x, t, …) through *args
 
 
@@ -224,10 +222,12 @@ def follow_steps(model: torch.nn.Module):
 def timestep_input(gm: torch.fx.GraphModule) -> int | None:
     """Position of the graph's `timestep` placeholder, if it has one.
 
-    By name when the timestep was passed by keyword (`l_kwargs_timestep_`, or through a wrapper's
-    `**kw`: `l_kw_timestep_`) or the compiled frame is the model's forward (`l_timestep_`). A positional call through `Module.__call__(*args)` names it
-    `l_args_1_`; then the frame's `self` (read from Dynamo's current translator, a private API,
-    hence the fallback to "not found") gives the forward signature that maps positions to names."""
+    By name when the timestep was passed by keyword (`l_kwargs_timestep_`) or the compiled frame is
+    the model's forward (`l_timestep_`). Otherwise the frame's `self` (read from Dynamo's current
+    translator, a private API, hence the fallback to "not found") gives the forward signature: a
+    wrapper's `forward(**kw)` passes it on as `l_kw_timestep_` (the name of its own **kwargs, so
+    not an argument like prev_timestep), and a positional call through `Module.__call__(*args)`
+    names it `l_args_1_`, which the signature maps to its name."""
     placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     for i, name in enumerate(placeholders):
         if _TIMESTEP_PLACEHOLDER.match(name):
@@ -238,10 +238,13 @@ def timestep_input(gm: torch.fx.GraphModule) -> int | None:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
         module = InstructionTranslator.current_tx().f_locals["self"]
-        params = [p for p in inspect.signature(module.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except Exception:  # not inside Dynamo, or its internals moved: no positional mapping
+        signature = inspect.signature(module.forward).parameters.values()
+    except Exception:  # not inside Dynamo, or its internals moved: no mapping
         return None
+    for p in signature:
+        if p.kind is p.VAR_KEYWORD and f"l_{p.name}_timestep_" in placeholders:
+            return placeholders.index(f"l_{p.name}_timestep_")
+    params = [p for p in signature if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     for i, name in enumerate(placeholders):
         m = _POSITIONAL_PLACEHOLDER.match(name)
         if m and int(m.group(1)) < len(params) and params[int(m.group(1))].name == "timestep":

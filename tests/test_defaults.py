@@ -176,11 +176,12 @@ def test_the_gain_weighs_each_site_by_its_attention_work():
     nearly all the work, not the sites' mean (45%)."""
     from compact_compile.report import Report
 
-    def site(tokens, density):
+    def site(queries, keys, density):
         return dict(site="s", kind="video self-attention", rewritten=True, density=density,
-                    q=[1, 2, tokens, 8], k=[1, 2, tokens, 8])
+                    q=[1, 2, queries, 8], k=[1, 2, keys, 8])
 
-    big, small = 1024, 64
-    gained = Report([[site(big, 0.1), site(small, 1.0)]], []).gained()
-    expected = 1 - (0.1 * big ** 2 + small ** 2) / (big ** 2 + small ** 2)
+    big, small = 1024, 64        # the large site's work is queries × keys: 1024 × 4096
+    gained = Report([[site(big, 4 * big, 0.1), site(small, small, 1.0)]], []).gained()
+    work = (4 * big * big, small * small)
+    expected = 1 - (0.1 * work[0] + work[1]) / sum(work)
     assert f"{expected:.1%} of their attention work skipped" in gained and expected > 0.89

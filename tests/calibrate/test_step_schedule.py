@@ -116,8 +116,9 @@ class _Inner(torch.nn.Module):
         self.proj = torch.nn.Linear(4, 4)
         self.register_buffer("timestep", torch.ones(1))       # a buffer of that name is not the input
 
-    def forward(self, x, timestep):
-        return self.proj(x) * timestep * self.timestep
+    def forward(self, x, timestep, prev_timestep):
+        # read in this order, so their placeholders come first: the buffer, then prev_timestep
+        return self.timestep * prev_timestep * self.proj(x) * timestep
 
 
 class _KeywordWrapper(torch.nn.Module):
@@ -138,7 +139,8 @@ class _NamedKeywordWrapper(_KeywordWrapper):
 def test_a_wrapper_passing_keywords_on_still_shows_its_timestep(wrapper):
     """A model wrapped in a forward(**kw) (or forward(x, **model_kwargs)) hands Dynamo its timestep as
     `l_kw_timestep_` (`l_model_kwargs_timestep_`): still the timestep input, unlike the module's
-    own buffer named timestep."""
+    own buffer named timestep (whose placeholder comes first) and another argument passed on
+    (`l_kw_prev_timestep_`, also ending in _timestep_, placed first here)."""
     found = []
 
     def capture(gm, example_inputs):
@@ -146,11 +148,15 @@ def test_a_wrapper_passing_keywords_on_still_shows_its_timestep(wrapper):
         found.append((names, timestep_input(gm)))
         return gm.forward
 
-    x, t = torch.ones(2, 4), torch.tensor([3.0])
+    x, t, prev = torch.ones(2, 4), torch.tensor([3.0]), torch.tensor([4.0])
     model = torch.compile(wrapper(), backend=capture)
-    model(x=x, timestep=t) if wrapper is _KeywordWrapper else model(x, timestep=t)
+    if wrapper is _KeywordWrapper:
+        model(prev_timestep=prev, x=x, timestep=t)
+    else:
+        model(x, prev_timestep=prev, timestep=t)
     [(names, index)] = found
-    assert index is not None and names[index].endswith("_timestep_") and "buffers" not in names[index]
+    prefix = "l_kw_" if wrapper is _KeywordWrapper else "l_model_kwargs_"
+    assert index is not None and names[index] == prefix + "timestep_", names
 
 
 def test_dense_steps_option_gives_plans_without_a_schedule_one():
