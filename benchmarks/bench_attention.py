@@ -12,6 +12,7 @@ Shape: Wan2.1-1.3B 480p 81 frames = grid (21, 30, 52) = 32760 tokens, B1 H12 D12
     (smoothing stats + compact.tile_quant + compact.attention_fp8, from q, k, v in model order) against
     the bf16 op of each kernel with its reorder (three gathers), and the FP8 kernel alone on tiles
     quantized beforehand; the output's distance to the bf16 Triton kernel's and to exact float64;
+    then the quantizing reorder's parts (smoothing statistics; the pass at 4, 8, 16 warps, in GB/s);
   * the backend's own site: a small module (RoPE-like q/k producers, SDPA, output transpose)
     compiled with backend="compact" at the 90% window, per kernel, plain and rectified, against the
     same module compiled by Inductor with dense SDPA; its attention kernel's GPU time from the
@@ -230,6 +231,18 @@ def fp8_rows(layout, kernels, q, k, v, sdpa):
              kernel_config=str(chosen_config()),
              rel_diff_vs_triton_bf16=rel_diff(out, outs["triton"]) if "triton" in outs else None,
              rel_err_vs_float64_head0=rel_diff(out[:, :1, :exact.shape[-2]].double(), exact))
+
+    # the quantizing reorder's parts, against its memory traffic (q, k, v read, their e4m3 tiles
+    # written): the smoothing statistics, then the one pass at a few warp counts
+    from compact_compile.kernels.pool_triton import QUANT_WARPS, tile_quant_qkv_triton
+    k_mean, v_amax = stats(k, v)
+    moved = 3 * q.numel() * (q.element_size() + 1)
+    emit(impl="fp8-section-smoothing-stats", ms=bench(lambda: stats(k, v)))
+    for warps in (4, 8, 16):
+        ms = bench(lambda w=warps: tile_quant_qkv_triton(q, k, v, src, k_mean, v_amax, layout.seq_len,
+                                                         layout.block_size, False, config=dict(num_warps=w)))
+        emit(impl=f"fp8-section-quantizing-pass-{warps}-warps", ms=ms, gb_per_s=moved / ms / 1e6,
+             default=warps == QUANT_WARPS)
 
 
 def burst(fn, iters: int = 30, warmup: int = 5) -> float:
