@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .fp8 import E4M3, FP8Tiles, padded_rows, to_e4m3
+from .registry import checked_key_valid
 from .triton_sparse import INTERPRET
 
 
@@ -35,9 +36,7 @@ def valid_rows(rows, n_valid, KEY_VALID, key_valid_stride_b, b, MASKED: tl.const
 def key_mask_arg(key_valid: torch.Tensor, batch: int, seq_len: int):
     """(key_valid `[B or 1, S]` as the kernels read it: 0/1 int8, contiguous (a bool mask is viewed,
     not copied); its batch stride, 0 for one row broadcast over the batch)."""
-    if key_valid.shape not in ((batch, seq_len), (1, seq_len)):
-        raise ValueError(f"key_valid must be [B or 1, S] = [{batch}, {seq_len}]; got {tuple(key_valid.shape)}")
-    key_valid = key_valid.to(torch.bool).contiguous().view(torch.int8)
+    key_valid = checked_key_valid(key_valid, batch, seq_len).to(torch.bool).contiguous().view(torch.int8)
     return key_valid, key_valid.stride(0) if key_valid.shape[0] > 1 else 0
 
 
