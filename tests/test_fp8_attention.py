@@ -136,6 +136,47 @@ def test_fp8_runs_hunyuans_joint_sites_with_their_prompt_masks(rectify):
     assert rel_err(out, ref) < 0.08
 
 
+@needs_fp8
+def test_fp8_follows_a_plans_step_schedule():
+    """A plan with a schedule (dense first, then one mask per step range, a calibrated plan's form)
+    runs each range's mask in FP8: at every step the output is within FP8's error of float64 attention
+    over that step's blocks, and the ranges' references are far apart (a range run with the other's
+    mask, or densely, fails)."""
+    from compact_compile.plan import Plan, SitePlan
+    from compact_compile.schedule import at_step, make_schedule
+
+    grid = (4, 8, 8)                       # 4 frames of 64 tokens: tile (1, 8, 8), one block per frame
+    eye = torch.eye(4, dtype=torch.bool)
+    early, late = eye, eye | eye.roll(1, 0)
+    plan = Plan(grid, (1, 8, 8), 64, {"attn": SitePlan(2, 64, 256, 0, 0, early[None]),
+                                       "attn@3": SitePlan(2, 64, 256, 0, 0, late[None])})
+    plan.info["schedule"] = make_schedule(1, [(1, 3), (3, None)])
+    torch.manual_seed(0)
+    model = Wrapper(SelfAttention(dim=2 * 64, heads=2)).eval().to(DEVICE, torch.bfloat16)
+    x = torch.randn(1, 256, 128, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
+    compiled = torch.compile(model, backend="compact", options=dict(plan=plan, kernel="triton", inner="eager",
+                                                                    rectify=False, fp8_attention=True))
+    attn = model.attn
+    with torch.no_grad():
+        q, k, v = (t.double() for t in attn.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4))
+
+        def reference(blocks):
+            mask = blocks.repeat_interleave(64, 0).repeat_interleave(64, 1).to(DEVICE)
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return torch.nn.functional.linear(o.transpose(1, 2).flatten(2), attn.out.weight.double(),
+                                              attn.out.bias.double())
+
+        refs = {"dense": reference(torch.ones(4, 4, dtype=torch.bool)), "early": reference(early),
+                "late": reference(late)}
+        for step, want in ((0, "dense"), (1, "early"), (2, "early"), (5, "late")):
+            with at_step(step):
+                out = compiled(x)
+            assert rel_err(out, refs[want]) < 0.05, (step, want)
+            assert all(rel_err(refs[other], refs[want]) > 0.2 for other in refs if other != want)
+    [site] = compact_compile.report().sites
+    assert "FP8" in site["kernel_reason"]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU without the interpreter")
 def test_refused_on_cpu_without_the_interpreter(monkeypatch):
     from compact_compile.kernels import triton_sparse
