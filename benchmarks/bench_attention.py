@@ -218,7 +218,7 @@ def fp8_rows(layout, kernels, q, k, v, sdpa):
 
         def fp8_op(h=handle):
             tiles, k_mean = quantize()
-            return torch.ops.compact.attention_fp8(*tiles[:3], [*tiles[3:], k_mean], h, None, [], None, dt)
+            return torch.ops.compact.attention_fp8(*tiles[:3], [*tiles[3:], k_mean], [q, k, v], h, None, [], None, dt)
         out = fp8_op()
         ms = bench(fp8_op)
         quantized, k_mean = quantize()

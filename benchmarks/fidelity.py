@@ -108,8 +108,7 @@ def generate(model, options, noise, labels, args, dense_steps):
     probe = Probe()
     fast = torch.compile(model, backend="compact", dynamic=False,
                          options=dict(dict(block_size=args.block_size), **options, observer=probe, inner="aot_eager"))
-    with probe.active():
-        videos = sample(fast, noise, labels, steps=args.steps, cfg=args.cfg, shift=args.shift)
+    videos = sample(fast, noise, labels, steps=args.steps, cfg=args.cfg, shift=args.shift)
     return videos, probe.summary(dense_steps)
 
 

@@ -3,17 +3,11 @@ fraction of blocks computed and the relative error of the site's output against 
 the same inputs; for an FP8 site also against the same site in the inputs' dtype (the bf16 sparse
 output, same blocks).
 
-An FP8 site's op receives e4m3 tiles, not q, k, v (kernels/site.py), and the tiles alone cannot tell
-what quantizing them cost. So while a probe is `active`, the quantizing reorder (`ops.tile_quant`)
-also hands the probe q, k, v in tile order before quantization, keyed by the e4m3 q tile it made,
-which the FP8 call receives next. A harness-only patch of one module global: the compiled graph and
-what it runs are unchanged.
+An FP8 site's op receives the e4m3 tiles and also q, k, v as the graph made them (for its dense
+steps): the probe puts those in tile order to measure what quantizing cost.
 """
-import contextlib
-
 import torch.nn.functional as F
 
-from compact_compile.kernels import ops
 from compact_compile.kernels.rectified import merge_blocks
 from compact_compile.schedule import CLOCK
 
@@ -26,39 +20,21 @@ class Probe:
 
     def __init__(self):
         self.calls = []
-        self.unquantized = {}   # e4m3 q tile's data_ptr → (q, k, v) in tile order, until its FP8 call
 
     def __call__(self, spec, site):
         return ProbedSite(self, spec, site)
 
-    @contextlib.contextmanager
-    def active(self):
-        """While compiled code runs: catch what every FP8 site quantizes (see the module docstring)."""
-        quantize = ops.tile_quantized
-
-        def keeping_inputs(q, k, v, src, *args, **kwargs):
-            tiles, pools = quantize(q, k, v, src, *args, **kwargs)
-            self.unquantized[tiles.q.data_ptr()] = tuple(x.index_select(-2, src) for x in (q, k, v))
-            return tiles, pools
-
-        ops.tile_quantized = keeping_inputs
-        try:
-            yield self
-        finally:
-            ops.tile_quantized = quantize
-            self.unquantized.clear()
-
     def summary(self, dense_steps):
         """Densities over all steps and over the sparse ones; per site, the mean error against dense
-        over the sparse steps (dense steps are exact but for FP8), and for FP8 sites against their
-        output in the inputs' dtype over every step (FP8 runs in the dense warm-up too)."""
+        over the sparse steps (dense steps are exact, FP8 sites' too: they run in the inputs' dtype),
+        and for FP8 sites against their output in the inputs' dtype, over the sparse steps."""
         sparse = [c for c in self.calls if not dense_steps or (c["step"] is not None and c["step"] >= dense_steps)]
         sites = sorted({c["site"] for c in self.calls}, key=lambda s: [int(p) if p.isdigit() else p
                                                                         for p in s.split(".")])
         out = dict(density=mean(c["density"] for c in self.calls),
                    density_sparse_steps=mean(c["density"] for c in sparse),
                    layer_error={s: mean(c["error"] for c in sparse if c["site"] == s) for s in sites})
-        fp8 = [c for c in self.calls if "error_vs_sparse" in c]
+        fp8 = [c for c in sparse if "error_vs_sparse" in c]
         if fp8:
             out["layer_error_vs_bf16_sparse"] = {s: mean(c["error_vs_sparse"] for c in fp8 if c["site"] == s)
                                                  for s in sites}
@@ -88,12 +64,10 @@ class ProbedSite:
         self._record(merge_blocks(o, r, o_bar, self.spec.layout.block_size), q, k, v, scale, pools, key_valid)
         return o, r, o_bar
 
-    def fp8(self, tiles, scale, pools=None, key_valid=None, dtype=None):
-        out = self.site.fp8(tiles, scale, pools, key_valid, dtype)
-        inputs = self.probe.unquantized.pop(tiles.q.data_ptr(), None)
-        if inputs is None:
-            raise RuntimeError(f"site {self.spec.name}: FP8 tiles whose unquantized q, k, v the probe did not "
-                               f"see; run the compiled model inside `with probe.active():`")
+    def fp8(self, tiles, scale, pools, key_valid, dtype, unquantized):
+        out = self.site.fp8(tiles, scale, pools, key_valid, dtype, unquantized)
+        source = self.spec.layout.source_index(tiles.q.device)
+        inputs = tuple(x.index_select(-2, source) for x in unquantized)      # tile order, as the site's
         sparse = self.site(*inputs, scale, pools, key_valid)   # same blocks (same pools), in q's dtype
         self._record(out, *inputs, scale, pools, key_valid, error_vs_sparse=rel_diff(out, sparse))
         return out

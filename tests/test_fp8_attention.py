@@ -141,7 +141,8 @@ def test_fp8_follows_a_plans_step_schedule():
     """A plan with a schedule (dense first, then one mask per step range, a calibrated plan's form)
     runs each range's mask in FP8: at every step the output is within FP8's error of float64 attention
     over that step's blocks, and the ranges' references are far apart (a range run with the other's
-    mask, or densely, fails)."""
+    mask, or densely, fails). The dense (warm-up) step runs in the inputs' dtype, not FP8: within
+    bf16's error of exact dense attention."""
     from compact_compile.plan import Plan, SitePlan
     from compact_compile.schedule import at_step, make_schedule
 
@@ -171,7 +172,7 @@ def test_fp8_follows_a_plans_step_schedule():
         for step, want in ((0, "dense"), (1, "early"), (2, "early"), (5, "late")):
             with at_step(step):
                 out = compiled(x)
-            assert rel_err(out, refs[want]) < 0.05, (step, want)
+            assert rel_err(out, refs[want]) < (0.01 if want == "dense" else 0.05), (step, want)
             assert all(rel_err(refs[other], refs[want]) > 0.2 for other in refs if other != want)
     [site] = compact_compile.report().sites
     assert "FP8" in site["kernel_reason"]

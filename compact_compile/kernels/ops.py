@@ -65,17 +65,18 @@ def _(q, k, v, handle, scale, pools, key_valid):
 
 
 @torch.library.custom_op("compact::attention_fp8", mutates_args=())
-def attention_fp8(q: torch.Tensor, k: torch.Tensor, v_t: torch.Tensor, scales: list[torch.Tensor], handle: int,
-                  scale: float | None, pools: list[torch.Tensor], key_valid: torch.Tensor | None,
-                  dtype: torch.dtype) -> torch.Tensor:
+def attention_fp8(q: torch.Tensor, k: torch.Tensor, v_t: torch.Tensor, scales: list[torch.Tensor],
+                  unquantized: list[torch.Tensor], handle: int, scale: float | None, pools: list[torch.Tensor],
+                  key_valid: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """`attention` of a site whose spec is fp8, over the tiles of `tile_quant`: q, k, vᵀ in e4m3 and
-    `scales` (q's, k's, v's, k's mean); the output in `dtype`."""
+    `scales` (q's, k's, v's, k's mean); `unquantized`: q, k, v as the graph made them (model order),
+    for the dense steps; the output in `dtype`, in tile order."""
     tiles = FP8Tiles(q, k, v_t, *scales)
-    return _SITES[handle].fp8(tiles, scale, pools or None, key_valid, dtype).contiguous()
+    return _SITES[handle].fp8(tiles, scale, pools or None, key_valid, dtype, tuple(unquantized)).contiguous()
 
 
 @attention_fp8.register_fake
-def _(q, k, v_t, scales, handle, scale, pools, key_valid, dtype):
+def _(q, k, v_t, scales, unquantized, handle, scale, pools, key_valid, dtype):
     return q.new_empty(q.shape, dtype=dtype)
 
 
