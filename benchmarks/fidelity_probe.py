@@ -9,6 +9,7 @@ steps): the probe puts those in tile order to measure what quantizing cost.
 import torch.nn.functional as F
 
 from compact_compile.kernels.rectified import merge_blocks
+from compact_compile.layout import tile_index
 from compact_compile.schedule import CLOCK
 
 from benchmarks.timing import rel_diff
@@ -66,7 +67,7 @@ class ProbedSite:
 
     def fp8(self, tiles, scale, pools, key_valid, dtype, unquantized):
         out = self.site.fp8(tiles, scale, pools, key_valid, dtype, unquantized)
-        source = self.spec.layout.source_index(tiles.q.device)
+        source = tile_index(self.spec.layout, tiles.q.device)
         inputs = tuple(x.index_select(-2, source) for x in unquantized)      # tile order, as the site's
         sparse = self.site(*inputs, scale, pools, key_valid)   # same blocks (same pools), in q's dtype
         self._record(out, *inputs, scale, pools, key_valid, error_vs_sparse=rel_diff(out, sparse))

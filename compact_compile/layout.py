@@ -20,6 +20,7 @@ graph loads it as an index (kernels/ops.py `tile_index`).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -87,6 +88,12 @@ class TokenLayout:
         has_text = torch.zeros(self.n_blocks, dtype=torch.bool)
         has_text[block[~is_video]] = True
         return incidence, has_text
+
+
+@functools.cache
+def tile_index(layout: TokenLayout, device: torch.device, inverse: bool = False) -> torch.Tensor:
+    """The layout's `source_index` (or `target_index`) on `device`, computed once per layout and device."""
+    return (layout.target_index if inverse else layout.source_index)(device)
 
 
 def _video_source(p: torch.Tensor, grid: Grid, tile: Grid) -> torch.Tensor:

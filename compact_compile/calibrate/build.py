@@ -105,8 +105,9 @@ class StatsSearch:
     def _full(self, name: str) -> SiteSearch:   # a dense layer
         s = self.stats.sites[name]
         fam = Family(s.layout, self.groups)
-        blocks = fam.block_map(fam.full_params(s.heads))
-        return SiteSearch(fam.full_params(s.heads), blocks, recall(blocks, s.mass, s.layout), density(blocks),
+        params = fam.full_params(s.heads)
+        blocks = fam.block_map(params)
+        return SiteSearch(params, blocks, recall(blocks, s.mass, s.layout), density(blocks),
                           [[(1.0, 1.0)] for _ in range(s.heads)])
 
 

@@ -260,6 +260,4 @@ def search_paths(masses: dict[str, torch.Tensor], family: Family, tau: float = 0
 def search_sites(masses: dict[str, torch.Tensor], family: Family, tau: float = 0.9, lam: float = 0.011,
                  progress=None) -> dict[str, SiteSearch]:
     """Search every head of every site at (τ, λ); realise each site's block maps and measure them exactly."""
-    if not lam > 0:
-        raise ValueError(f"cost limit λ must be > 0 (inf disables it), not {lam}")
     return search_paths(masses, family, tau, progress).at(lam)

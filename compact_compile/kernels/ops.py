@@ -10,12 +10,11 @@ same with q, k, v written as e4m3 tiles (fp8.py) for `torch.ops.compact.attentio
 """
 from __future__ import annotations
 
-import functools
 import itertools
 
 import torch
 
-from ..layout import TokenLayout
+from ..layout import TokenLayout, tile_index as cached_tile_index
 from .fp8 import FP8Tiles, padded_rows
 from .rectified import tile_pooled, tile_quantized
 from .site import SiteKernel
@@ -98,11 +97,6 @@ def _(q, k, v, handle, scale, kv_num_blocks, kv_indices, full_kv_num_blocks, ful
     return q.new_empty(q.shape[:-1] + v.shape[-1:])
 
 
-@functools.cache
-def _tile_index(layout: TokenLayout, device: torch.device, inverse: bool) -> torch.Tensor:
-    return (layout.target_index if inverse else layout.source_index)(device)
-
-
 @torch.library.custom_op("compact::tile_index", mutates_args=())
 def tile_index(like: torch.Tensor, grid: list[int], tile: list[int], block_size: int, n_text: int,
                n_before: int, inverse: bool) -> torch.Tensor:
@@ -110,7 +104,7 @@ def tile_index(like: torch.Tensor, grid: list[int], tile: list[int], block_size:
     arithmetic in the graph: Inductor's index simplification cannot digest the piecewise map, and
     a loaded index is cheaper than integer division per element anyway."""
     layout = TokenLayout(tuple(grid), tuple(tile), block_size, n_text, n_before)
-    return _tile_index(layout, like.device, inverse).clone()
+    return cached_tile_index(layout, like.device, inverse).clone()
 
 
 @tile_index.register_fake
@@ -127,7 +121,7 @@ def tile_pool(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: list[int]
     """q, k, v in tile order (contiguous) and their block statistics (q̄, δq, k̄, δk, v̄, float32
     `[B, H, n_blocks, D]`; keys and values over valid video tokens only): `rectified.tile_pooled`."""
     layout = TokenLayout(tuple(grid), tuple(tile), block_size, n_text, n_before)
-    tiled, pools = tile_pooled(q, k, v, _tile_index(layout, q.device, False), layout.n_video, block_size, key_valid)
+    tiled, pools = tile_pooled(q, k, v, cached_tile_index(layout, q.device, False), layout.n_video, block_size, key_valid)
     return tuple(x.contiguous() for x in tiled) + tuple(pools)
 
 
@@ -147,7 +141,7 @@ def tile_quant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_mean: torch.
     k_mean, which the graph has), and where `pool` their block statistics as `tile_pool`'s:
     `rectified.tile_quantized`, one pass over q, k, v."""
     layout = TokenLayout(tuple(grid), tuple(tile), block_size, n_text, n_before)
-    tiles, pools = tile_quantized(q, k, v, _tile_index(layout, q.device, False), k_mean, v_amax, layout.n_video,
+    tiles, pools = tile_quantized(q, k, v, cached_tile_index(layout, q.device, False), k_mean, v_amax, layout.n_video,
                                   block_size, pool, key_valid)
     return [x.contiguous() for x in tiles[:6]] + list(pools or ())
 

@@ -20,6 +20,7 @@ from typing import Protocol
 
 import torch
 
+from ..layout import tile_index
 from ..schedule import CLOCK, warn_unknown_step
 from ..spec import SiteSpec
 from .fp8 import FP8Tiles, dequantized_keys
@@ -48,7 +49,6 @@ class SiteAttention:
         self.text_block = torch.arange(L.n_video, L.seq_len) // bs
         self.k_min = math.floor((1 - spec.selection.drop) * nb) if spec.selection else 0
         self._static: dict[tuple[int, torch.device], tuple] = {}
-        self._source: dict[torch.device, torch.Tensor] = {}      # the layout's source index per device
 
     # ---- calls ----------------------------------------------------------------------------------
     def __call__(self, q, k, v, scale=None, pools=None, key_valid=None) -> torch.Tensor:
@@ -107,7 +107,7 @@ class SiteAttention:
         if index is None:
             if fp8 is None:
                 return self.kernel.dense(q, k, v, scale, key_valid), None, None
-            q, k, v = (x.index_select(-2, self._source_index(x.device)) for x in fp8[2])   # tile order, as key_valid
+            q, k, v = (x.index_select(-2, tile_index(spec.layout, x.device)) for x in fp8[2])   # as key_valid
             return self.kernel.dense(q, k, v, scale, key_valid).to(fp8[1]), None, None
         prepared = self._static_data(index, q.device)[2]
         if not spec.pooled:
@@ -118,11 +118,6 @@ class SiteAttention:
         fused = fuse and r is not None and spec.rectify == "block" and self.kernel.fuses_rectify
         o = attend(prepared, rectify=(r, o_bar) if fused else None)
         return (o, None, None) if fused else (o, r, o_bar)
-
-    def _source_index(self, device: torch.device) -> torch.Tensor:
-        if device not in self._source:
-            self._source[device] = self.spec.layout.source_index(device)
-        return self._source[device]
 
     def _static_data(self, index: int, device: torch.device):
         """(static blocks bool, as int8, the kernel's prepared lists, whether every block holding text
