@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import triton
 
 import compact_compile
+from compact_compile.options import BUILTIN_PLANS
 from compact_compile.schedule import at_step
 from timing import rel_diff
 
@@ -158,7 +159,7 @@ def compiled(model, name, spec, dense_steps, variants=VARIANTS):
     options = kwargs.get("options")
     if options is not None:
         options.update({k: spec["window"] for k, v in options.items() if v == "WINDOW"})
-        if options.get("plan", "window") in ("dense", "window", "dynamic"):
+        if options.get("plan", "window") in BUILTIN_PLANS:
             # given: the backend's default warm-up would make the timed step (pinned to `dense_steps`) dense;
             # a plan file carries its own schedule
             options["dense_steps"] = dense_steps

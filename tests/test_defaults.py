@@ -89,6 +89,12 @@ def test_regional_compile_gets_the_warm_up_when_follow_steps_feeds_the_steps():
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)
             assert relative(followed(**inputs)[0], dense) < 1e-5   # step 0: the dense warm-up
+            for drop in (10, 20, 30, 40):                        # steps 1-4: the hook moves the clock
+                later = dict(inputs, timestep=inputs["timestep"] - drop)
+                out = followed(**later)[0]
+            with torch.no_grad():
+                dense_at_4 = model(**later)[0]
+            assert relative(out, dense_at_4) > 1e-3                # step 4: past the warm-up, sparse
         handle.remove()
 
 
