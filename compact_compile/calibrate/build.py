@@ -98,9 +98,9 @@ class StatsSearch:
         return (torch.cat(parts).sum().item() + dense) / sum(s.heads for s in self.stats.sites.values())
 
     def prices(self) -> torch.Tensor:
-        """Every λ at which some head takes a step."""
+        """Every λ at which some head takes a step (a step of ratio 0 costs no recall: any λ takes it)."""
         ratios = torch.cat([paths.path.ratios.flatten() for paths in self.paths] or [torch.empty(0)])
-        return ratios[ratios.isfinite()].clamp(min=MIN_PRICE)
+        return ratios[ratios.isfinite() & (ratios > 0)]
 
     def _full(self, name: str) -> SiteSearch:   # a dense layer
         s = self.stats.sites[name]
@@ -158,12 +158,10 @@ class RangeSearch:
 
     def prices(self) -> torch.Tensor:
         """Every λ at which the plan can change, sorted: the smallest λ there is (before any step
-        that costs recall), then each price at which some head steps."""
-        return torch.unique(torch.cat([torch.tensor([MIN_PRICE], dtype=torch.float64)]
-                                      + [search.prices().double() for search in self.searches]))
-
-
-MIN_PRICE = 1e-8   # λ must be > 0: steps that cost no recall (ratio 0) are taken at any λ
+        that costs recall, however little), then each price at which some head steps."""
+        steps = torch.unique(torch.cat([search.prices().double() for search in self.searches]))
+        before = steps[0].item() / 2 if len(steps) else 1.0
+        return torch.cat([torch.tensor([before], dtype=torch.float64), steps])
 
 
 def price_for_density(target: float, search: RangeSearch) -> float:
