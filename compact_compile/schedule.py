@@ -43,6 +43,7 @@ import contextlib
 import logging
 import re
 import warnings
+import weakref
 
 import torch
 
@@ -65,9 +66,16 @@ class StepClock:
         self._last: float | None = None
         self._repeats = 0                # calls in a row at the current timestep
         self._pinned: list[int] = []
-        self.followed = False            # follow_steps feeds it from a model's call
+        self._followers = weakref.WeakSet()   # models whose calls feed it (follow_steps)
+        self.last_tells_step = True      # the last timestep seen had one value per sample
+
+    @property
+    def followed(self) -> bool:
+        """Some model's calls feed the clock: follow_steps' hook is in place (not removed)."""
+        return any(m._compact_step_hook.id in m._forward_pre_hooks for m in self._followers)
 
     def observe(self, timestep) -> int:
+        self.last_tells_step = tells_step(timestep)
         value = float(timestep.max()) if isinstance(timestep, torch.Tensor) else float(timestep)
         if self._last is None or value > self._last:
             self.step, self.generation = 0, self.generation + 1
@@ -177,17 +185,22 @@ def site_schedule(plan, dense_steps: int) -> dict | None:
     return schedule
 
 
+def tells_step(timestep) -> bool:
+    """A timestep with one value per sample tells the step. More values per sample (`[B, F]` per frame
+    in diffusion forcing, `[B, S]` per token) do not: their maximum need not fall step after step (a
+    frame starting from noise raises it)."""
+    return not (isinstance(timestep, torch.Tensor) and timestep.dim() > 1 and timestep[0].numel() > 1)
+
+
 def steps_readable(gm: torch.fx.GraphModule, example_inputs) -> bool:
     """Whether this graph's calls can know their denoising step, as the default warm-up needs: the graph
-    has a timestep input with one value per sample, or (no timestep input: e.g. a block graph of
-    compile_repeated_blocks) follow_steps feeds the clock. A timestep with more values per sample
-    (`[B, F]` per frame in diffusion forcing, `[B, S]` per token) does not tell the step: its maximum
-    need not fall step after step (a frame starting from noise raises it)."""
+    has a timestep input that tells the step, or (no timestep input: e.g. a block graph of
+    compile_repeated_blocks) follow_steps feeds the clock, and the model's call that is compiling this
+    graph passed a timestep that tells it."""
     index = timestep_input(gm)
     if index is None:
-        return CLOCK.followed
-    value = example_inputs[index] if index < len(example_inputs) else None
-    return not (isinstance(value, torch.Tensor) and value.dim() > 1)
+        return CLOCK.followed and CLOCK.last_tells_step
+    return index >= len(example_inputs) or tells_step(example_inputs[index])
 
 
 def follow_steps(model: torch.nn.Module):
@@ -214,8 +227,8 @@ def follow_steps(model: torch.nn.Module):
         if timestep is not None:
             CLOCK.observe(timestep)
 
-    CLOCK.followed = True
     model._compact_step_hook = model.register_forward_pre_hook(observe, with_kwargs=True)
+    CLOCK._followers.add(model)
     return model._compact_step_hook
 
 

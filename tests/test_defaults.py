@@ -98,6 +98,26 @@ def test_regional_compile_gets_the_warm_up_when_follow_steps_feeds_the_steps():
         handle.remove()
 
 
+@pytest.mark.parametrize("case", ["hook removed", "per-token timestep"])
+def test_follow_steps_gives_no_warm_up_where_it_cannot_tell_the_step(case):
+    """A removed hook feeds nothing; a timestep per token (Wan 2.2 TI2V) fed by the hook restarts the
+    clock whenever its maximum rises. Either way the block graphs run sparse from the first call, as
+    without follow_steps, instead of a warm-up that never ends."""
+    model, inputs = tiny_wan()
+    handle = compact_compile.follow_steps(model)
+    if case == "hook removed":
+        handle.remove()
+        assert not CLOCK.followed
+    else:
+        inputs = dict(inputs, timestep=torch.full((1, 216), 500))
+    with torch.no_grad():
+        dense = model(**inputs)[0]
+        compact_compile.report(clear=True)
+        out = _regional(model)(**inputs)[0]
+    assert relative(out, dense) > 1e-3
+    assert compact_compile.report().gained().endswith("skipped per call")
+
+
 def test_an_asked_for_warm_up_that_cannot_see_the_steps_warns():
     model, inputs = tiny_wan()
     reset_warnings()
