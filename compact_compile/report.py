@@ -41,16 +41,22 @@ class Report:
         sparse = [s for s in self.sites if s["rewritten"]]
         if not sparse:
             return f"none of {len(self.sites)} attention sites rewritten (reasons above): attention runs as it was"
-        # each site weighted by its attention work (batch·heads·queries·keys): a small site's density says
-        # little about the time saved; online choice adds blocks per call: count its floor (1 - drop per row)
-        work = [_attention_work(s) for s in sparse]
-        skipped = 1 - sum(w * s.get("min_density", s["density"]) for w, s in zip(work, sparse)) / sum(work)
         up_to = "up to " if any(s.get("dynamic") for s in sparse) else ""
+        skipped = self.skipped_work()
         warm = {s.get("dense_steps") or 0 for s in sparse}
         after = (f", after {max(warm)} dense warm-up steps" if warm == {max(warm)} and max(warm)
                  else ", after each site's dense warm-up steps" if len(warm) > 1 else "")
         return (f"{len(sparse)} of {len(self.sites)} attention sites rewritten: {up_to}{skipped:.1%} of their "
                 f"attention work skipped per call{after}")
+
+    def skipped_work(self) -> float:
+        """Share of the rewritten sites' attention work their sparse steps skip (0 if none is rewritten).
+        Each site is weighted by its work (batch·heads·queries·keys): a small site's density says little
+        about the time saved. Online choice adds blocks per call: its floor (1 - drop per row) counts, so
+        with a dynamic site this is an upper bound."""
+        sparse = [s for s in self.sites if s["rewritten"]]
+        work = [_attention_work(s) for s in sparse]
+        return 1 - sum(w * s.get("min_density", s["density"]) for w, s in zip(work, sparse)) / max(1, sum(work))
 
 
 def _attention_work(site: dict) -> int:
