@@ -11,7 +11,12 @@
     # with a calibrated plan (per-layer sites: the per-head variant compiles the whole model): a plan
     # file, or one calibrated here on the random-weight model at a density budget (--calibrate 0.1)
     torchrun --nproc_per_node 8 benchmarks/e2e_multigpu.py --model wan14b --plan wan14b.plan.safetensors ...
-    torchrun --nproc_per_node 2 benchmarks/e2e_multigpu.py --model wan14b --calibrate 0.1 --variants compact-perhead
+    torchrun --nproc_per_node 2 benchmarks/e2e_multigpu.py --model wan14b --calibrate 0.1 --variants perhead
+    # the same in two calls of under 10 minutes each, one phase per call (--state keeps what the second needs)
+    torchrun --nproc_per_node 2 benchmarks/e2e_multigpu.py --model wan14b --calibrate 0.1 --variants perhead \
+        --phases 1gpu --state .bench_state
+    torchrun --nproc_per_node 2 benchmarks/e2e_multigpu.py --model wan14b --variants perhead --phases parallel \
+        --state .bench_state
     # CPU smoke test (a tiny model of the family, gloo): the same code paths, nothing timed that matters
     torchrun --nproc_per_node 2 benchmarks/e2e_multigpu.py --smoke --model wan14b
     torchrun --nproc_per_node 4 benchmarks/e2e_multigpu.py --smoke --model wan14b --ring 2 --ulysses 2
@@ -261,7 +266,11 @@ def main():
     ap.add_argument("--steps", type=int, default=0, help="denoising-loop steps (0: no loop)")
     ap.add_argument("--dense-steps", type=int, default=0, help="compact variants: the first N steps dense")
     ap.add_argument("--smoke", action="store_true", help="a tiny model of the family on the CPU over gloo")
+    ap.add_argument("--state", metavar="DIR", help="the 1gpu phase saves its per-head plan, outputs and results "
+                    "here; a later run without it (--phases parallel) takes them from here (two calls, one phase each)")
     args = ap.parse_args()
+    if args.state and "1gpu" not in args.phases and (args.plan or args.calibrate is not None):
+        ap.error("--state without the 1gpu phase takes the per-head plan that phase used: no --plan/--calibrate")
     if args.plan and args.calibrate is not None:
         ap.error("give --plan or --calibrate, not both")
     if args.calibrate is not None and not (0 < args.calibrate <= 1 and "perhead" in args.variants):
@@ -286,7 +295,12 @@ def main():
     # the block graphs do not see the timestep: feed the step clock from the model's own call
     compact_compile.follow_steps(model)
 
-    if args.calibrate is not None:
+    state = args.state and os.path.join(args.state, ("smoke-" if args.smoke else "") + args.model)
+    saved = None
+    if state and "1gpu" not in args.phases:   # the 1gpu phase ran in an earlier call: its plan, outputs, results
+        saved = torch.load(f"{state}-1gpu-rank{rank}.pt", map_location=device, weights_only=False)
+        plan, args.plan = Plan.load(f"{state}-perhead.plan.safetensors"), saved["plan_source"]
+    elif args.calibrate is not None:
         plan = calibrated_plan(model, spec, inputs, args.calibrate,
                                os.path.join(tempfile.gettempdir(), "e2e-multigpu-calibrated.plan.safetensors"))
         args.plan = "calibrated here"
@@ -315,8 +329,15 @@ def main():
                 json.dump(dict(meta, results=results), f, indent=1, default=str)
 
     outs_1gpu = {}
+    if saved:
+        outs_1gpu, results["1gpu"] = saved["outs"], saved["results"]
+        meta["1gpu_phase"] = f"an earlier call (--state {args.state})"
     if "1gpu" in args.phases:
         outs_1gpu = run_phase("1gpu", model, spec, inputs, plan_path, args, {}, results, save)
+        if state:
+            os.makedirs(args.state, exist_ok=True)
+            plan.save(f"{state}-perhead.plan.safetensors")
+            torch.save(dict(outs=outs_1gpu, results=results["1gpu"], plan_source=args.plan), f"{state}-1gpu-rank{rank}.pt")
     if "parallel" in args.phases:
         if args.balance and "perhead" in args.variants:
             plan = compact_compile.balance_heads(model, plan, ranks=ulysses)
