@@ -22,6 +22,8 @@ values more than ~2^15 below that lose relative precision. Hence:
   v      one fp32 scale per channel of each (batch, head): amax over all tokens / 448; applied to
          the output once (O·σv), since P·V sums over tokens within a channel.
   P      448·p (p ≤ 1 after the running max) in e4m3: no per-block scale needed.
+With a key-padding mask, μ and v's amax are taken over the keys it keeps: a padding key's score never
+counts, so it must not set the offset or the scale (its v, saturated at ±448, weighs 0).
 
 Error bound (FP8 output Õ against exact attention O = Σ_j a_ij v_j over the same kept keys):
   1. quantization, per element: |x̃ − x| ≤ u·|x| + 2^-10·σ (half a subnormal step), x = q, k − μ, v.
@@ -104,11 +106,18 @@ def fp8_unsupported(device) -> str:
     return f"no e4m3 tensor cores on {device.type} (a CUDA GPU of compute capability ≥ 8.9 is needed)"
 
 
-def smoothing_stats(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(k's mean, v's largest |value|) over all tokens, fp32 `[B, H, D]`, of `[B, H, S, D]` tensors in
-    any token order: the graph computes them before the reorder (two reductions Inductor may fuse
-    into k's and v's producers)."""
-    return k.float().mean(-2), v.float().abs().amax(-2)
+def smoothing_stats(k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k's mean, v's largest |value|), fp32 `[B, H, D]`, of `[B, H, S, D]` tensors in any token order,
+    over the tokens a key-padding mask `key_valid` (bool `[B or 1, S]`, same order) keeps, else all:
+    padding keys, whose scores never count, must not set the offset smoothing removes or v's scales
+    (a masked v beyond them saturates at ±448 in the e4m3 conversion, and weighs 0). The graph
+    computes them before the reorder (two reductions Inductor may fuse into k's and v's producers)."""
+    if key_valid is None:
+        return k.float().mean(-2), v.float().abs().amax(-2)
+    keep = key_valid[:, None, :, None]
+    count = keep.sum(-2).clamp_min(1)
+    return k.float().masked_fill(~keep, 0).sum(-2) / count, v.float().abs().masked_fill(~keep, 0).amax(-2)
 
 
 def padded_rows(seq_len: int) -> int:

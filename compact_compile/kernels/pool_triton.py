@@ -45,7 +45,8 @@ def _quantize_tile(x, OUT, SCALE, STAT, bh, blk, out_row, rows, cols, in_seq, S,
                    QUANT: tl.constexpr, ROUND: tl.constexpr):
     """Write one whole block (COLS = D) in e4m3, fp8.quantize_tiles' arithmetic: QUANT 1 (q) with its
     scale σ = amax/448 to SCALE[out_row]; 2 (k) the same of x − STAT[bh] (k's mean); 3 (v) per channel,
-    σ_d = STAT[bh, d]/448 from v's amax over all tokens (to SCALE[bh] once), transposed to [D, S16]."""
+    σ_d = STAT[bh, d]/448 from v's amax over the kept keys (to SCALE[bh] once), transposed to [D, S16]
+    (a padding key's v beyond that amax saturates at ±448 in the conversion, and weighs 0)."""
     x = x.to(tl.float32)
     if QUANT == 3:
         amax = tl.maximum(tl.load(STAT + bh * D + cols), 1e-30)

@@ -18,7 +18,7 @@ its channel amax over the tokens (kernels/fp8.py: smoothing needs the mean befor
 written; the reductions read k and v in the model's order, where Inductor can fuse them into their
 producers); `compact.attention_fp8` takes the tiles:
 
-    k_mean, v_amax = smoothing_stats(k, v)
+    k_mean, v_amax = smoothing_stats(k, v, key_valid_in_model_order)
     q8, k8, v8ᵀ, σq, σk, σv, *pools = compact.tile_quant(q, k, v, k_mean, v_amax, layout…, key_valid, pooled)
     o   = compact.attention_fp8(q8, k8, v8ᵀ, [σq, σk, σv, k_mean], [q, k, v], handle, scale, pools, key_valid, dtype)
 
@@ -59,12 +59,15 @@ def _key_row(mask):
     return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))[:, 0, 0, :]
 
 
-def key_valid_in_tile_order(mask, src, batch: int):
-    """bool `[B, S]` in tile order from a key-padding mask that the site's classification proved to
-    be the same for every head and query (passes/masks.py): bool (True = attend) or additive 0/−inf."""
+def key_valid_in_model_order(mask, batch: int):
+    """bool `[B, S]` from a key-padding mask that the site's classification proved to be the same for
+    every head and query (passes/masks.py): bool (True = attend) or additive 0/−inf."""
     keys = _key_row(mask)
-    valid = keys if keys.dtype == torch.bool else keys > float("-inf")
-    return valid.expand(batch, -1).index_select(-1, src)
+    return (keys if keys.dtype == torch.bool else keys > float("-inf")).expand(batch, -1)
+
+
+def key_valid_in_tile_order(mask, src, batch: int):
+    return key_valid_in_model_order(mask, batch).index_select(-1, src)
 
 
 def zero_masked_queries(out, mask):
@@ -149,7 +152,9 @@ def rewrite_site(gm: fx.GraphModule, site: Site, spec: SiteSpec, handle: int) ->
 def _fp8_attention(graph: fx.Graph, a: dict, fields: tuple, key_valid, pooled: bool, handle: int, site: Site):
     """The nodes of an fp8 site, inserted where the graph's insertion point is: k's mean and v's
     channel amax, the quantizing reorder, the FP8 op; returns the op's node (output in tile order)."""
-    stats = graph.call_function(smoothing_stats, (a["key"], a["value"]))
+    keys = None if key_valid is None else graph.call_function(key_valid_in_model_order,
+                                                              (site.mask.node, site.q_shape[0]))
+    stats = graph.call_function(smoothing_stats, (a["key"], a["value"], keys))
     k_mean, v_amax = getitems(stats, 2)
     out = graph.call_function(torch.ops.compact.tile_quant.default,
                               (a["query"], a["key"], a["value"], k_mean, v_amax) + fields + (key_valid, pooled))

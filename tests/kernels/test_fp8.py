@@ -191,7 +191,70 @@ def test_mask_is_not_ignored():
         assert (ref - dense).norm() > 0.3 * dense.norm()
 
 
-def test_all_zero_blocks_quantize_to_zero():
+def test_all_zero_blocks_quantize_to_zero_and_attend_evenly():
+    """q = k = 0: every scale at its floor, whose product underflows to 0 in fp32. Scores are then 0
+    (softmax is even over the kept keys), not the NaN of the −inf of keys past S times 0."""
     x = torch.zeros(1, 1, 64, 32, dtype=torch.bfloat16, device=DEVICE)
     tiles = quantized(x, x, x, 64)
     assert tiles.q_scale.min() == TINY / 448 and (tiles.q.float() == 0).all() and (tiles.v_t.float() == 0).all()
+    S, bs = 100, 64
+    zeros = torch.zeros(1, 1, S, 32, dtype=torch.bfloat16, device=DEVICE)
+    v = torch.randn(1, 1, S, 32, generator=torch.Generator().manual_seed(0)).to(DEVICE, torch.bfloat16)
+    tiles = quantized(zeros, zeros, v, bs)
+    num, idx = (t.to(DEVICE) for t in kv_block_lists(torch.ones(1, 2, 2, dtype=torch.bool)))
+    out = block_sparse_attention_fp8(tiles, num, idx, bs, dtype=torch.bfloat16).double().cpu()
+    ref, bound = fp8_attention_reference(tiles, torch.ones(1, 2, 2, dtype=torch.bool), bs)
+    assert torch.isfinite(out).all() and ((out - ref.cpu()).abs() <= bound.cpu() + 1e-2 * ref.abs().cpu()).all()
+
+
+def test_a_row_whose_first_keys_are_masked_keeps_its_true_maximum():
+    """Left padding (the first key block all masked) and every kept score far below 0 (μ = 0, exact
+    for any μ): a row that has seen no kept key keeps m = −inf, so its first kept keys set P's base.
+    With the base floored at 0 instead, e4m3 of 448·2^(s·c) rounded every p of the row to 0."""
+    gen = torch.Generator().manual_seed(2)
+    S, bs, D = 128, 64, 64
+    e = torch.zeros(D)
+    e[0] = 1
+    q, k, v = (torch.randn(1, 1, S, D, generator=gen) for _ in range(3))
+    q, k = (0.3 * q + 4 * e).to(torch.bfloat16), (0.3 * k - 30 * e).to(torch.bfloat16)
+    valid = (torch.arange(S) >= bs)[None].to(DEVICE)
+    _, v_amax = smoothing_stats(k, v, valid.cpu())
+    tiles = quantize_tiles(q, k, v.to(torch.bfloat16), torch.zeros(1, 1, D), v_amax, bs)
+    tiles = type(tiles)(*(t.to(DEVICE) for t in tiles))
+    blocks = torch.ones(1, 2, 2, dtype=torch.bool)
+    num, idx = (t.to(DEVICE) for t in kv_block_lists(blocks))
+    out = block_sparse_attention_fp8(tiles, num, idx, bs, dtype=torch.bfloat16, key_valid=valid).double().cpu()
+    ref, bound = (t.cpu() for t in fp8_attention_reference(tiles, blocks, bs, key_valid=valid))
+    assert (out.abs().amax(-1) > 0).all()
+    assert ((out - ref).abs() <= bound + 2 * torch.finfo(torch.bfloat16).eps * ref.abs() + 1e-6).all()
+
+
+@pytest.mark.parametrize("quantizer", ["triton pass", "torch"])
+def test_padding_keys_set_neither_the_mean_nor_v_scales(quantizer):
+    """Padding keys far off in one direction, their values 1000× larger: with the statistics over the
+    kept keys, FP8's error against exact attention is that of inputs without them; over every token,
+    the padding's offset (half of k's mean) swamps the kept keys' differences. The padding's v,
+    beyond the kept keys' amax, saturates at ±448 (a NaN there would reach every row's P·V)."""
+    gen = torch.Generator().manual_seed(3)
+    S, bs, D = 256, 64, 64
+    q, k, v = inputs(1, 2, S, D, torch.bfloat16, gen)
+    valid = (torch.rand(1, S, generator=gen) < 0.5).to(DEVICE)
+    valid[:, 0] = True
+    pad = ~valid[:, None, :, None]
+    k = torch.where(pad, k + (40 * torch.randn(D, generator=gen)).to(k), k)
+    v = torch.where(pad, 1000 * v, v)
+    blocks = random_blocks(2, S // bs, 0.5, gen)
+    num, idx = (x.to(DEVICE) for x in kv_block_lists(blocks))
+    ref = block_sparse_attention_reference(q.cpu(), k.cpu(), v.cpu(), blocks, bs, key_valid=valid.cpu())
+
+    def error(stats):
+        if quantizer == "torch":
+            tiles = quantize_tiles(q, k, v, *stats, bs)
+        else:
+            tiles = tile_quant_qkv_triton(q, k, v, None, *stats, S, bs, pool=False)[0]
+        out = block_sparse_attention_fp8(tiles, num, idx, bs, dtype=q.dtype, key_valid=valid).double().cpu()
+        assert torch.isfinite(out).all()
+        return ((out - ref).norm() / ref.norm()).item()
+
+    kept = error(smoothing_stats(k, v, valid))
+    assert kept < 0.06 and error(smoothing_stats(k, v)) > 2 * kept
