@@ -157,6 +157,8 @@ def _plan_blocks(options: CompactOptions, plan: Plan | None, site: Site, layout:
         return video_site_blocks(layout, window_blocks(layout, options.window))[None]
     s = plan.sites[plan_entry(plan, site.name)]
     heads = site.q_shape[1] if site.model_heads is None else site.n_model_heads
+    if s.blocks.shape[0] == 1 and site.model_heads_unproven and s.heads % heads == 0:
+        heads = s.heads     # one row serves any heads: a share of the plan's heads, which ones unproven, fits
     got = dict(heads=heads, head_dim=site.q_shape[3], seq_len=layout.seq_len, n_text=site.n_text,
                n_before=site.n_before)
     want = dict(heads=s.heads, head_dim=s.head_dim, seq_len=s.seq_len, n_text=s.n_text, n_before=s.n_before)

@@ -103,3 +103,21 @@ def test_diffusers_wan_has_no_tensor_parallel_plan():
                                 out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32, num_layers=1)
     with pytest.raises(ValueError, match="`_tp_plan` must be set"):
         wan.enable_parallelism(config=TensorParallelConfig(tp_degree=RANKS))
+
+
+def test_a_head_agnostic_plan_file_runs_on_each_ranks_heads():
+    """A plan file whose site has one row (made for all HEADS heads) fits the rank's HEADS / RANKS:
+    one row serves any heads, so which ones the rank holds need not be proven."""
+    layout = TokenLayout(GRID, TILE, BLOCK)
+    one_row = Plan(GRID, TILE, BLOCK, {"attn": SitePlan(HEADS, HEAD_DIM, S, 0, 0,
+                                                        window_blocks(layout, (1, 1, 1))[None])})
+    torch.manual_seed(0)
+    x = torch.randn(1, S, DIM)
+    with fake_group(0):
+        model = tensor_parallel(Model().eval())
+        out = call(one_row, model, x)
+        [site] = compact_compile.report(clear=True).sites
+        torch._dynamo.reset()
+        window = call("window", model, x)
+    assert site["rewritten"] and site["q"] == [1, HEADS // RANKS, S, HEAD_DIM] and site["density"] == 0.5
+    torch.testing.assert_close(out, window, rtol=0, atol=0)
