@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from compact_compile import Plan, PlanError, SitePlan, TokenLayout, balance_heads
 from compact_compile.balance import balanced_heads, permute_attention_heads, rank_loads
 from compact_compile.masks import window_blocks
-from support import AS_PLANNED, WAN_GRID, tiny_hunyuan, tiny_mochi, tiny_wan
+from family import FAMILY
+from support import AS_PLANNED, HUNYUAN_GRID, HUNYUAN_TEXT, WAN_GRID, tiny_hunyuan, tiny_wan
 
 
 def test_a_plan_with_its_dense_heads_first_is_evened_out_over_two_ranks():
@@ -92,13 +93,40 @@ def test_balancing_a_per_head_plan_keeps_the_output_and_evens_the_ranks():
     assert torch.equal(balanced.sites["blocks.1.attn1"].blocks, blocks[perm])
 
 
-@pytest.mark.parametrize("build", [tiny_hunyuan, tiny_mochi])
-def test_joint_attention_heads_permute_with_their_text_projections(build):
-    """Joint text+video attention (HunyuanVideo's dual-stream blocks, Mochi): the text's q/k/v and
-    output projections and norms move with the video's, so the model's output is unchanged. A module
-    whose heads leave it unprojected (HunyuanVideo's single-stream blocks) is refused: permuting it
-    alone would change the model."""
-    model, inputs = build()
+def _flat(out):
+    return torch.cat([t.flatten().double() for t in torch.utils._pytree.tree_leaves(out) if torch.is_tensor(t)])
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_every_model_familys_heads_permute_exactly_or_are_refused(name):
+    """Every attention module of every video transformer diffusers exports (tests/family.py, its
+    zero-initialised parameters drawn at random) has its heads reversed: permute_attention_heads
+    either refuses with a PlanError or the model computes what it did. LTX-Video's RoPE over all
+    heads' channels, Mochi's per-head RoPE frequencies outside its modules and the like changed the
+    model by 1e-2 to 3e-1 before their processors were refused."""
+    model, inputs = FAMILY[name]()
+    with torch.no_grad():
+        before = _flat(model(**inputs))
+        permuted = 0
+        for module in model.modules():
+            heads = getattr(module, "heads", 0)
+            if getattr(module, "to_q", None) is None or not isinstance(heads, int) or heads < 2:
+                continue
+            try:
+                permute_attention_heads(module, list(range(heads))[::-1])
+                permuted += 1
+            except PlanError:
+                pass
+        after = _flat(model(**inputs))
+    assert (after - before).norm() <= 1e-5 * before.norm(), f"{permuted} modules permuted"
+
+
+def test_joint_attention_heads_permute_with_their_text_projections():
+    """Joint text+video attention (HunyuanVideo's dual-stream blocks): the text's q/k/v and output
+    projections and norms move with the video's, so the model's output is unchanged. A module whose
+    heads leave it unprojected (HunyuanVideo's single-stream blocks) is refused: permuting it alone
+    would change the model."""
+    model, inputs = tiny_hunyuan()
     with torch.no_grad():
         before = model(**inputs)[0]
         joint = [m for name, m in model.named_modules()
@@ -110,9 +138,8 @@ def test_joint_attention_heads_permute_with_their_text_projections(build):
     assert joint and torch.allclose(after, before, atol=1e-5, rtol=1e-5)
     assert all(not torch.equal(m.to_q.weight, q) and not torch.equal(m.add_q_proj.weight, a)     # it did permute
                for m, (q, a) in zip(joint, weights))
-    if build is tiny_hunyuan:
-        with pytest.raises(PlanError, match="no output projection"):
-            permute_attention_heads(model.single_transformer_blocks[0].attn, [1, 0])
+    with pytest.raises(PlanError, match="no output projection"):
+        permute_attention_heads(model.single_transformer_blocks[0].attn, [1, 0])
 
 
 def test_all_entries_of_one_module_move_with_its_one_permutation():
@@ -143,3 +170,19 @@ def test_balancing_names_what_it_cannot_do():
     model.blocks[0].attn1.fuse_projections()
     with pytest.raises(PlanError, match="fused q/k/v projections"):
         permute_attention_heads(model.blocks[0].attn1, [1, 0, 3, 2])
+
+
+def test_a_refused_module_leaves_the_whole_model_as_it_was():
+    """A HunyuanVideo plan whose site `attn` also names the single-stream blocks' attention (no output
+    projection): one PlanError, raised before any module is permuted (the dual-stream and refiner
+    modules were permuted in place before the refusal)."""
+    model, _ = tiny_hunyuan()
+    weights = {name: p.clone() for name, p in model.named_parameters()}
+    n = TokenLayout(HUNYUAN_GRID, (1, 8, 9), 64, HUNYUAN_TEXT).n_blocks
+    blocks = torch.ones(2, n, n, dtype=torch.bool)
+    blocks[0, 0, 1:] = False
+    plan = Plan(HUNYUAN_GRID, (1, 8, 9), 64, {"attn": SitePlan(2, 16, math.prod(HUNYUAN_GRID) + HUNYUAN_TEXT,
+                                                                HUNYUAN_TEXT, 0, blocks)})
+    with pytest.raises(PlanError, match="no output projection"):
+        balance_heads(model, plan, ranks=2)
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
