@@ -43,8 +43,8 @@ plan's quality). `--calibrate D`: rank 0 calibrates the model as built (random w
 what Compact Attention's search makes of near-uniform attention at a budget of D of the blocks: its
 speed and per-head shape are real, its quality means nothing), one forward at the timed timestep,
 and every rank runs that plan. --variants picks which of dense, window and per-head run. Before enable_parallelism, `compact_compile.balance_heads(model, plan, ranks=N)`
-permutes the heads so that the ranks' head groups carry the same work (--no-balance: diffusers'
-split); the per-rank loads (summed block density) before and after are in the JSON.
+permutes the heads so that the ranks' head groups carry the same work (--no-balance, or a model it
+refuses: diffusers' split); the per-rank loads (summed block density) before and after are in the JSON.
 
 Per variant and phase: first call s (compile and one forward), forward ms (median of --reps calls
 after a warm one, CUDA events, the ranks started together by a barrier; a step takes the slowest
@@ -297,8 +297,12 @@ def main():
 
     state = args.state and os.path.join(args.state, ("smoke-" if args.smoke else "") + args.model)
     saved = None
+    same_run = dict(world=world, steps=args.steps, dense_steps=args.dense_steps, reps=args.reps,
+                    variants=sorted(args.variants))     # what the two calls of one --state run must share
     if state and "1gpu" not in args.phases:   # the 1gpu phase ran in an earlier call: its plan, outputs, results
         saved = torch.load(f"{state}-1gpu-rank{rank}.pt", map_location=device, weights_only=False)
+        if saved["run"] != same_run:
+            ap.error(f"--state {args.state}: its 1gpu phase ran with {saved['run']}, this call has {same_run}")
         plan, args.plan = Plan.load(f"{state}-perhead.plan.safetensors"), saved["plan_source"]
     elif args.calibrate is not None:
         plan = calibrated_plan(model, spec, inputs, args.calibrate,
@@ -337,13 +341,17 @@ def main():
         if state:
             os.makedirs(args.state, exist_ok=True)
             plan.save(f"{state}-perhead.plan.safetensors")
-            torch.save(dict(outs=outs_1gpu, results=results["1gpu"], plan_source=args.plan), f"{state}-1gpu-rank{rank}.pt")
+            torch.save(dict(outs=outs_1gpu, results=results["1gpu"], plan_source=args.plan, run=same_run),
+                       f"{state}-1gpu-rank{rank}.pt")
     if "parallel" in args.phases:
         if args.balance and "perhead" in args.variants:
-            plan = compact_compile.balance_heads(model, plan, ranks=ulysses)
-            meta["per_head_plan"].update(rank_loads_balanced=loads(plan, ulysses),
-                                         head_permutations=plan.info["head_permutations"])
-            plan.save(plan_path)
+            try:    # refused as a whole (the model unchanged) where a module's heads cannot move
+                plan = compact_compile.balance_heads(model, plan, ranks=ulysses)
+                meta["per_head_plan"].update(rank_loads_balanced=loads(plan, ulysses),
+                                             head_permutations=plan.info["head_permutations"])
+                plan.save(plan_path)
+            except compact_compile.PlanError as e:
+                meta["per_head_plan"]["balance"] = f"refused, diffusers' split kept: {e}"
         enable_parallelism(model, spec, ulysses, args)
         with torch.no_grad():   # diffusers' split hook reads the blocks' signature on its first call, which
             e2e.forward(model, spec, *inputs)   # would break a whole-model graph compiled around it

@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(tmp_path, *args):
+def _run(tmp_path, *args, ok=True):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -22,13 +22,16 @@ def _run(tmp_path, *args):
            "--reps", "1", "--state", str(tmp_path / "state"), *args]
     run = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OUT": str(tmp_path)},
                          capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    assert (run.returncode == 0) == ok, run.stderr[-3000:]
+    return run
 
 
 def test_a_calibrated_per_layer_plan_runs_under_diffusers_ulysses(tmp_path):
     """In two runs, as on a GPU where each call has 10 minutes: the first calibrates and runs one GPU,
     the second runs Ulysses 2 against the first one's saved plan and outputs."""
     _run(tmp_path, "--calibrate", "0.3", "--phases", "1gpu")
+    other = _run(tmp_path, "--phases", "parallel", "--steps", "2", ok=False)     # not the first call's run
+    assert "its 1gpu phase ran with" in other.stderr and "'steps': 0" in other.stderr
     _run(tmp_path, "--phases", "parallel")
     result = json.loads((tmp_path / "e2e-multigpu-smoke-wan14b-calibrated-ulysses2.json").read_text())
     assert result["1gpu_phase"].startswith("an earlier call")
