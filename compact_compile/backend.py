@@ -88,7 +88,7 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
         site.density = spec.density
         site.extras.update(tile=spec.layout.tile, block_size=spec.layout.block_size, kernel=spec.kernel,
                            kernel_reason=spec.kernel_reason, dynamic=spec.selection is not None,
-                           rectify=spec.rectify or False, dense_steps=spec.ranges[0].start)
+                           rectify=spec.rectify or False, dense_steps=spec.ranges[0].start, fp8=spec.fp8)
         if spec.selection is not None:   # the online choice adds blocks: at least (1 - drop) of each row
             site.extras.update(min_density=max(spec.density, 1 - spec.selection.drop))
     rewrite_flex_sites(gm, flex_sites, opts, plan, schedule, _plan_misfit)

@@ -70,7 +70,8 @@ def rewrite_frame_masked(gm: fx.GraphModule, site: Site, opts: CompactOptions, p
         plan_misfit(opts, site, e)
         return
     rewrite_frame_masked_site(gm, site, spec, register_site(make_model_masked_site(spec)))
-    _report(site, spec, "flex: the frame mask is evaluated per element in blocks that straddle frames")
+    no_fp8 = " (in the inputs' dtype: FlexAttention has no FP8 path)" if opts.fp8_attention else ""
+    _report(site, spec, "flex: the frame mask is evaluated per element in blocks that straddle frames" + no_fp8)
 
 
 def _not_in_plan(plan: Plan | None, site: Site, what: str) -> str:
@@ -84,5 +85,5 @@ def _not_in_plan(plan: Plan | None, site: Site, what: str) -> str:
 def _report(site: Site, spec, kernel_reason: str, **extras) -> None:
     site.density = spec.density
     site.extras.update(tile=spec.layout.tile, block_size=spec.layout.block_size, kernel=spec.kernel,
-                       kernel_reason=kernel_reason, dynamic=False, rectify=False,
+                       kernel_reason=kernel_reason, dynamic=False, rectify=False, fp8=False,
                        dense_steps=spec.ranges[0].start, **extras)

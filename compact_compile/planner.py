@@ -53,13 +53,17 @@ def site_spec(options: CompactOptions, plan: Plan | None, schedule: dict | None,
     skips = any(r.blocks is not None for r in ranges) or options.dynamic
     rectify = {False: None, True: "block", "auto": "block", "rows": "rows"}[options.rectify] if skips else None
     dtype = getattr(torch, site.dtype)
-    kernel, why = choose_kernel(options.kernel, site.device, dtype, site.q_shape[-1], layout.block_size, site.key_mask,
-                                fp8=options.fp8_attention)
+    choice = (options.kernel, site.device, dtype, site.q_shape[-1], layout.block_size, site.key_mask)
+    kernel, why = choose_kernel(*choice, fp8=options.fp8_attention)    # FP8 where it cannot run: one error
+    fp8 = options.fp8_attention and skips
+    if options.fp8_attention and not fp8:   # every block at every step: the dense path in the inputs' dtype
+        kernel, why = choose_kernel(*choice)
+        why += ("; no FP8: this site computes every block at every step, where dense attention in the inputs' "
+                "dtype is faster (and exact) than FP8 over every block")
     return SiteSpec(site.name, layout, ranges,
                     selection=Selection(options.p_remain, options.drop) if options.dynamic else None,
                     rectify=rectify, key_mask=site.key_mask, kernel=kernel, kernel_reason=why,
-                    merge_in_graph=rectify == "block" and not kernel_class(kernel).fuses_rectify,
-                    fp8=options.fp8_attention)
+                    merge_in_graph=rectify == "block" and not kernel_class(kernel).fuses_rectify, fp8=fp8)
 
 
 def flex_site_spec(options: CompactOptions, plan: Plan | None, schedule: dict | None, site: Site,

@@ -28,7 +28,8 @@ class Report:
             dens = f"{s['density']:.3f}" if s["density"] is not None else ""
             rewritten = s["rewritten"]
             rows.append((s["site"], s["kind"], "x".join(map(str, s["q"])), "yes" if rewritten else "no", dens,
-                         s.get("kernel", "") if rewritten else "", (s.get("rectify") or "no") if rewritten else "",
+                         s.get("kernel", "") + (" fp8" if s.get("fp8") else "") if rewritten else "",
+                         (s.get("rectify") or "no") if rewritten else "",
                          f"< {s['dense_steps']}" if rewritten and s.get("dense_steps") else "", grid, s["reason"] or ""))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

@@ -52,8 +52,9 @@ def test_auto_chooses_triton_and_says_why(monkeypatch):
 @needs_fp8
 @pytest.mark.parametrize("plan, rectify, inner", INNERS)
 def test_compiled_site_runs_fp8_close_to_its_dtype(plan, rectify, inner):
-    """Static, dynamic and dense plans, rectified or not: the rewritten site runs the FP8 op, within
-    FP8's error of the same site in bf16 (N(0, 1)-like activations: a few percent)."""
+    """Static and dynamic plans, rectified or not: the rewritten site runs the FP8 op, within FP8's
+    error of the same site in bf16 (N(0, 1)-like activations: a few percent). A site dense at every
+    step (plan "dense") is not made FP8, says why, and equals the bf16 site."""
     torch.manual_seed(0)
     model = Wrapper(SelfAttention(dim=2 * 64, heads=2)).eval().to(DEVICE, torch.bfloat16)
     x = torch.randn(1, 128, 128, dtype=torch.bfloat16, device=DEVICE)
@@ -65,7 +66,12 @@ def test_compiled_site_runs_fp8_close_to_its_dtype(plan, rectify, inner):
         compact_compile.report(clear=True)
         out = torch.compile(model, backend="compact", options=dict(options, fp8_attention=True))(x)
     [site] = compact_compile.report().sites
-    assert site["kernel"] == "triton" and "FP8" in site["kernel_reason"]
+    if plan == "dense":
+        assert not site["fp8"] and "no FP8: this site computes every block at every step" in site["kernel_reason"]
+        assert torch.equal(out, ref) and "fp8" not in str(compact_compile.report())
+        return
+    assert site["kernel"] == "triton" and site["fp8"] and "FP8" in site["kernel_reason"]
+    assert "triton fp8" in str(compact_compile.report())
     assert rel_err(out, ref) < 0.08
 
 

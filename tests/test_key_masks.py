@@ -354,3 +354,24 @@ def test_a_plan_file_without_the_frame_masked_site_leaves_it_dense_with_the_reas
     assert not missing["rewritten"] and "frame mask: the plan has no mask for it" in missing["reason"], missing
     present = compiled_site(Plan(grid, (2, 4, 8), 64, {name: SitePlan(2, 16, S, 0, 0, blocks)}))
     assert present["rewritten"] and present["frame_mask"] and present["density"] < 1
+
+
+def test_a_frame_masked_site_asked_for_fp8_says_it_runs_in_the_inputs_dtype():
+    """FlexAttention, the one kernel that evaluates a frame mask, has no FP8 path: the site runs it in
+    the inputs' dtype, as without FP8, and its report says so (it said nothing of FP8)."""
+    grid = (6, 4, 8)
+    model = FrameMaskedAttention(grid).eval()
+    x, frames = torch.randn(1, math.prod(grid), 32), torch.ones(6, 6, dtype=torch.bool).tril()
+    outs, sites = [], []
+    for fp8 in (False, True):
+        torch._dynamo.reset()
+        compact_compile.report(clear=True)
+        options = dict(plan="window", window=(1, 1, 1), grid=grid, tile=(2, 4, 8), block_size=64, inner="eager",
+                       fp8_attention=fp8)
+        with torch.no_grad():
+            outs.append(torch.compile(model, backend="compact", options=options)(x, frames))
+        [site] = compact_compile.report().sites
+        sites.append(site)
+    assert sites[1]["rewritten"] and sites[1]["frame_mask"] and not sites[1]["fp8"]
+    assert "FlexAttention has no FP8 path" in sites[1]["kernel_reason"]
+    assert "FP8" not in sites[0]["kernel_reason"] and torch.equal(outs[0], outs[1])

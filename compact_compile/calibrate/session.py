@@ -54,7 +54,9 @@ class Calibration:
         self.dense_steps, self.dense_layers = dense_steps, dense_layers
         self.ranges = [(dense_steps, None)] if step_ranges is None else [tuple(r) for r in step_ranges]
         check_ranges(dense_steps, self.ranges)
-        self.options = dict(options or {}, plan="dense", observer=self._observe, inner=inner)
+        # the sites record dense attention in the inputs' dtype, whatever the options ask for inference
+        self.options = dict(options or {}, plan="dense", dynamic=False, fp8_attention=False, observer=self._observe,
+                            inner=inner)
         self.generations: list[list[CalibrationStats]] = [[] for _ in self.ranges]  # per range, per generation
         self._generation = None    # CLOCK.generation the last recorded call belonged to
         self._plan = None

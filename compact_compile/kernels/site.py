@@ -7,7 +7,8 @@ graph calls it through `torch.ops.compact.attention` (the merged output) or, whe
 R·O + Ō in the graph, `torch.ops.compact.attention_parts` (O, R, Ō).
 
 A site whose spec is fp8 is called through `torch.ops.compact.attention_fp8` with e4m3 tiles
-(fp8.py) instead: `fp8(tiles, …)`, on the Triton kernel, dense steps included (every block listed).
+(fp8.py) instead: `fp8(tiles, …)`, on the Triton kernel; its dense (warm-up) steps run the kernel's
+dense attention on q, k, v in their dtype. A site that is dense at every step is not made fp8.
 
 Wrappers (the `observer` option: calibration, the fidelity harness, tests) get the site and return
 anything with the same two calls, `__call__` and `parts` (and `fp8` for fp8 sites); the rewrite reads
@@ -102,7 +103,7 @@ class SiteAttention:
             def attend(prepared, rectify=None):
                 return self.kernel.attend(q, k, v, prepared, scale, key_valid, rectify=rectify)
         else:
-            def attend(prepared, rectify=None):   # prepared None: every block
+            def attend(prepared, rectify=None):
                 return self.kernel.attend_fp8(fp8[0], prepared, scale, fp8[1], key_valid, rectify=rectify)
         if index is None:
             if fp8 is None:

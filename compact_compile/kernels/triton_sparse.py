@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ..layout import TokenLayout
 from .fp8 import E4M3, FP8Tiles
-from .registry import checked_key_valid, kv_block_lists, masked_key_blocks, sdpa_dense
+from .registry import checked_key_valid, masked_key_blocks, sdpa_dense
 from .triton_attn import _attn_fwd
 
 # Triton reads TRITON_INTERPRET when it is imported (its own library functions are jit-decorated then),
@@ -252,7 +252,6 @@ class TritonKernel:
     def __init__(self, layout: TokenLayout):
         self.block_size = layout.block_size
         self.text_blocks = layout.n_blocks - layout.n_video // layout.block_size if layout.n_text else 0
-        self._all: dict[torch.device, tuple] = {}
 
     @staticmethod
     def unsupported(device, dtype, head_dim, block_size, explicit, key_mask=False) -> str:
@@ -278,14 +277,6 @@ class TritonKernel:
         return sdpa_dense(q, k, v, scale, key_valid)
 
     def attend_fp8(self, tiles: FP8Tiles, prepared, scale, dtype, key_valid=None, rectify=None) -> torch.Tensor:
-        """`attend` over e4m3 tiles (fp8.py); `prepared` None: every block (a dense step; no FP8
-        dense kernel is faster on sm90 than this one with full lists)."""
-        if prepared is None:
-            device = tiles.q.device
-            if device not in self._all:
-                nb = tiles.q_scale.shape[-1]
-                self._all[device] = self.prepare(kv_block_lists(torch.ones(1, 1, nb, nb, dtype=torch.bool,
-                                                                           device=device)))
-            prepared = self._all[device]
+        """`attend` over e4m3 tiles (fp8.py)."""
         return block_sparse_attention_fp8(tiles, *prepared, self.block_size, scale, dtype=dtype, key_valid=key_valid,
                                           rectify=rectify, first_blocks=self.text_blocks)

@@ -135,6 +135,8 @@ def _ineligible(a: dict, q, k, v) -> str:
         return "grouped-query attention (heads of q, k, v differ)"
     if q.shape[0] != k.shape[0] or k.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
         return "q, k, v shapes do not broadcast like self-attention"
+    if v.shape[-1] != q.shape[-1]:
+        return f"value head dim {v.shape[-1]} differs from the query's and key's {q.shape[-1]}"
     if q.dtype not in _SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtype {q.dtype} (supported: float16, bfloat16, float32, the same for q, k, v)"
     if q.device.type not in ("cpu", "cuda"):

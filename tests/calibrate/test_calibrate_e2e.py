@@ -89,3 +89,21 @@ def test_no_statistics_in_the_step_range_is_an_error():
             model(x, torch.tensor([t]), cond, return_dict=False)
     with pytest.raises(ValueError, match=r"no attention statistics were recorded in step range \[10, None\]"):
         cal.plan
+
+
+def test_inference_options_do_not_change_what_calibration_records():
+    """The options a user runs the plan with (FP8 attention, online choice) can be handed to calibrate:
+    its sites still run dense attention in the inputs' dtype and record the same statistics (FP8 made
+    it call an op its recorder lacks; online choice would skip blocks it is there to measure)."""
+    model, _ = tiny_wan()
+    x, cond = _inputs(1)
+    plans = []
+    for extra in ({}, dict(fp8_attention=True, dynamic=True)):
+        torch._dynamo.reset()
+        with calibrate(model, recall=0.9, cost=math.inf, dense_steps=0, inner="aot_eager",
+                       options=dict(OPTIONS, **extra)) as cal, torch.no_grad():
+            model(hidden_states=x, timestep=torch.tensor([500]), encoder_hidden_states=cond, return_dict=False)
+        plans.append(cal.plan)
+    assert plans[0].sites.keys() == plans[1].sites.keys()
+    assert all(torch.equal(plans[0].sites[n].blocks, plans[1].sites[n].blocks) for n in plans[0].sites)
+    assert plans[0].info["heads"] == plans[1].info["heads"]
