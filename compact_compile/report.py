@@ -47,8 +47,10 @@ class Report:
         warm = {s.get("dense_steps") or 0 for s in sparse}
         after = (f", after {max(warm)} dense warm-up steps" if warm == {max(warm)} and max(warm)
                  else ", after each site's dense warm-up steps" if len(warm) > 1 else "")
+        fp8 = sum(bool(s.get("fp8")) for s in sparse)
+        in_fp8 = f"; {fp8} of them in FP8 (e4m3) at their sparse steps" if fp8 else ""
         return (f"{len(sparse)} of {len(self.sites)} attention sites rewritten: {up_to}{skipped:.1%} of their "
-                f"attention work skipped per call{after}")
+                f"attention work skipped per call{after}{in_fp8}")
 
     def skipped_work(self) -> float:
         """Share of the rewritten sites' attention work their sparse steps skip (0 if none is rewritten).

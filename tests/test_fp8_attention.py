@@ -72,6 +72,7 @@ def test_compiled_site_runs_fp8_close_to_its_dtype(plan, rectify, inner):
         return
     assert site["kernel"] == "triton" and site["fp8"] and "FP8" in site["kernel_reason"]
     assert "triton fp8" in str(compact_compile.report())
+    assert compact_compile.report().gained().endswith("; 1 of them in FP8 (e4m3) at their sparse steps")
     assert rel_err(out, ref) < 0.08
 
 
