@@ -5,7 +5,7 @@ Compiled flex costs several seconds per new shape on a CPU, so the property test
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from support import flat_layout, kernel_attend
@@ -47,9 +47,11 @@ def check(problem, dtype, rtol):
         assert out.shape == (B, H, S, D) and out.dtype == dtype
         err = (out.double() - ref).abs().max().item()
         assert err <= rtol * ref.abs().max().item(), f"max err {err:.3g}, max |ref| {ref.abs().max().item():.3g}"
-        if not blocks.all():  # the sparsity is real: dense attention differs from the reference
+        if not blocks.all():
+            # a kernel ignoring the map would be this far off, 10× the allowed error; a map whose dropped
+            # blocks barely matter (S = 129 at 128-token blocks: one key in the last block) proves nothing
             dense = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), scale=scale)
-            assert (dense - ref).abs().max() > 10 * rtol * ref.abs().max()
+            assume((dense - ref).abs().max() > 10 * rtol * ref.abs().max())
 
 
 @settings(max_examples=6, deadline=None)
