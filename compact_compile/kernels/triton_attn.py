@@ -94,26 +94,25 @@ def _kv_tile(acc, l_i, m_i, q, k_base, v_base, idx_ptr, valid_base, masked_base,
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)      # s_ij = q_i·k_j, fp32
     c = qk_scale
-    if FP8:   # q̃·k̃ times this tile's key-block scale (qk_scale holds the query block's already)
-        c = qk_scale * tl.load(ks_base + kb)
-    # s_ij·c, fp32; scaled before the −inf of excluded keys goes in (FP8 scales of all-zero blocks can
-    # make c 0, and −inf·0 is NaN)
-    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * c
+    if FP8:   # q̃·k̃ times this tile's key-block scale (qk_scale holds the query block's already), kept a
+        # normal number: two all-zero blocks' scales (1e-30/448 each) multiply to 0, and −inf·0 is NaN
+        c = tl.maximum(qk_scale * tl.load(ks_base + kb), 1e-30)
     if MASK:
         qk = tl.where((pos < S)[None, :], qk, float("-inf"))
     if HAS_KEYMASK:   # key-padding: excluded keys score −inf, in the blocks that have any (a select
         if tl.load(masked_base + kb) != 0:    # over the whole tile costs ~20% of the kernel)
             valid = tl.load(valid_base + pos, mask=pos < S, other=0)
             qk = tl.where((valid != 0)[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))              # m' = max(m, max_j s_ij·c)
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * c)          # m' = max(m, max_j s_ij·c)
     base = m_new
     if HAS_KEYMASK:   # a row with no valid key yet keeps m' = −inf, its exponents taken against 0:
         base = tl.where(m_new == float("-inf"), 0.0, m_new)   # 2^(−inf − 0) = 0, not NaN
     if FP8:
-        p = tl.math.exp2(qk - (base - P_LOG2_SCALE)[:, None])   # 448·p_ij, in [0, 448]
+        p = tl.math.exp2(qk * c - (base - P_LOG2_SCALE)[:, None])   # 448·p_ij, in [0, 448]
     else:
-        p = tl.math.exp2(qk - base[:, None])            # p_ij = 2^(s_ij·c − m')
+        p = tl.math.exp2(qk * c - base[:, None])        # p_ij = 2^(s_ij·c − m'), one FMA per score
     alpha = tl.math.exp2(m_i - base)                    # α = 2^(m − m')
     l_i = l_i * alpha + tl.sum(p, 1)                    # l' = α·l + Σ_j p_ij
     if FP8:       # this tile's P·V from zero, summed into acc in fp32 (two-level accumulation)

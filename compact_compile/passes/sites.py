@@ -119,7 +119,9 @@ def classify(node: fx.Node, grids: list[GridCandidate], grid_option=None, plan_g
     if not site.reason and a["attn_mask"] is not None:
         site.mask = classify_mask(a["attn_mask"], Sk, site.grid if site.kind == VIDEO else None)
         site.reason, site.key_mask = site.mask.reason, not site.mask.reason and site.mask.frames is None
-    if isinstance(a["scale"], (int, float)) or a["scale"] is None:
+    if a["scale"] is not None and isinstance(a["scale"], (int, float)) and not a["scale"] > 0:
+        site.reason = site.reason or f"softmax scale {a['scale']} (the kernels' running maximum needs a positive one)"
+    elif isinstance(a["scale"], (int, float)) or a["scale"] is None:
         site.scale = None if a["scale"] is None else float(a["scale"])
     else:
         site.reason = site.reason or "scale is computed in the graph, not a constant"

@@ -47,6 +47,8 @@ class Variant(nn.Module):
         elif c == "gqa":
             k1, v1 = self.kv_small(x).unflatten(-1, (2, 1, -1)).permute(2, 0, 3, 1, 4)
             o = F.scaled_dot_product_attention(q, k1, v1, enable_gqa=True)
+        elif c == "negative-scale":
+            o = F.scaled_dot_product_attention(q, k, v, scale=-0.1)
         elif c == "wide-values":   # Dv = 2·D: no block-sparse kernel takes it
             o = F.scaled_dot_product_attention(q, k, torch.cat([v, v], -1))
         elif c == "3-d":
@@ -120,6 +122,7 @@ def x_video(batch=1, seq=S):
     ("additive-mask", VIDEO, "does not prove to be 0 or −inf"),
     ("gqa", VIDEO, "grouped-query attention"),
     ("wide-values", VIDEO, "value head dim"),
+    ("negative-scale", VIDEO, "softmax scale -0.1"),
     ("3-d", OTHER, "not all 4-D"),
 ])
 def test_ineligible_site_stays_dense(case, kind, reason):
