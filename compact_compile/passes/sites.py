@@ -154,6 +154,11 @@ def _locate_video(site: Site, node, S: int, batch: int, grids, grid_option, plan
         _check_grid_option(tuple(grid_option), grids, batch)
         choices = [(tuple(grid_option), "options['grid']")]
     elif plan_grid is not None:
+        found = _contradicting(tuple(plan_grid), grids, batch)
+        if found:
+            site.reason = (f"the plan's grid {tuple(plan_grid)} contradicts the model's patch embedding, which makes "
+                           f"a {found[0]} grid of the same tokens ({found[1]}): a plan for another video shape")
+            return
         choices = [(tuple(plan_grid), "plan")]
     else:
         choices = [(g.grid(batch), g.source) for g in grids if g.grid(batch) is not None]
@@ -184,13 +189,22 @@ def _locate_video(site: Site, node, S: int, batch: int, grids, grid_option, plan
     site.maybe_video = any(S >= g[0] * g[1] * g[2] for g, _ in choices)
 
 
-def _check_grid_option(grid, grids: list[GridCandidate], batch: int) -> None:
-    """options['grid'] must not contradict the graph: a patch embedding that makes the same number of
-    tokens in another (T, H, W) shows the option has the axes wrong."""
+def _contradicting(grid, grids: list[GridCandidate], batch: int):
+    """(grid, source) of a patch embedding in the graph that makes the same number of tokens as `grid`
+    in another (T, H, W), if any: it shows that `grid` has the axes wrong (832×480 for 480×832)."""
     n = grid[0] * grid[1] * grid[2]
     for candidate in grids:
         found = candidate.grid(batch)
         if found is not None and found != grid and found[0] * found[1] * found[2] == n:
-            raise OptionsError(f"option 'grid' {grid} contradicts the model's patch embedding, which makes a {found} "
-                               f"grid of the same {n} tokens ({candidate.source}): leave 'grid' out to use the "
-                               f"graph's, or correct it")
+            return found, candidate.source
+    return None
+
+
+def _check_grid_option(grid, grids: list[GridCandidate], batch: int) -> None:
+    """options['grid'] must not contradict the graph (`_contradicting`)."""
+    found = _contradicting(grid, grids, batch)
+    if found:
+        n = grid[0] * grid[1] * grid[2]
+        raise OptionsError(f"option 'grid' {grid} contradicts the model's patch embedding, which makes a {found[0]} "
+                           f"grid of the same {n} tokens ({found[1]}): leave 'grid' out to use the graph's, or "
+                           f"correct it")

@@ -357,3 +357,20 @@ def test_grid_from_the_reshapes_of_a_linear_patch_embedding():
     with torch.no_grad(), masked_sdpa({256: [window_reference(transposed, window)[1]]}):
         wrong = model.double()(latent.double())
     assert rel_err(wrong, ref) > 1e-3
+
+
+def test_a_plan_for_the_transposed_video_shape_is_an_error_naming_both_grids():
+    """A plan calibrated on 8×16 frames and a 16×8 video: the same token count, another geometry. The
+    patch embedding shows the video's grid, so the plan's is refused (it ran silently in the plan's)."""
+    from compact_compile.plan import Plan, SitePlan
+
+    torch.manual_seed(0)
+    model = PatchEmbed3d().eval()
+    plan_grid, tile = (2, 4, 16), (1, 4, 8)
+    layout = TokenLayout(plan_grid, tile, 32)
+    plan = Plan(plan_grid, tile, 32, {"attn": SitePlan(HEADS, DIM // HEADS, 128, 0, 0,
+                                                       window_blocks(layout, (1, 1, 1))[None])})
+    x = torch.randn(1, 4, 2, 32, 8)                                 # patch (1, 2, 2): grid (2, 16, 4), 128 tokens
+    with pytest.raises(compact_compile.PlanError, match=r"the plan's grid \(2, 4, 16\) contradicts the model's patch embedding, "
+                                        r"which makes a \(2, 16, 4\) grid"), torch.no_grad():
+        torch.compile(model, backend="compact", options=dict(plan=plan, inner="eager", strict=True))(x)
