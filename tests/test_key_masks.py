@@ -156,6 +156,7 @@ class MaskedAttention(nn.Module):
         super().__init__()
         self.form, self.heads = form, heads
         self.qkv = nn.Linear(dim, 3 * dim)
+        self.register_buffer("rows", torch.rand(S, S, generator=torch.Generator().manual_seed(3)) < 0.7)
 
     def forward(self, x, key_mask):
         B = x.shape[0]
@@ -169,12 +170,21 @@ class MaskedAttention(nn.Module):
             "outer": lambda: outer(key_mask.view(B, 1, 1, S).repeat(1, 1, S, 1)),   # HunyuanVideo 1.5's form
             "outer_of_two": lambda: (key_mask.view(B, 1, 1, S).repeat(1, 1, S, 1)
                                      & key_mask.flip(-1).view(B, 1, 1, S).repeat(1, 1, S, 1).transpose(2, 3)),
+            # [S, 1, 1, S] looks key-shaped (a batch of S); the view moves that S onto the queries
+            "rows_viewed_as_queries": lambda: self.rows.view(S, 1, 1, S).view(1, 1, S, S),
+            "bool_round_trip": lambda: torch.where(key_mask, 0.0, float("-inf"))[:, None, None, :].bool().float(),
+            "edited_in_place": lambda: edited_in_place(key_mask.view(B, 1, 1, S).repeat(1, 1, S, 1)),
         }[self.form]()
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
 
 
 def outer(m):
     return (m & m.transpose(2, 3)).bool()
+
+
+def edited_in_place(m):
+    m[:, :, :64, 64:] = False       # the first frame's queries no longer see the second frame
+    return m
 
 
 def run_masked(form, kernel="flex"):
@@ -236,6 +246,9 @@ def test_valid_q_and_valid_k_is_a_key_mask_with_padded_query_rows_zero(kernel):
     ("pairwise", "not provably a key-padding mask"),      # valid_q ⊗ valid_k without a transpose: not proven
     ("outer_of_two", "not provably a key-padding mask"),  # rows from another mask than the columns
     ("additive", "values the graph does not prove to be 0 or −inf"),   # −10000 re-weights, not excludes
+    ("rows_viewed_as_queries", "not provably a key-padding mask"),
+    ("bool_round_trip", "values the graph does not prove to be 0 or −inf"),      # 0/−inf became 0/1
+    ("edited_in_place", "changed in place"),
 ])
 def test_masks_that_are_not_provably_key_masks_stay_dense(form, reason):
     model, x, key_mask, out = run_masked(form)

@@ -20,8 +20,14 @@ diffusion-forcing causal blocks): query token of frame t attends key token of fr
 (`KeyMask.frames`).
 
 Its values must be boolean (True = attend), or additive with only 0 and −inf: a float mask counts
-when it comes from `where(b, 0, -inf)` or `masked_fill(zeros, b, -inf)` of a boolean key mask, since
-any other additive value (e.g. −10000) re-weights keys instead of excluding them.
+when it comes from `where(b, 0, -inf)` or `masked_fill(zeros, b, -inf)` of a boolean key mask, through
+float casts only, since any other additive value (e.g. −10000, or the 1 of a round trip through bool)
+re-weights keys instead of excluding them.
+
+The proof reads ops as pure functions, so a tensor it passes through must not be changed in place
+(`mask[i] = …`, `mask.add_(…)`, also through a view of it): such a mask is kept dense. The one
+exception is the key-shaped source itself, which any edit leaves a key mask (the op reads the mask
+SDPA gets, at run time).
 """
 from __future__ import annotations
 
@@ -48,20 +54,53 @@ def _is_key_shaped(t, n_keys: int) -> bool:
 
 
 def _broadcast_source(node, n_keys: int, depth: int = 8):
-    """The key-shaped tensor node this mask was broadcast from, or None."""
+    """The key-shaped tensor node this mask was broadcast from, or None (also where a tensor on the
+    way, other than that source, is changed in place)."""
     for _ in range(depth):
         if not isinstance(node, fx.Node):
             return None
         if _is_key_shaped(example_value(node), n_keys):
             return node
-        if node.op not in ("call_method", "call_function") or target_name(node) not in _BROADCASTS:
+        if (node.op not in ("call_method", "call_function") or target_name(node) not in _BROADCASTS
+                or _changed_in_place(node)):
             return None
-        if target_name(node) == "view" or target_name(node) == "reshape":
-            source = example_value(node.args[0])   # a view that keeps the key dim last and adds leading dims only
-            if source is None or source.shape[-1] != n_keys or source.numel() != example_value(node).numel():
-                return None
+        if target_name(node) in ("view", "reshape") and not _keeps_batch_and_keys(node, n_keys):
+            return None
         node = node.args[0]
     return None
+
+
+def _keeps_batch_and_keys(view: fx.Node, n_keys: int) -> bool:
+    """A view whose input and output share their first (batch) and last (key) dims: in row-major order
+    it then only regroups the dims between, so values that depend on (batch, key) alone still do
+    (`[X, 1, 1, N]` viewed as `[1, 1, X, N]` would move X onto the queries)."""
+    source, out = example_value(view.args[0]), example_value(view)
+    return (source is not None and out is not None and source.dim() >= 2 and out.dim() >= 2
+            and source.shape[0] == out.shape[0] and source.shape[-1] == out.shape[-1] == n_keys
+            and source.numel() == out.numel())
+
+
+_VIEWS = {"view", "reshape", "unsqueeze", "squeeze", "expand", "expand_as", "transpose", "permute", "getitem",
+          "flatten", "unflatten", "select", "narrow", "as_strided", "contiguous", "detach", "view_as", "broadcast_to"}
+
+
+_IN_PLACE_OPERATORS = {operator.setitem, operator.iand, operator.ior, operator.ixor, operator.iadd, operator.isub,
+                       operator.imul, operator.itruediv}
+
+
+def _changed_in_place(node: fx.Node, depth: int = 4) -> bool:
+    """Whether the graph changes `node`'s tensor in place (`x[i] = …`, `x &= …`, `x.add_(…)`,
+    `torch.relu_(x)`), directly or through a view of it."""
+    for user in node.users:
+        name = target_name(user)
+        if user.args and user.args[0] is node:
+            in_place = (user.target in _IN_PLACE_OPERATORS if getattr(user.target, "__module__", "") == "_operator"
+                        else name.endswith("_") and not name.startswith("_"))
+            if in_place:
+                return True
+            if depth and name in _VIEWS and _changed_in_place(user, depth - 1):
+                return True
+    return False
 
 
 def _is_minus_inf(x) -> bool:
@@ -138,6 +177,8 @@ def _frame_mask(mask_node, grid) -> fx.Node | None:
         return None
     frames = viewed.args[0]
     value = example_value(frames)
+    if any(_changed_in_place(n) for n in (node, repeated, viewed, frames)):
+        return None      # F too: the block lists are built from F, which must be what the repeat copied
     return frames if value is not None and tuple(value.shape) == (T, T) and value.dtype == torch.bool else None
 
 
@@ -147,6 +188,8 @@ def classify_mask(mask_node, n_keys: int, grid=None) -> KeyMask:
     mask = example_value(mask_node)
     if mask is None:
         return KeyMask("attn_mask is not a tensor the graph can inspect (kept dense)")
+    if isinstance(mask_node, fx.Node) and _changed_in_place(mask_node) and not _is_key_shaped(mask, n_keys):
+        return KeyMask("attn_mask is changed in place after it is made (the graph's proof reads it as made): kept dense")
     if mask.dtype == torch.bool:
         both = _query_and_key(mask_node, n_keys)
         if both is not None:
@@ -168,7 +211,10 @@ def _values_reason(mask_node, mask) -> str:
     if not mask.is_floating_point():
         return f"attn_mask of dtype {mask.dtype} (bool or float expected): kept dense"
     node = mask_node
-    for _ in range(8):   # through casts, views and indexing to the op that made the additive values
+    for _ in range(8):   # through float casts, views and indexing to the op that made the additive values
+        value = example_value(node)
+        if value is None or not value.is_floating_point() or _changed_in_place(node):
+            break        # a round trip through bool (0/−inf → 0/1) or an in-place edit changes the values
         if _additive_from_bool(node):
             return ""
         if (node.op not in ("call_method", "call_function") or target_name(node) not in _VALUE_PRESERVING
