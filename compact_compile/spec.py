@@ -12,6 +12,7 @@ and why, is here, and the report prints it.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -41,6 +42,10 @@ class Selection:
     added to the range's static blocks."""
     p_remain: float = 0.3
     drop: float = 0.9
+
+    def min_blocks(self, n_blocks: int) -> int:
+        """⌊(1 − drop)·n_blocks⌋, the product rounded first: in floats (1 − 0.9)·10 is 0.99999…"""
+        return math.floor(round((1 - self.drop) * n_blocks, 9))
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ map to a token mask and run masked softmax attention on upcast inputs. O(S²) me
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +79,7 @@ def rectified_attention_reference(q, k, v, *, n_video: int, block_size: int, sta
                         total += p[m].item()
                         if total <= p_remain:
                             covering += 1
-                    for m in ranked[:max(covering, math.floor((1 - drop) * nb))]:
+                    for m in ranked[:max(covering, math.floor((1 - Fraction(str(drop))) * nb))]:   # exact
                         kept[m] = True
                 keep[b, h, n] = kept
                 cols = [j for m in range(nb) if kept[m] for j in members[m] if valid[b, j]]

@@ -16,7 +16,6 @@ what the op takes from the spec, never from the object.
 """
 from __future__ import annotations
 
-import math
 from typing import Protocol
 
 import torch
@@ -48,7 +47,7 @@ class SiteAttention:
         nb, bs = L.n_blocks, L.block_size
         self.video_count = (torch.arange(nb * bs) < L.n_video).view(nb, bs).sum(1).float()
         self.text_block = torch.arange(L.n_video, L.seq_len) // bs
-        self.k_min = math.floor((1 - spec.selection.drop) * nb) if spec.selection else 0
+        self.k_min = spec.selection.min_blocks(nb) if spec.selection else 0
         self._static: dict[tuple[int, torch.device], tuple] = {}
 
     # ---- calls ----------------------------------------------------------------------------------

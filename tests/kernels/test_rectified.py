@@ -254,3 +254,12 @@ def test_key_padding_mask_through_the_site(site, kind, kernel):
     ref, _ = rectified_attention_reference(q, k, v, n_video=layout.n_video, block_size=BS, static=static,
                                            dynamic=True, rectify=True, key_valid=key_valid, keep=keep, **cfg)
     assert (out.double() - ref).norm() / ref.norm() < 1e-5
+
+
+@pytest.mark.parametrize("drop, n_blocks, floor", [(0.9, 10, 1), (0.9, 20, 2), (0.9, 30, 3), (0.8, 10, 2),
+                                                   (0.9, 256, 25), (0.9, 9, 0), (0.0, 7, 7)])
+def test_the_online_choice_keeps_at_least_the_documented_floor_of_blocks(drop, n_blocks, floor):
+    """⌊(1 − drop)·N⌋ blocks per row at least: in floats (1 − 0.9)·10 is 0.999…, which floored to 0."""
+    from compact_compile.spec import Selection
+
+    assert Selection(drop=drop).min_blocks(n_blocks) == floor
