@@ -154,7 +154,7 @@ def _merge_shares(PART_M, PART_Z, PART_ZC, PART_O, R, OBAR, NQ, n_shares, D: tl.
         z += w * tl.load(PART_Z + part, mask=n_ok, other=0.0)
         z_comp += w * tl.load(PART_ZC + part, mask=n_ok, other=0.0)
         o_bar += w[:, None] * tl.load(PART_O + part[:, None] * D + cols[None, :], mask=n_ok[:, None], other=0.0)
-    z = tl.where(n_ok, z, 1.0)
+    z = tl.where(n_ok & (z > 0), z, 1.0)     # z = 0: every key masked (a batch element's): R = 1, Ō = 0
     tl.store(R + bh * NQ + n, 1.0 - z_comp / z, mask=n_ok)
     tl.store(OBAR + (bh * NQ + n)[:, None] * D + cols[None, :], o_bar / z[:, None], mask=n_ok[:, None])
 

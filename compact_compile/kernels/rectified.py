@@ -123,7 +123,7 @@ def _estimate(pools, q, k_text, static, video_count, text_block, scale: float, b
         text = (qx @ k_text.transpose(-1, -2)) * scale
         if text_valid is not None:
             text = text.masked_fill(~text_valid[:, None, None, :], -math.inf)
-        p = torch.cat([video, text], -1).softmax(-1)
+        p = torch.cat([video, text], -1).softmax(-1).nan_to_num(0.0)   # every key masked: nothing to estimate
         return p[..., :nb].index_add(-1, text_block, p[..., nb:])
 
     p_block = block_probs(q_mean)

@@ -263,3 +263,21 @@ def test_the_online_choice_keeps_at_least_the_documented_floor_of_blocks(drop, n
     from compact_compile.spec import Selection
 
     assert Selection(drop=drop).min_blocks(n_blocks) == floor
+
+
+@pytest.mark.parametrize("kernel", ["triton", "flex"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_a_batch_element_with_every_key_masked_gives_zeros_with_rectification(kernel, dynamic):
+    """Its attention has no key, which the kernels define as 0; rectification's estimate there had a
+    normaliser of 0 (R = 1 − 0/0: NaN). It is now R = 1, Ō = 0, and the other element is as alone."""
+    layout = TokenLayout((1, 8, 8), (1, 4, 4), 16)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 1, layout.seq_len, 32, generator=g) for _ in range(3))
+    keys = torch.ones(2, layout.seq_len, dtype=torch.bool)
+    keys[1] = False
+    static = torch.eye(layout.n_blocks, dtype=torch.bool)[None]
+    site = rectified_site(layout, static, dynamic=dynamic, rectify=True, kernel=kernel)
+    out = site(q, k, v, None, None, keys)
+    alone = site(q[:1], k[:1], v[:1], None, None, keys[:1])
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    torch.testing.assert_close(out[:1], alone, rtol=1e-5, atol=1e-6)
