@@ -98,7 +98,11 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
     compiled = quantized_linears(gm, example_inputs, opts.quantize,
                                  lambda inputs: _compile_inner(gm, inputs, opts.inner, mode or opts.mode))
     carried_sources = {c.source for c in carried}
-    expect = input_tags if any(s.rewritten and s.grid_source in carried_sources for s in sites + flex_sites) else {}
+    # inputs checked where a site relies on their tags, or where the outputs pass them on (a graph
+    # without attention between two that have it must not re-tag another video with the first's grid)
+    relies = any(s.rewritten and s.grid_source in carried_sources for s in sites + flex_sites)
+    passes_on = any(t in input_tags.values() or t.source in carried_sources for t in emit.values())
+    expect = input_tags if relies or passes_on else {}
     compiled = with_video_tags(compiled, expect, emit,
                                lambda inputs: _compile_inner(unrewritten, inputs, opts.inner, mode or opts.mode))
     return with_step_clock(gm, compiled, schedule)

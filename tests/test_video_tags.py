@@ -92,6 +92,35 @@ def test_another_video_with_the_same_token_count_runs_unrewritten_not_with_a_wro
         torch.testing.assert_close(out, model(other), rtol=1e-5, atol=1e-5)
 
 
+class NormBetween(BrokenVideoModel):
+    """A graph with no attention between the patch embedding and the blocks: it passes the tags on."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(DIM)
+
+    def forward(self, latent):
+        x = self.patch(latent).flatten(2).transpose(1, 2)
+        torch._dynamo.graph_break()
+        x = self.norm(x) * 2
+        torch._dynamo.graph_break()
+        return self.blocks[0](x)
+
+
+def test_a_graph_without_attention_checks_the_tags_it_passes_on():
+    """The norm's graph re-tagged every output with the first video's grid, whatever its input
+    carried: (5, 8, 6) then ran the block on (3, 8, 10)'s layout. It now checks its inputs too."""
+    torch.manual_seed(0)
+    model = NormBetween().eval()
+    fast = compiled(model)
+    with torch.no_grad():
+        fast(torch.randn(1, 4, 3, 16, 20))
+        other = torch.randn(1, 4, 5, 16, 12)
+        with pytest.warns(UserWarning, match="without sparse attention"):
+            out = fast(other)
+        torch.testing.assert_close(out, model(other), rtol=1e-5, atol=1e-5)
+
+
 class JointBlock(nn.Module):
     """Joint attention over the block's tokens (history, then video) and a prompt after them."""
 
