@@ -34,6 +34,7 @@ class GridCandidate:
     shape: tuple          # conv output shape
     source: str
     tag: VideoTag | None = None   # carried from an earlier graph: where its tensor holds the video
+    merge: bool = False           # from a flatten of (T, H, W) into tokens: it shows their order
 
     def grid(self, batch: int):
         if len(self.shape) == 5:
@@ -72,7 +73,7 @@ def token_merges(gm: fx.GraphModule) -> list[GridCandidate]:
         triple = _merged_triple(tuple(before.shape), tuple(after.shape))
         if triple is not None and sum(d == 1 for d in triple) <= 1:
             out.append(GridCandidate((1, 1) + triple, f"graph: {triple} merged into {math.prod(triple)} tokens by "
-                                                      f"{name} {node.name}"))
+                                                      f"{name} {node.name}", merge=True))
     return out
 
 

@@ -168,9 +168,15 @@ def _locate_video(site: Site, node, S: int, batch: int, grids, grid_option, plan
                        f"no video grid for a batch of {batch}: the graph's patch embedding ({grids[0].source}) "
                        f"does not divide into it (attention over frames or pixels folded into the batch?)")
         return
+    merged = [(g.grid(batch), g.source) for g in grids if g.merge and g.grid(batch) is not None]
     for grid, source in choices:
         n_video = grid[0] * grid[1] * grid[2]
         if n_video == S:
+            other = next(((g, s) for g, s in merged if g != grid and g[0] * g[1] * g[2] == S), None)
+            if other:   # e.g. a conv's (T, H, W), then its tokens flattened as (H, W, T)
+                site.reason = (f"the graph shows its {S} tokens as two grids, {grid} ({source}) and {other[0]} "
+                               f"({other[1]}): which order the tokens are in is not proven")
+                return
             site.kind, site.grid, site.grid_source = VIDEO, grid, source
             return
     # joint attention: the largest grid that is most of the sequence, the rest other tokens
