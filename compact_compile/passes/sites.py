@@ -196,13 +196,14 @@ def _locate_video(site: Site, node, S: int, batch: int, grids, grid_option, plan
 
 
 def _contradicting(grid, grids: list[GridCandidate], batch: int):
-    """(grid, source) of a patch embedding in the graph that makes the same number of tokens as `grid`
-    in another (T, H, W), if any: it shows that `grid` has the axes wrong (832×480 for 480×832)."""
+    """(grid, source) of the graph's own grid for as many tokens as `grid` (the first candidate of that
+    count, as the graph's choice takes it) where it is another (T, H, W): `grid` has the axes wrong
+    (832×480 for 480×832). Later candidates of that count (a model's other convolutions) do not count."""
     n = grid[0] * grid[1] * grid[2]
     for candidate in grids:
         found = candidate.grid(batch)
-        if found is not None and found != grid and found[0] * found[1] * found[2] == n:
-            return found, candidate.source
+        if found is not None and found[0] * found[1] * found[2] == n:
+            return (found, candidate.source) if found != grid else None
     return None
 
 

@@ -398,3 +398,16 @@ def test_tokens_flattened_in_another_order_than_the_convs_grid_stay_dense():
     [site] = sites
     assert not site["rewritten"] and "as two grids, (2, 8, 8)" in site["reason"] and "(8, 8, 2)" in site["reason"]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_right_grid_is_not_refused_for_another_convolution_of_as_many_tokens():
+    """SANA-WM's temporal short convolution makes 1024 values per channel too, as (1, 4, 256): the
+    grid the graph itself takes for 1024 tokens is its patch embedding's (4, 16, 16), which
+    options['grid'] names, so that is no contradiction (it was an OptionsError)."""
+    from family import FAMILY
+
+    model, inputs = FAMILY["sana_wm"]()
+    with torch.no_grad():
+        torch.compile(model, backend="compact", options=dict(grid=(4, 16, 16), inner="eager"))(**inputs)
+    assert [s["site"] for s in compact_compile.report().sites if s["rewritten"]] == ["blocks.1.attn.attn",
+                                                                                      "blocks.1.attn.cam_attn"]
