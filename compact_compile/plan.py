@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import PlanError
 from .layout import Grid, TokenLayout
+from .schedule import check_ranges, range_site_name
 
 FORMAT = "compact_compile.plan"
 FORMAT_VERSION = 2   # 2: a site's other tokens may sit on both sides of the video (n_before)
@@ -53,6 +54,41 @@ class Plan:
     block_size: int
     sites: dict[str, SitePlan] = field(default_factory=dict)
     info: dict = field(default_factory=dict)  # free-form provenance (search settings, inputs, …)
+
+    def check(self, where: str = "plan") -> "Plan":
+        """One PlanError naming the problem if the plan is not well formed (what loading a file checks,
+        for a plan made in memory): the layout, each site's block map (bool [1 or heads, nb, nb], every
+        query block attending to something), and a schedule in `info` (ranges that follow each other,
+        an entry `name@start` for every later range of every site). Returns the plan."""
+        if not (_positive_ints(list(self.grid), 3) and _positive_ints(list(self.tile), 3)
+                and _positive_ints([self.block_size], 1) and math.prod(self.tile) == self.block_size):
+            raise PlanError(f"{where}: grid {self.grid!r}, tile {self.tile!r}, block_size {self.block_size!r}: want "
+                            f"3 + 3 positive ints and a tile of block_size tokens")
+        if not isinstance(self.info, dict):
+            raise PlanError(f"{where}: info must be a dict, not {type(self.info).__name__}")
+        for name, s in self.sites.items():
+            nb = TokenLayout(self.grid, self.tile, self.block_size, s.n_text, s.n_before).n_blocks
+            b = s.blocks
+            if not (isinstance(b, torch.Tensor) and b.dtype == torch.bool and b.dim() == 3
+                    and b.shape[0] in (1, s.heads) and tuple(b.shape[1:]) == (nb, nb)):
+                raise PlanError(f"{where}: site {name!r} block map is {getattr(b, 'dtype', type(b).__name__)} "
+                                f"{tuple(getattr(b, 'shape', ()))}, expected bool (1 or {s.heads}, {nb}, {nb})")
+            if not b.any(-1).all():
+                raise PlanError(f"{where}: site {name!r} has a query block that attends to nothing")
+        schedule = self.info.get("schedule")
+        if schedule is not None:
+            try:
+                ranges = [tuple(r) for r in schedule["ranges"]]
+                check_ranges(int(schedule["dense_steps"]), ranges)
+            except (KeyError, TypeError, ValueError) as e:
+                raise PlanError(f"{where}: its schedule {schedule!r} is malformed ({e})") from None
+            for name in [n for n in self.sites if "@" not in n]:
+                missing = [range_site_name(name, i, ranges) for i in range(1, len(ranges))
+                           if range_site_name(name, i, ranges) not in self.sites]
+                if missing:
+                    raise PlanError(f"{where}: its schedule has step ranges {ranges} but no entry {missing[0]!r} "
+                                    f"for site {name!r}'s")
+        return self
 
     def layout(self, site: str) -> TokenLayout:
         s = self.sites[site]
@@ -124,7 +160,7 @@ class Plan:
             if isinstance(e, PlanError):
                 raise
             raise PlanError(f"{where!r}: plan metadata is incomplete or malformed ({e!r})") from None
-        return plan
+        return plan.check(repr(where))
 
 
 def _positive_ints(x, n: int) -> bool:

@@ -22,7 +22,7 @@ def load_plan(options: CompactOptions) -> Plan | None:
     plan = options.plan
     if isinstance(plan, str) and plan in ("dense", "window", "dynamic"):
         return None
-    plan = plan if isinstance(plan, Plan) else Plan.load(plan)
+    plan = plan.check("the plan given") if isinstance(plan, Plan) else Plan.load(plan)   # a file is checked as read
     if options.block_size is not None and options.block_size != plan.block_size:
         raise OptionsError(f"option 'block_size' {options.block_size} contradicts the plan's {plan.block_size}")
     if options.tile != "auto" and tuple(options.tile) != plan.tile:
@@ -96,7 +96,7 @@ def _range_blocks(options, plan, entry: str, site: Site, layout: TokenLayout) ->
     """Block map of a later step range: the plan's entry for it, the built-in map otherwise."""
     if plan is None:
         return site_blocks(options, plan, site, layout)
-    blocks = _own_heads(plan.sites[entry].blocks, site)
+    blocks = _fitted(plan.sites[entry], site, layout, entry)
     return blocks | video_site_blocks(layout, neighbour_blocks(layout)) if options.dynamic else blocks
 
 
@@ -159,7 +159,12 @@ def _plan_blocks(options: CompactOptions, plan: Plan | None, site: Site, layout:
         if options.plan == "dynamic":
             return video_site_blocks(layout, torch.zeros(layout.n_blocks, layout.n_blocks, dtype=torch.bool))[None]
         return video_site_blocks(layout, window_blocks(layout, options.window))[None]
-    s = plan.sites[plan_entry(plan, site.name)]
+    return _fitted(plan.sites[plan_entry(plan, site.name)], site, layout)
+
+
+def _fitted(s, site: Site, layout: TokenLayout, entry: str = "") -> torch.Tensor:
+    """The entry's block map, this rank's rows of it, if it fits the site (heads, head dim, sequence
+    and the other tokens around the video), else a PlanError saying what differs."""
     heads = site.q_shape[1] if site.model_heads is None else site.n_model_heads
     if s.blocks.shape[0] == 1 and site.model_heads_unproven and s.heads % heads == 0:
         heads = s.heads     # one row serves any heads: a share of the plan's heads, which ones unproven, fits
@@ -170,7 +175,8 @@ def _plan_blocks(options: CompactOptions, plan: Plan | None, site: Site, layout:
     if got["heads"] != want["heads"] and site.model_heads_unproven:
         diff.append(site.model_heads_unproven)
     if diff:
-        raise PlanError(f"plan does not fit site {site.name!r}: " + "; ".join(diff))
+        raise PlanError(f"plan does not fit site {site.name!r}{f' (its step-range entry {entry!r})' if entry else ''}: "
+                        + "; ".join(diff))
     return _own_heads(s.blocks, site)
 
 

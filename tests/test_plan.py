@@ -235,6 +235,59 @@ def test_query_block_with_no_key_block_is_rejected(tmp_path):
         Plan.load(tmp_path / "p.safetensors")
 
 
+def _broken(how):
+    plan = small_plan()
+    blocks = plan.sites["attn"].blocks
+    if how == "empty row":
+        blocks[1, 0] = False
+    elif how == "shape":
+        plan.sites["attn"].blocks = blocks[:, :1]
+    elif how == "float":
+        plan.sites["attn"].blocks = blocks.float()
+    elif how == "info":
+        plan.info = ["x"]
+    return plan
+
+
+@pytest.mark.parametrize("how, match", [("empty row", "attends to nothing"), ("shape", r"expected bool \(1 or 2, 2, 2\)"),
+                                        ("float", "block map is torch.float32"), ("info", "info must be a dict")])
+def test_a_plan_given_as_an_object_is_checked_as_a_file_is(how, match):
+    """A plan made in memory (calibrate's .plan, edited) goes through the same checks as a file: one
+    PlanError, not a row of zeros (an empty row), a lowering error (a wrong shape) or a TypeError."""
+    model = Wrapper(SelfAttention(dim=32, heads=2)).eval()
+    with raises_from_backend(PlanError, match), torch.no_grad():
+        torch.compile(model, backend="compact", options=dict(plan=_broken(how), inner="eager"))(torch.randn(1, 128, 32))
+
+
+@pytest.mark.parametrize("schedule, match", [
+    ({"dense_steps": 3}, "its schedule .* is malformed"),
+    ({"dense_steps": 3, "ranges": [[5, None]]}, "must follow each other from step 3"),
+    ({"dense_steps": 3, "ranges": [[3, 6], [6, None]]}, "no entry 'attn@6' for site 'attn'"),
+])
+def test_a_plan_files_schedule_is_checked_when_it_is_read(tmp_path, schedule, match):
+    """It was read only when a site used it: a KeyError inside the compile, or (a gap) steps 3-4 silently
+    dense."""
+    plan = small_plan()
+    plan.info["schedule"] = schedule
+    plan.save(tmp_path / "p.safetensors")
+    with pytest.raises(PlanError, match=match):
+        Plan.load(tmp_path / "p.safetensors")
+
+
+def test_a_later_step_ranges_entry_must_fit_the_site_too(tmp_path):
+    """Only the first range's entry was fitted to the model: `attn@6` made for 4 heads and another head
+    dim loaded, and the site crashed the process (SIGFPE) or, all ones, ran dense without a word."""
+    plan = small_plan()
+    plan.info["schedule"] = {"dense_steps": 3, "ranges": [[3, 6], [6, None]]}
+    plan.sites["attn@6"] = SitePlan(4, 32, 128, 0, 0, torch.ones(4, 2, 2, dtype=torch.bool))
+    plan.save(tmp_path / "p.safetensors")
+    model = Wrapper(SelfAttention(dim=32, heads=2)).eval()
+    with raises_from_backend(PlanError, r"plan does not fit site 'attn' \(its step-range entry 'attn@6'\): heads 4"), \
+            torch.no_grad():
+        torch.compile(model, backend="compact", options=dict(plan=str(tmp_path / "p.safetensors"), inner="eager"))(
+            torch.randn(1, 128, 32))
+
+
 # ----------------------------------------------------------------------------------------------
 # a valid plan made for another model
 
