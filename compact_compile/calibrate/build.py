@@ -33,7 +33,7 @@ import torch
 
 from ..plan import Plan, SitePlan
 from ..schedule import make_schedule, range_site_name
-from .patterns import DEFAULT_GROUPS, Family
+from .patterns import DEFAULT_GROUPS, Family, checked_groups
 from .search import SiteSearch, density, recall, search_paths, union
 from .stats import CalibrationStats
 
@@ -198,16 +198,29 @@ def price_for_density(target: float, search: RangeSearch) -> float:
     return prices[hi]
 
 
+def check_settings(recall: float, cost: float, density: float | None, merge: str, groups, dense_layers: int) -> None:
+    """The search's settings, one ValueError naming a bad one: calibrate() checks them before it
+    records anything (a bad one used to surface at .plan, after minutes of recording)."""
+    if not 0.0 < recall < 1.0:
+        raise ValueError(f"recall target τ must be in (0, 1), not {recall}")
+    if not cost > 0:
+        raise ValueError(f"cost limit λ must be > 0 (inf disables it), not {cost}")
+    if density is not None and not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], not {density}")
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}, not {merge!r}")
+    if isinstance(dense_layers, bool) or not isinstance(dense_layers, int) or dense_layers < 0:
+        raise ValueError(f"dense_layers must be an int ≥ 0, not {dense_layers!r}")
+    checked_groups(groups)
+
+
 def build_plan(ranges: list[list[CalibrationStats]], *, recall_target: float = 0.9, cost: float = 0.011,
                groups=DEFAULT_GROUPS, dense_steps: int = 15, dense_layers: int = 0, merge: str = "union",
                density_target: float | None = None, progress=None) -> Plan:
     """`ranges[r]` = the per-generation statistics recorded in step range r (in schedule order).
     With `density_target`, each range's λ is the price that meets it (`cost` is not used) and
     `recall_target` is a per-head floor."""
-    if merge not in MERGES:
-        raise ValueError(f"merge must be one of {MERGES}, not {merge!r}")
-    if density_target is not None and not 0.0 < density_target <= 1.0:
-        raise ValueError(f"density must be in (0, 1], not {density_target}")
+    check_settings(recall_target, cost, density_target, merge, groups, dense_layers)
     totals = []
     for r, gens in enumerate(ranges):
         total = CalibrationStats(gens[0].steps if gens else (0, None))

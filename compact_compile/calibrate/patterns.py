@@ -36,16 +36,20 @@ PATTERNS = ("local", "cross", "global", "temporal", "mixed")
 GLOBAL_AREA = 0.85   # a window union covering ≥ 85% of the frame's tile offsets is global (paper's rule)
 
 
+def checked_groups(groups) -> tuple[int, ...]:
+    g = tuple(int(x) for x in groups)
+    if any(b <= a for a, b in zip(g, g[1:])) or (g and g[0] < 0):
+        raise ValueError(f"groups {tuple(groups)} must be increasing non-negative Δt edges, e.g. (0, 1, 3)")
+    return g
+
+
 @dataclass(frozen=True)
 class Family:
     layout: TokenLayout
     groups: tuple[int, ...] = DEFAULT_GROUPS
 
     def __post_init__(self):
-        g = tuple(int(x) for x in self.groups)
-        if any(b <= a for a, b in zip(g, g[1:])) or (g and g[0] < 0):
-            raise ValueError(f"groups {self.groups} must be increasing non-negative Δt edges, e.g. (0, 1, 3)")
-        object.__setattr__(self, "groups", g)
+        object.__setattr__(self, "groups", checked_groups(self.groups))
 
     @property
     def n_groups(self) -> int:

@@ -25,7 +25,7 @@ import torch
 
 from ..kernels.registry import sdpa_dense
 from ..schedule import CLOCK, check_ranges
-from .build import build_plan
+from .build import build_plan, check_settings
 from .patterns import DEFAULT_GROUPS
 from .stats import CalibrationStats, dense_attention_with_mass, save_stats
 
@@ -50,6 +50,7 @@ class Calibration:
                  groups=DEFAULT_GROUPS, merge: str = "union", inner: str = "inductor", options: dict | None = None):
         self.model = getattr(model, "_orig_mod", model)   # an OptimizedModule: calibrate what it wraps
         self.recall, self.cost = search_targets(recall, cost, density)
+        check_settings(self.recall, self.cost, density, merge, groups, dense_layers)
         self.density, self.groups, self.merge = density, tuple(groups), merge
         self.dense_steps, self.dense_layers = dense_steps, dense_layers
         self.ranges = [(dense_steps, None)] if step_ranges is None else [tuple(r) for r in step_ranges]

@@ -107,3 +107,18 @@ def test_inference_options_do_not_change_what_calibration_records():
     assert plans[0].sites.keys() == plans[1].sites.keys()
     assert all(torch.equal(plans[0].sites[n].blocks, plans[1].sites[n].blocks) for n in plans[0].sites)
     assert plans[0].info["heads"] == plans[1].info["heads"]
+
+
+@pytest.mark.parametrize("settings, match", [
+    (dict(recall=1.5), r"recall target τ must be in \(0, 1\), not 1.5"),
+    (dict(cost=0.0), "cost limit λ must be > 0"),
+    (dict(density=2.0), r"density must be in \(0, 1\], not 2.0"),
+    (dict(merge="max"), "merge must be one of"),
+    (dict(groups=(3, 1)), "must be increasing non-negative"),
+    (dict(dense_layers=-2), "dense_layers must be an int ≥ 0"),
+])
+def test_bad_search_settings_are_refused_before_anything_is_recorded(settings, match):
+    """They surfaced at .plan, after the recording (minutes on a real model); dense_layers=-2 never."""
+    model, _ = tiny_wan()
+    with pytest.raises(ValueError, match=match):
+        calibrate(model, **settings)
