@@ -67,7 +67,10 @@ class Plan:
         if not isinstance(self.info, dict):
             raise PlanError(f"{where}: info must be a dict, not {type(self.info).__name__}")
         for name, s in self.sites.items():
-            nb = TokenLayout(self.grid, self.tile, self.block_size, s.n_text, s.n_before).n_blocks
+            try:
+                nb = TokenLayout(self.grid, self.tile, self.block_size, s.n_text, s.n_before).n_blocks
+            except ValueError as e:
+                raise PlanError(f"{where}: site {name!r}: {e}") from None
             b = s.blocks
             if not (isinstance(b, torch.Tensor) and b.dtype == torch.bool and b.dim() == 3
                     and b.shape[0] in (1, s.heads) and tuple(b.shape[1:]) == (nb, nb)):

@@ -246,11 +246,14 @@ def _broken(how):
         plan.sites["attn"].blocks = blocks.float()
     elif how == "info":
         plan.info = ["x"]
+    elif how == "layout":
+        plan.sites["attn"].n_before = 5            # more tokens before the video than it has other tokens
     return plan
 
 
 @pytest.mark.parametrize("how, match", [("empty row", "attends to nothing"), ("shape", r"expected bool \(1 or 2, 2, 2\)"),
-                                        ("float", "block map is torch.float32"), ("info", "info must be a dict")])
+                                        ("float", "block map is torch.float32"), ("info", "info must be a dict"),
+                                        ("layout", "site 'attn': n_before must be an int in")])
 def test_a_plan_given_as_an_object_is_checked_as_a_file_is(how, match):
     """A plan made in memory (calibrate's .plan, edited) goes through the same checks as a file: one
     PlanError, not a row of zeros (an empty row), a lowering error (a wrong shape) or a TypeError."""

@@ -325,7 +325,7 @@ def test_a_plan_without_the_site_leaves_it_dense():
     """Calibration observes SDPA sites only, so a plan file may have no entry for a flex site: dense,
     with the reason, rather than an error."""
     layout = TokenLayout(GRID, (2, 8, 4), BS)
-    plan = Plan(GRID, layout.tile, BS, {"elsewhere": SitePlan(2, 16, layout.seq_len, 0, False,
+    plan = Plan(GRID, layout.tile, BS, {"elsewhere": SitePlan(2, 16, layout.seq_len, 0, 0,
                                                                torch.ones(1, layout.n_blocks, layout.n_blocks,
                                                                           dtype=torch.bool))})
     (_,), (site,) = compile_and_run(Wrapper(Variant("plain")), {"plan": plan}, (torch.randn(1, *GRID, 32),))
