@@ -370,19 +370,14 @@ def test_a_plan_for_the_transposed_video_shape_is_an_error_naming_both_grids():
     layout = TokenLayout(plan_grid, tile, 32)
     plan = Plan(plan_grid, tile, 32, {"attn": SitePlan(HEADS, DIM // HEADS, 128, 0, 0,
                                                        window_blocks(layout, (1, 1, 1))[None])})
-    x = torch.randn(1, 4, 2, 32, 8)                                 # patch (1, 2, 2): grid (2, 16, 4), 128 tokens
-    with pytest.raises(compact_compile.PlanError, match=r"the plan's grid \(2, 4, 16\) contradicts the model's patch embedding, "
-                                        r"which makes a \(2, 16, 4\) grid"), torch.no_grad():
+    x = torch.randn(1, 4, 2, 32, 8)                      # patch (1, 2, 2): grid (2, 16, 4), 128 tokens
+    match = r"the plan's grid \(2, 4, 16\) contradicts the model's patch embedding, which makes a \(2, 16, 4\) grid"
+    with pytest.raises(compact_compile.PlanError, match=match), torch.no_grad():
         torch.compile(model, backend="compact", options=dict(plan=plan, inner="eager", strict=True))(x)
 
 
-class PatchEmbedColumnsFirst(nn.Module):
+class PatchEmbedColumnsFirst(PatchEmbed3d):
     """A Conv3d patch embedding whose tokens are flattened as (H, W, T), not raster (T, H, W)."""
-
-    def __init__(self):
-        super().__init__()
-        self.patch = nn.Conv3d(4, DIM, kernel_size=(1, 2, 2), stride=(1, 2, 2))
-        self.attn = SelfAttention(DIM, HEADS)
 
     def forward(self, latent):
         return self.attn(self.patch(latent).permute(0, 3, 4, 2, 1).flatten(1, 3))
