@@ -155,8 +155,6 @@ class Plan:
                 if s["mask_heads"] not in (1, s["heads"]) or layout.seq_len != s["seq_len"]:
                     raise PlanError(f"{where!r}: site {name!r} metadata is inconsistent")
                 blocks = _unpack_bits(packed, nb)
-                if not blocks.any(-1).all():
-                    raise PlanError(f"{where!r}: site {name!r} has a query block that attends to nothing")
                 plan.sites[name] = SitePlan(int(s["heads"]), int(s["head_dim"]), int(s["seq_len"]),
                                             int(s["n_text"]), _n_before(s), blocks)
         except (KeyError, TypeError, ValueError) as e:
