@@ -2,8 +2,10 @@
 # The GPU property sweep of the kernel tests: the Triton kernel's hypothesis test in $PROCS processes
 # and the FP8 kernel's in $FP8_PROCS, with different --hypothesis-seed values ($EXAMPLES examples each;
 # compile-bound, so in parallel: one process with the tests' GPU default of 200 FP8 examples ran past
-# 150 s), and the rectification, Flex, FA4 and jit-globals tests once (FA4's skip where it is not
-# installed). Logs to ${OUT:-.}/sweep-*.txt, a summary on stdout.
+# 150 s), and every other test that runs on the GPU where there is one, once: rectification, Flex,
+# FA4 (skipped where it is not installed), jit globals, FP8 sites, key masks, pooling, selection,
+# block mass, quantize, kernel choice, backend, one process per file. Logs to ${OUT:-.}/sweep-*.txt,
+# a summary on stdout (a file whose pytest ran past $LIMIT s says so).
 set -u
 PROCS=${PROCS:-12} FP8_PROCS=${FP8_PROCS:-4} EXAMPLES=${EXAMPLES:-40} LIMIT=${LIMIT:-300} OUT=${OUT:-.}
 for s in $(seq 1 "$PROCS"); do
@@ -14,12 +16,18 @@ for s in $(seq 1 "$FP8_PROCS"); do
   COMPACT_GPU_EXAMPLES=$EXAMPLES timeout "$LIMIT" python3 -m pytest -q -p no:cacheprovider \
     tests/kernels/test_fp8.py --hypothesis-seed="$s" > "$OUT/sweep-fp8-$s.txt" 2>&1 &
 done
-timeout "$LIMIT" python3 -m pytest -q -p no:cacheprovider tests/kernels/test_rectified.py tests/kernels/test_flex.py \
-  tests/kernels/test_fa4.py tests/kernels/test_jit_globals.py tests/test_fp8_attention.py \
-  > "$OUT/sweep-rectified-flex-fa4-fp8site.txt" 2>&1 &
+for f in tests/kernels/test_rectified.py tests/kernels/test_flex.py tests/kernels/test_fa4.py \
+  tests/kernels/test_fa4_lists.py tests/kernels/test_jit_globals.py tests/test_fp8_attention.py \
+  tests/kernels/test_key_mask_triton.py tests/kernels/test_pool_triton.py tests/kernels/test_select_triton.py \
+  tests/calibrate/test_block_mass.py tests/test_quantize.py tests/test_kernel_choice.py tests/test_backend.py; do
+  timeout "$LIMIT" python3 -m pytest -q -p no:cacheprovider -rf "$f" > "$OUT/sweep-once-$(basename "$f" .py).txt" 2>&1 &
+done
 wait
 for f in "$OUT"/sweep-*.txt; do
-  echo "$(basename "$f"): $(tail -n 1 "$f")"
+  last=$(tail -n 1 "$f")
+  grep -qE "(passed|failed|error|skipped).* in [0-9.]+s" <<< "$last" || last="STOPPED at $LIMIT s: $last"
+  echo "$(basename "$f"): $last"
+  grep "^FAILED" "$f" | head -20
   grep -E "^E   +(Assertion|assert|.*Error)|^E +Failing test case|^E +(c|site)=|^E +'(S|D|dtype|bs|block_m|block_n|tma|sharpness|scale)'" "$f" | head -20
 done
-cat "$OUT"/sweep-*.txt > "$OUT/sweep-all.log"; rm -f "$OUT"/sweep-triton-*.txt "$OUT"/sweep-fp8-*.txt
+cat "$OUT"/sweep-*.txt > "$OUT/sweep-all.log"; rm -f "$OUT"/sweep-triton-*.txt "$OUT"/sweep-fp8-*.txt "$OUT"/sweep-once-*.txt

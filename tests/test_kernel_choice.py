@@ -1,7 +1,8 @@
 """Which kernel a rewritten site gets: kernel="auto" takes the fastest available (FA4, then our Triton
-kernel) on CUDA only, an explicit "triton" runs it wherever Triton can (here, the CPU interpreter)
-and falls back to Flex with the reason in the report where it cannot; every choice computes the
-same attention."""
+kernel) on CUDA only, an explicit "triton" runs it wherever Triton can (the GPU, or the CPU
+interpreter) and falls back to Flex with the reason in the report where it cannot; every choice
+computes the same attention. The model runs on the GPU where there is one (FA4 takes head dims
+64–128, so "auto" is Triton's at 16)."""
 import pytest
 import torch
 from support import AS_PLANNED, SelfAttention, Wrapper, masked_sdpa, model_order_mask, rel_err
@@ -10,6 +11,7 @@ import compact_compile
 from compact_compile.layout import TokenLayout
 from compact_compile.masks import window_blocks
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GRID = (2, 8, 8)  # 128 tokens; tile (1, 8, 8) = one 64-token block per frame
 
 
@@ -21,8 +23,8 @@ GRID = (2, 8, 8)  # 128 tokens; tile (1, 8, 8) = one 64-token block per frame
 ])
 def test_kernel_choice_and_equal_results(kernel, head_dim, want):
     heads = 2
-    model = Wrapper(SelfAttention(dim=heads * head_dim, heads=heads)).eval()
-    x = torch.randn(1, 128, heads * head_dim)
+    model = Wrapper(SelfAttention(dim=heads * head_dim, heads=heads)).eval().to(DEVICE)
+    x = torch.randn(1, 128, heads * head_dim, device=DEVICE)
     options = dict(AS_PLANNED, plan="window", window=(1, 1, 1), grid=GRID, tile=(1, 8, 8), block_size=64, kernel=kernel,
                    inner="eager")
     compiled = torch.compile(model, backend="compact", options=options)

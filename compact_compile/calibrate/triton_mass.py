@@ -18,8 +18,10 @@ FlashAttention over the key tiles, m' = max(m, max_j s_ij·c), l' = l·2^(m − 
 lse = (m + log2 l)·ln 2.
 
 Keys ≥ S (partial last block) and keys a key-padding mask excludes are masked out of the sums;
-query rows ≥ S load lse = +inf, so their p is 2^(−inf) = 0. With TRITON_INTERPRET=1 the kernels run on CPU tensors (tests): there bf16
-`tl.dot` is wrong (triton-lang/triton#11584), so bf16 tiles are upcast to fp32 for the dots.
+query rows ≥ S load lse = +inf, so their p is 2^(−inf) = 0. fp32 inputs take 3×TF32 dots (fp32's
+accuracy; Triton's default on the GPU, one TF32 dot, is off by ~1e-3). With TRITON_INTERPRET=1 the
+kernels run on CPU tensors (tests): there bf16 `tl.dot` is wrong (triton-lang/triton#11584), so bf16
+tiles are upcast to fp32 for the dots.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from ..kernels.estimate_triton import dot_precision
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HEAD_DIMS = (16, 32, 64, 128)
@@ -69,7 +73,8 @@ def _block_mass_kernel(Q, K, LSE, OUT, KV_VALID,
                        stride_lb, stride_lh, stride_ob, stride_oh, stride_oq, stride_mb,
                        H, S, NK, qk_scale,
                        HEAD_DIM: tl.constexpr, PLAN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, HAS_KEYMASK: tl.constexpr):
+                       BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, HAS_KEYMASK: tl.constexpr,
+                       PRECISION: tl.constexpr):
     b, h, offs_m, valid_m, q = _query_tile(Q, stride_qb, stride_qh, stride_qs, H, S, HEAD_DIM, BLOCK_M, UPCAST)
     pid_m = tl.program_id(0)
     offs_n = tl.arange(0, BLOCK_N)
@@ -89,7 +94,7 @@ def _block_mass_kernel(Q, K, LSE, OUT, KV_VALID,
             k = tl.load(k_base + pos[:, None] * stride_ks + offs_d[None, :], mask=valid_n[:, None], other=0.0)
             if UPCAST:
                 k = k.to(tl.float32)
-            s = tl.dot(q, tl.trans(k))                  # q_i·k_j, fp32
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)   # q_i·k_j, fp32
             p = tl.math.exp2(s * qk_scale - lse2[:, None])   # p_ij = 2^(q·k·c − lse·log2 e)
             p = tl.where(valid_n[None, :], p, 0.0)
             acc += tl.sum(p, 1)
@@ -101,7 +106,7 @@ def _row_lse_kernel(Q, K, LSE, KV_VALID,
                     stride_qb, stride_qh, stride_qs, stride_kb, stride_kh, stride_ks, stride_lb, stride_lh, stride_mb,
                     H, S, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                    HAS_KEYMASK: tl.constexpr):
+                    HAS_KEYMASK: tl.constexpr, PRECISION: tl.constexpr):
     b, h, offs_m, valid_m, q = _query_tile(Q, stride_qb, stride_qh, stride_qs, H, S, HEAD_DIM, BLOCK_M, UPCAST)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -116,7 +121,7 @@ def _row_lse_kernel(Q, K, LSE, KV_VALID,
         k = tl.load(k_base + pos[:, None] * stride_ks + offs_d[None, :], mask=valid_n[:, None], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(valid_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))                                          # m'
         if HAS_KEYMASK:   # no valid key yet: exponents against 0 (2^(−inf) = 0), not −inf − −inf = NaN
@@ -164,7 +169,8 @@ def row_lse(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, config
     _row_lse_kernel[(triton.cdiv(S, c["BLOCK_M"]), B * H)](
         q, k, lse, mask, *q.stride()[:3], *k.stride()[:3], *lse.stride()[:2], mask_stride, H, S, scale * LOG2E,
         HEAD_DIM=D, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], UPCAST=INTERPRET and q.dtype == torch.bfloat16,
-        HAS_KEYMASK=key_valid is not None, num_warps=c["num_warps"], num_stages=c["num_stages"])
+        PRECISION=dot_precision(q.dtype, q.device), HAS_KEYMASK=key_valid is not None, num_warps=c["num_warps"],
+        num_stages=c["num_stages"])
     return lse
 
 
@@ -189,8 +195,8 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, block_size: 
         q, k, lse, out, mask, *q.stride()[:3], *k.stride()[:3], *lse.stride()[:2], *out.stride()[:3], mask_stride,
         H, S, nb, scale * LOG2E,
         HEAD_DIM=D, PLAN_BLOCK=block_size, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"],
-        UPCAST=INTERPRET and q.dtype == torch.bfloat16, HAS_KEYMASK=key_valid is not None,
-        num_warps=c["num_warps"], num_stages=c["num_stages"])
+        UPCAST=INTERPRET and q.dtype == torch.bfloat16, PRECISION=dot_precision(q.dtype, q.device),
+        HAS_KEYMASK=key_valid is not None, num_warps=c["num_warps"], num_stages=c["num_stages"])
     counts = torch.full((nb,), float(block_size), device=q.device)
     counts[-1] = S - (nb - 1) * block_size
     return out / counts[:, None]

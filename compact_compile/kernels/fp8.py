@@ -125,6 +125,12 @@ def padded_rows(seq_len: int) -> int:
     return -(-seq_len // 16) * 16
 
 
+def saturated(x: torch.Tensor) -> torch.Tensor:
+    """fp32 `x` as e4m3, beyond ±448 clipped to ±448 as Triton's conversion does. torch's own cast
+    saturates on the CPU but gives NaN on CUDA (torch 2.11), and one NaN in v reaches every row's P·V."""
+    return x.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
+
+
 def quantize_tiles(q, k, v, k_mean, v_amax, block_size: int) -> FP8Tiles:
     """`FP8Tiles` of q, k, v `[B, H, S, D]` (already in tile order) in torch: the pass of
     pool_triton.tile_quant_qkv_triton, the same fp32 arithmetic, for the CPU and as its reference."""
@@ -135,12 +141,12 @@ def quantize_tiles(q, k, v, k_mean, v_amax, block_size: int) -> FP8Tiles:
         xb = F.pad(x, (0, 0, 0, nb * block_size - S)).view(B, H, nb, block_size * D)
         amax = xb.abs().amax(-1).clamp_min(TINY)
         inv = (E4M3_MAX / amax).repeat_interleave(block_size, -1)[..., :S, None]
-        return (x * inv).to(E4M3), amax / E4M3_MAX
+        return saturated(x * inv), amax / E4M3_MAX
 
     q8, q_scale = per_block(q.float())
     k8, k_scale = per_block(k.float() - k_mean.float()[:, :, None, :])
     amax = v_amax.float().clamp_min(TINY)
-    v8 = (v.float() * (E4M3_MAX / amax)[:, :, None, :]).to(E4M3)
+    v8 = saturated(v.float() * (E4M3_MAX / amax)[:, :, None, :])
     v_t = torch.empty(B, H, D, padded_rows(S), dtype=E4M3, device=v.device)
     v_t[..., :S] = v8.transpose(-1, -2)
     v_t[..., S:] = 0
