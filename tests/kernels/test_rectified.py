@@ -14,6 +14,7 @@ from compact_compile.layout import TokenLayout
 from compact_compile.masks import dense_blocks, text_blocks
 
 BS = 16  # small blocks: several of them in a few hundred tokens
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # Triton runs here (else its interpreter)
 
 
 @st.composite
@@ -118,10 +119,9 @@ def test_every_block_kept_is_dense_attention():
 def test_triton_kernel_path_equals_reference(rows):
     """On the Triton kernel (R·O + Ō fused in its epilogue per block; merged after it per row), on
     the GPU when there is one (pooling by the Triton pool kernel too), else in the interpreter."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     layout = TokenLayout((2, 6, 9), (1, 4, 4), BS, 11, 0)
     g = torch.Generator().manual_seed(5)
-    q, k, v = (x.to(device) for x in inputs(layout, g, torch.float16))
+    q, k, v = (x.to(DEVICE) for x in inputs(layout, g, torch.float16))
     static = (torch.eye(layout.n_blocks, dtype=torch.bool) | text_blocks(layout))[None]
     kern = rectified_site(layout, static, dynamic=True, rectify=True, rows=rows, drop=0.8, kernel="triton")
     keep, _, _ = kern.estimate(q, k, v)
@@ -139,9 +139,8 @@ def test_static_plan_estimate_in_triton_equals_reference(site, dtype):
     pooled queries attending to pooled keys) give the float64 reference's output — partial last
     blocks, text keys before or after the video, several heads with their own maps."""
     layout, static, g, _ = site
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     static = static | torch.eye(layout.n_blocks, dtype=torch.bool)
-    q, k, v = (x.to(device) for x in inputs(layout, g, dtype, D=32))
+    q, k, v = (x.to(DEVICE) for x in inputs(layout, g, dtype, D=32))
     kern = rectified_site(layout, static, dynamic=False, rectify=True, kernel="triton")
     assert kern.text_kept()
     out = kern(q, k, v, None)
@@ -189,13 +188,12 @@ def test_static_estimate_in_triton_equals_general_estimate(block_size, n_text, n
     assert kern.text_kept()
     centre = lambda: torch.randn(1, 2, nb, 1, 32, generator=g).expand(-1, -1, -1, block_size, -1).reshape(  # noqa: E731
         1, 2, -1, 32)[:, :, :S]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    q, k, v = ((centre() + 0.05 * torch.randn(1, 2, S, 32, generator=g)).to(device) for _ in range(3))
+    q, k, v = ((centre() + 0.05 * torch.randn(1, 2, S, 32, generator=g)).to(DEVICE) for _ in range(3))
     pools = pooled(q, k, v, layout.n_video, block_size)
-    r, o_bar = estimate_static_triton(pools, k, static.to(device), layout.n_video, 32 ** -0.5, block_size,
+    r, o_bar = estimate_static_triton(pools, k, static.to(DEVICE), layout.n_video, 32 ** -0.5, block_size,
                                       config=dict(KEYS=keys_per_share, CH=16))
-    _, r_ref, o_bar_ref = _estimate(pools, None, k[:, :, layout.n_video:], static.to(device),
-                                    kern.video_count.to(device), kern.text_block.to(device), 32 ** -0.5,
+    _, r_ref, o_bar_ref = _estimate(pools, None, k[:, :, layout.n_video:], static.to(DEVICE),
+                                    kern.video_count.to(DEVICE), kern.text_block.to(DEVICE), 32 ** -0.5,
                                     block_size, False, True, False, 0.3, 0)
     assert (r_ref < 0.99).float().mean() > 0.5, "most query blocks should get compensation"
     torch.testing.assert_close(r, r_ref, rtol=1e-5, atol=1e-6)
@@ -249,8 +247,10 @@ def test_key_padding_mask_through_the_site(site, kind, kernel):
     key_valid = key_mask(layout, kind, g)
     static = static | torch.eye(layout.n_blocks, dtype=torch.bool)
     kern = rectified_site(layout, static, dynamic=True, rectify=True, kernel=kernel, **cfg)
-    keep, _, _ = kern.estimate(q, k, v, key_valid=key_valid)
-    out = kern(q, k, v, None, None, key_valid)
+    on_device = [x.to(DEVICE) for x in (q, k, v, key_valid)]
+    keep, _, _ = kern.estimate(*on_device[:3], key_valid=on_device[3])
+    out = kern(*on_device[:3], None, None, on_device[3]).cpu()
+    keep = keep.cpu()
     ref, _ = rectified_attention_reference(q, k, v, n_video=layout.n_video, block_size=BS, static=static,
                                            dynamic=True, rectify=True, key_valid=key_valid, keep=keep, **cfg)
     assert (out.double() - ref).norm() / ref.norm() < 1e-5
@@ -277,6 +277,7 @@ def test_a_batch_element_with_every_key_masked_gives_zeros_with_rectification(ke
     keys[1] = False
     static = torch.eye(layout.n_blocks, dtype=torch.bool)[None]
     site = rectified_site(layout, static, dynamic=dynamic, rectify=True, kernel=kernel)
+    q, k, v, keys = (x.to(DEVICE) for x in (q, k, v, keys))
     out = site(q, k, v, None, None, keys)
     alone = site(q[:1], k[:1], v[:1], None, None, keys[:1])
     assert torch.equal(out[1], torch.zeros_like(out[1]))
