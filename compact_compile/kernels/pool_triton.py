@@ -122,9 +122,10 @@ def _pool_qkv(Q, K, V, QT, KT, VT, SRC, QM, QD, KM, KD, VM, KEY_VALID, QS, KS, V
 
 
 # per pass: pooling alone, and pooling while reordering (measured on an H100, BENCHMARKS.md); quantizing
-# takes whole blocks (COLS = D), so twice the warps for the twice larger slice
+# takes whole blocks (COLS = D): 4 warps measured best for it (H200, Wan-1.3B's shape: 0.240 ms against
+# 0.281 at 8 and 0.293 at 16 warps; bench_attention.py --sections fp8)
 POOL_CONFIG = {False: dict(COLS=64, num_warps=2), True: dict(COLS=128, num_warps=4)}
-QUANT_WARPS = 8
+QUANT_WARPS = 4
 
 
 def _pool_launch(q, k, v, n_kv: int, block_size: int, src, config: dict | None, key_valid, pool: bool = True,
