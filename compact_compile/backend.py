@@ -84,7 +84,7 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
         runtime = make_site(spec)
         if opts.observer is not None:
             runtime = opts.observer(spec, runtime)
-        rewrite_site(gm, site, spec, register_site(runtime))
+        rewrite_site(gm, site, spec, register_site(runtime, spec))
         site.density = spec.density
         site.extras.update(tile=spec.layout.tile, block_size=spec.layout.block_size, kernel=spec.kernel,
                            kernel_reason=spec.kernel_reason, dynamic=spec.selection is not None,

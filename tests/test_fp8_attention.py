@@ -151,14 +151,19 @@ def test_fp8_runs_hunyuans_joint_sites_with_their_prompt_masks(rectify):
 
 
 @needs_fp8
-def test_fp8_follows_a_plans_step_schedule():
+def test_fp8_follows_a_plans_step_schedule(monkeypatch):
     """A plan with a schedule (dense first, then one mask per step range, a calibrated plan's form)
     runs each range's mask in FP8: at every step the output is within FP8's error of float64 attention
     over that step's blocks, and the ranges' references are far apart (a range run with the other's
     mask, or densely, fails). The dense (warm-up) step runs in the inputs' dtype, not FP8: within
-    bf16's error of exact dense attention."""
+    bf16's error of exact dense attention, and without the quantizing pass, whose tiles it never reads."""
+    from compact_compile.kernels import ops
     from compact_compile.plan import Plan, SitePlan
     from compact_compile.schedule import at_step, make_schedule
+
+    passes = []
+    quantize = ops.tile_quantized
+    monkeypatch.setattr(ops, "tile_quantized", lambda *a, **kw: passes.append(1) or quantize(*a, **kw))
 
     grid = (4, 8, 8)                       # 4 frames of 64 tokens: tile (1, 8, 8), one block per frame
     eye = torch.eye(4, dtype=torch.bool)
@@ -184,9 +189,11 @@ def test_fp8_follows_a_plans_step_schedule():
         refs = {"dense": reference(torch.ones(4, 4, dtype=torch.bool)), "early": reference(early),
                 "late": reference(late)}
         for step, want in ((0, "dense"), (1, "early"), (2, "early"), (5, "late")):
+            passes.clear()
             with at_step(step):
                 out = compiled(x)
             assert rel_err(out, refs[want]) < (0.01 if want == "dense" else 0.05), (step, want)
+            assert len(passes) == (want != "dense"), (step, len(passes))
             assert all(rel_err(refs[other], refs[want]) > 0.2 for other in refs if other != want)
     [site] = compact_compile.report().sites
     assert "FP8" in site["kernel_reason"]

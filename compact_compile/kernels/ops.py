@@ -15,17 +15,22 @@ import itertools
 import torch
 
 from ..layout import TokenLayout, tile_index as cached_tile_index
+from ..schedule import CLOCK
+from ..spec import SiteSpec
 from .fp8 import FP8Tiles, padded_rows
 from .rectified import tile_pooled, tile_quantized
 from .site import SiteKernel
 
 _SITES: dict[int, SiteKernel] = {}
+_SPECS: dict[int, SiteSpec] = {}     # of the sites that have one (their runtime may be an observer's wrapper)
 _next_handle = itertools.count()
 
 
-def register_site(site: SiteKernel) -> int:
+def register_site(site: SiteKernel, spec: SiteSpec | None = None) -> int:
     handle = next(_next_handle)
     _SITES[handle] = site
+    if spec is not None:
+        _SPECS[handle] = spec
     return handle
 
 
@@ -136,10 +141,13 @@ def _(q, k, v, grid, tile, block_size, n_text, n_before, key_valid):
 @torch.library.custom_op("compact::tile_quant", mutates_args=())
 def tile_quant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor, v_amax: torch.Tensor,
                grid: list[int], tile: list[int], block_size: int, n_text: int, n_before: int,
-               key_valid: torch.Tensor | None, pool: bool) -> list[torch.Tensor]:
+               key_valid: torch.Tensor | None, pool: bool, handle: int) -> list[torch.Tensor]:
     """q, k, v in tile order as e4m3 tiles with their scales (the fields of `fp8.FP8Tiles` but
     k_mean, which the graph has), and where `pool` their block statistics as `tile_pool`'s:
-    `rectified.tile_quantized`, one pass over q, k, v."""
+    `rectified.tile_quantized`, one pass over q, k, v. At a step where site `handle` runs dense
+    (the warm-up reads q, k, v unquantized) the outputs are allocated, not written: no pass."""
+    if _SPECS[handle].range_index(CLOCK.current) is None:
+        return _unwritten_tiles(q, block_size, pool)
     layout = TokenLayout(tuple(grid), tuple(tile), block_size, n_text, n_before)
     tiles, pools = tile_quantized(q, k, v, cached_tile_index(layout, q.device, False), k_mean, v_amax, layout.n_video,
                                   block_size, pool, key_valid)
@@ -147,7 +155,12 @@ def tile_quant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_mean: torch.
 
 
 @tile_quant.register_fake
-def _(q, k, v, k_mean, v_amax, grid, tile, block_size, n_text, n_before, key_valid, pool):
+def _(q, k, v, k_mean, v_amax, grid, tile, block_size, n_text, n_before, key_valid, pool, handle):
+    return _unwritten_tiles(q, block_size, pool)
+
+
+def _unwritten_tiles(q: torch.Tensor, block_size: int, pool: bool) -> list[torch.Tensor]:
+    """Empty tensors of `tile_quant`'s outputs for q `[B, H, S, D]`."""
     B, H, S, D = q.shape
     nb = -(-S // block_size)
     fp8 = torch.float8_e4m3fn

@@ -19,11 +19,11 @@ written; the reductions read k and v in the model's order, where Inductor can fu
 producers); `compact.attention_fp8` takes the tiles:
 
     k_mean, v_amax = smoothing_stats(k, v, key_valid_in_model_order)
-    q8, k8, v8ᵀ, σq, σk, σv, *pools = compact.tile_quant(q, k, v, k_mean, v_amax, layout…, key_valid, pooled)
+    q8, k8, v8ᵀ, σq, σk, σv, *pools = compact.tile_quant(q, k, v, k_mean, v_amax, layout…, key_valid, pooled, handle)
     o   = compact.attention_fp8(q8, k8, v8ᵀ, [σq, σk, σv, k_mean], [q, k, v], handle, scale, pools, key_valid, dtype)
 
 (q, k, v themselves reach the op too: a dense warm-up step runs the kernel's dense attention on them,
-in their dtype, not FP8 over every block.)
+in their dtype, not FP8 over every block, and `tile_quant` skips its pass there.)
 
 A key-padding mask (`attn_mask` [B, 1, 1, S], or a broadcast of it) reaches the op as `key_valid`,
 bool [B, S] in tile order; for valid_q ⊗ valid_k the output's rows of padded queries are then set to
@@ -157,7 +157,7 @@ def _fp8_attention(graph: fx.Graph, a: dict, fields: tuple, key_valid, pooled: b
     stats = graph.call_function(smoothing_stats, (a["key"], a["value"], keys))
     k_mean, v_amax = getitems(stats, 2)
     out = graph.call_function(torch.ops.compact.tile_quant.default,
-                              (a["query"], a["key"], a["value"], k_mean, v_amax) + fields + (key_valid, pooled))
+                              (a["query"], a["key"], a["value"], k_mean, v_amax) + fields + (key_valid, pooled, handle))
     q, k, v_t, q_scale, k_scale, v_scale, *pools = getitems(out, 11 if pooled else 6)
     unquantized = [a["query"], a["key"], a["value"]]     # the dense (warm-up) steps run on these
     return graph.call_function(torch.ops.compact.attention_fp8.default,
