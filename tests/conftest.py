@@ -21,6 +21,17 @@ from compact_compile.schedule import CLOCK  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
+def exact_fp32_on_the_gpu():
+    """fp32 stays fp32 on a GPU: the tests hold fp32 to 1e-5 of float64, and cuDNN's convolutions take
+    TF32 by default (off by ~1e-3). Restored after each test, so a test that turns TF32 on in-process
+    (the example's training) does not change later ones."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+@pytest.fixture(autouse=True)
 def fresh_dynamo():
     """Each test starts with no compiled code, an empty compact report and a step clock that has seen no
     timestep (and leaves none behind): the clock is process-wide, and a step left by an earlier test made

@@ -41,6 +41,14 @@ def test_refused_below_compute_capability_8_9(monkeypatch):
         choose_kernel("auto", "cuda", torch.bfloat16, 64, 64, fp8=True)
 
 
+def test_blocks_under_32_tokens_are_refused_with_the_reason(monkeypatch):
+    """A plan of 16-token blocks (a hand-made plan file: the options take 64 or 128) cannot run FP8:
+    one OptionsError at compile time naming the block size, not a GPU compile error at the first call."""
+    monkeypatch.setattr(fp8_module, "fp8_unsupported", lambda device: "")
+    with pytest.raises(OptionsError, match=r"block size 16: P·V's K is the key tile, and e4m3 dots need K ≥ 32"):
+        choose_kernel("auto", DEVICE, torch.bfloat16, 64, 16, fp8=True)
+
+
 def test_auto_chooses_triton_and_says_why(monkeypatch):
     monkeypatch.setattr(fp8_module, "fp8_unsupported", lambda device: "")
     if not triton_available("cpu"):

@@ -38,3 +38,15 @@ def test_kernel_choice_and_equal_results(kernel, head_dim, dtype, want):
     assert site["kernel"] == want
     assert ("asked for but not used" in site["kernel_reason"]) == (kernel == "triton" and want == "flex")
     assert rel_err(out, ref) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_a_block_size_the_triton_kernel_does_not_take_goes_to_flex_with_the_reason():
+    """256-token blocks (a plan file's tile): "auto" passes Triton over, an explicit "triton" is
+    replaced by Flex, each saying why, instead of a ValueError at the first call."""
+    from compact_compile.kernels.registry import choose_kernel
+
+    name, why = choose_kernel("triton", DEVICE, torch.bfloat16, 64, 256)
+    assert name == "flex" and "block size 256" in why
+    if DEVICE == "cuda":
+        name, why = choose_kernel("auto", DEVICE, torch.bfloat16, 64, 256)
+        assert name != "triton" and (name == "fa4" or "triton: block size 256" in why)

@@ -21,6 +21,12 @@ HUNYUAN_S = math.prod(HUNYUAN_GRID) + HUNYUAN_TEXT
 MOCHI_S = math.prod(MOCHI_GRID) + MOCHI_TEXT
 WINDOW = (1, 3, 3)
 KERNELS = ["flex", "triton"]   # triton: the CPU interpreter here, the compiled kernel on a GPU
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"   # the kernel cases run here (Triton needs it)
+
+
+def on_device(model, inputs):
+    """`model` and the tensors of `inputs` on DEVICE."""
+    return model.to(DEVICE), {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def relative(out, ref):
@@ -74,7 +80,7 @@ def test_hunyuan_dense_plan_equals_uncompiled_with_the_sites_rewritten():
 def test_hunyuan_window_equals_masked_float64_reference(kernel):
     """Two prompts of different lengths (7 and all 12 tokens valid): each site's output is dense
     float64 attention masked by the window's blocks AND the key-padding mask."""
-    model, inputs = tiny_hunyuan(lengths=(7, 12))
+    model, inputs = on_device(*tiny_hunyuan(lengths=(7, 12)))
     out = compile_and_run(model, inputs, kernel=kernel)
     layout = joint_layout(HUNYUAN_GRID, HUNYUAN_TEXT)
     ref, calls = reference(model, inputs, {HUNYUAN_S: [window_mask(layout)]})
@@ -115,7 +121,7 @@ def _masked_mochi_processor(monkeypatch):
 def test_mochi_window_equals_masked_float64_reference(kernel, monkeypatch):
     """A prompt with no valid token and one with holes: the joint sites reach the backend (no
     graph break) and equal the masked float64 reference."""
-    model, inputs = tiny_mochi(masks=((0,) * MOCHI_TEXT, (1, 1, 0, 1, 1, 0, 0, 0)))
+    model, inputs = on_device(*tiny_mochi(masks=((0,) * MOCHI_TEXT, (1, 1, 0, 1, 1, 0, 0, 0))))
     assert install_model_fixes()["mochi"]   # as every torch.compile(backend="compact") does when it starts
     with torch.no_grad():
         eager = model(**inputs)[0]
@@ -124,7 +130,7 @@ def test_mochi_window_equals_masked_float64_reference(kernel, monkeypatch):
     torch._dynamo.reset()
     out = compile_and_run(model, inputs, kernel=kernel)
     assert [s["site"] for s in joint_sites()] == ["transformer_blocks.0.attn1", "transformer_blocks.1.attn1"]
-    assert all(s["rewritten"] and s["key_mask"] for s in joint_sites())
+    assert all(s["rewritten"] and s["key_mask"] and s["kernel"] == kernel for s in joint_sites())
     _masked_mochi_processor(monkeypatch)
     layout = joint_layout(MOCHI_GRID, MOCHI_TEXT)
     ref, calls = reference(model, inputs, {MOCHI_S: [window_mask(layout)]})
@@ -187,13 +193,14 @@ def edited_in_place(m):
     return m
 
 
-def run_masked(form, kernel="flex"):
+def run_masked(form, kernel="flex", device="cpu"):
     torch.manual_seed(0)
-    model = MaskedAttention(form).eval()
+    model = MaskedAttention(form).eval().to(device)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, S, 32, generator=g)
+    x = torch.randn(2, S, 32, generator=g).to(device)
     key_mask = torch.rand(2, S, generator=g) < 0.7     # keys excluded inside every video block
     key_mask[:, 0] = True
+    key_mask = key_mask.to(device)
     options = dict(AS_PLANNED, plan="window", window=(1, 1, 1), grid=GRID, tile=(1, 8, 8), block_size=64, kernel=kernel,
                    inner="eager")
     with torch.no_grad():
@@ -206,11 +213,11 @@ def run_masked(form, kernel="flex"):
 def test_key_masks_inside_video_blocks_are_honoured(form, kernel):
     """Keys excluded anywhere (not only text): the output equals the reference with the blocks and
     the keys masked, and differs from the same blocks without the key mask."""
-    model, x, key_mask, out = run_masked(form, kernel)
+    model, x, key_mask, out = run_masked(form, kernel, DEVICE)
     [site] = compact_compile.report().sites
     assert site["rewritten"] and site["key_mask"] and site["kernel"] == kernel
     layout = TokenLayout(GRID, (1, 8, 8), 64)
-    blocks = model_order_mask(layout, window_blocks(layout, (1, 1, 1))[None])
+    blocks = model_order_mask(layout, window_blocks(layout, (1, 1, 1))[None]).to(DEVICE)
     with torch.no_grad():
         q, k, v = model.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4)
         want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
@@ -224,11 +231,11 @@ def test_key_masks_inside_video_blocks_are_honoured(form, kernel):
 def test_valid_q_and_valid_k_is_a_key_mask_with_padded_query_rows_zero(kernel):
     """m & m.transpose(2, 3) of a key-mask broadcast m: valid queries see the key mask, padded
     queries mask every key, and SDPA gives their rows 0 — so does the rewritten site."""
-    model, x, key_mask, out = run_masked("outer", kernel)
+    model, x, key_mask, out = run_masked("outer", kernel, DEVICE)
     [site] = compact_compile.report().sites
-    assert site["rewritten"] and site["key_mask"] and site["masked_queries_zeroed"]
+    assert site["rewritten"] and site["key_mask"] and site["masked_queries_zeroed"] and site["kernel"] == kernel
     layout = TokenLayout(GRID, (1, 8, 8), 64)
-    blocks = model_order_mask(layout, window_blocks(layout, (1, 1, 1))[None])
+    blocks = model_order_mask(layout, window_blocks(layout, (1, 1, 1))[None]).to(DEVICE)
     pairs = key_mask[:, None, :, None] & key_mask[:, None, None, :]
     with torch.no_grad():
         q, k, v = model.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4)

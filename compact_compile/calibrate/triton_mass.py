@@ -37,6 +37,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HEAD_DIMS = (16, 32, 64, 128)
 LOG2E = 1.4426950408889634
 DEFAULT_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)  # best of a sweep on H200
+# fp32 inputs: 3×TF32 dots keep split copies of both tiles, 320 KiB of shared memory at 128×128 and
+# head dim 128 (sm90 has 227 KiB; compiled for sm90 with triton 3.7); 64×64 tiles take 160–192 KiB
+FP32_TILES = dict(BLOCK_M=64, BLOCK_N=64)
 INTERPRET_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
 
 
@@ -60,7 +63,7 @@ def _query_tile(Q, stride_qb, stride_qh, stride_qs, H, S,
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     valid_m = offs_m < S
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
                 mask=valid_m[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -91,7 +94,8 @@ def _block_mass_kernel(Q, K, LSE, OUT, KV_VALID,
             valid_n = pos < S
             if HAS_KEYMASK:   # key-padding: excluded keys carry no mass
                 valid_n = valid_n & (tl.load(KV_VALID + b * stride_mb + pos, mask=pos < S, other=0) != 0)
-            k = tl.load(k_base + pos[:, None] * stride_ks + offs_d[None, :], mask=valid_n[:, None], other=0.0)
+            k = tl.load(k_base + pos[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=valid_n[:, None],
+                        other=0.0)
             if UPCAST:
                 k = k.to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION)   # q_i·k_j, fp32
@@ -118,7 +122,8 @@ def _row_lse_kernel(Q, K, LSE, KV_VALID,
         valid_n = pos < S
         if HAS_KEYMASK:
             valid_n = valid_n & (tl.load(KV_VALID + b * stride_mb + pos, mask=pos < S, other=0) != 0)
-        k = tl.load(k_base + pos[:, None] * stride_ks + offs_d[None, :], mask=valid_n[:, None], other=0.0)
+        k = tl.load(k_base + pos[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=valid_n[:, None],
+                    other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
@@ -142,8 +147,9 @@ def _check(q, k):
     return q if q.stride(-1) == 1 else q.contiguous(), k if k.stride(-1) == 1 else k.contiguous()
 
 
-def _launch_config(config: dict | None, plan_block: int | None = None) -> dict:
-    c = dict(INTERPRET_CONFIG if INTERPRET else DEFAULT_CONFIG, **(config or {}))
+def _launch_config(config: dict | None, dtype: torch.dtype, plan_block: int | None = None) -> dict:
+    fp32 = {} if INTERPRET or dtype != torch.float32 else FP32_TILES
+    c = dict(INTERPRET_CONFIG if INTERPRET else DEFAULT_CONFIG, **fp32, **(config or {}))
     if plan_block is not None:  # kernel tiles must divide the plan block (cells own whole sub-tiles)
         c["BLOCK_M"], c["BLOCK_N"] = min(c["BLOCK_M"], plan_block), min(c["BLOCK_N"], plan_block)
     return c
@@ -163,7 +169,7 @@ def row_lse(q: torch.Tensor, k: torch.Tensor, scale: float | None = None, config
     q, k = _check(q, k)
     B, H, S, D = q.shape
     scale = D ** -0.5 if scale is None else scale
-    c = _launch_config(config)
+    c = _launch_config(config, q.dtype)
     mask, mask_stride = _key_mask(key_valid, q)
     lse = torch.empty(B, H, S, device=q.device, dtype=torch.float32)
     _row_lse_kernel[(triton.cdiv(S, c["BLOCK_M"]), B * H)](
@@ -188,7 +194,7 @@ def block_mass(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, block_size: 
     lse = lse if lse.stride(-1) == 1 else lse.contiguous()
     scale = D ** -0.5 if scale is None else scale
     nb = triton.cdiv(S, block_size)
-    c = _launch_config(config, block_size)
+    c = _launch_config(config, q.dtype, block_size)
     mask, mask_stride = _key_mask(key_valid, q)
     out = torch.zeros(B, H, nb, nb, device=q.device, dtype=torch.float32)
     _block_mass_kernel[(triton.cdiv(S, c["BLOCK_M"]), B * H)](

@@ -53,6 +53,10 @@ import triton.language as tl
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
+# σ = amax·(1/448) with 1/448 rounded to fp32 once: one rounding, the same on the CPU, in torch on CUDA
+# (which divides by a scalar as a multiply by its reciprocal) and in the Triton pass (whose `/` is an
+# approximate division on the GPU), so the scales the two quantizers give are bit for bit equal
+INV_E4M3_MAX = 1.0 / E4M3_MAX
 U = 2.0 ** -4        # e4m3's relative rounding error (3 mantissa bits, round to nearest)
 TINY = 1e-30         # floor of an amax: an all-zero block gets a finite scale and zero tiles
 MIN_CAPABILITY = (8, 9)   # e4m3 tensor cores: Ada, Hopper, Blackwell
@@ -141,7 +145,7 @@ def quantize_tiles(q, k, v, k_mean, v_amax, block_size: int) -> FP8Tiles:
         xb = F.pad(x, (0, 0, 0, nb * block_size - S)).view(B, H, nb, block_size * D)
         amax = xb.abs().amax(-1).clamp_min(TINY)
         inv = (E4M3_MAX / amax).repeat_interleave(block_size, -1)[..., :S, None]
-        return saturated(x * inv), amax / E4M3_MAX
+        return saturated(x * inv), amax * INV_E4M3_MAX
 
     q8, q_scale = per_block(q.float())
     k8, k_scale = per_block(k.float() - k_mean.float()[:, :, None, :])
@@ -150,7 +154,7 @@ def quantize_tiles(q, k, v, k_mean, v_amax, block_size: int) -> FP8Tiles:
     v_t = torch.empty(B, H, D, padded_rows(S), dtype=E4M3, device=v.device)
     v_t[..., :S] = v8.transpose(-1, -2)
     v_t[..., S:] = 0
-    return FP8Tiles(q8, k8, v_t, q_scale, k_scale, amax / E4M3_MAX, k_mean.float().contiguous())
+    return FP8Tiles(q8, k8, v_t, q_scale, k_scale, amax * INV_E4M3_MAX, k_mean.float().contiguous())
 
 
 def dequantize(tiles: FP8Tiles, block_size: int, dtype=torch.float64):

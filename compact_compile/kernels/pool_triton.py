@@ -18,9 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import E4M3, FP8Tiles, padded_rows, to_e4m3
+from .fp8 import E4M3, INV_E4M3_MAX, FP8Tiles, padded_rows, to_e4m3
 from .registry import checked_key_valid
 from .triton_sparse import INTERPRET
+
+SCALE_PER_AMAX = tl.constexpr(INV_E4M3_MAX)   # σ = amax·(1/448), as fp8.quantize_tiles computes it
 
 
 @triton.jit
@@ -53,7 +55,7 @@ def _quantize_tile(x, OUT, SCALE, STAT, bh, blk, out_row, rows, cols, in_seq, S,
         q8 = to_e4m3(x * (448.0 / amax)[None, :], ROUND)
         tl.store(OUT + (bh * D + cols[None, :]).to(tl.int64) * S16 + rows[:, None], q8, mask=in_seq[:, None])
         if blk == 0:
-            tl.store(SCALE + bh * D + cols, amax / 448.0)
+            tl.store(SCALE + bh * D + cols, amax * SCALE_PER_AMAX)
     else:
         if QUANT == 2:
             x = x - tl.load(STAT + bh * D + cols)[None, :]
@@ -61,7 +63,7 @@ def _quantize_tile(x, OUT, SCALE, STAT, bh, blk, out_row, rows, cols, in_seq, S,
         amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-30)
         tl.store(OUT + (bh * S + rows[:, None].to(tl.int64)) * D + cols[None, :], to_e4m3(x * (448.0 / amax), ROUND),
                  mask=in_seq[:, None])
-        tl.store(SCALE + out_row, amax / 448.0)
+        tl.store(SCALE + out_row, amax * SCALE_PER_AMAX)
 
 
 @triton.jit

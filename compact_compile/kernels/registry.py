@@ -139,8 +139,11 @@ def _choose_fp8(kernels, device, dtype, head_dim, block_size, key_mask) -> tuple
         raise OptionsError(f"option 'fp8_attention' cannot run here: {why}")
     name = FP8_KERNELS[0]
     why = kernels[name].unsupported(device, dtype, head_dim, block_size, True, key_mask)
-    if why or head_dim < 32:
-        raise OptionsError(f"option 'fp8_attention': a site's inputs do not fit the {name} kernel's FP8 path "
-                           f"({why or f'head dim {head_dim}: e4m3 dots need ≥ 32'})")
+    if not why and head_dim < 32:
+        why = f"head dim {head_dim}: e4m3 dots need K ≥ 32"
+    if not why and block_size < 32:
+        why = f"block size {block_size}: P·V's K is the key tile, and e4m3 dots need K ≥ 32"
+    if why:
+        raise OptionsError(f"option 'fp8_attention': a site's inputs do not fit the {name} kernel's FP8 path ({why})")
     others = [k for k in KERNEL_NAMES if k not in FP8_KERNELS]
     return name, f"{name}: the one kernel with an FP8 (e4m3) path ({', '.join(others)} have none on sm90)"

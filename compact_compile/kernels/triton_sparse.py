@@ -24,6 +24,8 @@ from .triton_attn import _attn_fwd
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+BLOCK_SIZES = (16, 32, 64, 128)
+FP8_BLOCK_SIZES = (32, 64, 128)      # e4m3 dots take K ≥ 32, and P·V's K is the key tile
 LOG2E = 1.4426950408889634
 
 
@@ -133,8 +135,11 @@ def _check_fp8(tiles: FP8Tiles, block_size: int, dtype: torch.dtype):
                              f"{tuple(t.shape)}")
     if tiles.v_t.shape[-1] < S or tiles.v_t.shape[-1] % 16:
         raise ValueError(f"FP8 tiles: v_t's rows must hold S = {S} tokens, padded to a multiple of 16")
-    if D not in HEAD_DIMS or D < 32:   # e4m3 dots take K ≥ 32
+    if D not in HEAD_DIMS or D < 32:   # e4m3 dots take K ≥ 32: D for q·kᵀ, the key tile for P·V
         raise ValueError(f"head dim {D} not supported in FP8 (supported: {tuple(d for d in HEAD_DIMS if d >= 32)})")
+    if block_size not in FP8_BLOCK_SIZES:
+        raise ValueError(f"block size {block_size} not supported in FP8 (supported: {FP8_BLOCK_SIZES}): "
+                         f"its P·V dot takes the key tile as its K, and e4m3 dots need K ≥ 32")
     if dtype not in DTYPES:
         raise ValueError(f"output dtype must be one of {DTYPES}, not {dtype}")
 
@@ -177,8 +182,8 @@ def _launch(q, k, v, fp8: FP8Tiles | None, dtype, kv_num_blocks, kv_indices, blo
                            f"(sm80+), or TRITON_INTERPRET=1 set before Triton is imported (CPU, tests only)")
     B, H, S, D = q.shape
     nq = triton.cdiv(S, block_size)
-    if block_size not in (16, 32, 64, 128):
-        raise ValueError(f"block size {block_size} not supported (16, 32, 64, 128)")
+    if block_size not in BLOCK_SIZES:
+        raise ValueError(f"block size {block_size} not supported {BLOCK_SIZES}")
     num, idx = kv_num_blocks, kv_indices
     num = num.reshape((1,) * (3 - num.dim()) + tuple(num.shape))
     idx = idx.reshape((1,) * (4 - idx.dim()) + tuple(idx.shape))
@@ -230,6 +235,8 @@ def _launch(q, k, v, fp8: FP8Tiles | None, dtype, kv_num_blocks, kv_indices, blo
         config = INTERPRET_CONFIG
     if config is not None:
         bm, bn = _fit(config["BLOCK_M"], config["BLOCK_N"], block_size)
+        if fp8 is not None and bn < 32:
+            raise ValueError(f"config BLOCK_N {bn}: the FP8 path's P·V dot needs key tiles of ≥ 32")
         launch = dict(BLOCK_M=bm, BLOCK_N=bn, USE_TMA=bool(config.get("tma")) and meta["TMA_OK"],
                       num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
         kernel = _attn_fwd[(triton.cdiv(S, bm), B * H)](*args, **meta, **launch)
@@ -264,6 +271,8 @@ class TritonKernel:
             return f"dtype {dtype}" + (" (its sm90 tiles are sized for fp16/bf16)" if dtype == torch.float32 else "")
         if head_dim not in HEAD_DIMS:
             return f"head dim {head_dim} (supported: {HEAD_DIMS})"
+        if block_size not in BLOCK_SIZES:
+            return f"block size {block_size} (supported: {BLOCK_SIZES})"
         return ""
 
     def prepare(self, lists):

@@ -258,3 +258,19 @@ def test_padding_keys_set_neither_the_mean_nor_v_scales(quantizer):
 
     kept = error(smoothing_stats(k, v, valid))
     assert kept < 0.06 and error(smoothing_stats(k, v)) > 2 * kept
+
+
+def test_block_sizes_whose_key_tile_is_under_32_are_one_clear_error():
+    """P·V's K is the key tile, and e4m3 dots need K ≥ 32 (the interpreter takes any K; the GPU's
+    compiler refused 16): 16-token blocks are refused before a launch, with the reason."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = inputs(1, 1, 64, 32, torch.bfloat16, gen)
+    tiles = quantized(q, k, v, 16)
+    num, idx = (t.to(DEVICE) for t in kv_block_lists(torch.ones(1, 4, 4, dtype=torch.bool)))
+    with pytest.raises(ValueError, match=r"block size 16 not supported in FP8 .*e4m3 dots need K ≥ 32"):
+        block_sparse_attention_fp8(tiles, num, idx, 16, dtype=torch.bfloat16)
+    tiles = quantized(q, k, v, 32)
+    num, idx = (t.to(DEVICE) for t in kv_block_lists(torch.ones(1, 2, 2, dtype=torch.bool)))
+    with pytest.raises(ValueError, match=r"config BLOCK_N 16: the FP8 path's P·V dot needs key tiles of ≥ 32"):
+        block_sparse_attention_fp8(tiles, num, idx, 32, dtype=torch.bfloat16,
+                                   config=dict(BLOCK_M=32, BLOCK_N=16))

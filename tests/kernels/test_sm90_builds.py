@@ -1,0 +1,61 @@
+"""The kernels as the GPU compiles them, built ahead of time for sm90 on this machine (Triton's own
+ptxas; nothing runs): the interpreter that runs the CPU tests checks no GPU resource, so a launch
+configuration that needs more shared memory than a Hopper SM has passes every CPU test and fails at
+the GPU's first launch (the block-mass kernels did, for fp32 inputs at head dim 128). The builds run
+in a child process without TRITON_INTERPRET, which the test session sets before Triton is imported."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+SM90_SHARED_BYTES = 232_448          # per block, opted in (H100/H200: 227 KiB)
+CASES = [(which, dtype) for which in ("row_lse", "block_mass") for dtype in ("fp32", "bf16")]
+
+
+def shared_bytes(which: str, dtype: str) -> int:
+    """Shared memory of `which` block-mass kernel at head dim 128, with the launch configuration the
+    GPU gets for `dtype` inputs, as built for sm90 (call where TRITON_INTERPRET is unset)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from compact_compile.calibrate import triton_mass
+    from compact_compile.kernels.estimate_triton import dot_precision
+
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    plan_block = 128 if which == "block_mass" else None
+    c = triton_mass._launch_config(None, torch_dtype, plan_block)
+    kernel = triton_mass._row_lse_kernel if which == "row_lse" else triton_mass._block_mass_kernel
+    constants = dict(HEAD_DIM=128, BLOCK_M=c["BLOCK_M"], BLOCK_N=c["BLOCK_N"], UPCAST=False, HAS_KEYMASK=True,
+                     PRECISION=dot_precision(torch_dtype, torch.device("cuda")),
+                     **(dict(PLAN_BLOCK=plan_block) if plan_block else {}))
+    pointers = {"Q": dtype, "K": dtype, "LSE": "fp32", "OUT": "fp32", "KV_VALID": "i8"}
+    signature = {a: ("constexpr" if a in constants else f"*{pointers[a]}" if a in pointers
+                     else "fp32" if a == "qk_scale" else "i32") for a in kernel.arg_names}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    built = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=c["num_warps"], num_stages=c["num_stages"]))
+    return built.metadata.shared
+
+
+@pytest.fixture(scope="module")
+def built():
+    import compact_compile
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(compact_compile.__file__))     # the package as this session has it
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return {tuple(k.split()): v for k, v in json.loads(run.stdout.splitlines()[-1]).items()}
+
+
+@pytest.mark.parametrize("which, dtype", CASES)
+def test_block_mass_launches_fit_a_hopper_sm(built, which, dtype):
+    assert 0 < built[which, dtype] <= SM90_SHARED_BYTES, f"{which} {dtype}: {built[which, dtype]} bytes"
+
+
+if __name__ == "__main__":
+    print(json.dumps({f"{w} {d}": shared_bytes(w, d) for w, d in CASES}))
