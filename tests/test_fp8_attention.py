@@ -51,9 +51,9 @@ def test_blocks_under_32_tokens_are_refused_with_the_reason(monkeypatch):
 
 def test_auto_chooses_triton_and_says_why(monkeypatch):
     monkeypatch.setattr(fp8_module, "fp8_unsupported", lambda device: "")
-    if not triton_available("cpu"):
-        pytest.skip("needs TRITON_INTERPRET=1")
-    name, why = choose_kernel("auto", "cpu", torch.bfloat16, 64, 64, fp8=True)
+    if not triton_available(DEVICE):
+        pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1")
+    name, why = choose_kernel("auto", DEVICE, torch.bfloat16, 64, 64, fp8=True)
     assert name == "triton" and "the one kernel with an FP8 (e4m3) path" in why and "fa4, flex have none" in why
 
 
@@ -207,7 +207,6 @@ def test_fp8_follows_a_plans_step_schedule(monkeypatch):
     assert "FP8" in site["kernel_reason"]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU without the interpreter")
 def test_refused_on_cpu_without_the_interpreter(monkeypatch):
     from compact_compile.kernels import triton_sparse
     monkeypatch.setattr(triton_sparse, "INTERPRET", False)

@@ -1,6 +1,7 @@
 """FlexKernel (compiled FlexAttention over whole blocks) against the float64 reference.
 
 Compiled flex costs several seconds per new shape on a CPU, so the property tests draw few examples.
+They run on the GPU where there is one (FlexAttention's Triton kernels there, its C++ on the CPU).
 """
 import pytest
 import torch
@@ -16,6 +17,8 @@ from compact_compile.kernels.flex import FlexKernel
 from compact_compile.kernels.ops import register_site
 from compact_compile.kernels.reference import block_sparse_attention_reference, token_mask
 from compact_compile.kernels.registry import kv_block_lists
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @st.composite
@@ -42,7 +45,7 @@ def check(problem, dtype, rtol):
     g = torch.Generator().manual_seed(seed)
     for blocks in maps:
         q, k, v = (torch.randn(B, H, S, D, generator=g).to(dtype) for _ in range(3))
-        out = kernel_attend("flex", blocks, q, k, v, scale, block_size=bs)
+        out = kernel_attend("flex", blocks, *(x.to(DEVICE) for x in (q, k, v)), scale, block_size=bs).cpu()
         ref = block_sparse_attention_reference(q, k, v, blocks, bs, scale)
         assert out.shape == (B, H, S, D) and out.dtype == dtype
         err = (out.double() - ref).abs().max().item()
