@@ -59,10 +59,16 @@ def test_auto_chooses_triton_and_says_why(monkeypatch):
 
 @needs_fp8
 @pytest.mark.parametrize("plan, rectify, inner", INNERS)
-def test_compiled_site_runs_fp8_close_to_its_dtype(plan, rectify, inner):
+def test_compiled_site_runs_fp8_close_to_its_dtype(plan, rectify, inner, monkeypatch):
     """Static and dynamic plans, rectified or not: the rewritten site runs the FP8 op, within FP8's
     error of the same site in bf16 (N(0, 1)-like activations: a few percent). A site dense at every
-    step (plan "dense") is not made FP8, says why, and equals the bf16 site."""
+    step (plan "dense") is not made FP8, says why, and equals the bf16 site. The Triton choice and
+    estimate see the inputs' dtype at both sites (it sets their dots' precision on the GPU)."""
+    from compact_compile.kernels import site as site_module
+    seen = []
+    choose = site_module.choose_triton
+    monkeypatch.setattr(site_module, "choose_triton", lambda pools, k, *a, **kw: seen.append(k.dtype) or
+                        choose(pools, k, *a, **kw))
     torch.manual_seed(0)
     model = Wrapper(SelfAttention(dim=2 * 64, heads=2)).eval().to(DEVICE, torch.bfloat16)
     x = torch.randn(1, 128, 128, dtype=torch.bfloat16, device=DEVICE)
@@ -70,9 +76,11 @@ def test_compiled_site_runs_fp8_close_to_its_dtype(plan, rectify, inner):
                    kernel="triton", inner=inner)
     with torch.no_grad():
         ref = torch.compile(model, backend="compact", options=options)(x)
+        bf16_seen, seen[:] = list(seen), []
         torch._dynamo.reset()
         compact_compile.report(clear=True)
         out = torch.compile(model, backend="compact", options=dict(options, fp8_attention=True))(x)
+    assert seen == bf16_seen and set(seen) <= {torch.bfloat16}
     [site] = compact_compile.report().sites
     if plan == "dense":
         assert not site["fp8"] and "no FP8: this site computes every block at every step" in site["kernel_reason"]

@@ -112,7 +112,7 @@ class SiteAttention:
         prepared = self._static_data(index, q.device)[2]
         if not spec.pooled:
             return attend(prepared), None, None
-        keep, lists, r, o_bar = self._choose(index, q, k, v, scale, pools, key_valid, None if fp8 is None else fp8[0])
+        keep, lists, r, o_bar = self._choose(index, q, k, v, scale, pools, key_valid, fp8)
         if spec.selection is not None:
             prepared = self.kernel.prepare(lists if lists is not None else kv_block_lists(keep.bool()))
         fused = fuse and r is not None and spec.rectify == "block" and self.kernel.fuses_rectify
@@ -130,11 +130,13 @@ class SiteAttention:
             self._static[key] = (blocks, blocks.to(torch.int8), self.kernel.prepare(kv_block_lists(blocks)), text_kept)
         return self._static[key]
 
-    def _choose(self, index, q, k, v, scale, pools, key_valid, tiles: FP8Tiles | None = None):
-        """(keep, its block lists `[B, H, …]` or None, R, Ō) for this call's range. With FP8 `tiles`
-        (q, k their e4m3 tiles, v None) the pools come from the reorder, and the few text keys the
-        estimate reads one by one are dequantized; the Triton estimate, which reads them from k in
-        place, runs where there are none (it then gets an fp32 stand-in for k, never read)."""
+    def _choose(self, index, q, k, v, scale, pools, key_valid, fp8=None):
+        """(keep, its block lists `[B, H, …]` or None, R, Ō) for this call's range. With `fp8` (the
+        tiles, the output dtype, the unquantized q, k, v; q, k then the e4m3 tiles, v None) the pools
+        come from the reorder, and the few text keys the estimate reads one by one are dequantized;
+        the Triton estimate, which reads them from k in place, runs where there are none (it then gets
+        the unquantized k, never read: its dtype sets the dots' precision, as at a bf16 site)."""
+        tiles = None if fp8 is None else fp8[0]
         spec, L = self.spec, self.spec.layout
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         static, static_i8, _, text_kept = self._static_data(index, q.device)
@@ -145,7 +147,7 @@ class SiteAttention:
                      dynamic=dynamic, text_kept=text_kept, n_blocks=L.n_blocks,
                      explicit_triton=spec.kernel == "triton") and (tiles is None or L.n_video == L.seq_len):
             if tiles is not None:
-                k = torch.zeros(1, 1, 1, 1, device=q.device).expand(k.shape)
+                k = fp8[2][1]
             return choose_triton(pools, k, static_i8, L.n_video, scale, L.block_size, dynamic=dynamic,
                                  rectify=rectify, p_remain=p_remain, k_min=self.k_min, key_valid=key_valid)
         counts = valid_counts(self.video_count.to(q.device), L.n_video, L.block_size, key_valid)
