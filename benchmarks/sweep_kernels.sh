@@ -27,7 +27,7 @@ done
 wait
 for f in "$OUT"/sweep-*.txt; do
   last=$(tail -n 1 "$f")
-  grep -qE "(passed|failed|error|skipped).* in [0-9.]+s" <<< "$last" || last="STOPPED at $LIMIT s: $last"
+  grep -qE "(passed|failed|error|skipped|no tests ran).* in [0-9.]+s" <<< "$last" || last="STOPPED at $LIMIT s: $last"
   echo "$(basename "$f"): $last"
   grep "^FAILED" "$f" | head -20
   grep -E "^E   +(Assertion|assert|.*Error)|^E +Failing test case|^E +(c|site)=|^E +'(S|D|dtype|bs|block_m|block_n|tma|sharpness|scale)'" "$f" | head -20

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .kernels.registry import choose_kernel, kernel_class
+from .kernels.registry import check_fp8_device, choose_kernel, kernel_class
 from .layout import TokenLayout, auto_tile
 from .masks import dense_blocks, neighbour_blocks, video_site_blocks, window_blocks
 from .options import CompactOptions, OptionsError
@@ -54,10 +54,10 @@ def site_spec(options: CompactOptions, plan: Plan | None, schedule: dict | None,
     rectify = {False: None, True: "block", "auto": "block", "rows": "rows"}[options.rectify] if skips else None
     dtype = getattr(torch, site.dtype)
     choice = (options.kernel, site.device, dtype, site.q_shape[-1], layout.block_size, site.key_mask)
-    kernel, why = choose_kernel(*choice, fp8=options.fp8_attention)    # FP8 where it cannot run: one error
     fp8 = options.fp8_attention and skips
-    if options.fp8_attention and not fp8:   # every block at every step: the dense path in the inputs' dtype
-        kernel, why = choose_kernel(*choice)
+    kernel, why = choose_kernel(*choice, fp8=fp8)    # a site FP8 cannot run: one error
+    if options.fp8_attention and not fp8:   # every block at every step: the dense path in the inputs' dtype,
+        check_fp8_device(site.device)       # on hardware with FP8 (the option still says where it cannot run)
         why += ("; no FP8: this site computes every block at every step, where dense attention in the inputs' "
                 "dtype is faster (and exact) than FP8 over every block")
     return SiteSpec(site.name, layout, ranges,

@@ -92,6 +92,22 @@ def test_compiled_site_runs_fp8_close_to_its_dtype(plan, rectify, inner, monkeyp
     assert rel_err(out, ref) < 0.08
 
 
+@needs_fp8
+def test_a_site_dense_at_every_step_runs_whatever_fp8_could_not_take():
+    """Head dim 16 cannot run FP8 (e4m3 dots need K ≥ 32), but plan "dense" never runs it there: the
+    site runs dense in its dtype, says why, and is not refused."""
+    model = Wrapper(SelfAttention(dim=2 * 16, heads=2)).eval().to(DEVICE, torch.bfloat16)
+    x = torch.randn(1, 128, 32, dtype=torch.bfloat16, device=DEVICE)
+    options = dict(plan="dense", grid=GRID, tile=(1, 8, 8), block_size=64, kernel="triton", inner="eager",
+                   fp8_attention=True)
+    with torch.no_grad():
+        out = torch.compile(model, backend="compact", options=options)(x)
+        ref = model(x)
+    [site] = compact_compile.report().sites
+    assert site["rewritten"] and not site["fp8"] and "no FP8" in site["kernel_reason"]
+    assert rel_err(out, ref) < 1e-2
+
+
 class KeyMaskedAttention(torch.nn.Module):
     """Self-attention over the video tokens with a key-padding mask `[B, 1, 1, S]` (keys excluded
     inside every block, not only text)."""

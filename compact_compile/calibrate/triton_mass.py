@@ -149,7 +149,7 @@ def _check(q, k):
 
 def _launch_config(config: dict | None, dtype: torch.dtype, plan_block: int | None = None) -> dict:
     fp32 = {} if INTERPRET or dtype != torch.float32 else FP32_TILES
-    c = dict(INTERPRET_CONFIG if INTERPRET else DEFAULT_CONFIG, **fp32, **(config or {}))
+    c = {**(INTERPRET_CONFIG if INTERPRET else DEFAULT_CONFIG), **fp32, **(config or {})}
     if plan_block is not None:  # kernel tiles must divide the plan block (cells own whole sub-tiles)
         c["BLOCK_M"], c["BLOCK_N"] = min(c["BLOCK_M"], plan_block), min(c["BLOCK_N"], plan_block)
     return c

@@ -130,13 +130,20 @@ def choose_kernel(option: str, device, dtype: torch.dtype, head_dim: int, block_
     raise AssertionError("FlexAttention runs every input")   # FlexKernel.unsupported is always ""
 
 
-def _choose_fp8(kernels, device, dtype, head_dim, block_size, key_mask) -> tuple[str, str]:
+def check_fp8_device(device) -> None:
+    """One OptionsError where `device` has no FP8 (e4m3) path at all."""
     from ..errors import OptionsError
     from .fp8 import fp8_unsupported
 
     why = fp8_unsupported(device)
     if why:
         raise OptionsError(f"option 'fp8_attention' cannot run here: {why}")
+
+
+def _choose_fp8(kernels, device, dtype, head_dim, block_size, key_mask) -> tuple[str, str]:
+    from ..errors import OptionsError
+
+    check_fp8_device(device)
     name = FP8_KERNELS[0]
     why = kernels[name].unsupported(device, dtype, head_dim, block_size, True, key_mask)
     if not why and head_dim < 32:

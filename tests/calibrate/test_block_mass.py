@@ -135,3 +135,11 @@ def test_triton_block_mass_with_reference_lse_and_non_contiguous_inputs():
     torch.testing.assert_close(got.cpu().double(), block_mass_reference(q, k, 16, 0.25), rtol=0, atol=2e-5)
     with pytest.raises(ValueError, match="block size"):
         triton_mass.block_mass(q.to(DEVICE), k.to(DEVICE), lse.to(DEVICE), 24, 0.25)
+
+
+def test_an_explicit_launch_config_wins_over_the_fp32_tiles(monkeypatch):
+    """On the GPU fp32 inputs take 64×64 tiles unless a config says otherwise (it raised a TypeError)."""
+    monkeypatch.setattr(triton_mass, "INTERPRET", False)
+    assert triton_mass._launch_config(None, torch.float32, 128)["BLOCK_M"] == 64
+    c = triton_mass._launch_config(dict(BLOCK_M=32, BLOCK_N=16), torch.float32, 128)
+    assert (c["BLOCK_M"], c["BLOCK_N"]) == (32, 16)
