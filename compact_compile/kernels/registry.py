@@ -15,8 +15,10 @@ with the site's token layout and answers four things:
                         full attention, for dense steps and all-block maps: its fastest dense path
 
 FP8 attention (fp8.py) runs on the kernels of `FP8_KERNELS` only, which also answer
+    fp8_unsupported(head_dim, block_size) -> str
+                        why their FP8 path cannot take these shapes ("" if it can)
     attend_fp8(tiles, prepared, scale, dtype, key_valid, rectify) -> O
-                        `attend` over e4m3 tiles (`prepared` None: every block), the output in dtype.
+                        `attend` over e4m3 tiles, the output in dtype (dense steps run `dense`).
 
 Block lists (`BlockLists`) are what `kv_block_lists` makes: per query block the count of kept key
 blocks `[B or 1, H or 1, nq]` and their indices, kept first and ascending, `[B or 1, H or 1, nq, nk]`
@@ -145,11 +147,8 @@ def _choose_fp8(kernels, device, dtype, head_dim, block_size, key_mask) -> tuple
 
     check_fp8_device(device)
     name = FP8_KERNELS[0]
-    why = kernels[name].unsupported(device, dtype, head_dim, block_size, True, key_mask)
-    if not why and head_dim < 32:
-        why = f"head dim {head_dim}: e4m3 dots need K ≥ 32"
-    if not why and block_size < 32:
-        why = f"block size {block_size}: P·V's K is the key tile, and e4m3 dots need K ≥ 32"
+    why = (kernels[name].unsupported(device, dtype, head_dim, block_size, True, key_mask)
+           or kernels[name].fp8_unsupported(head_dim, block_size))
     if why:
         raise OptionsError(f"option 'fp8_attention': a site's inputs do not fit the {name} kernel's FP8 path ({why})")
     others = [k for k in KERNEL_NAMES if k not in FP8_KERNELS]

@@ -25,7 +25,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BLOCK_SIZES = (16, 32, 64, 128)
-FP8_BLOCK_SIZES = (32, 64, 128)      # e4m3 dots take K ≥ 32, and P·V's K is the key tile
+# e4m3 dots take K ≥ 32: the head dim is q·kᵀ's K, the key tile P·V's
+FP8_HEAD_DIMS = tuple(d for d in HEAD_DIMS if d >= 32)
+FP8_BLOCK_SIZES = tuple(b for b in BLOCK_SIZES if b >= 32)
 LOG2E = 1.4426950408889634
 
 
@@ -135,13 +137,21 @@ def _check_fp8(tiles: FP8Tiles, block_size: int, dtype: torch.dtype):
                              f"{tuple(t.shape)}")
     if tiles.v_t.shape[-1] < S or tiles.v_t.shape[-1] % 16:
         raise ValueError(f"FP8 tiles: v_t's rows must hold S = {S} tokens, padded to a multiple of 16")
-    if D not in HEAD_DIMS or D < 32:   # e4m3 dots take K ≥ 32: D for q·kᵀ, the key tile for P·V
-        raise ValueError(f"head dim {D} not supported in FP8 (supported: {tuple(d for d in HEAD_DIMS if d >= 32)})")
-    if block_size not in FP8_BLOCK_SIZES:
-        raise ValueError(f"block size {block_size} not supported in FP8 (supported: {FP8_BLOCK_SIZES}): "
-                         f"its P·V dot takes the key tile as its K, and e4m3 dots need K ≥ 32")
+    limit = _fp8_shape_limit(D, block_size)
+    if limit:
+        raise ValueError(f"{limit[0]} not supported in FP8 ({limit[1]})")
     if dtype not in DTYPES:
         raise ValueError(f"output dtype must be one of {DTYPES}, not {dtype}")
+
+
+def _fp8_shape_limit(head_dim: int, block_size: int) -> tuple[str, str] | None:
+    """(what, why) where the FP8 path cannot take this head dim or block size, else None."""
+    if head_dim not in FP8_HEAD_DIMS:
+        return f"head dim {head_dim}", f"q·kᵀ's K is the head dim, and e4m3 dots need K ≥ 32; supported: {FP8_HEAD_DIMS}"
+    if block_size not in FP8_BLOCK_SIZES:
+        return (f"block size {block_size}",
+                f"P·V's K is the key tile, and e4m3 dots need K ≥ 32; supported: {FP8_BLOCK_SIZES}")
+    return None
 
 
 def block_sparse_attention(q, k, v, kv_num_blocks, kv_indices, block_size: int, scale: float | None = None, *,
@@ -274,6 +284,12 @@ class TritonKernel:
         if block_size not in BLOCK_SIZES:
             return f"block size {block_size} (supported: {BLOCK_SIZES})"
         return ""
+
+    @staticmethod
+    def fp8_unsupported(head_dim: int, block_size: int) -> str:
+        """Why its FP8 path cannot take these shapes ("" if it can)."""
+        limit = _fp8_shape_limit(head_dim, block_size)
+        return f"{limit[0]}: {limit[1]}" if limit else ""
 
     def prepare(self, lists):
         return tuple(x.to(torch.int32).contiguous() for x in lists)

@@ -166,7 +166,7 @@ def test_static_estimate_stays_general_when_a_text_block_may_be_skipped():
     ref, plain = (rectified_attention_reference(q.double(), k.double(), v.double(), n_video=layout.n_video,
                                                 block_size=BS, static=static, dynamic=False, rectify=rectify)[0]
                   for rectify in (True, False))
-    out = kern(*(x.to("cuda" if torch.cuda.is_available() else "cpu") for x in (q, k, v)))
+    out = kern(*(x.to(DEVICE) for x in (q, k, v)))
     assert (out.cpu().double() - ref).norm() / ref.norm() < 1e-5
     assert (plain - ref).norm() / ref.norm() > 1e-2       # rectification does compensate here
 
