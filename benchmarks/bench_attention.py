@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import triton
 
 from compact_compile.kernels.ops import register_site
-from compact_compile.kernels.registry import KERNEL_NAMES, kernel_class, kv_block_lists
+from compact_compile.kernels.registry import FP8_KERNELS, KERNEL_NAMES, kernel_class, kv_block_lists
 from compact_compile.kernels.site import make_site
 from compact_compile.kernels.triton_sparse import chosen_config
 from compact_compile.layout import TokenLayout, auto_tile
@@ -184,7 +184,6 @@ def fp8_rows(layout, kernels, q, k, v, sdpa):
     """FP8 against bf16 on the same lists at ~90% sparsity, reorder (and quantization) included: q, k, v
     are taken in the model's order, as a rewritten graph has them."""
     from compact_compile.kernels.fp8 import FP8Tiles, smoothing_stats
-    from compact_compile.kernels.triton_sparse import block_sparse_attention_fp8
 
     fields = (list(GRID), list(layout.tile), layout.block_size, layout.n_text, layout.n_before)
     src = torch.ops.compact.tile_index(q, *fields, False)
@@ -213,24 +212,27 @@ def fp8_rows(layout, kernels, q, k, v, sdpa):
             emit(impl=f"fp8-section-{name}-bf16-op-{plan}", sparsity=sparsity, ms=ms, speedup=sdpa / ms,
                  tflops_effective=flops * dens / ms / 1e9,
                  rel_err_vs_float64_head0=rel_diff(outs[name][:, :1, :exact.shape[-2]].double(), exact))
-        spec = SiteSpec("bench", layout, single_range(blocks[None]), kernel="triton", fp8=True)
-        handle = register_site(make_site(spec), spec)
+        for name in [n for n in FP8_KERNELS if n in kernels]:
+            spec = SiteSpec("bench", layout, single_range(blocks[None]), kernel=name, fp8=True)
+            handle = register_site(make_site(spec), spec)
 
-        def fp8_op(h=handle):
-            tiles, k_mean = quantize(h)
-            return torch.ops.compact.attention_fp8(*tiles[:3], [*tiles[3:], k_mean], [q, k, v], h, None, [], None, dt)
-        out = fp8_op()
-        ms = bench(fp8_op)
-        quantized, k_mean = quantize(handle)
-        tiles = FP8Tiles(*quantized, k_mean)
-        num, idx = (x.to(dev) for x in kv_block_lists(blocks[None]))
-        ms_kernel = bench(lambda: block_sparse_attention_fp8(tiles, num, idx, layout.block_size, dtype=dt))
-        emit(impl=f"fp8-section-triton-fp8-op-{plan}", sparsity=sparsity, ms=ms, speedup=sdpa / ms,
-             tflops_effective=flops * dens / ms / 1e9, quantizing_reorder_ms=bench(lambda: quantize(handle)),
-             kernel_only_ms=ms_kernel, kernel_tflops_effective=flops * dens / ms_kernel / 1e9,
-             kernel_config=str(chosen_config()),
-             rel_diff_vs_triton_bf16=rel_diff(out, outs["triton"]) if "triton" in outs else None,
-             rel_err_vs_float64_head0=rel_diff(out[:, :1, :exact.shape[-2]].double(), exact))
+            def fp8_op(h=handle):
+                tiles, k_mean = quantize(h)
+                return torch.ops.compact.attention_fp8(*tiles[:3], [*tiles[3:], k_mean], [q, k, v], h, None, [], None,
+                                                       dt)
+            out = fp8_op()
+            ms = bench(fp8_op)
+            quantized, k_mean = quantize(handle)
+            tiles = FP8Tiles(*quantized, k_mean)
+            site_kernel = kernel_class(name)(layout)
+            prepared = site_kernel.prepare(kv_block_lists(blocks[None].to(dev)))
+            ms_kernel = bench(lambda: site_kernel.attend_fp8(tiles, prepared, None, dt))
+            emit(impl=f"fp8-section-{name}-fp8-op-{plan}", sparsity=sparsity, ms=ms, speedup=sdpa / ms,
+                 tflops_effective=flops * dens / ms / 1e9, quantizing_reorder_ms=bench(lambda: quantize(handle)),
+                 kernel_only_ms=ms_kernel, kernel_tflops_effective=flops * dens / ms_kernel / 1e9,
+                 kernel_config=str(chosen_config()) if name == "triton" else None,
+                 rel_diff_vs_bf16_op=rel_diff(out, outs[name]) if name in outs else None,
+                 rel_err_vs_float64_head0=rel_diff(out[:, :1, :exact.shape[-2]].double(), exact))
 
     # the quantizing reorder's parts, against its memory traffic (q, k, v read, their e4m3 tiles
     # written): the smoothing statistics, then the one pass at a few warp counts

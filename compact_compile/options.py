@@ -145,7 +145,7 @@ class CompactOptions:
             raise OptionsError(f"option 'fp8_attention' must be True or False, not {self.fp8_attention!r}")
         if self.fp8_attention and self.kernel not in ("auto", *FP8_KERNELS):
             raise OptionsError(f"option 'fp8_attention' runs on the {' or '.join(FP8_KERNELS)} kernel only; kernel="
-                               f"{self.kernel!r} has no FP8 (e4m3) path on sm90: use kernel='auto' or 'triton'")
+                               f"{self.kernel!r} has no FP8 (e4m3) path on sm90: use kernel='auto', 'fa4' or 'triton'")
         if self.fp8_attention and self.rectify == "rows":
             raise OptionsError("option 'fp8_attention' rectifies per block (rectify=True), in the kernel; "
                                "rectify='rows' reads every query row unquantized")

@@ -63,7 +63,7 @@ def site_spec(options: CompactOptions, plan: Plan | None, schedule: dict | None,
     return SiteSpec(site.name, layout, ranges,
                     selection=Selection(options.p_remain, options.drop) if options.dynamic else None,
                     rectify=rectify, key_mask=site.key_mask, kernel=kernel, kernel_reason=why,
-                    merge_in_graph=rectify == "block" and not kernel_class(kernel).fuses_rectify, fp8=fp8)
+                    merge_in_graph=rectify == "block" and not kernel_class(kernel).fuses_rectify and not fp8, fp8=fp8)
 
 
 def flex_site_spec(options: CompactOptions, plan: Plan | None, schedule: dict | None, site: Site,

@@ -88,7 +88,7 @@ class SiteSpec:
         if self.merge_in_graph and self.rectify != "block":
             raise ValueError("only per-block rectification can be merged in the graph")
         if self.fp8 and (self.merge_in_graph or self.rectify == "rows" or self.model_mask is not None):
-            raise ValueError("FP8 attention rectifies per block, in the kernel, and keeps no model mask")
+            raise ValueError("FP8 attention rectifies per block, in the site's call, and keeps no model mask")
 
     @property
     def pooled(self) -> bool:

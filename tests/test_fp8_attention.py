@@ -24,7 +24,6 @@ INNERS = [("window", False, "aot_eager"), ("window", True, "eager"), ("dynamic",
 @pytest.mark.parametrize("options, match", [
     (dict(fp8_attention=1), "must be True or False"),
     (dict(fp8_attention=True, kernel="flex"), "kernel='flex' has no FP8"),
-    (dict(fp8_attention=True, kernel="fa4"), "kernel='fa4' has no FP8"),
     (dict(fp8_attention=True, rectify="rows"), "rectifies per block"),
 ])
 def test_options_refuse_what_cannot_run_fp8(options, match):
@@ -54,7 +53,25 @@ def test_auto_chooses_triton_and_says_why(monkeypatch):
     if not triton_available(DEVICE):
         pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1")
     name, why = choose_kernel("auto", DEVICE, torch.bfloat16, 64, 64, fp8=True)
-    assert name == "triton" and "the one kernel with an FP8 (e4m3) path" in why and "fa4, flex have none" in why
+    assert name == "triton" and "the fastest FP8 (e4m3) path here" in why and "fa4: " in why
+
+
+@pytest.mark.parametrize("head_dim, key_mask, option, want", [
+    (128, False, "auto", "fa4"), (64, False, "auto", "triton"), (128, True, "auto", "triton"),
+    (128, False, "triton", "triton")])
+def test_fp8_takes_fa4_where_its_path_runs(monkeypatch, head_dim, key_mask, option, want):
+    """With FA4 installed (pretended here) its FP8 path is preferred for head dim 128 without a key mask;
+    Triton's takes the rest, and an explicitly named kernel is kept."""
+    from compact_compile.kernels.fa4 import FA4Kernel
+
+    monkeypatch.setattr(fp8_module, "fp8_unsupported", lambda device: "")
+    monkeypatch.setattr(FA4Kernel, "unsupported", staticmethod(lambda *a, **k: ""))
+    if want == "triton" and not triton_available(DEVICE):
+        pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1")
+    name, why = choose_kernel(option, DEVICE, torch.bfloat16, head_dim, 128, key_mask=key_mask, fp8=True)
+    assert name == want, why
+    if want == "triton" and option == "auto":
+        assert ("head dim 64" if head_dim == 64 else "key-padding mask") in why
 
 
 @needs_fp8

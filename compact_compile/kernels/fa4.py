@@ -22,8 +22,10 @@ FA4 rules that shape the lists (flash_attn 4.0.0b36):
 - a query row that sees no valid key gets 0, as in our Triton kernel and the float64 reference:
   FA4's softmax takes a −inf row max as 0 and a zero row sum as 1 (softmax.py:224, 277), and an
   empty list pair writes zeros (flash_fwd_sm90.py:1231).
-Not here: a rectification epilogue (R·O + Ō is merged in the graph), fp8 and sm100 (its block
-sparsity needs 256-token query blocks; plans use 128).
+FP8 (`attend_fp8`, fa4_fp8_sm90.py): e4m3 tiles on FA4's Hopper forward, head dim 128, 128-token
+blocks, no key-padding mask (those sites take the Triton kernel's FP8 path).
+Not here: a rectification epilogue (R·O + Ō is merged in the graph) and sm100 (its block sparsity
+needs 256-token query blocks; plans use 128).
 """
 from __future__ import annotations
 
@@ -35,10 +37,12 @@ import triton
 import triton.language as tl
 
 from ..layout import TokenLayout
+from .fp8 import FP8Tiles
 from .registry import BlockLists, batched, checked_key_valid, masked_key_blocks, sdpa_dense
 
 BLOCK = 128
 HEAD_DIMS = (64, 96, 128)
+FP8_HEAD_DIM = 128
 
 
 @functools.cache
@@ -200,6 +204,60 @@ class FA4Kernel:
         if key_valid is not None:
             return sdpa_dense(q, k, v, scale, key_valid)
         return _run(q, k, v, scale)
+
+    @staticmethod
+    def fp8_unsupported(head_dim: int, block_size: int, key_mask: bool = False) -> str:
+        """Why its FP8 path cannot take these inputs ("" if it can)."""
+        if head_dim != FP8_HEAD_DIM:
+            return f"head dim {head_dim} (its FP8 path: {FP8_HEAD_DIM})"
+        if key_mask:
+            return "a key-padding mask (its FP8 path has none)"
+        return ""
+
+    def attend_fp8(self, tiles: FP8Tiles, prepared, scale, dtype, key_valid=None, rectify=None) -> torch.Tensor:
+        """`attend` over e4m3 tiles (fp8.py), the output in dtype."""
+        if key_valid is not None or rectify is not None:
+            raise ValueError("the FA4 kernel's FP8 path takes no key-padding mask and no rectification epilogue")
+        return _run_fp8(tiles, prepared, scale, dtype)
+
+
+_FP8_COMPILED: dict[torch.dtype, object] = {}
+
+
+def _run_fp8(tiles: FP8Tiles, lists, scale, dtype) -> torch.Tensor:
+    """fa4_fp8_sm90's kernel on the tiles, compiled once per output dtype (shapes and strides are
+    dynamic): q, k as (B, S, H, D) views, vᵀ `[B, H, D, S16]` as a (B, S, H, D) view whose key mode is
+    the contiguous one, the scales as FA4's aux tensors; the output in dtype, (B, H, S, D)."""
+    import cutlass.cute as cute
+    from flash_attn.cute.block_sparsity import to_cute_block_sparse_tensors
+    from flash_attn.cute.cute_dsl_utils import to_cute_aux_tensor, to_cute_tensor
+    from flash_attn.cute.interface import torch2cute_dtype_map
+    from flash_attn.cute.utils import AuxData
+
+    from .fa4_fp8_sm90 import FP8BlockSparseSm90
+
+    B, H, S, D = tiles.q.shape
+    _, BlockSparseTensorsTorch = _fa4()
+    lists = BlockSparseTensorsTorch(*(t.expand(B, H, *t.shape[2:]) for t in (
+        lists.mask_block_cnt, lists.mask_block_idx, lists.full_block_cnt, lists.full_block_idx)))
+    q, k = tiles.q.transpose(1, 2), tiles.k.transpose(1, 2)
+    v = tiles.v_t.permute(0, 3, 1, 2)[:, :S]
+    out = torch.empty(B, H, S, D, dtype=dtype, device=q.device)
+    scales = [tiles.q_scale, tiles.k_scale, tiles.v_scale]
+    if dtype not in _FP8_COMPILED:
+        def e4m3(t, leading_dim):
+            t = to_cute_tensor(t.view(torch.uint8), leading_dim=leading_dim)
+            t.element_type = torch2cute_dtype_map[torch.float8_e4m3fn]
+            return t
+        _FP8_COMPILED[dtype] = cute.compile(
+            FP8BlockSparseSm90(torch2cute_dtype_map[dtype]), e4m3(q, 3), e4m3(k, 3), e4m3(v, 1),
+            to_cute_tensor(out.transpose(1, 2)), None, 1.0, *[None] * 8, to_cute_block_sparse_tensors(lists),
+            AuxData([to_cute_aux_tensor(t) for t in scales], None), None, None,
+            cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True), options="--enable-tvm-ffi")
+    _FP8_COMPILED[dtype](q.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8), out.transpose(1, 2), None,
+                         D ** -0.5 if scale is None else scale, *[None] * 8, tuple(lists[:4]) + (None,) * 4,
+                         AuxData(scales, None), None, None)
+    return out
 
 
 def _run(q, k, v, scale, **sparse) -> torch.Tensor:

@@ -104,7 +104,8 @@ def rectified_attention_reference(q, k, v, *, n_video: int, block_size: int, sta
     return out, keep
 
 
-def fp8_attention_reference(tiles, blocks, block_size: int, scale: float | None = None, key_valid=None):
+def fp8_attention_reference(tiles, blocks, block_size: int, scale: float | None = None, key_valid=None,
+                            o_in_mma: bool = False):
     """(O, bound) for FP8 attention over `tiles` (kernels/fp8.py): O is block-sparse attention in
     float64 over the dequantized tiles — exactly the q, k − μ, v the kernel's e4m3 dots see (the
     shift μ changes no softmax) — and `bound` `[B, H, S, D]` the most the kernel may differ from O
@@ -113,6 +114,9 @@ def fp8_attention_reference(tiles, blocks, block_size: int, scale: float | None 
     u = 2^-4 (rounding of a normal 448·p), n_i the keys row i keeps (each p below e4m3's normal range
     is off by at most half its 2^-9 step, /448), c_i = scale·max_j Σ_d |q̃_id·k̃_jd| bounding the
     score error of an fp32 accumulation as coarse as Hopper's e4m3 MMA (≥ 13 significand bits).
+    `o_in_mma`: the kernel keeps O in the MMA accumulator across key tiles (FA4's), each k32 step
+    adding at ~13 bits: + (n_i + 128)/32·2^-13·Σ_j a_ij·|ṽ_jd| (the Triton kernel adds each tile's
+    P·V to O in fp32 registers instead).
     The output's own rounding to its dtype (and rectification's R·O + Ō) come on top."""
     from .fp8 import U, dequantize
 
@@ -128,5 +132,8 @@ def fp8_attention_reference(tiles, blocks, block_size: int, scale: float | None 
     v_max = v.abs().amax(-2, keepdim=True)
     c = ((q.abs() @ k.abs().transpose(-1, -2)) * scale).masked_fill(~mask, 0).amax(-1, keepdim=True)
     n = mask.sum(-1, keepdim=True).double()
-    bound = U * (a @ v.abs()) + (n * 2.0 ** -10 / 448 + 2.0 ** -11 * c) * v_max
+    a_v = a @ v.abs()
+    bound = U * a_v + (n * 2.0 ** -10 / 448 + 2.0 ** -11 * c) * v_max
+    if o_in_mma:
+        bound = bound + (n + 128) / 32 * 2.0 ** -13 * a_v
     return out, bound

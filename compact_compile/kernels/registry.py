@@ -15,8 +15,8 @@ with the site's token layout and answers four things:
                         full attention, for dense steps and all-block maps: its fastest dense path
 
 FP8 attention (fp8.py) runs on the kernels of `FP8_KERNELS` only, which also answer
-    fp8_unsupported(head_dim, block_size) -> str
-                        why their FP8 path cannot take these shapes ("" if it can)
+    fp8_unsupported(head_dim, block_size, key_mask) -> str
+                        why their FP8 path cannot take these inputs ("" if it can)
     attend_fp8(tiles, prepared, scale, dtype, key_valid, rectify) -> O
                         `attend` over e4m3 tiles, the output in dtype (dense steps run `dense`).
 
@@ -91,7 +91,7 @@ def masked_key_blocks(key_valid: torch.Tensor, n_blocks: int, block_size: int) -
 
 
 KERNEL_NAMES = ("fa4", "triton", "flex")   # in order of preference
-FP8_KERNELS = ("triton",)   # FA4's CuTe kernel and FlexAttention have no e4m3 path on sm90
+FP8_KERNELS = ("fa4", "triton")   # in order of preference; FlexAttention has no e4m3 path
 
 
 def _kernels() -> dict[str, type]:
@@ -117,7 +117,7 @@ def choose_kernel(option: str, device, dtype: torch.dtype, head_dim: int, block_
     device = torch.device(device)
     kernels = _kernels()
     if fp8:
-        return _choose_fp8(kernels, device, dtype, head_dim, block_size, key_mask)
+        return _choose_fp8(kernels, option, device, dtype, head_dim, block_size, key_mask)
     if option != "auto":
         why = kernels[option].unsupported(device, dtype, head_dim, block_size, True, key_mask)
         if not why:
@@ -142,14 +142,18 @@ def check_fp8_device(device) -> None:
         raise OptionsError(f"option 'fp8_attention' cannot run here: {why}")
 
 
-def _choose_fp8(kernels, device, dtype, head_dim, block_size, key_mask) -> tuple[str, str]:
+def _choose_fp8(kernels, option, device, dtype, head_dim, block_size, key_mask) -> tuple[str, str]:
+    """The first kernel of FP8_KERNELS (or the one `option` names) whose FP8 path runs these inputs;
+    an explicitly named kernel is taken wherever it runs (Triton's CPU interpreter)."""
     from ..errors import OptionsError
 
     check_fp8_device(device)
-    name = FP8_KERNELS[0]
-    why = (kernels[name].unsupported(device, dtype, head_dim, block_size, True, key_mask)
-           or kernels[name].fp8_unsupported(head_dim, block_size))
-    if why:
-        raise OptionsError(f"option 'fp8_attention': a site's inputs do not fit the {name} kernel's FP8 path ({why})")
-    others = [k for k in KERNEL_NAMES if k not in FP8_KERNELS]
-    return name, f"{name}: the one kernel with an FP8 (e4m3) path ({', '.join(others)} have none on sm90)"
+    skipped = []
+    for name in FP8_KERNELS if option == "auto" else (option,):
+        explicit = option != "auto" or name == FP8_KERNELS[-1]
+        why = (kernels[name].unsupported(device, dtype, head_dim, block_size, explicit, key_mask)
+               or kernels[name].fp8_unsupported(head_dim, block_size, key_mask))
+        if not why:
+            return name, f"{name}: the fastest FP8 (e4m3) path here" + (f" ({'; '.join(skipped)})" if skipped else "")
+        skipped.append(f"{name}: {why}")
+    raise OptionsError(f"option 'fp8_attention': a site's inputs fit no kernel's FP8 path ({'; '.join(skipped)})")

@@ -7,7 +7,7 @@ graph calls it through `torch.ops.compact.attention` (the merged output) or, whe
 R·O + Ō in the graph, `torch.ops.compact.attention_parts` (O, R, Ō).
 
 A site whose spec is fp8 is called through `torch.ops.compact.attention_fp8` with e4m3 tiles
-(fp8.py) instead: `fp8(tiles, …)`, on the Triton kernel; its dense (warm-up) steps run the kernel's
+(fp8.py) instead: `fp8(tiles, …)`, on a kernel with an FP8 path; its dense (warm-up) steps run the kernel's
 dense attention on q, k, v in their dtype. A site that is dense at every step is not made fp8.
 
 Wrappers (the `observer` option: calibration, the fidelity harness, tests) get the site and return
@@ -65,7 +65,8 @@ class SiteAttention:
         return o, r, o_bar
 
     def fp8(self, tiles: FP8Tiles, scale, pools, key_valid, dtype: torch.dtype, unquantized) -> torch.Tensor:
-        """`__call__` over the e4m3 tiles of q, k, v (spec.fp8), rectification fused in the kernel;
+        """`__call__` over the e4m3 tiles of q, k, v (spec.fp8), rectification fused in the kernel
+        where it fuses it (Triton), else merged here;
         the output in `dtype`, in tile order. A dense step runs the kernel's dense attention on
         `unquantized` (q, k, v in the model's order, in their dtype) instead: the warm-up is there for
         quality, and a bf16 dense kernel beats FP8 over every block (Wan2.1-14B's warm-up step with

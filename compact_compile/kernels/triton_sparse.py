@@ -286,8 +286,8 @@ class TritonKernel:
         return ""
 
     @staticmethod
-    def fp8_unsupported(head_dim: int, block_size: int) -> str:
-        """Why its FP8 path cannot take these shapes ("" if it can)."""
+    def fp8_unsupported(head_dim: int, block_size: int, key_mask: bool = False) -> str:
+        """Why its FP8 path cannot take these shapes ("" if it can; key masks it takes)."""
         limit = _fp8_shape_limit(head_dim, block_size)
         return f"{limit[0]}: {limit[1]}" if limit else ""
 

@@ -1,0 +1,81 @@
+"""FA4's FP8 path (kernels/fa4_fp8_sm90.py) against float64 attention over the dequantized tiles, with
+reference.fp8_attention_reference's bound (O kept in the MMA accumulator): random lengths (partial
+last blocks), block maps, scales, common key offsets, both output dtypes. GPU only (sm90 + FA4); the
+CPU suite compiles nothing of it (tests/kernels/test_sm90_builds.py covers the Triton kernels)."""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from compact_compile.kernels.fa4 import FA4Kernel, fa4_importable
+from compact_compile.kernels.fp8 import quantize_tiles, smoothing_stats
+from compact_compile.kernels.reference import fp8_attention_reference
+from compact_compile.kernels.registry import kv_block_lists
+
+ON_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9 and fa4_importable()
+pytestmark = pytest.mark.skipif(not ON_GPU, reason="needs an sm90 GPU with flash_attn.cute (FA4) installed")
+EXAMPLES = int(os.environ.get("COMPACT_GPU_EXAMPLES", 40))
+BS, D = 128, 128
+
+
+@st.composite
+def cases(draw):
+    return dict(B=draw(st.integers(1, 2)), H=draw(st.integers(1, 3)), S=draw(st.integers(1, 3000)),
+                dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])), density=draw(st.floats(0.0, 1.0)),
+                sharpness=draw(st.sampled_from([0.5, 1.0, 3.0])), offset=draw(st.sampled_from([0.0, 20.0])),
+                scale=draw(st.sampled_from([None, 0.3])), per_head=draw(st.booleans()),
+                seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def run_case(c):
+    gen = torch.Generator().manual_seed(c["seed"])
+    B, H, S, dtype = c["B"], c["H"], c["S"], c["dtype"]
+    nb = -(-S // BS)
+    q, k, v = (torch.randn(B, H, S, D, generator=gen) for _ in range(3))
+    q = q * c["sharpness"] * torch.rand(B, H, S, 1, generator=gen).add(0.1)   # blocks of unlike scales
+    k = k + c["offset"] * torch.randn(B, H, 1, D, generator=gen)
+    v = v * torch.rand(1, 1, 1, D, generator=gen).add(0.05)                    # channels of unlike scales
+    q, k, v = (x.to(dtype).cuda() for x in (q, k, v))
+    blocks = torch.rand(H if c["per_head"] else 1, nb, nb, generator=gen) < c["density"]
+    tiles = quantize_tiles(q, k, v, *smoothing_stats(k, v), BS)
+    kernel = FA4Kernel(SimpleNamespace(block_size=BS))
+    out = kernel.attend_fp8(tiles, kernel.prepare(kv_block_lists(blocks.cuda())), c["scale"], dtype)
+    ref, bound = (t.cpu() for t in fp8_attention_reference(tiles, blocks, BS, c["scale"], o_in_mma=True))
+    out = out.double().cpu()
+    assert torch.isfinite(out).all(), "non-finite output"
+    err = (out - ref).abs()
+    allowed = bound + 2 * torch.finfo(dtype).eps * ref.abs() + 1e-6
+    assert (err <= allowed).all(), f"worst excess over the bound {(err - allowed).max():.3g}"
+    return out, ref
+
+
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases())
+@example(dict(B=1, H=2, S=129, dtype=torch.bfloat16, density=0.0, sharpness=1.0, offset=0.0, scale=None,
+              per_head=True, seed=0))                    # no block listed: zeros; one key in the last block
+@example(dict(B=2, H=1, S=1000, dtype=torch.float16, density=1.0, sharpness=3.0, offset=20.0, scale=0.3,
+              per_head=False, seed=3))
+def test_fp8_path_within_the_bound_of_its_float64_reference(c):
+    run_case(c)
+
+
+def test_mask_is_not_ignored():
+    """Dropping a block changes the rows that listed it (the same inputs, one block fewer)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 3 * BS, D, generator=gen).to(torch.bfloat16).cuda() for _ in range(3))
+    tiles = quantize_tiles(q, k, v, *smoothing_stats(k, v), BS)
+    kernel = FA4Kernel(SimpleNamespace(block_size=BS))
+    full = torch.ones(1, 3, 3, dtype=torch.bool)
+    sparse = full.clone()
+    sparse[0, 1, 2] = False
+    a, b = (kernel.attend_fp8(tiles, kernel.prepare(kv_block_lists(m.cuda())), None, torch.bfloat16) for m in (full, sparse))
+    rows = slice(BS, 2 * BS)
+    assert (a[..., rows, :] - b[..., rows, :]).abs().max() > 1e-2
+    assert torch.equal(a[..., :BS, :], b[..., :BS, :]) and torch.equal(a[..., 2 * BS:, :], b[..., 2 * BS:, :])
+    ref, _ = fp8_attention_reference(tiles, sparse, BS)
+    assert ((b.double() - ref).norm() / ref.norm()) < 0.05
