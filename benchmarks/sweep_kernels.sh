@@ -16,7 +16,7 @@ for s in $(seq 1 "$FP8_PROCS"); do
   COMPACT_GPU_EXAMPLES=$EXAMPLES timeout "$LIMIT" python3 -m pytest -q -p no:cacheprovider \
     tests/kernels/test_fp8.py --hypothesis-seed="$s" > "$OUT/sweep-fp8-$s.txt" 2>&1 &
 done
-for f in tests/kernels/test_rectified.py tests/kernels/test_flex.py tests/kernels/test_fa4.py \
+for f in tests/kernels/test_rectified.py tests/kernels/test_flex.py tests/kernels/test_fa4.py tests/kernels/test_fa4_fp8.py \
   tests/kernels/test_fa4_lists.py tests/kernels/test_jit_globals.py tests/kernels/test_sm90_builds.py \
   tests/test_fp8_attention.py tests/kernels/test_key_mask_triton.py tests/kernels/test_pool_triton.py \
   tests/kernels/test_select_triton.py tests/calibrate/test_block_mass.py tests/test_quantize.py \

@@ -147,7 +147,7 @@ class CompactOptions:
             raise OptionsError(f"option 'fp8_attention' runs on the {' or '.join(FP8_KERNELS)} kernel only; kernel="
                                f"{self.kernel!r} has no FP8 (e4m3) path on sm90: use kernel='auto', 'fa4' or 'triton'")
         if self.fp8_attention and self.rectify == "rows":
-            raise OptionsError("option 'fp8_attention' rectifies per block (rectify=True), in the kernel; "
+            raise OptionsError("option 'fp8_attention' rectifies per block (rectify=True); "
                                "rectify='rows' reads every query row unquantized")
         for name in ("p_remain", "drop"):
             value = getattr(self, name)

@@ -1,4 +1,4 @@
-"""The fp8_attention option: options → planner → SiteSpec → the Triton kernel's FP8 path, with one
+"""The fp8_attention option: options → planner → SiteSpec → a kernel's FP8 path (Triton here), with one
 clear error wherever it cannot run (a kernel without an FP8 path, rows rectification, hardware
 without e4m3 tensor cores). On a CPU-only machine the kernel runs in Triton's interpreter."""
 import pytest

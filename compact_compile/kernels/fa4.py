@@ -24,7 +24,7 @@ FA4 rules that shape the lists (flash_attn 4.0.0b36):
   empty list pair writes zeros (flash_fwd_sm90.py:1231).
 FP8 (`attend_fp8`, fa4_fp8_sm90.py): e4m3 tiles on FA4's Hopper forward, head dim 128, 128-token
 blocks, no key-padding mask (those sites take the Triton kernel's FP8 path).
-Not here: a rectification epilogue (R·O + Ō is merged in the graph) and sm100 (its block sparsity
+Not here: a rectification epilogue (R·O + Ō is merged in the graph; for FP8 in the site's call) and sm100 (its block sparsity
 needs 256-token query blocks; plans use 128).
 """
 from __future__ import annotations
@@ -218,19 +218,25 @@ class FA4Kernel:
         """`attend` over e4m3 tiles (fp8.py), the output in dtype."""
         if key_valid is not None or rectify is not None:
             raise ValueError("the FA4 kernel's FP8 path takes no key-padding mask and no rectification epilogue")
+        D = tiles.q.shape[-1]
+        why = (self.unsupported(tiles.q.device, dtype, D, self.block_size, True)
+               or self.fp8_unsupported(D, self.block_size))
+        if why:
+            raise ValueError(f"the FA4 kernel's FP8 path cannot take these inputs: {why}")
         return _run_fp8(tiles, prepared, scale, dtype)
 
 
-_FP8_COMPILED: dict[torch.dtype, object] = {}
+_FP8_COMPILED: dict[tuple, object] = {}
 
 
 def _run_fp8(tiles: FP8Tiles, lists, scale, dtype) -> torch.Tensor:
     """fa4_fp8_sm90's kernel on the tiles, compiled once per output dtype (shapes and strides are
-    dynamic): q, k as (B, S, H, D) views, vᵀ `[B, H, D, S16]` as a (B, S, H, D) view whose key mode is
+    dynamic, but not zero strides: one build per output dtype and per pattern of lists broadcast over
+    batch or heads, as FA4's interface keys it): q, k as (B, S, H, D) views, vᵀ `[B, H, D, S16]` as a (B, S, H, D) view whose key mode is
     the contiguous one, the scales as FA4's aux tensors; the output in dtype, (B, H, S, D)."""
     import cutlass.cute as cute
     from flash_attn.cute.block_sparsity import to_cute_block_sparse_tensors
-    from flash_attn.cute.cute_dsl_utils import to_cute_aux_tensor, to_cute_tensor
+    from flash_attn.cute.cute_dsl_utils import to_cute_tensor
     from flash_attn.cute.interface import torch2cute_dtype_map
     from flash_attn.cute.utils import AuxData
 
@@ -244,17 +250,18 @@ def _run_fp8(tiles: FP8Tiles, lists, scale, dtype) -> torch.Tensor:
     v = tiles.v_t.permute(0, 3, 1, 2)[:, :S]
     out = torch.empty(B, H, S, D, dtype=dtype, device=q.device)
     scales = [tiles.q_scale, tiles.k_scale, tiles.v_scale]
-    if dtype not in _FP8_COMPILED:
+    key = (dtype, tuple(tuple(st == 0 for st in t.stride()) for t in lists))
+    if key not in _FP8_COMPILED:
         def e4m3(t, leading_dim):
             t = to_cute_tensor(t.view(torch.uint8), leading_dim=leading_dim)
             t.element_type = torch2cute_dtype_map[torch.float8_e4m3fn]
             return t
-        _FP8_COMPILED[dtype] = cute.compile(
+        _FP8_COMPILED[key] = cute.compile(
             FP8BlockSparseSm90(torch2cute_dtype_map[dtype]), e4m3(q, 3), e4m3(k, 3), e4m3(v, 1),
             to_cute_tensor(out.transpose(1, 2)), None, 1.0, *[None] * 8, to_cute_block_sparse_tensors(lists),
-            AuxData([to_cute_aux_tensor(t) for t in scales], None), None, None,
+            AuxData([to_cute_tensor(t, assumed_align=4, leading_dim=2) for t in scales], None), None, None,
             cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True), options="--enable-tvm-ffi")
-    _FP8_COMPILED[dtype](q.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8), out.transpose(1, 2), None,
+    _FP8_COMPILED[key](q.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8), out.transpose(1, 2), None,
                          D ** -0.5 if scale is None else scale, *[None] * 8, tuple(lists[:4]) + (None,) * 4,
                          AuxData(scales, None), None, None)
     return out

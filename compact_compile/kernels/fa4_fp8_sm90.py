@@ -22,9 +22,10 @@ on top, and where this subclass puts it:
   v's per-channel scale multiplies the output's columns in the epilogue, once per CTA.
 - The output dtype (bf16/fp16) differs from the inputs': O is staged through the shared memory of
   Q in that dtype (`_get_shared_storage_cls` sizes it; `epilogue`).
-Accumulation: FA4 keeps O in the MMA accumulator across tiles; Hopper's e4m3 MMA adds products in
-~22 bits, which the error bound (fp8.py) covers per tile; the measured error is that of the Triton
-kernel's two-level accumulation (benchmarks/results).
+Accumulation: FA4 keeps O in the MMA accumulator across tiles, where Hopper's e4m3 MMA adds each
+k32 step at ≥ 13 bits; reference.fp8_attention_reference(o_in_mma=True) bounds that on top of fp8.py's
+bound (the Triton kernel adds each tile's P·V in fp32 registers). Measured: the same error against
+float64 as the Triton kernel's (benchmarks/results/attention-fp8-fa4-*).
 """
 # no `from __future__ import annotations`: CuTe reads the shared-memory struct's annotations as objects
 import math

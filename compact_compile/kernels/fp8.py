@@ -1,7 +1,7 @@
 """FP8 (e4m3) attention's quantization: what the tiles and their scales are, how they are made, and
-where FP8 attention can run. The Triton kernel (triton_attn.py, FP8=True) consumes them; the reorder
-pass (pool_triton.py) makes them on the GPU in the pass that already reads q, k, v; `quantize_tiles`
-here is the same arithmetic in torch (the CPU path and the tests' reference).
+where FP8 attention can run. The Triton kernel (triton_attn.py, FP8=True) and FA4's (fa4_fp8_sm90.py)
+consume them; the reorder pass (pool_triton.py) makes them on the GPU in the pass that already reads
+q, k, v; `quantize_tiles` here is the same arithmetic in torch (the CPU path and the tests' reference).
 
 e4m3 is a floating-point format: 3 mantissa bits, so every normal value is rounded to within a
 relative u = 2^-4 of itself, from 2^-6 up to its largest finite value 448 (2^-9 steps below 2^-6).

@@ -41,7 +41,9 @@ def run_case(c):
     k = k + c["offset"] * torch.randn(B, H, 1, D, generator=gen)
     v = v * torch.rand(1, 1, 1, D, generator=gen).add(0.05)                    # channels of unlike scales
     q, k, v = (x.to(dtype).cuda() for x in (q, k, v))
-    blocks = torch.rand(H if c["per_head"] else 1, nb, nb, generator=gen) < c["density"]
+    shape = {"shared": (1, nb, nb), "per_head": (H, nb, nb), "per_batch": (B, H, nb, nb)}[c.get("lists", "per_head"
+                                                                                         if c["per_head"] else "shared")]
+    blocks = torch.rand(*shape, generator=gen) < c["density"]
     tiles = quantize_tiles(q, k, v, *smoothing_stats(k, v), BS)
     kernel = FA4Kernel(SimpleNamespace(block_size=BS))
     out = kernel.attend_fp8(tiles, kernel.prepare(kv_block_lists(blocks.cuda())), c["scale"], dtype)
@@ -79,3 +81,24 @@ def test_mask_is_not_ignored():
     assert torch.equal(a[..., :BS, :], b[..., :BS, :]) and torch.equal(a[..., 2 * BS:, :], b[..., 2 * BS:, :])
     ref, _ = fp8_attention_reference(tiles, sparse, BS)
     assert ((b.double() - ref).norm() / ref.norm()) < 0.05
+
+
+def test_lists_broadcast_in_any_pattern_and_order():
+    """The kernel is built per pattern of lists broadcast over batch or heads (their zero strides are
+    compiled in): shared lists first, then per-head and per-batch ones, each against float64."""
+    from compact_compile.kernels import fa4
+
+    fa4._FP8_COMPILED.clear()
+    for lists in ("shared", "per_head", "per_batch", "shared"):
+        run_case(dict(B=2, H=2, S=700, dtype=torch.bfloat16, density=0.5, sharpness=1.0, offset=0.0, scale=None,
+                      per_head=False, lists=lists, seed=1))
+
+
+def test_inputs_it_cannot_take_are_one_clear_error():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 256, 64, generator=gen).to(torch.bfloat16).cuda() for _ in range(3))
+    tiles = quantize_tiles(q, k, v, *smoothing_stats(k, v), BS)
+    kernel = FA4Kernel(SimpleNamespace(block_size=BS))
+    with pytest.raises(ValueError, match="head dim 64"):
+        kernel.attend_fp8(tiles, kernel.prepare(kv_block_lists(torch.ones(1, 2, 2, dtype=torch.bool).cuda())), None,
+                          torch.bfloat16)
