@@ -62,16 +62,76 @@ def test_auto_chooses_triton_and_says_why(monkeypatch):
 def test_fp8_takes_fa4_where_its_path_runs(monkeypatch, head_dim, key_mask, option, want):
     """With FA4 installed (pretended here) its FP8 path is preferred for head dim 128 without a key mask;
     Triton's takes the rest, and an explicitly named kernel is kept."""
+    from compact_compile.kernels import fa4
     from compact_compile.kernels.fa4 import FA4Kernel
 
     monkeypatch.setattr(fp8_module, "fp8_unsupported", lambda device: "")
     monkeypatch.setattr(FA4Kernel, "unsupported", staticmethod(lambda *a, **k: ""))
+    monkeypatch.setattr(fa4, "_fa4_version", lambda: fa4.FP8_BUILT_ON)
     if want == "triton" and not triton_available(DEVICE):
         pytest.skip("needs a CUDA GPU or TRITON_INTERPRET=1")
     name, why = choose_kernel(option, DEVICE, torch.bfloat16, head_dim, 128, key_mask=key_mask, fp8=True)
     assert name == want, why
     if want == "triton" and option == "auto":
         assert ("head dim 64" if head_dim == 64 else "key-padding mask") in why
+
+
+def test_fa4s_fp8_path_needs_the_fa4_release_it_is_built_on(monkeypatch):
+    """Another flash-attn-4 could run FA4's own softmax without the FP8 scales: refused, with the
+    version, and "auto" takes Triton's FP8 path; an explicit kernel='fa4' is one error with a hint."""
+    from compact_compile.kernels import fa4
+    from compact_compile.kernels.fa4 import FA4Kernel
+
+    monkeypatch.setattr(fp8_module, "fp8_unsupported", lambda device: "")
+    monkeypatch.setattr(FA4Kernel, "unsupported", staticmethod(lambda *a, **k: ""))
+    monkeypatch.setattr(fa4, "_fa4_version", lambda: "4.1.0")
+    with pytest.raises(OptionsError, match=r"flash-attn-4 4\.1\.0 installed.*kernel='auto' takes the first"):
+        choose_kernel("fa4", DEVICE, torch.bfloat16, 128, 128, fp8=True)
+    if triton_available(DEVICE):
+        name, why = choose_kernel("auto", DEVICE, torch.bfloat16, 128, 128, fp8=True)
+        assert name == "triton" and "flash-attn-4 4.1.0" in why
+
+
+@needs_fp8
+def test_an_fp8_kernel_without_the_fused_epilogue_gets_rectification_merged_by_the_site(monkeypatch):
+    """FA4's FP8 path has no rectification epilogue (the Triton kernel fuses R·O + Ō): the site merges
+    it after the kernel. FA4 is stood in for here by the Triton FP8 path called without the epilogue;
+    the result equals the fused one but for the output's rounding, and rectification is no no-op."""
+    from compact_compile.kernels import fa4
+    from compact_compile.kernels.fa4 import FA4Kernel
+    from compact_compile.kernels.triton_sparse import TritonKernel
+
+    calls = []
+
+    def attend_fp8(self, tiles, prepared, scale, dtype, key_valid=None, rectify=None):
+        calls.append(rectify)
+        return TritonKernel.attend_fp8(self, tiles, prepared, scale, dtype)
+
+    monkeypatch.setattr(FA4Kernel, "unsupported", staticmethod(lambda *a, **k: ""))
+    monkeypatch.setattr(fa4, "_fa4_version", lambda: fa4.FP8_BUILT_ON)
+    monkeypatch.setattr(FA4Kernel, "prepare", TritonKernel.prepare)
+    monkeypatch.setattr(FA4Kernel, "attend_fp8", attend_fp8)
+    monkeypatch.setattr(FA4Kernel, "text_blocks", 0, raising=False)
+    torch.manual_seed(0)
+    model = Wrapper(SelfAttention(dim=2 * 128, heads=2)).eval().to(DEVICE, torch.bfloat16)
+    # a common offset and one per frame: block means the GAPR test trusts, and a skipped frame unlike the
+    # kept one (N(0, 1) tokens alone leave R = 1, Ō = 0: nothing would be merged)
+    frames = 0.5 * torch.randn(2, 1, 256).repeat_interleave(64, 0).view(1, 128, 256)
+    x = (0.3 * torch.randn(1, 128, 256) + torch.randn(256) + frames).to(DEVICE, torch.bfloat16)
+    outs = {}
+    with torch.no_grad():
+        for kernel, rectify in (("auto", True), ("triton", True), ("triton", False)):
+            torch._dynamo.reset()
+            compact_compile.report(clear=True)
+            options = dict(plan="window", window=(1, 1, 1), grid=GRID, tile=(1, 8, 8), block_size=64, rectify=rectify,
+                           kernel=kernel, fp8_attention=True, inner="eager")
+            outs[kernel, rectify] = torch.compile(model, backend="compact", options=options)(x)
+            if kernel == "auto":
+                [site] = compact_compile.report().sites
+                assert site["kernel"] == "fa4" and site["fp8"], site["kernel_reason"]
+    assert calls and all(r is None for r in calls)
+    assert rel_err(outs["triton", True], outs["triton", False]) > 0.05          # rectification matters here
+    assert rel_err(outs["auto", True], outs["triton", True]) < 0.01
 
 
 @needs_fp8

@@ -43,6 +43,9 @@ from .registry import BlockLists, batched, checked_key_valid, masked_key_blocks,
 BLOCK = 128
 HEAD_DIMS = (64, 96, 128)
 FP8_HEAD_DIM = 128
+# fa4_fp8_sm90 overrides methods of this release's Hopper kernel (the extra pins it); under another, FA4's
+# own softmax could run without the FP8 scales: that path is then refused, not run
+FP8_BUILT_ON = "4.0.0b36"
 
 
 @functools.cache
@@ -54,6 +57,15 @@ def _fa4():
     except Exception as e:  # noqa: BLE001  (a broken install raises more than ImportError)
         return f"flash_attn.cute not importable ({type(e).__name__}: {str(e)[:120]})"
     return _flash_attn_fwd, BlockSparseTensorsTorch
+
+
+def _fa4_version() -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flash-attn-4")
+    except PackageNotFoundError:
+        return None
 
 
 def fa4_importable() -> bool:
@@ -212,6 +224,9 @@ class FA4Kernel:
             return f"head dim {head_dim} (its FP8 path: {FP8_HEAD_DIM})"
         if key_mask:
             return "a key-padding mask (its FP8 path has none)"
+        version = _fa4_version()
+        if version != FP8_BUILT_ON:
+            return f"flash-attn-4 {version} installed; its FP8 path is built on {FP8_BUILT_ON}'s Hopper kernel"
         return ""
 
     def attend_fp8(self, tiles: FP8Tiles, prepared, scale, dtype, key_valid=None, rectify=None) -> torch.Tensor:
@@ -229,10 +244,10 @@ class FA4Kernel:
 _FP8_COMPILED: dict[tuple, object] = {}
 
 
-def _run_fp8(tiles: FP8Tiles, lists, scale, dtype) -> torch.Tensor:
+def _run_fp8(tiles: FP8Tiles, lists, scale, dtype, num_stages: int = 3) -> torch.Tensor:
     """fa4_fp8_sm90's kernel on the tiles, compiled once per output dtype (shapes and strides are
     dynamic, but not zero strides: one build per output dtype and per pattern of lists broadcast over
-    batch or heads, as FA4's interface keys it): q, k as (B, S, H, D) views, vᵀ `[B, H, D, S16]` as a (B, S, H, D) view whose key mode is
+    batch or heads, as FA4's interface keys it; `num_stages`: K/V tiles in flight, for benchmarks): q, k as (B, S, H, D) views, vᵀ `[B, H, D, S16]` as a (B, S, H, D) view whose key mode is
     the contiguous one, the scales as FA4's aux tensors; the output in dtype, (B, H, S, D)."""
     import cutlass.cute as cute
     from flash_attn.cute.block_sparsity import to_cute_block_sparse_tensors
@@ -250,14 +265,14 @@ def _run_fp8(tiles: FP8Tiles, lists, scale, dtype) -> torch.Tensor:
     v = tiles.v_t.permute(0, 3, 1, 2)[:, :S]
     out = torch.empty(B, H, S, D, dtype=dtype, device=q.device)
     scales = [tiles.q_scale, tiles.k_scale, tiles.v_scale]
-    key = (dtype, tuple(tuple(st == 0 for st in t.stride()) for t in lists))
+    key = (dtype, num_stages, tuple(tuple(st == 0 for st in t.stride()) for t in lists[:4]))
     if key not in _FP8_COMPILED:
         def e4m3(t, leading_dim):
             t = to_cute_tensor(t.view(torch.uint8), leading_dim=leading_dim)
             t.element_type = torch2cute_dtype_map[torch.float8_e4m3fn]
             return t
         _FP8_COMPILED[key] = cute.compile(
-            FP8BlockSparseSm90(torch2cute_dtype_map[dtype]), e4m3(q, 3), e4m3(k, 3), e4m3(v, 1),
+            FP8BlockSparseSm90(torch2cute_dtype_map[dtype], num_stages), e4m3(q, 3), e4m3(k, 3), e4m3(v, 1),
             to_cute_tensor(out.transpose(1, 2)), None, 1.0, *[None] * 8, to_cute_block_sparse_tensors(lists),
             AuxData([to_cute_tensor(t, assumed_align=4, leading_dim=2) for t in scales], None), None, None,
             cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True), options="--enable-tvm-ffi")

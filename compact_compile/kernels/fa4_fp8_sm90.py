@@ -57,9 +57,9 @@ class FP8BlockSparseSm90(FlashAttentionForwardSm90):
     `[B, H, D]`, fp32) → O in `out_dtype`, over FA4's block-sparse lists; head dim 128, 128-token
     blocks."""
 
-    def __init__(self, out_dtype):
+    def __init__(self, out_dtype, num_stages: int = 3):
         super().__init__(cutlass.Float8E4M3FN, TILE, TILE, 1, is_causal=False, is_local=False, pack_gqa=False,
-                         tile_m=TILE, tile_n=TILE, num_stages=2, num_threads=384, Q_in_regs=False,
+                         tile_m=TILE, tile_n=TILE, num_stages=num_stages, num_threads=384, Q_in_regs=False,
                          intra_wg_overlap=True, mma_pv_is_rs=False, score_mod=block_scales, mask_mod=None,
                          has_aux_tensors=True)
         self.out_dtype = out_dtype
@@ -121,7 +121,7 @@ class FP8BlockSparseSm90(FlashAttentionForwardSm90):
     @cute.jit
     def apply_score_mod(self, thr_mma_qk, batch_idx, head_idx, m_block, acc_S, n_block, softmax_scale, seqlen,
                         aux_data: AuxData = AuxData(), fastdiv_mods=None):
-        """This tile's c = scale·log2(e)·σq·σk (scores untouched), kept a normal number: two all-zero
+        """This tile's c = scale·log2(e)·σq·σk (acc_S is neither read nor changed), kept a normal number: two all-zero
         blocks' scales (1e-30/448 each) multiply to 0, and −inf·0 is NaN."""
         q_scale, k_scale = aux_data.tensors[0], aux_data.tensors[1]
         c = softmax_scale * LOG2_E * q_scale[batch_idx, head_idx, m_block] * k_scale[batch_idx, head_idx, n_block]
@@ -185,7 +185,9 @@ class FP8BlockSparseSm90(FlashAttentionForwardSm90):
                                         pipeline_v, acc_O, tOrP, smem_copy_params, softmax, seqlen,
                                         scores_scale=None, score_mod_fn=None, mask_fn=None, check_inf=True):
         """One listed block: S = Q·Kᵀ of this block is issued with the previous block's O += P·V, then
-        this block's softmax runs while that MMA finishes (FA4's intra-warpgroup overlap)."""
+        this block's softmax runs while that MMA finishes (FA4's intra-warpgroup overlap). The scales
+        are loaded while both MMAs run (before them, the wgmma fence would wait for the loads; after
+        the wait, their latency adds to every tile)."""
         smem_pipe_read_v = smem_pipe_read.clone()
         smem_pipe_read.advance()
         pipeline_k.consumer_wait(smem_pipe_read, pipeline_k.consumer_try_wait(smem_pipe_read))
@@ -194,9 +196,9 @@ class FP8BlockSparseSm90(FlashAttentionForwardSm90):
         pipeline_v.consumer_wait(smem_pipe_read_v, pipeline_v.consumer_try_wait(smem_pipe_read_v))
         mma_pv_fn(B_idx=smem_pipe_read_v.index, wg_wait=-1)
         self.warp_scheduler_barrier_arrive()
+        c = score_mod_fn(acc_S, n_block=n_block, seqlen=seqlen)
         warpgroup.wait_group(1)
         pipeline_k.consumer_release(smem_pipe_read)
-        c = score_mod_fn(acc_S, n_block=n_block, seqlen=seqlen)
         if const_expr(mask_fn is not None):
             mask_fn(acc_S=acc_S, n_block=n_block)
         row_scale = self.online_softmax(softmax, acc_S, c, False)

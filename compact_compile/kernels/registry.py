@@ -154,6 +154,8 @@ def _choose_fp8(kernels, option, device, dtype, head_dim, block_size, key_mask) 
         why = (kernels[name].unsupported(device, dtype, head_dim, block_size, explicit, key_mask)
                or kernels[name].fp8_unsupported(head_dim, block_size, key_mask))
         if not why:
-            return name, f"{name}: the fastest FP8 (e4m3) path here" + (f" ({'; '.join(skipped)})" if skipped else "")
+            said = "its FP8 (e4m3) path, as asked" if option != "auto" else "the fastest FP8 (e4m3) path here"
+            return name, f"{name}: {said}" + (f" ({'; '.join(skipped)})" if skipped else "")
         skipped.append(f"{name}: {why}")
-    raise OptionsError(f"option 'fp8_attention': a site's inputs fit no kernel's FP8 path ({'; '.join(skipped)})")
+    hint = "" if option == "auto" else "; kernel='auto' takes the first FP8 path that runs"
+    raise OptionsError(f"option 'fp8_attention': a site's inputs fit no kernel's FP8 path ({'; '.join(skipped)}){hint}")
