@@ -41,9 +41,10 @@ from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
 from flash_attn.cute.utils import AuxData
 from quack import layout_utils, sm90_utils
 
+from .fa4 import BLOCK as TILE, FP8_HEAD_DIM as HEAD_DIM   # query and key tile: the plans' block size
+
 LOG2_E = math.log2(math.e)
 LOG2_P_SCALE = math.log2(448.0)   # P enters the P·V MMA as e4m3 of 448·p (fp8.E4M3_MAX)
-TILE = 128
 
 
 def block_scales(*_):
@@ -58,7 +59,7 @@ class FP8BlockSparseSm90(FlashAttentionForwardSm90):
     blocks."""
 
     def __init__(self, out_dtype, num_stages: int = 3):
-        super().__init__(cutlass.Float8E4M3FN, TILE, TILE, 1, is_causal=False, is_local=False, pack_gqa=False,
+        super().__init__(cutlass.Float8E4M3FN, HEAD_DIM, HEAD_DIM, 1, is_causal=False, is_local=False, pack_gqa=False,
                          tile_m=TILE, tile_n=TILE, num_stages=num_stages, num_threads=384, Q_in_regs=False,
                          intra_wg_overlap=True, mma_pv_is_rs=False, score_mod=block_scales, mask_mod=None,
                          has_aux_tensors=True)
