@@ -255,7 +255,7 @@ def _run_fp8(tiles: FP8Tiles, lists, scale, dtype, num_stages: int = 3) -> torch
     from flash_attn.cute.interface import torch2cute_dtype_map
     from flash_attn.cute.utils import AuxData
 
-    from .fa4_fp8_sm90 import FP8BlockSparseSm90
+    from .fa4_fp8_sm90 import fp8_block_sparse_sm90
 
     B, H, S, D = tiles.q.shape
     _, BlockSparseTensorsTorch = _fa4()
@@ -272,7 +272,7 @@ def _run_fp8(tiles: FP8Tiles, lists, scale, dtype, num_stages: int = 3) -> torch
             t.element_type = torch2cute_dtype_map[torch.float8_e4m3fn]
             return t
         _FP8_COMPILED[key] = cute.compile(
-            FP8BlockSparseSm90(torch2cute_dtype_map[dtype], num_stages), e4m3(q, 3), e4m3(k, 3), e4m3(v, 1),
+            fp8_block_sparse_sm90()(torch2cute_dtype_map[dtype], num_stages), e4m3(q, 3), e4m3(k, 3), e4m3(v, 1),
             to_cute_tensor(out.transpose(1, 2)), None, 1.0, *[None] * 8, to_cute_block_sparse_tensors(lists),
             AuxData([to_cute_tensor(t, assumed_align=4, leading_dim=2) for t in scales], None), None, None,
             cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True), options="--enable-tvm-ffi")
