@@ -96,7 +96,7 @@ def test_fa4s_fp8_path_needs_the_fa4_release_it_is_built_on(monkeypatch):
 def test_an_fp8_kernel_without_the_fused_epilogue_gets_rectification_merged_by_the_site(monkeypatch):
     """FA4's FP8 path has no rectification epilogue (the Triton kernel fuses R·O + Ō): the site merges
     it after the kernel. FA4 is stood in for here by the Triton FP8 path called without the epilogue;
-    the result equals the fused one but for the output's rounding, and rectification is no no-op."""
+    the result equals the fused one but for the output's rounding, and rectification is not a no-op."""
     from compact_compile.kernels import fa4
     from compact_compile.kernels.fa4 import FA4Kernel
     from compact_compile.kernels.triton_sparse import TritonKernel

@@ -24,8 +24,8 @@ FA4 rules that shape the lists (flash_attn 4.0.0b36):
   empty list pair writes zeros (flash_fwd_sm90.py:1231).
 FP8 (`attend_fp8`, fa4_fp8_sm90.py): e4m3 tiles on FA4's Hopper forward, head dim 128, 128-token
 blocks, no key-padding mask (those sites take the Triton kernel's FP8 path).
-Not here: a rectification epilogue (R·O + Ō is merged in the graph; for FP8 in the site's call) and sm100 (its block sparsity
-needs 256-token query blocks; plans use 128).
+Not here: a rectification epilogue (R·O + Ō is merged in the graph; for FP8 in the site's call) and
+sm100 (its block sparsity needs 256-token query blocks; plans use 128).
 """
 from __future__ import annotations
 
@@ -59,7 +59,9 @@ def _fa4():
     return _flash_attn_fwd, BlockSparseTensorsTorch
 
 
+@functools.cache
 def _fa4_version() -> str | None:
+    """The installed flash-attn-4's version (read once: a metadata lookup scans sys.path)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -233,22 +235,29 @@ class FA4Kernel:
         """`attend` over e4m3 tiles (fp8.py), the output in dtype."""
         if key_valid is not None or rectify is not None:
             raise ValueError("the FA4 kernel's FP8 path takes no key-padding mask and no rectification epilogue")
-        D = tiles.q.shape[-1]
-        why = (self.unsupported(tiles.q.device, dtype, D, self.block_size, True)
-               or self.fp8_unsupported(D, self.block_size))
+        why = _fp8_refusal(tiles.q.device, dtype, tiles.q.shape[-1], self.block_size)
         if why:
             raise ValueError(f"the FA4 kernel's FP8 path cannot take these inputs: {why}")
         return _run_fp8(tiles, prepared, scale, dtype)
+
+
+@functools.cache
+def _fp8_refusal(device: torch.device, dtype: torch.dtype, head_dim: int, block_size: int) -> str:
+    """FA4Kernel's two checks for a direct `attend_fp8` call, once per input kind, not per call (the
+    planner has already made them for every rewritten site)."""
+    return (FA4Kernel.unsupported(device, dtype, head_dim, block_size, True)
+            or FA4Kernel.fp8_unsupported(head_dim, block_size))
 
 
 _FP8_COMPILED: dict[tuple, object] = {}
 
 
 def _run_fp8(tiles: FP8Tiles, lists, scale, dtype, num_stages: int = 3) -> torch.Tensor:
-    """fa4_fp8_sm90's kernel on the tiles, compiled once per output dtype (shapes and strides are
-    dynamic, but not zero strides: one build per output dtype and per pattern of lists broadcast over
-    batch or heads, as FA4's interface keys it; `num_stages`: K/V tiles in flight, for benchmarks): q, k as (B, S, H, D) views, vᵀ `[B, H, D, S16]` as a (B, S, H, D) view whose key mode is
-    the contiguous one, the scales as FA4's aux tensors; the output in dtype, (B, H, S, D)."""
+    """fa4_fp8_sm90's kernel on the tiles: q, k as (B, S, H, D) views, vᵀ `[B, H, D, S16]` as a
+    (B, S, H, D) view whose key mode is the contiguous one, the scales as FA4's aux tensors; the output
+    in dtype, (B, H, S, D). Shapes and strides are dynamic but zero strides are compiled in, so it is
+    built once per output dtype, `num_stages` (K/V tiles in flight; benchmarks vary it) and pattern of
+    lists broadcast over batch or heads, as FA4's interface keys it."""
     import cutlass.cute as cute
     from flash_attn.cute.block_sparsity import to_cute_block_sparse_tensors
     from flash_attn.cute.cute_dsl_utils import to_cute_tensor

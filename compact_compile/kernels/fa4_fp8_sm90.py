@@ -67,8 +67,8 @@ def fp8_block_sparse_sm90() -> type:
         blocks."""
 
         def __init__(self, out_dtype, num_stages: int = 3):
-            super().__init__(cutlass.Float8E4M3FN, HEAD_DIM, HEAD_DIM, 1, is_causal=False, is_local=False, pack_gqa=False,
-                             tile_m=TILE, tile_n=TILE, num_stages=num_stages, num_threads=384, Q_in_regs=False,
+            super().__init__(cutlass.Float8E4M3FN, HEAD_DIM, HEAD_DIM, 1, is_causal=False, is_local=False,
+                             pack_gqa=False, tile_m=TILE, tile_n=TILE, num_stages=num_stages, num_threads=384, Q_in_regs=False,
                              intra_wg_overlap=True, mma_pv_is_rs=False, score_mod=block_scales, mask_mod=None,
                              has_aux_tensors=True)
             self.out_dtype = out_dtype
@@ -76,7 +76,8 @@ def fp8_block_sparse_sm90() -> type:
         # ---- what differs from bf16 on the host side -------------------------------------------------
         def _check_type(self, q_type, k_type, v_type, o_type, lse_type, *varlen_types):
             if not (q_type == k_type == v_type == cutlass.Float8E4M3FN) or o_type != self.out_dtype:
-                raise TypeError(f"FP8 kernel: q, k, v e4m3 and O {self.out_dtype}; got {q_type}, {k_type}, {v_type}, {o_type}")
+                raise TypeError(f"FP8 kernel: q, k, v e4m3 and O {self.out_dtype}; "
+                                f"got {q_type}, {k_type}, {v_type}, {o_type}")
             if lse_type is not None or any(t is not None for t in varlen_types):
                 raise TypeError("FP8 kernel: no LSE output, no variable lengths")
 
@@ -130,8 +131,8 @@ def fp8_block_sparse_sm90() -> type:
         @cute.jit
         def apply_score_mod(self, thr_mma_qk, batch_idx, head_idx, m_block, acc_S, n_block, softmax_scale, seqlen,
                             aux_data: AuxData = AuxData(), fastdiv_mods=None):
-            """This tile's c = scale·log2(e)·σq·σk (acc_S is neither read nor changed), kept a normal number: two all-zero
-            blocks' scales (1e-30/448 each) multiply to 0, and −inf·0 is NaN."""
+            """This tile's c = scale·log2(e)·σq·σk (acc_S is neither read nor changed), kept a normal
+            number: two all-zero blocks' scales (1e-30/448 each) multiply to 0, and −inf·0 is NaN."""
             q_scale, k_scale = aux_data.tensors[0], aux_data.tensors[1]
             c = softmax_scale * LOG2_E * q_scale[batch_idx, head_idx, m_block] * k_scale[batch_idx, head_idx, n_block]
             return cute.arch.fmax(c, Float32(1e-30))

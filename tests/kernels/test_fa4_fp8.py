@@ -41,8 +41,8 @@ def run_case(c):
     k = k + c["offset"] * torch.randn(B, H, 1, D, generator=gen)
     v = v * torch.rand(1, 1, 1, D, generator=gen).add(0.05)                    # channels of unlike scales
     q, k, v = (x.to(dtype).cuda() for x in (q, k, v))
-    shape = {"shared": (1, nb, nb), "per_head": (H, nb, nb), "per_batch": (B, H, nb, nb)}[c.get("lists", "per_head"
-                                                                                         if c["per_head"] else "shared")]
+    lists = c.get("lists", "per_head" if c["per_head"] else "shared")
+    shape = {"shared": (1, nb, nb), "per_head": (H, nb, nb), "per_batch": (B, H, nb, nb)}[lists]
     blocks = torch.rand(*shape, generator=gen) < c["density"]
     tiles = quantize_tiles(q, k, v, *smoothing_stats(k, v), BS)
     kernel = FA4Kernel(SimpleNamespace(block_size=BS))
@@ -75,7 +75,8 @@ def test_mask_is_not_ignored():
     full = torch.ones(1, 3, 3, dtype=torch.bool)
     sparse = full.clone()
     sparse[0, 1, 2] = False
-    a, b = (kernel.attend_fp8(tiles, kernel.prepare(kv_block_lists(m.cuda())), None, torch.bfloat16) for m in (full, sparse))
+    a, b = (kernel.attend_fp8(tiles, kernel.prepare(kv_block_lists(m.cuda())), None, torch.bfloat16)
+            for m in (full, sparse))
     rows = slice(BS, 2 * BS)
     assert (a[..., rows, :] - b[..., rows, :]).abs().max() > 1e-2
     assert torch.equal(a[..., :BS, :], b[..., :BS, :]) and torch.equal(a[..., 2 * BS:, :], b[..., 2 * BS:, :])
