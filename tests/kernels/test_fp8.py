@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from compact_compile.kernels.fp8 import TINY, U, dequantize, quantize_tiles, smoothing_stats
+from compact_compile.kernels.fp8 import E4M3, TINY, U, dequantize, quantize_tiles, smoothing_stats
 from compact_compile.kernels.pool_triton import tile_quant_qkv_triton
 from compact_compile.kernels.rectified import block_pool
 from compact_compile.kernels.reference import block_sparse_attention_reference, fp8_attention_reference
@@ -84,6 +84,26 @@ def test_quantizing_pass_rounds_each_element_and_pools_as_before(S, bs, gather):
     (qm, qd), (km, kd), (vm, _) = (block_pool(x.float(), S, bs) for x in (tq, tk, tv))
     for got, want in zip(pools, (qm, qd, km, kd, vm)):
         assert torch.allclose(got.float().cpu(), want.cpu(), atol=1e-5), (got - want.to(got)).abs().max()
+
+
+def test_quantizing_pass_writes_zeros_in_the_padding_of_v_transposed(monkeypatch):
+    """vᵀ's rows are padded from S to a multiple of 16 (TMA), and P·V multiplies those keys by 0: the
+    pass must write them, since memory it leaves unwritten may hold e4m3's NaN (0x7F: 0·NaN = NaN).
+    New tensors here come filled with 0xFF bytes (NaN in e4m3, -NaN in fp32)."""
+    real_empty = torch.empty
+
+    def poisoned_empty(*shape, **kw):
+        return real_empty(*shape, **kw).view(torch.uint8).fill_(0xFF).view(kw.get("dtype") or torch.float32)
+
+    gen = torch.Generator().manual_seed(3)
+    S, bs = 70, 64
+    q, k, v = inputs(1, 2, S, 32, torch.bfloat16, gen)
+    stats = smoothing_stats(k, v)
+    monkeypatch.setattr(torch, "empty", poisoned_empty)
+    tiles = tile_quant_qkv_triton(q, k, v, None, *stats, S, bs, pool=False)[0]
+    assert tiles.v_t.shape[-1] == 80 and torch.isnan(torch.empty(1, dtype=E4M3).float()).all()
+    assert (tiles.v_t[..., S:].view(torch.uint8) == 0).all()
+    assert not torch.isnan(tiles.v_t.float()).any()
 
 
 @st.composite
