@@ -6,7 +6,8 @@ q, k, v bf16 in the model's [B, S, H, D] storage as a rewritten graph hands them
   * stats:  the smoothing statistics (k's mean, v's channel amax: fp8.smoothing_stats) compiled as in
             a rewritten graph (k and v read once);
   * pass:   compact.tile_quant's pass (pool_triton.tile_quant_qkv_triton: q, k, v read, their e4m3
-            tiles written) at 4 and 8 warps, the default marked (--default-only: the default alone).
+            tiles written), without and with rectification's pooling, over CONFIGS, the default
+            marked (--default-only: the default alone).
 GB/s counts the bytes each must move. Writes $OUT/quant-pass.json.
 
     OUT=out python benchmarks/bench_quant_pass.py
@@ -23,6 +24,9 @@ from timing import Results, bench
 
 SITES = {"wan1.3b-480p": dict(grid=(21, 30, 52), heads=12), "wan14b-720p": dict(grid=(21, 45, 80), heads=40)}
 D, BLOCK = 128, 128
+# warps, and a register cap (Triton's maxnreg): pooling (rectification's statistics in the same pass)
+# needs more registers than 4 warps have (ptxas, sm_90a: 255 and spills, against 168 without pooling)
+CONFIGS = [dict(num_warps=4), dict(num_warps=8), dict(num_warps=16), dict(num_warps=8, maxnreg=128)]
 results = Results("quant-pass.json")
 emit = results.emit
 
@@ -46,11 +50,12 @@ def main(sweep: bool):
         emit(site=site, impl="smoothing-stats-compiled", ms=ms, gb_per_s=2 * elements * 2 / ms / 1e6)
         k_mean, v_amax = stats(k, v)
         moved = 3 * elements * (2 + 1)
-        for warps in (4, 8) if sweep else (QUANT_WARPS,):
-            ms = bench(lambda w=warps: tile_quant_qkv_triton(q, k, v, src, k_mean, v_amax, S, BLOCK, False,
-                                                             config=dict(num_warps=w)))
-            emit(site=site, impl="quantizing-pass", num_warps=warps, ms=ms, gb_per_s=moved / ms / 1e6,
-                 default=warps == QUANT_WARPS)
+        for pool in (False, True):
+            for config in CONFIGS if sweep else [dict(num_warps=QUANT_WARPS)]:
+                ms = bench(lambda c=config: tile_quant_qkv_triton(q, k, v, src, k_mean, v_amax, S, BLOCK, pool,
+                                                                  config=c))
+                emit(site=site, impl="quantizing-pass-pooling" if pool else "quantizing-pass", **config, ms=ms,
+                     gb_per_s=moved / ms / 1e6, default=config == dict(num_warps=QUANT_WARPS))
     results.save(D=D, block=BLOCK, sites=SITES)
 
 

@@ -11,11 +11,12 @@ prompt padding as a key mask through compact_compile.models). Variants: see VARI
 ones compile the repeated transformer blocks only (diffusers' compile_repeated_blocks, or each of
 `transformer_blocks` for models without `_repeated_blocks`), the others the whole model.
 
-Per variant: first-call seconds (compile, cold when TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 is set),
-forward ms (do_bench median), denoising-loop seconds (`--steps` Euler steps on decreasing timesteps;
-compact variants run the first `--dense-steps` steps dense through the `dense_steps` option), the
-relative difference of the output to inductor-dense and to the same variant unquantized, and with
---profile the per-kernel CUDA time of one forward, grouped (attention / GEMM / other).
+--layers N builds the model with N blocks (quick per-layer profiles). Per variant: first-call seconds
+(compile, cold when TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 is set), forward ms (do_bench median),
+denoising-loop seconds (`--steps` Euler steps on decreasing timesteps; compact variants run the first
+`--dense-steps` steps dense through the `dense_steps` option), the relative difference of the output
+to inductor-dense and to the same variant unquantized, and with --profile the per-kernel CUDA time of
+one forward, grouped (attention / GEMM / other).
 Writes $OUT/e2e-<model>.json after every variant, so a run stopped at its time limit keeps its results.
 """
 import argparse
@@ -105,8 +106,10 @@ VARIANTS = {
 }
 # HunyuanVideo at 129 frames: 33×45×80 = 118,800 video tokens (+ 256 text)
 MODELS["hunyuan13b-129f"] = dict(MODELS["hunyuan13b"], latent=(1, 16, 33, 90, 160))
-ATTENTION = re.compile(r"attn|attention|flash|fmha|sdpa|flex", re.I)
+ATTENTION = re.compile(r"attn|attention|flash|fmha|sdpa|flex|blocksparse", re.I)
 GEMM = re.compile(r"gemm|cutlass|nvjet|xmma|scaled_mm|addmm|bmm|_mm|matmul|f8f8|sm90_", re.I)
+INDUCTOR = re.compile(r"triton_(poi|red|per)_")   # Inductor's fused kernels, named after what they fuse: an
+#                                                  FP8 linear's activation quantization says "scaled_mm"
 
 
 def build(spec, device="cuda"):
@@ -282,12 +285,16 @@ def profile(m, spec, x, t, text):
     kernels.sort(key=lambda k: -k["ms"])
     groups = dict(attention=0.0, gemm=0.0, other=0.0)
     for k in kernels:
-        groups["attention" if ATTENTION.search(k["name"]) else "gemm" if GEMM.search(k["name"]) else "other"] += k["ms"]
+        name = k["name"]
+        groups["attention" if ATTENTION.search(name) else "other" if INDUCTOR.match(name) else
+               "gemm" if GEMM.search(name) else "other"] += k["ms"]
     return dict(groups_ms=groups, top=kernels[:25])
 
 
 def run(args):
     spec = MODELS[args.model]
+    if args.layers:
+        spec = dict(spec, config=dict(spec["config"], num_layers=args.layers))
     model, x, text = build(spec)
     spec["extra"] = extra_inputs(spec)
     t = torch.tensor([500], device="cuda")
@@ -365,6 +372,7 @@ def main():
     ap.add_argument("--profile", nargs="*", default=[], help="variants to profile")
     ap.add_argument("--warmup-ms", type=int, default=500)
     ap.add_argument("--rep-ms", type=int, default=3000)
+    ap.add_argument("--layers", type=int, default=0, help="blocks in the model (0: its own); quick profiles")
     args = ap.parse_args()
     unknown = [v for v in args.variants + args.profile if v not in VARIANTS]
     if unknown:

@@ -65,9 +65,11 @@ class CompactOptions:
     fp8_attention False (default); True: the rewritten sites' attention in FP8 — q·kᵀ and P·V as e4m3
                 tensor-core dots with fp32 accumulation, q and k with one scale per block of tokens, k
                 smoothed by its mean, v with per-channel scales (kernels/fp8.py), quantized in the pass
-                that reorders q, k, v. Our Triton kernel runs it (FA4 and FlexAttention cannot), for
-                every plan, with rectification per block (not "rows"); needs a CUDA GPU of compute
-                capability ≥ 8.9. Sites on FlexAttention with a model's own mask stay in their dtype.
+                that reorders q, k, v. FA4's Hopper kernel runs it where it can (kernels/fa4_fp8_sm90.py:
+                flash-attn-4 4.0.0b36, head dim 128, no key-padding mask), our Triton kernel otherwise
+                (FlexAttention cannot), for every plan, with rectification per block (not "rows"); needs
+                a CUDA GPU of compute capability ≥ 8.9. Sites on FlexAttention with a model's own mask
+                stay in their dtype.
     quantize    None (default), "fp8" or "int8": torchao-quantized linear layers (dynamic activation and
                 weight quantization); fp8 needs compute capability ≥ 8.9.
     mode        Inductor's mode when `options` are given (torch.compile takes `mode` or `options`,

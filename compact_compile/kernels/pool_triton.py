@@ -160,7 +160,8 @@ def _pool_launch(q, k, v, n_kv: int, block_size: int, src, config: dict | None, 
                                             *stats, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                                             key_valid_stride_b, H, S, padded_rows(S), n_kv, BLOCK=block_size, D=D,
                                             COLS=cols, GATHER=src is not None, MASKED=masked, POOL=pool,
-                                            QUANT=quant is not None, ROUND=INTERPRET, num_warps=config["num_warps"])
+                                            QUANT=quant is not None, ROUND=INTERPRET, num_warps=config["num_warps"],
+                                            **({"maxnreg": config["maxnreg"]} if "maxnreg" in config else {}))
     return (tiles if quant else tuple(tiled)), (tuple(pools) if pool else None)
 
 
