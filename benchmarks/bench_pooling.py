@@ -1,5 +1,6 @@
 """Where rectification's pooling should run (issue 4), at the Wan2.1-1.3B 480p shape (B1 H12 S32760
-D128 bf16, grid 21×30×52, 128-token blocks).
+D128 bf16, grid 21×30×52, 128-token blocks), or with `wan14b` as argument at Wan2.1-14B 720p's (H40,
+S75600, grid 21×45×80).
 
   * pool:     our pooling kernel (pool_triton._pool_qkv, one launch) for a few slice widths and warp
               counts, as effective bandwidth over the bytes of q, k, v;
@@ -16,6 +17,7 @@ D128 bf16, grid 21×30×52, 128-token blocks).
 Writes $OUT/pooling.json and $OUT/pooling_graph_code.py (Inductor's code for the fused graph).
 """
 import os
+import sys
 
 import torch
 import triton
@@ -29,7 +31,9 @@ from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import neighbour_blocks, window_blocks
 from timing import Results, bench, kernel_times, matching
 
-GRID, H, D, BS = (21, 30, 52), 12, 128, 128
+SITES = {"wan1.3b": ((21, 30, 52), 12), "wan14b": ((21, 45, 80), 40)}
+GRID, H = SITES[sys.argv[1] if len(sys.argv) > 1 else "wan1.3b"]
+D, BS = 128, 128
 dev, dt = "cuda", torch.bfloat16
 results = Results("pooling.json")
 emit = results.emit

@@ -27,6 +27,7 @@ import re
 import time
 
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 import triton
 
@@ -302,7 +303,9 @@ def run(args):
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 model=args.model, config=spec["config"], latent=spec["latent"], text=spec["text"],
                 window=spec["window"], steps=args.steps, dense_steps=args.dense_steps,
-                inductor_caches_disabled=os.environ.get("TORCHINDUCTOR_FORCE_DISABLE_CACHES") == "1")
+                inductor_caches_disabled=os.environ.get("TORCHINDUCTOR_FORCE_DISABLE_CACHES") == "1",
+                # TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1 tunes every variant's Inductor kernels alike
+                coordinate_descent_tuning=torch._inductor.config.coordinate_descent_tuning)
     print(json.dumps(meta), flush=True)
     res, outs = {}, {}
     for name in args.variants:
