@@ -24,9 +24,13 @@ from timing import Results, bench
 
 SITES = {"wan1.3b-480p": dict(grid=(21, 30, 52), heads=12), "wan14b-720p": dict(grid=(21, 45, 80), heads=40)}
 D, BLOCK = 128, 128
-# warps, and a register cap (Triton's maxnreg): pooling (rectification's statistics in the same pass)
-# needs more registers than 4 warps have (ptxas, sm_90a: 255 and spills, against 168 without pooling)
-CONFIGS = [dict(num_warps=4), dict(num_warps=8), dict(num_warps=16), dict(num_warps=8, maxnreg=128)]
+# without pooling: warps; with rectification's pooling in the same pass, which needs more registers
+# than 4 warps have (ptxas, sm_90a: 255 and spills, against 168 without pooling): warps, a register cap
+# (Triton's maxnreg) and the pooling's second read in column slices (POOL_COLS: 179 registers at 32)
+CONFIGS = {False: [dict(num_warps=4), dict(num_warps=8)],
+           True: [dict(num_warps=4), dict(num_warps=8), dict(num_warps=16), dict(num_warps=8, maxnreg=128),
+                  dict(num_warps=4, POOL_COLS=32), dict(num_warps=4, POOL_COLS=64), dict(num_warps=8, POOL_COLS=32),
+                  dict(num_warps=4, POOL_COLS=32, maxnreg=168)]}
 results = Results("quant-pass.json")
 emit = results.emit
 
@@ -51,7 +55,7 @@ def main(sweep: bool):
         k_mean, v_amax = stats(k, v)
         moved = 3 * elements * (2 + 1)
         for pool in (False, True):
-            for config in CONFIGS if sweep else [dict(num_warps=QUANT_WARPS)]:
+            for config in CONFIGS[pool] if sweep else [dict(num_warps=QUANT_WARPS)]:
                 ms = bench(lambda c=config: tile_quant_qkv_triton(q, k, v, src, k_mean, v_amax, S, BLOCK, pool,
                                                                   config=c))
                 emit(site=site, impl="quantizing-pass-pooling" if pool else "quantizing-pass", **config, ms=ms,

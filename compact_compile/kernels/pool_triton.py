@@ -71,40 +71,57 @@ def _quantize_tile(x, OUT, SCALE, STAT, bh, blk, out_row, rows, cols, in_seq, S,
 
 
 @triton.jit
+def _pool_columns(x, MEAN, MAD, valid, out_row, cols, D: tl.constexpr, WITH_MAD: tl.constexpr):
+    """Mean (and mean absolute deviation) over the `valid` rows of x `[rows, cols]`, to row out_row of
+    MEAN (MAD) `[.., D]` at `cols`."""
+    x = tl.where(valid[:, None], x.to(tl.float32), 0.0)
+    count = tl.maximum(tl.sum(valid.to(tl.float32), 0), 1.0)
+    mean = tl.sum(x, 0) / count
+    tl.store(MEAN + out_row * D + cols, mean)
+    if WITH_MAD:
+        dev = tl.where(valid[:, None], tl.abs(x - mean[None, :]), 0.0)
+        tl.store(MAD + out_row * D + cols, tl.sum(dev, 0) / count)
+
+
+@triton.jit
 def _pool_tile(X, OUT, SRC, MEAN, MAD, KEY_VALID, SCALE, STAT, stride_b, stride_h, stride_s, key_valid_stride_b,
                b, h, bh, blk, out_row, c0, n_valid, S, S16, BLOCK: tl.constexpr, D: tl.constexpr, COLS: tl.constexpr,
-               WITH_MAD: tl.constexpr, GATHER: tl.constexpr, MASKED: tl.constexpr, POOL: tl.constexpr,
-               QUANT: tl.constexpr, ROUND: tl.constexpr):
+               POOL_COLS: tl.constexpr, WITH_MAD: tl.constexpr, GATHER: tl.constexpr, MASKED: tl.constexpr,
+               POOL: tl.constexpr, QUANT: tl.constexpr, ROUND: tl.constexpr):
     """Mean (and deviation) of one [BLOCK, COLS] slice of block `blk` over its rows below n_valid
     (with MASKED: that KEY_VALID keeps), where POOL; with GATHER its rows are read at model positions
     SRC[row]; the slice is written, in tile order, to OUT (contiguous [B, H, S, D]) as it is (GATHER)
-    or in e4m3 (QUANT > 0: `_quantize_tile`)."""
+    or in e4m3 (QUANT > 0: `_quantize_tile`). Quantizing and pooling with POOL_COLS < COLS, the pooling
+    reads the block again in [BLOCK, POOL_COLS] slices (from L2) once its e4m3 tile is written, instead
+    of from the registers holding the whole block: both at once need more registers than a program
+    has (ptxas, sm_90a, 4 warps: 255 and spills, against 168 quantizing alone)."""
     rows = blk * BLOCK + tl.arange(0, BLOCK)
     cols = c0 + tl.arange(0, COLS)
     in_seq = rows < S
     src = tl.load(SRC + rows, mask=in_seq, other=0).to(tl.int64) if GATHER else rows.to(tl.int64)
-    x = tl.load(X + b * stride_b + h * stride_h + src[:, None] * stride_s + cols[None, :],
-                mask=in_seq[:, None], other=0.0)
+    base = X + b * stride_b + h * stride_h + src[:, None] * stride_s
+    x = tl.load(base + cols[None, :], mask=in_seq[:, None], other=0.0)
     if QUANT > 0:
         _quantize_tile(x, OUT, SCALE, STAT, bh, blk, out_row, rows, cols, in_seq, S, S16, D, QUANT, ROUND)
     elif GATHER:
         tl.store(OUT + (bh * S + rows[:, None].to(tl.int64)) * D + cols[None, :], x, mask=in_seq[:, None])
     if POOL:
         valid = valid_rows(rows, n_valid, KEY_VALID, key_valid_stride_b, b, MASKED)
-        x = tl.where(valid[:, None], x.to(tl.float32), 0.0)
-        count = tl.maximum(tl.sum(valid.to(tl.float32), 0), 1.0)
-        mean = tl.sum(x, 0) / count
-        tl.store(MEAN + out_row * D + cols, mean)
-        if WITH_MAD:
-            dev = tl.where(valid[:, None], tl.abs(x - mean[None, :]), 0.0)
-            tl.store(MAD + out_row * D + cols, tl.sum(dev, 0) / count)
+        if QUANT > 0 and POOL_COLS < COLS:
+            for p0 in tl.static_range(0, COLS, POOL_COLS):
+                pool_cols = c0 + p0 + tl.arange(0, POOL_COLS)
+                part = tl.load(base + pool_cols[None, :], mask=in_seq[:, None], other=0.0)
+                _pool_columns(part, MEAN, MAD, valid, out_row, pool_cols, D, WITH_MAD)
+        else:
+            _pool_columns(x, MEAN, MAD, valid, out_row, cols, D, WITH_MAD)
 
 
 @triton.jit
 def _pool_qkv(Q, K, V, QT, KT, VT, SRC, QM, QD, KM, KD, VM, KEY_VALID, QS, KS, VS, K_MEAN, V_AMAX,
               sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, key_valid_stride_b, n_heads, S, S16, n_kv,
-              BLOCK: tl.constexpr, D: tl.constexpr, COLS: tl.constexpr, GATHER: tl.constexpr, MASKED: tl.constexpr,
-              POOL: tl.constexpr, QUANT: tl.constexpr, ROUND: tl.constexpr):
+              BLOCK: tl.constexpr, D: tl.constexpr, COLS: tl.constexpr, POOL_COLS: tl.constexpr,
+              GATHER: tl.constexpr, MASKED: tl.constexpr, POOL: tl.constexpr, QUANT: tl.constexpr,
+              ROUND: tl.constexpr):
     """q̄, δq over all S tokens, k̄, δk, v̄ over the first n_kv (with MASKED: those KEY_VALID keeps),
     where POOL, in one launch (and, with GATHER, q, k, v in tile order; with QUANT, in e4m3 with their
     scales QS, KS, VS: fp8.py). Means and deviations are per column, so a program takes a
@@ -118,13 +135,13 @@ def _pool_qkv(Q, K, V, QT, KT, VT, SRC, QM, QD, KM, KD, VM, KEY_VALID, QS, KS, V
     b, h, out_row = bh // n_heads, bh % n_heads, bh * tl.num_programs(0) + blk
     if which == 0:
         _pool_tile(Q, QT, SRC, QM, QD, KEY_VALID, QS, K_MEAN, sqb, sqh, sqs, key_valid_stride_b, b, h, bh, blk,
-                   out_row, c0, S, S, S16, BLOCK, D, COLS, True, GATHER, False, POOL, QUANT * 1, ROUND)
+                   out_row, c0, S, S, S16, BLOCK, D, COLS, POOL_COLS, True, GATHER, False, POOL, QUANT * 1, ROUND)
     elif which == 1:
         _pool_tile(K, KT, SRC, KM, KD, KEY_VALID, KS, K_MEAN, skb, skh, sks, key_valid_stride_b, b, h, bh, blk,
-                   out_row, c0, n_kv, S, S16, BLOCK, D, COLS, True, GATHER, MASKED, POOL, QUANT * 2, ROUND)
+                   out_row, c0, n_kv, S, S16, BLOCK, D, COLS, POOL_COLS, True, GATHER, MASKED, POOL, QUANT * 2, ROUND)
     else:
         _pool_tile(V, VT, SRC, VM, VM, KEY_VALID, VS, V_AMAX, svb, svh, svs, key_valid_stride_b, b, h, bh, blk,
-                   out_row, c0, n_kv, S, S16, BLOCK, D, COLS, False, GATHER, MASKED, POOL, QUANT * 3, ROUND)
+                   out_row, c0, n_kv, S, S16, BLOCK, D, COLS, POOL_COLS, False, GATHER, MASKED, POOL, QUANT * 3, ROUND)
 
 
 # per pass: pooling alone, and pooling while reordering (measured on an H100, BENCHMARKS.md); quantizing
@@ -159,7 +176,8 @@ def _pool_launch(q, k, v, n_kv: int, block_size: int, src, config: dict | None, 
     _pool_qkv[(nb, B * H, 3 * (D // cols))](q, k, v, *tiled, q if src is None else src, *pools, key_valid, *scales,
                                             *stats, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                                             key_valid_stride_b, H, S, padded_rows(S), n_kv, BLOCK=block_size, D=D,
-                                            COLS=cols, GATHER=src is not None, MASKED=masked, POOL=pool,
+                                            COLS=cols, POOL_COLS=min(config.get("POOL_COLS", cols), cols),
+                                            GATHER=src is not None, MASKED=masked, POOL=pool,
                                             QUANT=quant is not None, ROUND=INTERPRET, num_warps=config["num_warps"],
                                             **({"maxnreg": config["maxnreg"]} if "maxnreg" in config else {}))
     return (tiles if quant else tuple(tiled)), (tuple(pools) if pool else None)

@@ -59,13 +59,16 @@ def assert_within_rounding(x8_dequantized, exact, scale):
     assert (err <= bound).all(), f"worst excess {(err - bound).max():.3g}"
 
 
-@pytest.mark.parametrize("S, bs, gather", [(150, 64, True), (128, 128, False), (77, 64, True)])
-def test_quantizing_pass_rounds_each_element_and_pools_as_before(S, bs, gather):
+@pytest.mark.parametrize("S, bs, gather, pool_cols", [(150, 64, True, 64), (128, 128, False, 64), (77, 64, True, 16)])
+def test_quantizing_pass_rounds_each_element_and_pools_as_before(S, bs, gather, pool_cols):
+    """`pool_cols`: the pooling reads the block again in column slices that wide (64: the whole head dim,
+    no second read)."""
     gen = torch.Generator().manual_seed(S)
     q, k, v = inputs(2, 2, S, 64, torch.bfloat16, gen, offset=5.0)
     src = torch.randperm(S, generator=gen).to(DEVICE) if gather else None
     k_mean, v_amax = smoothing_stats(k, v)
-    tiles, pools = tile_quant_qkv_triton(q, k, v, src, k_mean, v_amax, S, bs, pool=True)
+    tiles, pools = tile_quant_qkv_triton(q, k, v, src, k_mean, v_amax, S, bs, pool=True,
+                                         config=dict(POOL_COLS=pool_cols))
     tq, tk, tv = (x if src is None else x.index_select(-2, src) for x in (q, k, v))
     dq, dk, dv = (x.cpu() for x in dequantize(tiles, bs))
     exact = (tq.double().cpu(), tk.double().cpu() - k_mean.double().cpu()[:, :, None], tv.double().cpu())
