@@ -35,9 +35,9 @@ from compact_compile.kernels.triton_sparse import chosen_config
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import density, window_blocks
 from compact_compile.spec import SiteSpec, single_range
-from timing import Results, available_kernels, bench, kernel_times, rel_diff
+from timing import SITES, Results, available_kernels, bench, kernel_times, rel_diff
 
-GRID, H, D, B = (21, 30, 52), 12, 128, 1
+GRID, H, D, B = SITES["wan1.3b"]["grid"], SITES["wan1.3b"]["heads"], 128, 1
 S = GRID[0] * GRID[1] * GRID[2]
 dev, dt = "cuda", torch.bfloat16
 flops = 4 * B * H * S * S * D

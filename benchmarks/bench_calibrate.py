@@ -30,8 +30,9 @@ from compact_compile.calibrate.patterns import Family
 from compact_compile.calibrate.search import search_sites
 from compact_compile.calibrate.stats import (CalibrationStats, SiteStats, block_mass, dense_attention_with_mass)
 from compact_compile.layout import TokenLayout, auto_tile
+from timing import SITES
 
-GRID, H, D, B, BS = (21, 30, 52), 12, 128, 1, 128
+GRID, H, D, B, BS = SITES["wan1.3b"]["grid"], SITES["wan1.3b"]["heads"], 128, 1, 128
 S = GRID[0] * GRID[1] * GRID[2]
 dev, dt = "cuda", torch.bfloat16
 OUT = os.environ.get("OUT", ".")

@@ -12,9 +12,9 @@ from compact_compile.kernels import triton_sparse as ts
 from compact_compile.kernels.registry import kv_block_lists
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import window_blocks
-from timing import kernel_times, matching
+from timing import SITES, kernel_times, matching
 
-GRID, H, D = (21, 30, 52), 12, 128
+GRID, H, D = SITES["wan1.3b"]["grid"], SITES["wan1.3b"]["heads"], 128
 
 
 def main():

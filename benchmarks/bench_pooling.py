@@ -29,10 +29,10 @@ from compact_compile.kernels.rectified import block_pool
 from compact_compile.kernels.select_triton import select_blocks_triton
 from compact_compile.layout import TokenLayout, auto_tile
 from compact_compile.masks import neighbour_blocks, window_blocks
-from timing import Results, bench, kernel_times, matching
+from timing import SITES, Results, bench, kernel_times, matching
 
-SITES = {"wan1.3b": ((21, 30, 52), 12), "wan14b": ((21, 45, 80), 40)}
-GRID, H = SITES[sys.argv[1] if len(sys.argv) > 1 else "wan1.3b"]
+SITE = SITES[sys.argv[1] if len(sys.argv) > 1 else "wan1.3b"]
+GRID, H = SITE["grid"], SITE["heads"]
 D, BS = 128, 128
 dev, dt = "cuda", torch.bfloat16
 results = Results("pooling.json")

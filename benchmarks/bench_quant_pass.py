@@ -20,9 +20,8 @@ import compact_compile.kernels.ops  # noqa: F401  (registers torch.ops.compact)
 from compact_compile.kernels.fp8 import smoothing_stats
 from compact_compile.kernels.pool_triton import QUANT_WARPS, tile_quant_qkv_triton
 from compact_compile.layout import TokenLayout, auto_tile
-from timing import Results, bench
+from timing import SITES, Results, bench
 
-SITES = {"wan1.3b-480p": dict(grid=(21, 30, 52), heads=12), "wan14b-720p": dict(grid=(21, 45, 80), heads=40)}
 D, BLOCK = 128, 128
 # without pooling: warps; with rectification's pooling in the same pass, which needs more registers
 # than 4 warps have (ptxas, sm_90a: 255 and spills, against 168 without pooling): warps, a register cap

@@ -11,13 +11,14 @@ prompt padding as a key mask through compact_compile.models). Variants: see VARI
 ones compile the repeated transformer blocks only (diffusers' compile_repeated_blocks, or each of
 `transformer_blocks` for models without `_repeated_blocks`), the others the whole model.
 
---layers N builds the model with N blocks (quick per-layer profiles). Per variant: first-call seconds
-(compile, cold when TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 is set), forward ms (do_bench median),
-denoising-loop seconds (`--steps` Euler steps on decreasing timesteps; compact variants run the first
-`--dense-steps` steps dense through the `dense_steps` option), the relative difference of the output
-to inductor-dense and to the same variant unquantized, and with --profile the per-kernel CUDA time of
-one forward, grouped (attention / GEMM / other).
-Writes $OUT/e2e-<model>.json after every variant, so a run stopped at its time limit keeps its results.
+Per variant: first-call seconds (compile, cold when TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 is set),
+forward ms (do_bench median), denoising-loop seconds (`--steps` Euler steps on decreasing timesteps;
+compact variants run the first `--dense-steps` steps dense through the `dense_steps` option), the
+relative difference of the output to inductor-dense and to the same variant unquantized, and with
+--profile the per-kernel CUDA time of one forward, grouped (attention / GEMM / other). --layers N
+builds the model with N blocks of each kind (quick per-layer profiles).
+Writes $OUT/e2e-<model>.json (e2e-<model>-Nlayers.json) after every variant, so a run stopped at its
+time limit keeps its results.
 """
 import argparse
 import contextlib
@@ -286,20 +287,22 @@ def profile(m, spec, x, t, text):
     kernels.sort(key=lambda k: -k["ms"])
     groups = dict(attention=0.0, gemm=0.0, other=0.0)
     for k in kernels:
-        name = k["name"]
-        groups["attention" if ATTENTION.search(name) else "other" if INDUCTOR.match(name) else
+        name = k["name"]   # Inductor's kernels first: their names list what they fuse ("attention" too)
+        groups["other" if INDUCTOR.match(name) else "attention" if ATTENTION.search(name) else
                "gemm" if GEMM.search(name) else "other"] += k["ms"]
     return dict(groups_ms=groups, top=kernels[:25])
 
 
 def run(args):
     spec = MODELS[args.model]
-    if args.layers:
-        spec = dict(spec, config=dict(spec["config"], num_layers=args.layers))
+    if args.layers:   # N blocks of each kind (HunyuanVideo: N dual- and N single-stream)
+        kinds = [k for k in ("num_layers", "num_single_layers") if k in spec["config"]]
+        spec = dict(spec, config={**spec["config"], **{k: args.layers for k in kinds}})
     model, x, text = build(spec)
     spec["extra"] = extra_inputs(spec)
     t = torch.tensor([500], device="cuda")
-    out_path = os.path.join(os.environ.get("OUT", "."), f"e2e-{args.model}.json")
+    name = f"e2e-{args.model}-{args.layers}layers.json" if args.layers else f"e2e-{args.model}.json"
+    out_path = os.path.join(os.environ.get("OUT", "."), name)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 model=args.model, config=spec["config"], latent=spec["latent"], text=spec["text"],
                 window=spec["window"], steps=args.steps, dense_steps=args.dense_steps,

@@ -3,7 +3,8 @@
 `bench` times a call with CUDA events (median after warm-up, triton.testing.do_bench), host launch
 overhead included; `kernel_times` gives GPU time per kernel from the CUDA profiler, without it.
 `available_kernels` names the registry's kernels that run here (FA4 only where it is installed), and
-`SparseAttention` calls one of them over a fixed block map the way a site's static range does.
+`SparseAttention` calls one of them over a fixed block map the way a site's static range does. SITES
+are the self-attention sites the kernel benchmarks measure.
 """
 import json
 import os
@@ -13,6 +14,10 @@ import triton
 from torch.profiler import ProfilerActivity, profile
 
 from compact_compile.kernels.registry import KERNEL_NAMES, kernel_class, kv_block_lists
+
+# latent grid in patches (frames, height, width) and heads, head dim 128: Wan2.1-1.3B 480p 81 frames
+# (32,760 tokens) and Wan2.1-14B 720p 81 frames (75,600 tokens)
+SITES = {"wan1.3b": dict(grid=(21, 30, 52), heads=12), "wan14b": dict(grid=(21, 45, 80), heads=40)}
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -10,7 +10,8 @@ A [BLOCK, COLS] slice stays in registers between the two sums, so the tensor is 
 version of the same math (rectified.block_pool, the reference and CPU path) reads it twice or more.
 
 For FP8 attention (fp8.py) the same pass writes q, k, v as e4m3 tiles with their scales instead of
-copies in their dtype, pooling or not: the reorder reads each tensor once either way.
+copies in their dtype, pooling or not: the reorder reads each tensor once either way (pooling with
+POOL_COLS < D reads a block a second time, from L2: `_pool_tile`).
 """
 from __future__ import annotations
 
@@ -145,8 +146,8 @@ def _pool_qkv(Q, K, V, QT, KT, VT, SRC, QM, QD, KM, KD, VM, KEY_VALID, QS, KS, V
 
 
 # per pass: pooling alone, and pooling while reordering (measured on an H100, BENCHMARKS.md); quantizing
-# takes whole blocks (COLS = D): 4 warps measured best for it (H200, Wan-1.3B's shape: 0.240 ms against
-# 0.281 at 8 and 0.293 at 16 warps; bench_attention.py --sections fp8)
+# takes whole blocks (COLS = D): 4 warps measured best for it (H200, 2026-12-01, bench_quant_pass.py:
+# 0.118 / 0.891 ms at Wan-1.3B / Wan-14B's sites against 0.127 / 0.962 at 8 warps)
 POOL_CONFIG = {False: dict(COLS=64, num_warps=2), True: dict(COLS=128, num_warps=4)}
 QUANT_WARPS = 4
 
@@ -157,10 +158,16 @@ def _pool_launch(q, k, v, n_kv: int, block_size: int, src, config: dict | None, 
     if D < 16 or D & (D - 1) or not q.shape == k.shape == v.shape:
         raise ValueError(f"q, k, v must share one shape with a power-of-two head dim ≥ 16; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if quant and block_size % 16:
+        raise ValueError(f"FP8 tiles need a block size that is a multiple of 16 (vᵀ's padded rows, TMA); "
+                         f"got {block_size}")
     nb = triton.cdiv(S, block_size)
     config = {**POOL_CONFIG[src is not None], **(dict(COLS=D, num_warps=QUANT_WARPS) if quant else {}),
               **(config or {})}
     cols = D if quant else min(config["COLS"], D)
+    pool_cols = config.get("POOL_COLS", cols) if quant and pool else cols
+    if not (0 < pool_cols <= cols and pool_cols & (pool_cols - 1) == 0):
+        raise ValueError(f"POOL_COLS must be a power of two up to the head dim {D}; got {pool_cols}")
     new = lambda *shape, dtype=torch.float32: torch.empty(*shape, device=q.device, dtype=dtype)  # noqa: E731
     pools = [new(B, H, nb, D) for _ in range(5)] if pool else [q] * 5
     if quant:
@@ -176,7 +183,7 @@ def _pool_launch(q, k, v, n_kv: int, block_size: int, src, config: dict | None, 
     _pool_qkv[(nb, B * H, 3 * (D // cols))](q, k, v, *tiled, q if src is None else src, *pools, key_valid, *scales,
                                             *stats, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                                             key_valid_stride_b, H, S, padded_rows(S), n_kv, BLOCK=block_size, D=D,
-                                            COLS=cols, POOL_COLS=min(config.get("POOL_COLS", cols), cols),
+                                            COLS=cols, POOL_COLS=pool_cols,
                                             GATHER=src is not None, MASKED=masked, POOL=pool,
                                             QUANT=quant is not None, ROUND=INTERPRET, num_warps=config["num_warps"],
                                             **({"maxnreg": config["maxnreg"]} if "maxnreg" in config else {}))
@@ -187,7 +194,7 @@ def block_pool_qkv_triton(q, k, v, n_kv: int, block_size: int, config: dict | No
     """(q̄, δq, k̄, δk, v̄) float32 `[B, H, n_blocks, D]` of q, k, v `[B, H, S, D]` (last dims
     contiguous): queries over all S tokens, keys and values over their first n_kv that the key-padding
     mask `key_valid` (bool `[B or 1, S]`, if given) keeps; zeros for a block with none. `config`
-    (COLS=, num_warps=) overrides POOL_CONFIG (benchmarks)."""
+    (COLS=, num_warps=, maxnreg=) overrides POOL_CONFIG (benchmarks)."""
     return _pool_launch(q, k, v, n_kv, block_size, None, config, key_valid)[1]
 
 
@@ -210,6 +217,7 @@ def tile_quant_qkv_triton(q, k, v, src, k_mean, v_amax, n_kv: int, block_size: i
     """(`fp8.FP8Tiles` of q, k, v reordered into tile order, the pooled statistics of
     `tile_pool_qkv_triton` (of the unquantized, unsmoothed inputs) where `pool`, else None) in one pass
     over q, k, v: fp8.quantize_tiles' arithmetic, with k's mean and v's channel amax `[B, H, D]` from
-    the graph (fp8.smoothing_stats). `src` None: q, k, v are in tile order already."""
+    the graph (fp8.smoothing_stats). `src` None: q, k, v are in tile order already. `config`
+    (num_warps=, maxnreg=, POOL_COLS=: `_pool_tile`) overrides the defaults (benchmarks)."""
     src = None if src is None else _check_src(src, q)
     return _pool_launch(q, k, v, n_kv, block_size, src, config, key_valid, pool, (k_mean, v_amax))

@@ -93,10 +93,12 @@ def test_quantizing_pass_writes_zeros_in_the_padding_of_v_transposed(monkeypatch
     """vᵀ's rows are padded from S to a multiple of 16 (TMA), and P·V multiplies those keys by 0: the
     pass must write them, since memory it leaves unwritten may hold e4m3's NaN (0x7F: 0·NaN = NaN).
     New tensors here come filled with 0xFF bytes (NaN in e4m3, -NaN in fp32)."""
-    real_empty = torch.empty
+    real_empty, made = torch.empty, []
 
     def poisoned_empty(*shape, **kw):
-        return real_empty(*shape, **kw).view(torch.uint8).fill_(0xFF).view(kw.get("dtype") or torch.float32)
+        made.append((tuple(shape), kw.get("dtype")))
+        x = real_empty(*shape, **kw)
+        return x.view(torch.uint8).fill_(0xFF).view(x.dtype)
 
     gen = torch.Generator().manual_seed(3)
     S, bs = 70, 64
@@ -104,9 +106,22 @@ def test_quantizing_pass_writes_zeros_in_the_padding_of_v_transposed(monkeypatch
     stats = smoothing_stats(k, v)
     monkeypatch.setattr(torch, "empty", poisoned_empty)
     tiles = tile_quant_qkv_triton(q, k, v, None, *stats, S, bs, pool=False)[0]
-    assert tiles.v_t.shape[-1] == 80 and torch.isnan(torch.empty(1, dtype=E4M3).float()).all()
+    assert ((1, 2, 32, 80), E4M3) in made and torch.isnan(torch.empty(1, dtype=E4M3).float()).all()
     assert (tiles.v_t[..., S:].view(torch.uint8) == 0).all()
     assert not torch.isnan(tiles.v_t.float()).any()
+
+
+def test_quantizing_pass_refuses_what_it_cannot_tile():
+    """One clear error before a launch: a block size that leaves vᵀ's padded rows unwritten (not a
+    multiple of 16), and a pooling slice that is not a power of two up to the head dim."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = inputs(1, 1, 40, 32, torch.bfloat16, gen)
+    stats = smoothing_stats(k, v)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        tile_quant_qkv_triton(q, k, v, None, *stats, 40, 8, pool=False)
+    for bad in (24, 0, 64):
+        with pytest.raises(ValueError, match=f"POOL_COLS must be a power of two up to the head dim 32; got {bad}"):
+            tile_quant_qkv_triton(q, k, v, None, *stats, 40, 32, pool=True, config=dict(POOL_COLS=bad))
 
 
 @st.composite
