@@ -8,11 +8,13 @@ Shape: Wan2.1-1.3B 480p 81 frames = grid (21, 30, 52) = 32760 tokens, B1 H12 D12
     our Triton kernel's (a kernel that ignored the lists would sit at dense attention's distance);
   * the backend's own op (`torch.ops.compact.attention` over a site built from its spec, as a
     rewritten graph calls it) at the 90% window, per kernel;
+  * burst: SDPA and that op (bf16, and FP8 with its quantizing reorder) timed as a 30-call burst with
+    L2 flushed (the anchor's timing) and sustained for 300 ms, back to back;
   * fp8: at ~90% sparsity (window and random lists), the backend's FP8 op with its quantizing reorder
     (smoothing stats + compact.tile_quant + compact.attention_fp8, from q, k, v in model order) against
     the bf16 op of each kernel with its reorder (three gathers), and the FP8 kernel alone on tiles
-    quantized beforehand; the output's distance to the bf16 Triton kernel's and to exact float64;
-    then the quantizing reorder's parts (smoothing statistics; the pass at 4, 8, 16 warps, in GB/s);
+    quantized beforehand; the output's distance to the bf16 Triton kernel's and to exact float64
+    (the quantizing reorder's parts and settings: bench_quant_pass.py);
   * the backend's own site: a small module (RoPE-like q/k producers, SDPA, output transpose)
     compiled with backend="compact" at the 90% window, per kernel, plain and rectified, against the
     same module compiled by Inductor with dense SDPA; its attention kernel's GPU time from the
@@ -22,6 +24,7 @@ Writes $OUT/attention.json.
     python benchmarks/bench_attention.py [--kernels fa4,triton,flex]
 """
 import argparse
+import functools
 import sys
 
 import torch
@@ -180,23 +183,44 @@ def exact_rows(q, k, v, blocks, block_size, rows: int = 4096):
     return scores.masked_fill(~keep, float("-inf")).softmax(-1) @ v
 
 
+@functools.cache
+def compiled_smoothing_stats():
+    """fp8.smoothing_stats compiled, as in a rewritten graph: eager, k.float() and v.float() are full
+    fp32 copies (2026-11-30's run timed those, 0.81-0.83 ms for the "quantizing reorder")."""
+    from compact_compile.kernels.fp8 import smoothing_stats
+
+    return torch.compile(smoothing_stats, dynamic=False)
+
+
+def fp8_op(layout, blocks, name, q, k, v):
+    """(the backend's FP8 op on kernel `name` over `blocks` as a rewritten graph calls it, from q, k, v
+    in the model's order: smoothing statistics, compact.tile_quant, compact.attention_fp8; its
+    quantizing reorder alone, returning (the tiles, k's mean))."""
+    fields = (list(GRID), list(layout.tile), layout.block_size, layout.n_text, layout.n_before)
+    spec = SiteSpec("bench", layout, single_range(blocks[None]), kernel=name, fp8=True)
+    handle = register_site(make_site(spec), spec)
+    stats = compiled_smoothing_stats()
+
+    def quantize():
+        k_mean, v_amax = stats(k, v)
+        return torch.ops.compact.tile_quant(q, k, v, k_mean, v_amax, *fields, None, False, handle), k_mean
+
+    def op():
+        tiles, k_mean = quantize()
+        return torch.ops.compact.attention_fp8(*tiles[:3], [*tiles[3:], k_mean], [q, k, v], handle, None, [], None,
+                                               dt)
+    return op, quantize
+
+
 def fp8_rows(layout, kernels, q, k, v, sdpa):
     """FP8 against bf16 on the same lists at ~90% sparsity, reorder (and quantization) included: q, k, v
     are taken in the model's order, as a rewritten graph has them."""
-    from compact_compile.kernels.fp8 import FP8Tiles, smoothing_stats
+    from compact_compile.kernels.fp8 import FP8Tiles
 
     fields = (list(GRID), list(layout.tile), layout.block_size, layout.n_text, layout.n_before)
     src = torch.ops.compact.tile_index(q, *fields, False)
     window = closest_window(layout, 0.10)
     rnd = random_blocks(layout.n_blocks, 0.10)
-
-    # compiled as in a rewritten graph: eager, k.float() and v.float() are full fp32 copies (2026-11-30's
-    # run timed those, 0.81-0.83 ms for the "quantizing reorder")
-    stats = torch.compile(smoothing_stats, dynamic=False)
-
-    def quantize(handle):
-        k_mean, v_amax = stats(k, v)
-        return torch.ops.compact.tile_quant(q, k, v, k_mean, v_amax, *fields, None, False, handle), k_mean
 
     for plan, blocks in ((f"window{window}", window_blocks(layout, window)), ("random", rnd)):
         sparsity, dens = round(1 - density(blocks), 4), density(blocks)
@@ -213,16 +237,10 @@ def fp8_rows(layout, kernels, q, k, v, sdpa):
                  tflops_effective=flops * dens / ms / 1e9,
                  rel_err_vs_float64_head0=rel_diff(outs[name][:, :1, :exact.shape[-2]].double(), exact))
         for name in [n for n in FP8_KERNELS if n in kernels]:
-            spec = SiteSpec("bench", layout, single_range(blocks[None]), kernel=name, fp8=True)
-            handle = register_site(make_site(spec), spec)
-
-            def fp8_op(h=handle):
-                tiles, k_mean = quantize(h)
-                return torch.ops.compact.attention_fp8(*tiles[:3], [*tiles[3:], k_mean], [q, k, v], h, None, [], None,
-                                                       dt)
-            out = fp8_op()
-            ms = bench(fp8_op)
-            quantized, k_mean = quantize(handle)
+            op, quantize = fp8_op(layout, blocks, name, q, k, v)
+            out = op()
+            ms = bench(op)
+            quantized, k_mean = quantize()
             tiles = FP8Tiles(*quantized, k_mean)
             site_kernel = kernel_class(name)(layout)
             prepared = site_kernel.prepare(kv_block_lists(blocks[None].to(dev)))
@@ -233,23 +251,11 @@ def fp8_rows(layout, kernels, q, k, v, sdpa):
                 emit(impl=f"fp8-section-fa4-fp8-kernel-2-stages-{plan}", ms=ms_2,
                      tflops_effective=flops * dens / ms_2 / 1e9)
             emit(impl=f"fp8-section-{name}-fp8-op-{plan}", sparsity=sparsity, ms=ms, speedup=sdpa / ms,
-                 tflops_effective=flops * dens / ms / 1e9, quantizing_reorder_ms=bench(lambda: quantize(handle)),
+                 tflops_effective=flops * dens / ms / 1e9, quantizing_reorder_ms=bench(quantize),
                  kernel_only_ms=ms_kernel, kernel_tflops_effective=flops * dens / ms_kernel / 1e9,
                  kernel_config=str(chosen_config()) if name == "triton" else None,
                  rel_diff_vs_bf16_op=rel_diff(out, outs[name]) if name in outs else None,
                  rel_err_vs_float64_head0=rel_diff(out[:, :1, :exact.shape[-2]].double(), exact))
-
-    # the quantizing reorder's parts, against its memory traffic (q, k, v read, their e4m3 tiles
-    # written): the smoothing statistics, then the one pass at a few warp counts
-    from compact_compile.kernels.pool_triton import QUANT_WARPS, tile_quant_qkv_triton
-    k_mean, v_amax = stats(k, v)
-    moved = 3 * q.numel() * (q.element_size() + 1)
-    emit(impl="fp8-section-smoothing-stats", ms=bench(lambda: stats(k, v)))
-    for warps in (4, 8, 16):
-        ms = bench(lambda w=warps: tile_quant_qkv_triton(q, k, v, src, k_mean, v_amax, layout.seq_len,
-                                                         layout.block_size, False, config=dict(num_warps=w)))
-        emit(impl=f"fp8-section-quantizing-pass-{warps}-warps", ms=ms, gb_per_s=moved / ms / 1e6,
-             default=warps == QUANT_WARPS)
 
 
 def burst(fn, iters: int = 30, warmup: int = 5) -> float:
@@ -270,13 +276,16 @@ def burst(fn, iters: int = 30, warmup: int = 5) -> float:
 
 
 def burst_rows(layout, kernels, q, k, v):
-    """SDPA and the op at ~90% timed both ways, back to back: does the speed-up depend on the timing?"""
+    """SDPA and the op at ~90% (bf16, and FP8 with its quantizing reorder) timed both ways, back to
+    back: does the speed-up depend on the timing?"""
     window = closest_window(layout, 0.10)
     blocks = window_blocks(layout, window)
     calls = {"sdpa-default": lambda: F.scaled_dot_product_attention(q, k, v)}
     for name in kernels:
         handle = register_site(make_site(SiteSpec("bench", layout, single_range(blocks[None]), kernel=name)))
         calls[f"op-{name}-window{window}"] = lambda h=handle: torch.ops.compact.attention(q, k, v, h, None, [], None)
+    for name in [n for n in FP8_KERNELS if n in kernels]:
+        calls[f"fp8-op-{name}-window{window}"] = fp8_op(layout, blocks, name, q, k, v)[0]
     times = {name: (burst(fn), bench(fn)) for name, fn in calls.items()}
     sdpa_burst, sdpa_sustained = times["sdpa-default"]
     for name, (short, sustained) in times.items():

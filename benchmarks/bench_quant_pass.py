@@ -18,7 +18,7 @@ import torch
 
 import compact_compile.kernels.ops  # noqa: F401  (registers torch.ops.compact)
 from compact_compile.kernels.fp8 import smoothing_stats
-from compact_compile.kernels.pool_triton import QUANT_WARPS, tile_quant_qkv_triton
+from compact_compile.kernels.pool_triton import QUANT_CONFIG, tile_quant_qkv_triton
 from compact_compile.layout import TokenLayout, auto_tile
 from timing import SITES, Results, bench
 
@@ -54,11 +54,11 @@ def main(sweep: bool):
         k_mean, v_amax = stats(k, v)
         moved = 3 * elements * (2 + 1)
         for pool in (False, True):
-            for config in CONFIGS[pool] if sweep else [dict(num_warps=QUANT_WARPS)]:
+            for config in CONFIGS[pool] if sweep else [QUANT_CONFIG[pool]]:
                 ms = bench(lambda c=config: tile_quant_qkv_triton(q, k, v, src, k_mean, v_amax, S, BLOCK, pool,
                                                                   config=c))
                 emit(site=site, impl="quantizing-pass-pooling" if pool else "quantizing-pass", **config, ms=ms,
-                     gb_per_s=moved / ms / 1e6, default=config == dict(num_warps=QUANT_WARPS))
+                     gb_per_s=moved / ms / 1e6, default=config == QUANT_CONFIG[pool])
     results.save(D=D, block=BLOCK, sites=SITES)
 
 

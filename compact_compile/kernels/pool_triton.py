@@ -146,10 +146,11 @@ def _pool_qkv(Q, K, V, QT, KT, VT, SRC, QM, QD, KM, KD, VM, KEY_VALID, QS, KS, V
 
 
 # per pass: pooling alone, and pooling while reordering (measured on an H100, BENCHMARKS.md); quantizing
-# takes whole blocks (COLS = D): 4 warps measured best for it (H200, 2026-12-01, bench_quant_pass.py:
-# 0.118 / 0.891 ms at Wan-1.3B / Wan-14B's sites against 0.127 / 0.962 at 8 warps)
+# takes whole blocks (COLS = D), without and with pooling: 4 warps measured best without (H200,
+# 2026-12-01, bench_quant_pass.py: 0.118 / 0.891 ms at Wan-1.3B / Wan-14B's sites against 0.127 / 0.962
+# at 8 warps); with pooling not yet measured against the other settings bench_quant_pass.py sweeps
 POOL_CONFIG = {False: dict(COLS=64, num_warps=2), True: dict(COLS=128, num_warps=4)}
-QUANT_WARPS = 4
+QUANT_CONFIG = {False: dict(num_warps=4), True: dict(num_warps=4)}
 
 
 def _pool_launch(q, k, v, n_kv: int, block_size: int, src, config: dict | None, key_valid, pool: bool = True,
@@ -162,7 +163,7 @@ def _pool_launch(q, k, v, n_kv: int, block_size: int, src, config: dict | None, 
         raise ValueError(f"FP8 tiles need a block size that is a multiple of 16 (vᵀ's padded rows, TMA); "
                          f"got {block_size}")
     nb = triton.cdiv(S, block_size)
-    config = {**POOL_CONFIG[src is not None], **(dict(COLS=D, num_warps=QUANT_WARPS) if quant else {}),
+    config = {**POOL_CONFIG[src is not None], **(dict(COLS=D, **QUANT_CONFIG[pool]) if quant else {}),
               **(config or {})}
     cols = D if quant else min(config["COLS"], D)
     pool_cols = config.get("POOL_COLS", cols) if quant and pool else cols
