@@ -35,7 +35,7 @@ import triton
 import compact_compile
 from compact_compile.options import BUILTIN_PLANS
 from compact_compile.schedule import at_step
-from timing import rel_diff
+from timing import kernel_group, rel_diff
 
 MODELS = {
     "wan1.3b": dict(cls="WanTransformer3DModel", window=(3, 3, 3), latent=(1, 16, 21, 60, 104), text=(1, 512, 4096),
@@ -108,10 +108,6 @@ VARIANTS = {
 }
 # HunyuanVideo at 129 frames: 33×45×80 = 118,800 video tokens (+ 256 text)
 MODELS["hunyuan13b-129f"] = dict(MODELS["hunyuan13b"], latent=(1, 16, 33, 90, 160))
-ATTENTION = re.compile(r"attn|attention|flash|fmha|sdpa|flex|blocksparse", re.I)
-GEMM = re.compile(r"gemm|cutlass|nvjet|xmma|scaled_mm|addmm|bmm|_mm|matmul|f8f8|sm90_", re.I)
-INDUCTOR = re.compile(r"triton_(poi|red|per)_")   # Inductor's fused kernels, named after what they fuse: an
-#                                                  FP8 linear's activation quantization says "scaled_mm"
 
 
 def build(spec, device="cuda"):
@@ -287,9 +283,7 @@ def profile(m, spec, x, t, text):
     kernels.sort(key=lambda k: -k["ms"])
     groups = dict(attention=0.0, gemm=0.0, other=0.0)
     for k in kernels:
-        name = k["name"]   # Inductor's kernels first: their names list what they fuse ("attention" too)
-        groups["other" if INDUCTOR.match(name) else "attention" if ATTENTION.search(name) else
-               "gemm" if GEMM.search(name) else "other"] += k["ms"]
+        groups[kernel_group(k["name"])] += k["ms"]
     return dict(groups_ms=groups, top=kernels[:25])
 
 

@@ -8,6 +8,7 @@ are the self-attention sites the kernel benchmarks measure.
 """
 import json
 import os
+import re
 
 import torch
 import triton
@@ -18,6 +19,20 @@ from compact_compile.kernels.registry import KERNEL_NAMES, kernel_class, kv_bloc
 # latent grid in patches (frames, height, width) and heads, head dim 128: Wan2.1-1.3B 480p 81 frames
 # (32,760 tokens) and Wan2.1-14B 720p 81 frames (75,600 tokens)
 SITES = {"wan1.3b": dict(grid=(21, 30, 52), heads=12), "wan14b": dict(grid=(21, 45, 80), heads=40)}
+
+
+ATTENTION = re.compile(r"attn|attention|flash|fmha|sdpa|flex|blocksparse", re.I)
+GEMM = re.compile(r"gemm|cutlass|nvjet|xmma|scaled_mm|addmm|bmm|_mm|matmul|f8f8|sm90_", re.I)
+INDUCTOR = re.compile(r"triton_(poi|red|per)_")
+
+
+def kernel_group(name: str) -> str:
+    """"attention", "gemm" or "other" for a profiled CUDA kernel's name. Inductor's fused kernels are
+    "other" whatever they fuse: their names list it ("attention", or "scaled_mm" for an FP8 linear's
+    activation quantization)."""
+    if INDUCTOR.match(name):
+        return "other"
+    return "attention" if ATTENTION.search(name) else "gemm" if GEMM.search(name) else "other"
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
