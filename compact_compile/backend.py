@@ -96,7 +96,7 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
     _warn_if_nothing_sparse(sites + flex_sites + direct)
     record([s.summary() for s in sites + flex_sites + direct])
     compiled = quantized_linears(gm, example_inputs, opts.quantize,
-                                 lambda inputs: _compile_inner(gm, inputs, opts.inner, mode or opts.mode))
+                                 lambda inputs: _compile_inner(gm, inputs, opts, mode))
     carried_sources = {c.source for c in carried}
     # inputs checked where a site relies on their tags, or where the outputs pass them on (a graph
     # without attention between two that have it must not re-tag another video with the first's grid)
@@ -104,7 +104,7 @@ def compact_backend(gm: fx.GraphModule, example_inputs, *, options: dict | None 
     passes_on = any(t in input_tags.values() or t.source in carried_sources for t in emit.values())
     expect = input_tags if relies or passes_on else {}
     compiled = with_video_tags(compiled, expect, emit,
-                               lambda inputs: _compile_inner(unrewritten, inputs, opts.inner, mode or opts.mode))
+                               lambda inputs: _compile_inner(unrewritten, inputs, opts, mode))
     return with_step_clock(gm, compiled, schedule)
 
 
@@ -151,11 +151,14 @@ def _plan_misfit(opts: CompactOptions, site, error: PlanError) -> None:
     site.reason = f"plan mismatch: {error}"
 
 
-def _compile_inner(gm, example_inputs, inner: str, mode: str | None):
-    if inner == "eager":
+def _compile_inner(gm, example_inputs, opts: CompactOptions, mode: str | None):
+    """The graph compiled by `opts.inner`; Inductor with `mode` (torch.compile's, else the option's)
+    and the `inductor` option's config patches over it."""
+    if opts.inner == "eager":
         return gm.forward
-    if inner == "aot_eager":
+    if opts.inner == "aot_eager":
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
-    patches = torch._inductor.list_mode_options(mode) if mode else None
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    mode = mode or opts.mode
+    patches = {**(torch._inductor.list_mode_options(mode) if mode else {}), **(opts.inductor or {})}
+    return compile_fx(gm, example_inputs, config_patches=patches or None)

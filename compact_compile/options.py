@@ -75,6 +75,11 @@ class CompactOptions:
     mode        Inductor's mode when `options` are given (torch.compile takes `mode` or `options`,
                 not both): None or "max-autotune-no-cudagraphs". Modes with CUDA graphs are not
                 offered: a graph replay would freeze the per-step kernel choice of a schedule.
+    inductor    Inductor's config patches for the rewritten graph, the dict `torch.compile(options=…)`
+                would hand Inductor (with backend="compact" that dict is these options), e.g.
+                {"triton.multi_kernel": 1, "coordinate_descent_tuning": True}; over `mode`'s. Names
+                Inductor does not have are refused, and so is "triton.cudagraphs" (as for `mode`);
+                needs inner="inductor".
     inner       what compiles the rewritten graph: "inductor" (default), "aot_eager" or "eager".
     observer    advanced: a callable `(spec, site) -> site` that wraps every rewritten site's runtime
                 (kernels/site.py; the wrapper keeps its `__call__`, `parts` and `fp8`): calibration records
@@ -96,6 +101,7 @@ class CompactOptions:
     fp8_attention: bool = False
     quantize: str | None = None
     mode: str | None = None
+    inductor: Mapping[str, object] | None = None
     observer: Callable | None = None
 
     def __post_init__(self):
@@ -137,6 +143,8 @@ class CompactOptions:
                                f"not {self.dense_steps!r}")
         if self.mode not in MODES:
             raise OptionsError(f"option 'mode' must be one of {MODES}, not {self.mode!r}")
+        if self.inductor is not None:
+            _check_inductor_patches(self.inductor, self.inner)
         if self.quantize not in QUANTIZE:
             raise OptionsError(f"option 'quantize' must be one of {QUANTIZE}, not {self.quantize!r}")
         if not isinstance(self.dynamic, bool):
@@ -201,6 +209,27 @@ class CompactOptions:
         if self.tile != "auto":
             return self.tile[0] * self.tile[1] * self.tile[2]
         return 64 if video_tokens < SMALL_VIDEO_TOKENS else 128
+
+
+def _check_inductor_patches(patches, inner: str) -> None:
+    if not isinstance(patches, Mapping):
+        raise OptionsError(f"option 'inductor' must be a dict of Inductor config names to values, not "
+                           f"{type(patches).__name__}")
+    if inner != "inductor":
+        raise OptionsError(f"option 'inductor' configures Inductor; inner={inner!r} does not use it")
+    import difflib
+
+    import torch._inductor.config
+
+    names = torch._inductor.config.get_config_copy()
+    for name, value in patches.items():
+        if name not in names:
+            near = difflib.get_close_matches(str(name), list(names), n=3)
+            raise OptionsError(f"option 'inductor': Inductor has no config {name!r}"
+                               + (f"; did you mean {' or '.join(map(repr, near))}?" if near else ""))
+        if name == "triton.cudagraphs" and value:
+            raise OptionsError("option 'inductor': CUDA graphs are not offered: a graph replay would freeze the "
+                               "per-step kernel choice of a schedule")
 
 
 def _triple(name: str, value, odd: bool = False) -> tuple[int, int, int]:

@@ -343,8 +343,10 @@ def test_entry_point_in_a_fresh_interpreter(tmp_path):
     assert float(lines["MAXDIFF"]) < 1e-5
 
 
-def test_mode_option_reaches_inductor(monkeypatch):
-    """torch.compile refuses mode and options together; the mode option carries it."""
+@pytest.mark.parametrize("inductor", [None, {"coordinate_descent_tuning": True, "max_autotune": False}])
+def test_mode_and_inductor_options_reach_inductor(monkeypatch, inductor):
+    """torch.compile refuses mode and options together, and with backend="compact" its options are
+    ours: the mode option carries the mode, the inductor option Inductor's config, over the mode's."""
     import torch._inductor.compile_fx as compile_fx
 
     seen, real = [], compile_fx.compile_fx
@@ -357,11 +359,12 @@ def test_mode_option_reaches_inductor(monkeypatch):
 
     monkeypatch.setattr(compile_fx, "compile_fx", spy)
     model, inputs = tiny_wan()
-    options = {"plan": "dense", "kernel": "flex", "mode": "max-autotune-no-cudagraphs"}
+    options = {"plan": "dense", "kernel": "flex", "mode": "max-autotune-no-cudagraphs", "inductor": inductor}
     with torch.no_grad():
         torch.compile(model, backend="compact", options=options)(**inputs)
-    assert seen == [torch._inductor.list_mode_options("max-autotune-no-cudagraphs")]
-    assert seen[0]["max_autotune"] and not seen[0].get("triton.cudagraphs", False)
+    assert seen == [{**torch._inductor.list_mode_options("max-autotune-no-cudagraphs"), **(inductor or {})}]
+    assert seen[0]["max_autotune"] == (inductor is None) and seen[0]["coordinate_descent_tuning"]
+    assert not seen[0].get("triton.cudagraphs", False)
 
 
 def test_every_video_size_keeps_its_sparse_attention():

@@ -74,6 +74,8 @@ BAD_VALUES = [
     ("dense_steps", -1), ("dense_steps", 1.5), ("dense_steps", True), ("dense_steps", "2"),
     ("mode", "reduce-overhead"), ("mode", "max-autotune"), ("mode", 1),
     ("quantize", "int4"), ("quantize", "FP8"), ("quantize", 8), ("quantize", True),
+    ("inductor", "multi_kernel"), ("inductor", {"multi_kernel": 1}), ("inductor", {"triton.cudagraphs": True}),
+    ("inductor", [("triton.multi_kernel", 1)]),
 ]
 
 
@@ -100,6 +102,16 @@ def test_options_must_be_a_dict(options):
 def test_option_names_must_be_strings():
     with pytest.raises(OptionsError, match="compact option names are strings, not 3"):
         CompactOptions.from_dict({3: "window"})
+
+
+def test_inductor_option_names_a_near_config_and_needs_inductor():
+    with pytest.raises(OptionsError, match=r"Inductor has no config 'triton.multi_kernal'; did you mean "
+                                           r"'triton.multi_kernel'"):
+        CompactOptions.from_dict({"inductor": {"triton.multi_kernal": 1}})
+    with pytest.raises(OptionsError, match=r"option 'inductor' configures Inductor; inner='aot_eager' does not use it"):
+        CompactOptions.from_dict({"inductor": {"triton.multi_kernel": 1}, "inner": "aot_eager"})
+    opts = CompactOptions.from_dict({"inductor": {"triton.multi_kernel": 1, "coordinate_descent_tuning": True}})
+    assert opts.inductor == {"triton.multi_kernel": 1, "coordinate_descent_tuning": True}
 
 
 def test_help_shows_every_option():
