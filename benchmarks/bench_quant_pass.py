@@ -23,13 +23,12 @@ from compact_compile.layout import TokenLayout, auto_tile
 from timing import SITES, Results, bench
 
 D, BLOCK = 128, 128
-# without pooling: warps; with rectification's pooling in the same pass, which needs more registers
-# than 4 warps have (ptxas, sm_90a: 255 and spills, against 168 without pooling): warps, a register cap
-# (Triton's maxnreg) and the pooling's second read in column slices (POOL_COLS: 179 registers at 32)
+# warps, and with rectification's pooling in the same pass (which needs more registers: ptxas, sm_90a,
+# 4 warps, 255 and spills against 168 without pooling) more warps or a register cap (Triton's maxnreg).
+# A second read of the block for the pooling, in column slices (179 registers), was measured too and
+# was slower (results/quant-pass-pooling-sweep-h200-2026-12-01.json): it is not kept.
 CONFIGS = {False: [dict(num_warps=4), dict(num_warps=8)],
-           True: [dict(num_warps=4), dict(num_warps=8), dict(num_warps=16), dict(num_warps=8, maxnreg=128),
-                  dict(num_warps=4, POOL_COLS=32), dict(num_warps=4, POOL_COLS=64), dict(num_warps=8, POOL_COLS=32),
-                  dict(num_warps=4, POOL_COLS=32, maxnreg=168)]}
+           True: [dict(num_warps=4), dict(num_warps=8), dict(num_warps=16), dict(num_warps=8, maxnreg=128)]}
 results = Results("quant-pass.json")
 emit = results.emit
 
@@ -54,11 +53,11 @@ def main(sweep: bool):
         k_mean, v_amax = stats(k, v)
         moved = 3 * elements * (2 + 1)
         for pool in (False, True):
-            for config in CONFIGS[pool] if sweep else [QUANT_CONFIG[pool]]:
+            for config in CONFIGS[pool] if sweep else [QUANT_CONFIG]:
                 ms = bench(lambda c=config: tile_quant_qkv_triton(q, k, v, src, k_mean, v_amax, S, BLOCK, pool,
                                                                   config=c))
                 emit(site=site, impl="quantizing-pass-pooling" if pool else "quantizing-pass", **config, ms=ms,
-                     gb_per_s=moved / ms / 1e6, default=config == QUANT_CONFIG[pool])
+                     gb_per_s=moved / ms / 1e6, default=config == QUANT_CONFIG)
     results.save(D=D, block=BLOCK, sites=SITES)
 
 

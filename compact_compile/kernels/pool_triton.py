@@ -10,8 +10,7 @@ A [BLOCK, COLS] slice stays in registers between the two sums, so the tensor is 
 version of the same math (rectified.block_pool, the reference and CPU path) reads it twice or more.
 
 For FP8 attention (fp8.py) the same pass writes q, k, v as e4m3 tiles with their scales instead of
-copies in their dtype, pooling or not: the reorder reads each tensor once either way (pooling with
-POOL_COLS < D reads a block a second time, from L2: `_pool_tile`).
+copies in their dtype, pooling or not: the reorder reads each tensor once either way.
 """
 from __future__ import annotations
 
@@ -87,15 +86,12 @@ def _pool_columns(x, MEAN, MAD, valid, out_row, cols, D: tl.constexpr, WITH_MAD:
 @triton.jit
 def _pool_tile(X, OUT, SRC, MEAN, MAD, KEY_VALID, SCALE, STAT, stride_b, stride_h, stride_s, key_valid_stride_b,
                b, h, bh, blk, out_row, c0, n_valid, S, S16, BLOCK: tl.constexpr, D: tl.constexpr, COLS: tl.constexpr,
-               POOL_COLS: tl.constexpr, WITH_MAD: tl.constexpr, GATHER: tl.constexpr, MASKED: tl.constexpr,
+               WITH_MAD: tl.constexpr, GATHER: tl.constexpr, MASKED: tl.constexpr,
                POOL: tl.constexpr, QUANT: tl.constexpr, ROUND: tl.constexpr):
     """Mean (and deviation) of one [BLOCK, COLS] slice of block `blk` over its rows below n_valid
     (with MASKED: that KEY_VALID keeps), where POOL; with GATHER its rows are read at model positions
     SRC[row]; the slice is written, in tile order, to OUT (contiguous [B, H, S, D]) as it is (GATHER)
-    or in e4m3 (QUANT > 0: `_quantize_tile`). Quantizing and pooling with POOL_COLS < COLS, the pooling
-    reads the block again in [BLOCK, POOL_COLS] slices (from L2) once its e4m3 tile is written, instead
-    of from the registers holding the whole block: both at once need more registers than a program
-    has (ptxas, sm_90a, 4 warps: 255 and spills, against 168 quantizing alone)."""
+    or in e4m3 (QUANT > 0: `_quantize_tile`)."""
     rows = blk * BLOCK + tl.arange(0, BLOCK)
     cols = c0 + tl.arange(0, COLS)
     in_seq = rows < S
@@ -108,20 +104,13 @@ def _pool_tile(X, OUT, SRC, MEAN, MAD, KEY_VALID, SCALE, STAT, stride_b, stride_
         tl.store(OUT + (bh * S + rows[:, None].to(tl.int64)) * D + cols[None, :], x, mask=in_seq[:, None])
     if POOL:
         valid = valid_rows(rows, n_valid, KEY_VALID, key_valid_stride_b, b, MASKED)
-        if QUANT > 0 and POOL_COLS < COLS:
-            for p0 in tl.static_range(0, COLS, POOL_COLS):
-                pool_cols = c0 + p0 + tl.arange(0, POOL_COLS)
-                part = tl.load(base + pool_cols[None, :], mask=in_seq[:, None], other=0.0)
-                _pool_columns(part, MEAN, MAD, valid, out_row, pool_cols, D, WITH_MAD)
-        else:
-            _pool_columns(x, MEAN, MAD, valid, out_row, cols, D, WITH_MAD)
+        _pool_columns(x, MEAN, MAD, valid, out_row, cols, D, WITH_MAD)
 
 
 @triton.jit
 def _pool_qkv(Q, K, V, QT, KT, VT, SRC, QM, QD, KM, KD, VM, KEY_VALID, QS, KS, VS, K_MEAN, V_AMAX,
               sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, key_valid_stride_b, n_heads, S, S16, n_kv,
-              BLOCK: tl.constexpr, D: tl.constexpr, COLS: tl.constexpr, POOL_COLS: tl.constexpr,
-              GATHER: tl.constexpr, MASKED: tl.constexpr, POOL: tl.constexpr, QUANT: tl.constexpr,
+              BLOCK: tl.constexpr, D: tl.constexpr, COLS: tl.constexpr, GATHER: tl.constexpr, MASKED: tl.constexpr, POOL: tl.constexpr, QUANT: tl.constexpr,
               ROUND: tl.constexpr):
     """q̄, δq over all S tokens, k̄, δk, v̄ over the first n_kv (with MASKED: those KEY_VALID keeps),
     where POOL, in one launch (and, with GATHER, q, k, v in tile order; with QUANT, in e4m3 with their
@@ -136,21 +125,21 @@ def _pool_qkv(Q, K, V, QT, KT, VT, SRC, QM, QD, KM, KD, VM, KEY_VALID, QS, KS, V
     b, h, out_row = bh // n_heads, bh % n_heads, bh * tl.num_programs(0) + blk
     if which == 0:
         _pool_tile(Q, QT, SRC, QM, QD, KEY_VALID, QS, K_MEAN, sqb, sqh, sqs, key_valid_stride_b, b, h, bh, blk,
-                   out_row, c0, S, S, S16, BLOCK, D, COLS, POOL_COLS, True, GATHER, False, POOL, QUANT * 1, ROUND)
+                   out_row, c0, S, S, S16, BLOCK, D, COLS, True, GATHER, False, POOL, QUANT * 1, ROUND)
     elif which == 1:
         _pool_tile(K, KT, SRC, KM, KD, KEY_VALID, KS, K_MEAN, skb, skh, sks, key_valid_stride_b, b, h, bh, blk,
-                   out_row, c0, n_kv, S, S16, BLOCK, D, COLS, POOL_COLS, True, GATHER, MASKED, POOL, QUANT * 2, ROUND)
+                   out_row, c0, n_kv, S, S16, BLOCK, D, COLS, True, GATHER, MASKED, POOL, QUANT * 2, ROUND)
     else:
         _pool_tile(V, VT, SRC, VM, VM, KEY_VALID, VS, V_AMAX, svb, svh, svs, key_valid_stride_b, b, h, bh, blk,
-                   out_row, c0, n_kv, S, S16, BLOCK, D, COLS, POOL_COLS, False, GATHER, MASKED, POOL, QUANT * 3, ROUND)
+                   out_row, c0, n_kv, S, S16, BLOCK, D, COLS, False, GATHER, MASKED, POOL, QUANT * 3, ROUND)
 
 
 # per pass: pooling alone, and pooling while reordering (measured on an H100, BENCHMARKS.md); quantizing
-# takes whole blocks (COLS = D), without and with pooling: 4 warps measured best without (H200,
-# 2026-12-01, bench_quant_pass.py: 0.118 / 0.891 ms at Wan-1.3B / Wan-14B's sites against 0.127 / 0.962
-# at 8 warps); with pooling not yet measured against the other settings bench_quant_pass.py sweeps
+# takes whole blocks (COLS = D), and 4 warps measured best without pooling and with it (H200, 2026-12-01,
+# bench_quant_pass.py at Wan-1.3B / Wan-14B's sites: 0.117 / 0.890 ms, pooling 0.194 / 1.447 ms; 8 or 16
+# warps, a register cap, and re-reading the block for the pooling in column slices were all slower)
 POOL_CONFIG = {False: dict(COLS=64, num_warps=2), True: dict(COLS=128, num_warps=4)}
-QUANT_CONFIG = {False: dict(num_warps=4), True: dict(num_warps=4)}
+QUANT_CONFIG = dict(num_warps=4)
 
 
 def _pool_launch(q, k, v, n_kv: int, block_size: int, src, config: dict | None, key_valid, pool: bool = True,
@@ -163,12 +152,9 @@ def _pool_launch(q, k, v, n_kv: int, block_size: int, src, config: dict | None, 
         raise ValueError(f"FP8 tiles need a block size that is a multiple of 16 (vᵀ's padded rows, TMA); "
                          f"got {block_size}")
     nb = triton.cdiv(S, block_size)
-    config = {**POOL_CONFIG[src is not None], **(dict(COLS=D, **QUANT_CONFIG[pool]) if quant else {}),
+    config = {**POOL_CONFIG[src is not None], **(dict(COLS=D, **QUANT_CONFIG) if quant else {}),
               **(config or {})}
     cols = D if quant else min(config["COLS"], D)
-    pool_cols = config.get("POOL_COLS", cols) if quant and pool else cols
-    if not (0 < pool_cols <= cols and pool_cols & (pool_cols - 1) == 0):
-        raise ValueError(f"POOL_COLS must be a power of two up to the head dim {D}; got {pool_cols}")
     new = lambda *shape, dtype=torch.float32: torch.empty(*shape, device=q.device, dtype=dtype)  # noqa: E731
     pools = [new(B, H, nb, D) for _ in range(5)] if pool else [q] * 5
     if quant:
@@ -184,7 +170,7 @@ def _pool_launch(q, k, v, n_kv: int, block_size: int, src, config: dict | None, 
     _pool_qkv[(nb, B * H, 3 * (D // cols))](q, k, v, *tiled, q if src is None else src, *pools, key_valid, *scales,
                                             *stats, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                                             key_valid_stride_b, H, S, padded_rows(S), n_kv, BLOCK=block_size, D=D,
-                                            COLS=cols, POOL_COLS=pool_cols,
+                                            COLS=cols,
                                             GATHER=src is not None, MASKED=masked, POOL=pool,
                                             QUANT=quant is not None, ROUND=INTERPRET, num_warps=config["num_warps"],
                                             **({"maxnreg": config["maxnreg"]} if "maxnreg" in config else {}))
@@ -219,6 +205,6 @@ def tile_quant_qkv_triton(q, k, v, src, k_mean, v_amax, n_kv: int, block_size: i
     `tile_pool_qkv_triton` (of the unquantized, unsmoothed inputs) where `pool`, else None) in one pass
     over q, k, v: fp8.quantize_tiles' arithmetic, with k's mean and v's channel amax `[B, H, D]` from
     the graph (fp8.smoothing_stats). `src` None: q, k, v are in tile order already. `config`
-    (num_warps=, maxnreg=, POOL_COLS=: `_pool_tile`) overrides the defaults (benchmarks)."""
+    (num_warps=, maxnreg=) overrides QUANT_CONFIG (benchmarks)."""
     src = None if src is None else _check_src(src, q)
     return _pool_launch(q, k, v, n_kv, block_size, src, config, key_valid, pool, (k_mean, v_amax))
