@@ -59,13 +59,20 @@ def assert_within_rounding(x8_dequantized, exact, scale):
     assert (err <= bound).all(), f"worst excess {(err - bound).max():.3g}"
 
 
-@pytest.mark.parametrize("S, bs, gather", [(150, 64, True), (128, 128, False), (77, 64, True)])
-def test_quantizing_pass_rounds_each_element_and_pools_as_before(S, bs, gather):
-    gen = torch.Generator().manual_seed(S)
+@pytest.mark.parametrize("S, bs, gather, n_kv, key_mask", [(150, 64, True, 150, False), (128, 128, False, 128, False),
+                                                       (77, 64, True, 77, False), (150, 64, True, 60, False),
+                                                       (150, 64, False, 150, True)])
+def test_quantizing_pass_rounds_each_element_and_pools_as_before(S, bs, gather, n_kv, key_mask):
+    """Keys and values pooled over all S tokens (the pass's shared-mask path), the first n_kv (blocks 1
+    and 2 hold none at n_kv = 60: their means must be zeros, not k̄), or the tokens a key mask keeps."""
+    gen = torch.Generator().manual_seed(S + n_kv)
     q, k, v = inputs(2, 2, S, 64, torch.bfloat16, gen, offset=5.0)
     src = torch.randperm(S, generator=gen).to(DEVICE) if gather else None
+    key_valid = torch.rand(1, S, generator=gen) < 0.5 if key_mask else None
+    if key_mask:
+        key_valid[:, 64:128] = False     # a block with no key kept
     k_mean, v_amax = smoothing_stats(k, v)
-    tiles, pools = tile_quant_qkv_triton(q, k, v, src, k_mean, v_amax, S, bs, pool=True)
+    tiles, pools = tile_quant_qkv_triton(q, k, v, src, k_mean, v_amax, n_kv, bs, pool=True, key_valid=key_valid)
     tq, tk, tv = (x if src is None else x.index_select(-2, src) for x in (q, k, v))
     dq, dk, dv = (x.cpu() for x in dequantize(tiles, bs))
     exact = (tq.double().cpu(), tk.double().cpu() - k_mean.double().cpu()[:, :, None], tv.double().cpu())
@@ -81,7 +88,8 @@ def test_quantizing_pass_rounds_each_element_and_pools_as_before(S, bs, gather):
         assert same > 0.99, f"{name}: {same:.3f} of the elements equal"
     assert torch.equal(tiles.q_scale, ref.q_scale) and torch.equal(tiles.k_scale, ref.k_scale)
     # pooled statistics of the unquantized, unsmoothed inputs in tile order, against the torch pooling
-    (qm, qd), (km, kd), (vm, _) = (block_pool(x.float(), S, bs) for x in (tq, tk, tv))
+    (qm, qd), (km, kd), (vm, _) = (block_pool(x.float(), n, bs, mask)
+                                   for x, n, mask in ((tq, S, None), (tk, n_kv, key_valid), (tv, n_kv, key_valid)))
     for got, want in zip(pools, (qm, qd, km, kd, vm)):
         assert torch.allclose(got.float().cpu(), want.cpu(), atol=1e-5), (got - want.to(got)).abs().max()
 
