@@ -10,11 +10,14 @@ above 1,024 columns reads it once per loop and recomputes what feeds it (the GEL
   * rmsnorm-rope:    RMSNorm over the heads and rotary embedding (q or k of self-attention).
 Each compiled as Inductor does by default (looped) and with a choices handler that makes inner
 reductions up to 16,384 wide persistent (the RMSNorm's is not an inner reduction to Inductor, and stays
-looped); GB/s over the bytes each must move. Writes $OUT/wide-reductions.json.
+looped), and with --tuned both again with Inductor's coordinate-descent tuning; GB/s over the bytes each
+must move. Writes $OUT/wide-reductions.json and each variant's generated code to $OUT/wide-reductions-code/.
 
-    TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 OUT=out python benchmarks/bench_wide_reductions.py
+    TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 OUT=out python benchmarks/bench_wide_reductions.py [--tuned]
 """
+import os
 import re
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +42,9 @@ class PersistentWideRows(InductorChoices):
                 and V.graph.sizevars.statically_known_leq(features.reduction_numel, 16384)):
             return True
         return InductorChoices.should_use_persistent_reduction(features, *args, **kwargs)
+
+
+CHOICES = [("inductor-default", InductorChoices()), ("persistent-wide-rows", PersistentWideRows())]
 
 
 def quantize_rows(y):
@@ -80,19 +86,25 @@ def main():
              "gelu-quant": (gelu_quant, (h,), S * FFN * 3),
              "ln-mod-quant": (ln_mod_quant, (rnd(S, DIM), rnd(DIM), rnd(DIM)), S * DIM * 3),
              "rmsnorm-rope": (rmsnorm_rope, (rnd(S, DIM), rnd(DIM), angles.cos(), angles.sin()), S * DIM * 4)}
+    choices = [(name, handler, False) for name, handler in CHOICES]
+    if "--tuned" in sys.argv:
+        choices += [(name + "-coordinate-descent", handler, True) for name, handler in CHOICES]
+    os.makedirs(os.path.join(os.environ.get("OUT", "."), "wide-reductions-code"), exist_ok=True)
     for name, (fn, args, moved) in cases.items():
-        outs = {}
-        for choice, handler in (("inductor-default", InductorChoices()), ("persistent-wide-rows", PersistentWideRows())):
+        first = None
+        for choice, handler, tuned in choices:
             torch._dynamo.reset()
             compiled = torch.compile(fn, dynamic=False)
-            with V.set_choices_handler(handler):
-                outs[choice], code = run_and_get_code(compiled, *args)
+            with V.set_choices_handler(handler), torch._inductor.config.patch(coordinate_descent_tuning=tuned):
+                out, code = run_and_get_code(compiled, *args)
+            with open(os.path.join(os.environ.get("OUT", "."), "wide-reductions-code", f"{name}-{choice}.py"), "w") as f:
+                f.write("\n".join(code))
             kernels = sorted(set(re.findall(r"def (triton_(?:red|per|poi)_\w+)\(", "\n".join(code))))
             ms = bench(lambda: compiled(*args))
-            results.emit(case=name, choice=choice, ms=ms, gb_per_s=moved / ms / 1e6, kernels=kernels)
-        first, second = outs.values()
-        first, second = (x if isinstance(x, torch.Tensor) else x[0] for x in (first, second))
-        results.emit(case=name, max_abs_diff=(first.float() - second.float()).abs().max().item())
+            out = out if isinstance(out, torch.Tensor) else out[0]
+            first = out if first is None else first
+            results.emit(case=name, choice=choice, ms=ms, gb_per_s=moved / ms / 1e6, kernels=kernels,
+                         max_abs_diff_vs_first=(out.float() - first.float()).abs().max().item())
     results.save(S=S, DIM=DIM, FFN=FFN)
 
 
