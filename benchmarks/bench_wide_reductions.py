@@ -13,7 +13,10 @@ reductions up to 16,384 wide persistent (the RMSNorm's is not an inner reduction
 looped), and with --tuned both again with Inductor's coordinate-descent tuning; GB/s over the bytes each
 must move. Writes $OUT/wide-reductions.json and each variant's generated code to $OUT/wide-reductions-code/.
 
-    TORCHINDUCTOR_FORCE_DISABLE_CACHES=1 OUT=out python benchmarks/bench_wide_reductions.py [--tuned]
+    OUT=out python benchmarks/bench_wide_reductions.py [--tuned]
+
+Inductor's caches are off: their keys do not include the choices handler, so a cached looped kernel
+could stand in for the persistent one.
 """
 import os
 import re
@@ -78,6 +81,7 @@ def rmsnorm_rope(x, weight, cos, sin):
 
 
 def main():
+    torch._inductor.config.force_disable_caches = True
     g = torch.Generator(device="cuda").manual_seed(0)
     rnd = lambda *shape, dtype=torch.bfloat16: torch.randn(*shape, device="cuda", dtype=dtype, generator=g)  # noqa: E731
     angles = rnd(S, 1, DIM // HEADS // 2, dtype=torch.float32)
@@ -105,7 +109,7 @@ def main():
             first = out if first is None else first
             results.emit(case=name, choice=choice, ms=ms, gb_per_s=moved / ms / 1e6, kernels=kernels,
                          max_abs_diff_vs_first=(out.float() - first.float()).abs().max().item())
-    results.save(S=S, DIM=DIM, FFN=FFN)
+    results.save(S=S, DIM=DIM, FFN=FFN, inductor_caches_disabled=True)
 
 
 if __name__ == "__main__":

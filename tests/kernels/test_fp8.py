@@ -59,28 +59,38 @@ def assert_within_rounding(x8_dequantized, exact, scale):
     assert (err <= bound).all(), f"worst excess {(err - bound).max():.3g}"
 
 
-@pytest.mark.parametrize("S, bs, gather, n_kv, key_mask", [(150, 64, True, 150, False), (128, 128, False, 128, False),
-                                                       (77, 64, True, 77, False), (150, 64, True, 60, False),
-                                                       (150, 64, False, 150, True)])
+@pytest.mark.parametrize("S, bs, gather, n_kv, key_mask", [(150, 64, True, 150, None), (128, 128, False, 128, None),
+                                                       (77, 64, True, 77, None), (150, 64, True, 60, None),
+                                                       (150, 64, False, 150, "broadcast"),
+                                                       (150, 64, True, 60, "per-batch")])
 def test_quantizing_pass_rounds_each_element_and_pools_as_before(S, bs, gather, n_kv, key_mask):
     """Keys and values pooled over all S tokens (the pass's shared-mask path), the first n_kv (blocks 1
-    and 2 hold none at n_kv = 60: their means must be zeros, not k̄), or the tokens a key mask keeps."""
+    and 2 hold none at n_kv = 60: their means must be zeros, not k̄), or the tokens a key mask keeps
+    (`[1, S]` or `[B, S]`, in tile order; the smoothing statistics take it in model order, as the graph
+    computes them before the reorder)."""
     gen = torch.Generator().manual_seed(S + n_kv)
-    q, k, v = inputs(2, 2, S, 64, torch.bfloat16, gen, offset=5.0)
+    B = 2
+    q, k, v = inputs(B, 2, S, 64, torch.bfloat16, gen, offset=5.0)
     src = torch.randperm(S, generator=gen).to(DEVICE) if gather else None
-    key_valid = torch.rand(1, S, generator=gen) < 0.5 if key_mask else None
+    key_valid = model_valid = None
     if key_mask:
+        key_valid = torch.rand(1 if key_mask == "broadcast" else B, S, generator=gen) < 0.5
         key_valid[:, 64:128] = False     # a block with no key kept
-    k_mean, v_amax = smoothing_stats(k, v)
+        model_valid = key_valid.clone()
+        if src is not None:
+            model_valid[:, src.cpu()] = key_valid
+    k_mean, v_amax = smoothing_stats(k, v, None if model_valid is None else model_valid.to(DEVICE))
     tiles, pools = tile_quant_qkv_triton(q, k, v, src, k_mean, v_amax, n_kv, bs, pool=True, key_valid=key_valid)
     tq, tk, tv = (x if src is None else x.index_select(-2, src) for x in (q, k, v))
     dq, dk, dv = (x.cpu() for x in dequantize(tiles, bs))
     exact = (tq.double().cpu(), tk.double().cpu() - k_mean.double().cpu()[:, :, None], tv.double().cpu())
     rows = torch.arange(S) // bs
-    for got, want, s in ((dq, exact[0], tiles.q_scale.cpu()[..., rows, None]),
-                         (dk, exact[1], tiles.k_scale.cpu()[..., rows, None]),
-                         (dv, exact[2], tiles.v_scale.cpu()[:, :, None, :])):
-        assert_within_rounding(got, want, s.double())
+    # a v the mask drops may lie beyond v's amax (taken over kept keys) and saturate: it weighs 0
+    kept = (torch.ones(1, S, dtype=torch.bool) if key_valid is None else key_valid)[:, None, :, None].expand_as(dv)
+    for got, want, s, where in ((dq, exact[0], tiles.q_scale.cpu()[..., rows, None], torch.ones_like(kept)),
+                                (dk, exact[1], tiles.k_scale.cpu()[..., rows, None], torch.ones_like(kept)),
+                                (dv, exact[2], tiles.v_scale.cpu()[:, :, None, :], kept)):
+        assert_within_rounding(got[where], want[where], s.double().expand_as(got)[where])
     # the torch path (CPU, reference) gives the same tiles but for near-ties (fp32 1/σ rounds differently)
     ref = quantize_tiles(tq, tk, tv, k_mean, v_amax, bs)
     for name in ("q", "k"):
