@@ -45,8 +45,9 @@ def key_mask_arg(key_valid: torch.Tensor, batch: int, seq_len: int):
 @triton.jit
 def _quantize_tile(x, OUT, SCALE, STAT, bh, blk, out_row, rows, cols, in_seq, S, S16, D: tl.constexpr,
                    QUANT: tl.constexpr, ROUND: tl.constexpr):
-    """Write one whole block (x: fp32, COLS = D) in e4m3, fp8.quantize_tiles' arithmetic: QUANT 1 (q) with
-    its scale σ = amax/448 to SCALE[out_row]; 2 (k) the same (x is k − k̄: `_pool_tile`); 3 (v) per channel,
+    """Write one whole block (x: fp32, zeros in rows beyond S, COLS = D) in e4m3, fp8.quantize_tiles'
+    arithmetic: QUANT 1 (q) with its scale σ = amax/448 to SCALE[out_row]; 2 (k) the same (x is k − k̄:
+    `_pool_tile`); 3 (v) per channel,
     σ_d = STAT[bh, d]/448 from v's amax over the kept keys (to SCALE[bh] once), transposed to [D, S16]
     (a padding key's v beyond that amax saturates at ±448 in the conversion, and weighs 0), its rows
     from S to S16 (TMA's padding) written as zeros: unwritten, a byte may be e4m3's NaN, and P·V
@@ -60,7 +61,6 @@ def _quantize_tile(x, OUT, SCALE, STAT, bh, blk, out_row, rows, cols, in_seq, S,
         if blk == 0:
             tl.store(SCALE + bh * D + cols, amax * SCALE_PER_AMAX)
     else:
-        x = tl.where(in_seq[:, None], x, 0.0)
         amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-30)
         tl.store(OUT + (bh * S + rows[:, None].to(tl.int64)) * D + cols[None, :], to_e4m3(x * (448.0 / amax), ROUND),
                  mask=in_seq[:, None])
@@ -68,15 +68,16 @@ def _quantize_tile(x, OUT, SCALE, STAT, bh, blk, out_row, rows, cols, in_seq, S,
 
 
 @triton.jit
-def _pool_columns(x, shift, MEAN, MAD, valid, out_row, cols, D: tl.constexpr, WITH_MAD: tl.constexpr):
-    """Mean (and mean absolute deviation) over the `valid` rows of x + shift (x `[rows, cols]`, shift
-    `[cols]`, which the deviation does not depend on), to row out_row of MEAN (MAD) `[.., D]` at `cols`;
-    zeros where no row is valid."""
+def _pool_columns(x, shift, MEAN, MAD, valid, out_row, cols, D: tl.constexpr, WITH_MAD: tl.constexpr,
+                  SHIFTED: tl.constexpr):
+    """Mean (and mean absolute deviation) over the `valid` rows of x `[rows, cols]`, or with SHIFTED of
+    x + shift (shift `[cols]`, which the deviation does not depend on), to row out_row of MEAN (MAD)
+    `[.., D]` at `cols`; zeros where no row is valid."""
     x = tl.where(valid[:, None], x.to(tl.float32), 0.0)
     n = tl.sum(valid.to(tl.float32), 0)
     count = tl.maximum(n, 1.0)
     mean = tl.sum(x, 0) / count
-    tl.store(MEAN + out_row * D + cols, tl.where(n > 0, mean + shift, 0.0))
+    tl.store(MEAN + out_row * D + cols, tl.where(n > 0, mean + shift, 0.0) if SHIFTED else mean)
     if WITH_MAD:
         dev = tl.where(valid[:, None], tl.abs(x - mean[None, :]), 0.0)
         tl.store(MAD + out_row * D + cols, tl.sum(dev, 0) / count)
@@ -91,61 +92,56 @@ def _pool_tile(X, OUT, SRC, MEAN, MAD, KEY_VALID, SCALE, STAT, stride_b, stride_
     (with MASKED: that KEY_VALID keeps), where POOL; with GATHER its rows are read at model positions
     SRC[row]; the slice is written, in tile order, to OUT (contiguous [B, H, S, D]) as it is (GATHER)
     or in e4m3 (QUANT > 0: `_quantize_tile`). Keys are quantized smoothed, k − k̄ (QUANT 2), and pooled
-    from that same tile with k̄ added back to the mean: the block then holds one fp32 tile in registers,
-    not two, and where the rows that count are the rows in the sequence (`_pool_qkv`'s KV_ALL, no key
-    mask) the pass does not spill (ptxas, sm_90a, 4 warps: 231 registers, against 255 and 168 B of
-    spills before)."""
+    from that same tile with k̄ added back to the mean, and rows beyond S are zeros in the tile (loaded
+    so, or zeroed with the shift), so the quantization needs no masked copy of it: the block holds one
+    fp32 tile in registers, not two or three, and the pass does not spill (ptxas, sm_90a, 4 warps: 241
+    registers with or without a key mask or n_kv < S, against 255 and 152–176 B of spills before)."""
     rows = blk * BLOCK + tl.arange(0, BLOCK)
     cols = c0 + tl.arange(0, COLS)
     in_seq = rows < S
     src = tl.load(SRC + rows, mask=in_seq, other=0).to(tl.int64) if GATHER else rows.to(tl.int64)
     base = X + b * stride_b + h * stride_h + src[:, None] * stride_s
     x = tl.load(base + cols[None, :], mask=in_seq[:, None], other=0.0)
-    shift = tl.zeros([COLS], tl.float32)
+    shift = tl.zeros([COLS], tl.float32)   # k's mean where QUANT == 2
     if QUANT > 0:
         x = x.to(tl.float32)
     if QUANT == 2:
         shift = tl.load(STAT + bh * D + cols)
-        x = x - shift[None, :]
+        x = tl.where(in_seq[:, None], x - shift[None, :], 0.0)
     if QUANT > 0:
         _quantize_tile(x, OUT, SCALE, STAT, bh, blk, out_row, rows, cols, in_seq, S, S16, D, QUANT, ROUND)
     elif GATHER:
         tl.store(OUT + (bh * S + rows[:, None].to(tl.int64)) * D + cols[None, :], x, mask=in_seq[:, None])
     if POOL:
         valid = valid_rows(rows, n_valid, KEY_VALID, key_valid_stride_b, b, MASKED)
-        _pool_columns(x, shift, MEAN, MAD, valid, out_row, cols, D, WITH_MAD)
+        _pool_columns(x, shift, MEAN, MAD, valid, out_row, cols, D, WITH_MAD, QUANT == 2)
 
 
 @triton.jit
 def _pool_qkv(Q, K, V, QT, KT, VT, SRC, QM, QD, KM, KD, VM, KEY_VALID, QS, KS, VS, K_MEAN, V_AMAX,
               sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, key_valid_stride_b, n_heads, S, S16, n_kv,
               BLOCK: tl.constexpr, D: tl.constexpr, COLS: tl.constexpr, GATHER: tl.constexpr, MASKED: tl.constexpr,
-              KV_ALL: tl.constexpr, POOL: tl.constexpr, QUANT: tl.constexpr, ROUND: tl.constexpr):
+              POOL: tl.constexpr, QUANT: tl.constexpr, ROUND: tl.constexpr):
     """q̄, δq over all S tokens, k̄, δk, v̄ over the first n_kv (with MASKED: those KEY_VALID keeps),
     where POOL, in one launch (and, with GATHER, q, k, v in tile order; with QUANT, in e4m3 with their
     scales QS, KS, VS: fp8.py). Means and deviations are per column, so a program takes a
     [BLOCK, COLS] slice of one block of one of the three tensors: small tiles, many programs in
-    flight, and the loads are what bounds it (QUANT takes whole blocks: a block scale needs all columns).
-    KV_ALL: n_kv is S, so the key rows that count are the rows in the sequence (less any a key mask
-    drops): without a key mask the compiler shares one mask between the pooling and the quantization."""
+    flight, and the loads are what bounds it (QUANT takes whole blocks: a block scale needs all columns)."""
     blk = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     SPLIT: tl.constexpr = D // COLS
     which = tl.program_id(2) // SPLIT
     c0 = (tl.program_id(2) % SPLIT) * COLS
     b, h, out_row = bh // n_heads, bh % n_heads, bh * tl.num_programs(0) + blk
-    n_valid_kv = n_kv
-    if KV_ALL:
-        n_valid_kv = S
     if which == 0:
         _pool_tile(Q, QT, SRC, QM, QD, KEY_VALID, QS, K_MEAN, sqb, sqh, sqs, key_valid_stride_b, b, h, bh, blk,
                    out_row, c0, S, S, S16, BLOCK, D, COLS, True, GATHER, False, POOL, QUANT * 1, ROUND)
     elif which == 1:
         _pool_tile(K, KT, SRC, KM, KD, KEY_VALID, KS, K_MEAN, skb, skh, sks, key_valid_stride_b, b, h, bh, blk,
-                   out_row, c0, n_valid_kv, S, S16, BLOCK, D, COLS, True, GATHER, MASKED, POOL, QUANT * 2, ROUND)
+                   out_row, c0, n_kv, S, S16, BLOCK, D, COLS, True, GATHER, MASKED, POOL, QUANT * 2, ROUND)
     else:
         _pool_tile(V, VT, SRC, VM, VM, KEY_VALID, VS, V_AMAX, svb, svh, svs, key_valid_stride_b, b, h, bh, blk,
-                   out_row, c0, n_valid_kv, S, S16, BLOCK, D, COLS, False, GATHER, MASKED, POOL, QUANT * 3, ROUND)
+                   out_row, c0, n_kv, S, S16, BLOCK, D, COLS, False, GATHER, MASKED, POOL, QUANT * 3, ROUND)
 
 
 # per pass: pooling alone, and pooling while reordering (measured on an H100, BENCHMARKS.md); quantizing
@@ -185,8 +181,8 @@ def _pool_launch(q, k, v, n_kv: int, block_size: int, src, config: dict | None, 
     _pool_qkv[(nb, B * H, 3 * (D // cols))](q, k, v, *tiled, q if src is None else src, *pools, key_valid, *scales,
                                             *stats, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                                             key_valid_stride_b, H, S, padded_rows(S), n_kv, BLOCK=block_size, D=D,
-                                            COLS=cols, GATHER=src is not None, MASKED=masked, KV_ALL=n_kv == S,
-                                            POOL=pool, QUANT=quant is not None, ROUND=INTERPRET,
+                                            COLS=cols, GATHER=src is not None, MASKED=masked, POOL=pool,
+                                            QUANT=quant is not None, ROUND=INTERPRET,
                                             num_warps=config["num_warps"],
                                             **({"maxnreg": config["maxnreg"]} if "maxnreg" in config else {}))
     return (tiles if quant else tuple(tiled)), (tuple(pools) if pool else None)
