@@ -24,8 +24,7 @@ from timing import SITES, Results, bench
 
 D, BLOCK = 128, 128
 # warps, and with rectification's pooling in the same pass (which needs more registers: ptxas, sm_90a,
-# 4 warps, 231 and no spills at these sites, n_kv = S and no key mask, against 168 without pooling) more
-# warps or a register cap (Triton's maxnreg).
+# 4 warps, 238 and no spills, against 168 without pooling) more warps or a register cap (Triton's maxnreg).
 # A second read of the block for the pooling, in column slices (179 registers), was measured too and
 # was slower (results/quant-pass-pooling-sweep-h200-2026-12-01.json): it is not kept.
 CONFIGS = {False: [dict(num_warps=4), dict(num_warps=8)],

@@ -94,7 +94,7 @@ def _pool_tile(X, OUT, SRC, MEAN, MAD, KEY_VALID, SCALE, STAT, stride_b, stride_
     or in e4m3 (QUANT > 0: `_quantize_tile`). Keys are quantized smoothed, k − k̄ (QUANT 2), and pooled
     from that same tile with k̄ added back to the mean, and rows beyond S are zeros in the tile (loaded
     so, or zeroed with the shift), so the quantization needs no masked copy of it: the block holds one
-    fp32 tile in registers, not two or three, and the pass does not spill (ptxas, sm_90a, 4 warps: 241
+    fp32 tile in registers, not two or three, and the pass does not spill (ptxas, sm_90a, 4 warps: 236–238
     registers with or without a key mask or n_kv < S, against 255 and 152–176 B of spills before)."""
     rows = blk * BLOCK + tl.arange(0, BLOCK)
     cols = c0 + tl.arange(0, COLS)
