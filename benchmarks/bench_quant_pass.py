@@ -7,7 +7,8 @@ q, k, v bf16 in the model's [B, S, H, D] storage as a rewritten graph hands them
             a rewritten graph (k and v read once);
   * pass:   compact.tile_quant's pass (pool_triton.tile_quant_qkv_triton: q, k, v read, their e4m3
             tiles written), without and with rectification's pooling, over CONFIGS, the default
-            marked (--default-only: the default alone).
+            marked (--default-only: the default alone), and the default pooling pass under a random
+            key-padding mask keeping 90% of the keys (the path of HunyuanVideo's prompt padding).
 GB/s counts the bytes each must move. Writes $OUT/quant-pass.json.
 
     OUT=out python benchmarks/bench_quant_pass.py
@@ -58,6 +59,11 @@ def main(sweep: bool):
                                                                   config=c))
                 emit(site=site, impl="quantizing-pass-pooling" if pool else "quantizing-pass", **config, ms=ms,
                      gb_per_s=moved / ms / 1e6, default=config == QUANT_CONFIG)
+        # the pooling under a key-padding mask (HunyuanVideo's and Mochi's prompt padding), its default
+        key_valid = torch.rand(1, S, device="cuda", generator=g) < 0.9
+        ms = bench(lambda: tile_quant_qkv_triton(q, k, v, src, k_mean, v_amax, S, BLOCK, True, key_valid=key_valid))
+        emit(site=site, impl="quantizing-pass-pooling-key-mask", **QUANT_CONFIG, ms=ms, gb_per_s=moved / ms / 1e6,
+             default=True)
     results.save(D=D, block=BLOCK, sites=SITES)
 
 
