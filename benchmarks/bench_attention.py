@@ -276,8 +276,9 @@ def burst(fn, iters: int = 30, warmup: int = 5) -> float:
 
 
 def burst_rows(layout, kernels, q, k, v):
-    """SDPA and the op at ~90% (bf16, and FP8 with its quantizing reorder) timed both ways, back to
-    back: does the speed-up depend on the timing?"""
+    """SDPA and the op at ~90% timed both ways, back to back: does the speed-up depend on the timing?
+    The bf16 op takes q, k, v as given (no reorder), the FP8 op them in the model's order with its
+    quantizing reorder."""
     window = closest_window(layout, 0.10)
     blocks = window_blocks(layout, window)
     calls = {"sdpa-default": lambda: F.scaled_dot_product_attention(q, k, v)}

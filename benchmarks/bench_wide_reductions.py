@@ -83,7 +83,8 @@ def rmsnorm_rope(x, weight, cos, sin):
 def main():
     torch._inductor.config.force_disable_caches = True
     g = torch.Generator(device="cuda").manual_seed(0)
-    rnd = lambda *shape, dtype=torch.bfloat16: torch.randn(*shape, device="cuda", dtype=dtype, generator=g)  # noqa: E731
+    def rnd(*shape, dtype=torch.bfloat16):
+        return torch.randn(*shape, device="cuda", dtype=dtype, generator=g)
     angles = rnd(S, 1, DIM // HEADS // 2, dtype=torch.float32)
     h = rnd(S, FFN)
     cases = {"gelu": (gelu, (h,), S * FFN * 4), "quant": (quant, (h,), S * FFN * 3),
@@ -93,7 +94,8 @@ def main():
     choices = [(name, handler, False) for name, handler in CHOICES]
     if "--tuned" in sys.argv:
         choices += [(name + "-coordinate-descent", handler, True) for name, handler in CHOICES]
-    os.makedirs(os.path.join(os.environ.get("OUT", "."), "wide-reductions-code"), exist_ok=True)
+    code_dir = os.path.join(os.environ.get("OUT", "."), "wide-reductions-code")
+    os.makedirs(code_dir, exist_ok=True)
     for name, (fn, args, moved) in cases.items():
         first = None
         for choice, handler, tuned in choices:
@@ -101,7 +103,7 @@ def main():
             compiled = torch.compile(fn, dynamic=False)
             with V.set_choices_handler(handler), torch._inductor.config.patch(coordinate_descent_tuning=tuned):
                 out, code = run_and_get_code(compiled, *args)
-            with open(os.path.join(os.environ.get("OUT", "."), "wide-reductions-code", f"{name}-{choice}.py"), "w") as f:
+            with open(os.path.join(code_dir, f"{name}-{choice}.py"), "w") as f:
                 f.write("\n".join(code))
             kernels = sorted(set(re.findall(r"def (triton_(?:red|per|poi)_\w+)\(", "\n".join(code))))
             ms = bench(lambda: compiled(*args))

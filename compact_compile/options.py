@@ -77,7 +77,7 @@ class CompactOptions:
                 offered: a graph replay would freeze the per-step kernel choice of a schedule.
     inductor    Inductor's config patches for the rewritten graph, the dict `torch.compile(options=…)`
                 would hand Inductor (with backend="compact" that dict is these options), e.g.
-                {"triton.multi_kernel": 1, "coordinate_descent_tuning": True}; over `mode`'s. Names
+                {"coordinate_descent_tuning": True}; over `mode`'s. Names
                 Inductor does not have are refused, and so is "triton.cudagraphs" (as for `mode`);
                 needs inner="inductor".
     inner       what compiles the rewritten graph: "inductor" (default), "aot_eager" or "eager".

@@ -68,9 +68,9 @@ def fp8_block_sparse_sm90() -> type:
 
         def __init__(self, out_dtype, num_stages: int = 3):
             super().__init__(cutlass.Float8E4M3FN, HEAD_DIM, HEAD_DIM, 1, is_causal=False, is_local=False,
-                             pack_gqa=False, tile_m=TILE, tile_n=TILE, num_stages=num_stages, num_threads=384, Q_in_regs=False,
-                             intra_wg_overlap=True, mma_pv_is_rs=False, score_mod=block_scales, mask_mod=None,
-                             has_aux_tensors=True)
+                             pack_gqa=False, tile_m=TILE, tile_n=TILE, num_stages=num_stages, num_threads=384,
+                             Q_in_regs=False, intra_wg_overlap=True, mma_pv_is_rs=False, score_mod=block_scales,
+                             mask_mod=None, has_aux_tensors=True)
             self.out_dtype = out_dtype
 
         # ---- what differs from bf16 on the host side -------------------------------------------------
