@@ -147,8 +147,8 @@ def _pool_qkv(Q, K, V, QT, KT, VT, SRC, QM, QD, KM, KD, VM, KEY_VALID, QS, KS, V
 # per pass: pooling alone, and pooling while reordering (measured on an H100, BENCHMARKS.md); quantizing
 # takes whole blocks (COLS = D), and 4 warps measured best without pooling and with it (H200, 2026-12-01,
 # bench_quant_pass.py at Wan-1.3B / Wan-14B's sites: 0.117 / 0.890 ms, pooling 0.194 / 1.447 ms; 8 or 16
-# warps, a register cap, and re-reading the block for the pooling in column slices were all slower); the
-# pooling times are of the pass before keys were pooled from their smoothed tile (spills gone), not re-timed
+# warps, a register cap, and re-reading the block for the pooling in column slices were all slower); keys
+# pooled from their smoothed tile (no spills) took the pooling pass to 0.181 / 1.360 ms (same day)
 POOL_CONFIG = {False: dict(COLS=64, num_warps=2), True: dict(COLS=128, num_warps=4)}
 QUANT_CONFIG = dict(num_warps=4)
 
