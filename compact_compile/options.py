@@ -66,7 +66,7 @@ class CompactOptions:
                 tensor-core dots with fp32 accumulation, q and k with one scale per block of tokens, k
                 smoothed by its mean, v with per-channel scales (kernels/fp8.py), quantized in the pass
                 that reorders q, k, v. FA4's Hopper kernel runs it where it can (kernels/fa4_fp8_sm90.py:
-                flash-attn-4 4.0.0b36, head dim 128, no key-padding mask), our Triton kernel otherwise
+                flash-attn-4 4.0.0b36, head dim 128, key-padding masks too), our Triton kernel otherwise
                 (FlexAttention cannot), for every plan, with rectification per block (not "rows"); needs
                 a CUDA GPU of compute capability ≥ 8.9. Sites on FlexAttention with a model's own mask
                 stay in their dtype.

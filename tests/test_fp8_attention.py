@@ -57,10 +57,10 @@ def test_auto_chooses_triton_and_says_why(monkeypatch):
 
 
 @pytest.mark.parametrize("head_dim, key_mask, option, want", [
-    (128, False, "auto", "fa4"), (64, False, "auto", "triton"), (128, True, "auto", "triton"),
-    (128, False, "triton", "triton")])
+    (128, False, "auto", "fa4"), (128, True, "auto", "fa4"), (64, False, "auto", "triton"),
+    (64, True, "auto", "triton"), (128, False, "triton", "triton")])
 def test_fp8_takes_fa4_where_its_path_runs(monkeypatch, head_dim, key_mask, option, want):
-    """With FA4 installed (pretended here) its FP8 path is preferred for head dim 128 without a key mask;
+    """With FA4 installed (pretended here) its FP8 path is preferred for head dim 128, key mask or not;
     Triton's takes the rest, and an explicitly named kernel is kept."""
     from compact_compile.kernels import fa4
     from compact_compile.kernels.fa4 import FA4Kernel
@@ -73,7 +73,7 @@ def test_fp8_takes_fa4_where_its_path_runs(monkeypatch, head_dim, key_mask, opti
     name, why = choose_kernel(option, DEVICE, torch.bfloat16, head_dim, 128, key_mask=key_mask, fp8=True)
     assert name == want, why
     if want == "triton" and option == "auto":
-        assert ("head dim 64" if head_dim == 64 else "key-padding mask") in why
+        assert "head dim 64" in why
 
 
 def test_fa4s_fp8_path_needs_the_fa4_release_it_is_built_on(monkeypatch):
@@ -200,32 +200,44 @@ class KeyMaskedAttention(torch.nn.Module):
         return o.transpose(1, 2).flatten(2)
 
 
+def fa4_fp8_here() -> bool:
+    from compact_compile.kernels.fa4 import FA4Kernel
+    return DEVICE == "cuda" and not (FA4Kernel.unsupported(DEVICE, torch.bfloat16, 128, 128, True, True)
+                                     or FA4Kernel.fp8_unsupported(128, 128, True))
+
+
 @needs_fp8
 @pytest.mark.parametrize("rectify", [False, True])
 @pytest.mark.parametrize("padding", ["plain", "outliers"])
-def test_fp8_site_honours_a_key_mask(rectify, padding):
+@pytest.mark.parametrize("kernel, block, heads", [
+    ("triton", 64, 2),
+    pytest.param("fa4", 128, 1, marks=pytest.mark.skipif(not fa4_fp8_here(), reason="needs FA4's FP8 path (sm90)"))])
+def test_fp8_site_honours_a_key_mask(rectify, padding, kernel, block, heads):
     """The key mask reaches the FP8 op: its output is within FP8's error of float64 attention over the
     plan's blocks and the kept keys, while ignoring the mask would be 10× further off. With padding
     tokens far off in one direction ("outliers"), k's mean over every token would carry their offset
-    into the kept keys' quantization (0.22 off): smoothing takes the mean over the kept keys only."""
+    into the kept keys' quantization (0.22 off): smoothing takes the mean over the kept keys only.
+    Two frames of one block each: 64 tokens on Triton (head dim 64), 128 on FA4 (head dim 128)."""
     torch.manual_seed(0)
-    model = KeyMaskedAttention().eval().to(DEVICE, torch.bfloat16)
+    model = KeyMaskedAttention(heads=heads).eval().to(DEVICE, torch.bfloat16)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 128, 128, generator=g)
-    key_mask = torch.rand(2, 128, generator=g) < 0.6
+    S = 2 * block
+    x = torch.randn(2, S, 128, generator=g)
+    key_mask = torch.rand(2, S, generator=g) < 0.6
     key_mask[:, 0] = True
     if padding == "outliers":
         x[~key_mask] += 30 * torch.randn(128, generator=g)
     x, key_mask = x.to(DEVICE, torch.bfloat16), key_mask.to(DEVICE)
-    options = dict(plan="window", window=(1, 1, 1), grid=GRID, tile=(1, 8, 8), block_size=64, rectify=rectify,
-                   kernel="triton", inner="eager", fp8_attention=True, dense_steps=0)
+    options = dict(plan="window", window=(1, 1, 1), grid=(2, 8, block // 8), tile=(1, 8, block // 8),
+                   block_size=block, rectify=rectify, kernel=kernel, inner="eager", fp8_attention=True, dense_steps=0)
     compact_compile.report(clear=True)
     with torch.no_grad():
         out = torch.compile(model, backend="compact", options=options)(x, key_mask)
-        q, k, v = (t.double() for t in model.qkv(x).unflatten(-1, (3, 2, -1)).permute(2, 0, 3, 1, 4))
+        q, k, v = (t.double() for t in model.qkv(x).unflatten(-1, (3, heads, -1)).permute(2, 0, 3, 1, 4))
     [site] = compact_compile.report().sites
     assert site["rewritten"] and site["key_mask"] and "FP8" in site["kernel_reason"]
-    blocks = torch.eye(2, dtype=torch.bool, device=DEVICE).repeat_interleave(64, 0).repeat_interleave(64, 1)
+    assert site["kernel"].startswith(kernel), site["kernel"]
+    blocks = torch.eye(2, dtype=torch.bool, device=DEVICE).repeat_interleave(block, 0).repeat_interleave(block, 1)
     sdpa = torch.nn.functional.scaled_dot_product_attention   # window (1, 1, 1): each frame's block alone
     want = sdpa(q, k, v, attn_mask=blocks & key_mask[:, None, None, :]).transpose(1, 2).flatten(2)
     ignored = sdpa(q, k, v, attn_mask=blocks).transpose(1, 2).flatten(2)

@@ -23,7 +23,7 @@ FA4 rules that shape the lists (flash_attn 4.0.0b36):
   FA4's softmax takes a −inf row max as 0 and a zero row sum as 1 (softmax.py:224, 277), and an
   empty list pair writes zeros (flash_fwd_sm90.py:1231).
 FP8 (`attend_fp8`, fa4_fp8_sm90.py): e4m3 tiles on FA4's Hopper forward, head dim 128, 128-token
-blocks, no key-padding mask (those sites take the Triton kernel's FP8 path).
+blocks; a key-padding mask splits the lists and runs the same mask_mod, its table ahead of the scales.
 Not here: a rectification epilogue (R·O + Ō is merged in the graph; for FP8 in the site's call) and
 sm100 (its block sparsity needs 256-token query blocks; plans use 128).
 """
@@ -202,17 +202,20 @@ class FA4Kernel:
             raise ValueError("the FA4 kernel takes no rectification epilogue (R·O + Ō is merged in the graph)")
         if key_valid is None:
             return _run(q, k, v, scale, block_sparse_tensors=prepared)
-        B, S, bs = q.shape[0], q.shape[-2], self.block_size
+        lists, table = self._key_masked(prepared, key_valid, q.shape[0], q.shape[-2], q.device)
+        return _run(q, k, v, scale, block_sparse_tensors=lists, mask_mod=_key_valid_mask_mod(), aux_tensors=[table])
+
+    def _key_masked(self, prepared, key_valid, B: int, S: int, device):
+        """(the lists split for a key-padding mask, the mask_mod's table): key_valid as int32, padded
+        with zeros to whole blocks, so that every key index FA4 asks about is in bounds (it also wraps
+        indices past S, mask.py:234–258, but need not)."""
+        bs = self.block_size
         checked_key_valid(key_valid, B, S)
         nk = -(-S // bs)
-        valid = key_valid.to(q.device, torch.bool).expand(B, S)
+        valid = key_valid.to(device, torch.bool).expand(B, S)
         _, BlockSparseTensorsTorch = _fa4()
         split = split_lists_triton((prepared.full_block_cnt, prepared.full_block_idx), masked_key_blocks(valid, nk, bs))
-        # The mask_mod's table, int32 and padded with zeros to whole blocks: every key index FA4 asks
-        # about is in bounds (it also wraps indices past S, mask.py:234–258, but need not).
-        table = F.pad(valid.to(torch.int32), (0, nk * bs - S))
-        return _run(q, k, v, scale, block_sparse_tensors=BlockSparseTensorsTorch(*split, block_size=(bs, bs)),
-                    mask_mod=_key_valid_mask_mod(), aux_tensors=[table])
+        return BlockSparseTensorsTorch(*split, block_size=(bs, bs)), F.pad(valid.to(torch.int32), (0, nk * bs - S))
 
     def dense(self, q, k, v, scale, key_valid=None) -> torch.Tensor:
         if key_valid is not None:
@@ -221,11 +224,9 @@ class FA4Kernel:
 
     @staticmethod
     def fp8_unsupported(head_dim: int, block_size: int, key_mask: bool = False) -> str:
-        """Why its FP8 path cannot take these inputs ("" if it can)."""
+        """Why its FP8 path cannot take these inputs ("" if it can; key masks it takes)."""
         if head_dim != FP8_HEAD_DIM:
             return f"head dim {head_dim} (its FP8 path: {FP8_HEAD_DIM})"
-        if key_mask:
-            return "a key-padding mask (its FP8 path has none)"
         version = _fa4_version()
         if version != FP8_BUILT_ON:
             return f"flash-attn-4 {version} installed; its FP8 path is built on {FP8_BUILT_ON}'s Hopper kernel"
@@ -233,12 +234,16 @@ class FA4Kernel:
 
     def attend_fp8(self, tiles: FP8Tiles, prepared, scale, dtype, key_valid=None, rectify=None) -> torch.Tensor:
         """`attend` over e4m3 tiles (fp8.py), the output in dtype."""
-        if key_valid is not None or rectify is not None:
-            raise ValueError("the FA4 kernel's FP8 path takes no key-padding mask and no rectification epilogue")
+        if rectify is not None:
+            raise ValueError("the FA4 kernel's FP8 path takes no rectification epilogue (the site merges R·O + Ō)")
         why = _fp8_refusal(tiles.q.device, dtype, tiles.q.shape[-1], self.block_size)
         if why:
             raise ValueError(f"the FA4 kernel's FP8 path cannot take these inputs: {why}")
-        return _run_fp8(tiles, prepared, scale, dtype)
+        if key_valid is None:
+            return _run_fp8(tiles, prepared, scale, dtype)
+        B, _, S, _ = tiles.q.shape
+        lists, table = self._key_masked(prepared, key_valid, B, S, tiles.q.device)
+        return _run_fp8(tiles, lists, scale, dtype, key_table=table)
 
 
 @functools.cache
@@ -252,12 +257,13 @@ def _fp8_refusal(device: torch.device, dtype: torch.dtype, head_dim: int, block_
 _FP8_COMPILED: dict[tuple, object] = {}
 
 
-def _run_fp8(tiles: FP8Tiles, lists, scale, dtype, num_stages: int = 3) -> torch.Tensor:
+def _run_fp8(tiles: FP8Tiles, lists, scale, dtype, key_table=None, num_stages: int = 3) -> torch.Tensor:
     """fa4_fp8_sm90's kernel on the tiles: q, k as (B, S, H, D) views, vᵀ `[B, H, D, S16]` as a
-    (B, S, H, D) view whose key mode is the contiguous one, the scales as FA4's aux tensors; the output
-    in dtype, (B, H, S, D). Shapes and strides are dynamic but zero strides are compiled in, so it is
-    built once per output dtype, `num_stages` (K/V tiles in flight; benchmarks vary it) and pattern of
-    lists broadcast over batch or heads, as FA4's interface keys it."""
+    (B, S, H, D) view whose key mode is the contiguous one, the scales (after `key_table`, the key mask's,
+    where given) as FA4's aux tensors; the output in dtype, (B, H, S, D). Shapes and strides are dynamic
+    but zero strides are compiled in, so it is built once per output dtype, `num_stages` (K/V tiles in
+    flight; benchmarks vary it), key mask or none, and pattern of lists broadcast over batch or heads,
+    as FA4's interface keys it."""
     import cutlass.cute as cute
     from flash_attn.cute.block_sparsity import to_cute_block_sparse_tensors
     from flash_attn.cute.cute_dsl_utils import to_cute_tensor
@@ -273,21 +279,24 @@ def _run_fp8(tiles: FP8Tiles, lists, scale, dtype, num_stages: int = 3) -> torch
     q, k = tiles.q.transpose(1, 2), tiles.k.transpose(1, 2)
     v = tiles.v_t.permute(0, 3, 1, 2)[:, :S]
     out = torch.empty(B, H, S, D, dtype=dtype, device=q.device)
-    scales = [tiles.q_scale, tiles.k_scale, tiles.v_scale]
-    key = (dtype, num_stages, tuple(tuple(st == 0 for st in t.stride()) for t in lists[:4]))
+    aux = [tiles.q_scale, tiles.k_scale, tiles.v_scale] if key_table is None else \
+        [key_table, tiles.q_scale, tiles.k_scale, tiles.v_scale]
+    key = (dtype, num_stages, key_table is not None, tuple(tuple(st == 0 for st in t.stride()) for t in lists[:4]))
     if key not in _FP8_COMPILED:
         def e4m3(t, leading_dim):
             t = to_cute_tensor(t.view(torch.uint8), leading_dim=leading_dim)
             t.element_type = torch2cute_dtype_map[torch.float8_e4m3fn]
             return t
         _FP8_COMPILED[key] = cute.compile(
-            fp8_block_sparse_sm90()(torch2cute_dtype_map[dtype], num_stages), e4m3(q, 3), e4m3(k, 3), e4m3(v, 1),
+            fp8_block_sparse_sm90()(torch2cute_dtype_map[dtype], num_stages,
+                                    None if key_table is None else _key_valid_mask_mod()),
+            e4m3(q, 3), e4m3(k, 3), e4m3(v, 1),
             to_cute_tensor(out.transpose(1, 2)), None, 1.0, *[None] * 8, to_cute_block_sparse_tensors(lists),
-            AuxData([to_cute_tensor(t, assumed_align=4, leading_dim=2) for t in scales], None), None, None,
+            AuxData([to_cute_tensor(t, assumed_align=4, leading_dim=t.dim() - 1) for t in aux], None), None, None,
             cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True), options="--enable-tvm-ffi")
     _FP8_COMPILED[key](q.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8), out.transpose(1, 2), None,
                          D ** -0.5 if scale is None else scale, *[None] * 8, tuple(lists[:4]) + (None,) * 4,
-                         AuxData(scales, None), None, None)
+                         AuxData(aux, None), None, None)
     return out
 
 

@@ -20,6 +20,10 @@ on top, and where this subclass puts it:
   score as before. P enters the MMA as e4m3 of 448·p (log2(448) added to the exponent; the row sum
   holds the same factor, which cancels), so probabilities down to 448·2^-6 relative stay normal.
   v's per-channel scale multiplies the output's columns in the epilogue, once per CTA.
+- A key-padding mask: FA4's own path for the bf16 kernel (fa4.py): the blocks holding a masked key are
+  its "mask" blocks, where the `mask_mod` reads the keys' table (aux tensor 0, the scales after it)
+  and sets their scores to −inf before the scale constant multiplies them (−inf·c = −inf for c > 0),
+  so their p is 0; a row with no key left keeps m = −inf and takes 0, as without a mask.
 - The output dtype (bf16/fp16) differs from the inputs': O is staged through the shared memory of
   Q in that dtype (`_get_shared_storage_cls` sizes it; `epilogue`).
 Accumulation: FA4 keeps O in the MMA accumulator across tiles, where Hopper's e4m3 MMA adds each
@@ -64,14 +68,15 @@ def fp8_block_sparse_sm90() -> type:
     class FP8BlockSparseSm90(FlashAttentionForwardSm90):
         """e4m3 q, k, vᵀ tiles and their scales (aux tensors: q's `[B, H, nq]`, k's `[B, H, nk]`, v's
         `[B, H, D]`, fp32) → O in `out_dtype`, over FA4's block-sparse lists; head dim 128, 128-token
-        blocks."""
+        blocks. `key_mask`: FA4's mask_mod of a key-padding mask, its table the first aux tensor."""
 
-        def __init__(self, out_dtype, num_stages: int = 3):
+        def __init__(self, out_dtype, num_stages: int = 3, key_mask=None):
             super().__init__(cutlass.Float8E4M3FN, HEAD_DIM, HEAD_DIM, 1, is_causal=False, is_local=False,
                              pack_gqa=False, tile_m=TILE, tile_n=TILE, num_stages=num_stages, num_threads=384,
                              Q_in_regs=False, intra_wg_overlap=True, mma_pv_is_rs=False, score_mod=block_scales,
-                             mask_mod=None, has_aux_tensors=True)
+                             mask_mod=key_mask, has_aux_tensors=True)
             self.out_dtype = out_dtype
+            self.scales_at = 0 if key_mask is None else 1     # aux tensors: [the keys' table,] q's, k's, v's scales
 
         # ---- what differs from bf16 on the host side -------------------------------------------------
         def _check_type(self, q_type, k_type, v_type, o_type, lse_type, *varlen_types):
@@ -133,7 +138,7 @@ def fp8_block_sparse_sm90() -> type:
                             aux_data: AuxData = AuxData(), fastdiv_mods=None):
             """This tile's c = scale·log2(e)·σq·σk (acc_S is neither read nor changed), kept a normal
             number: two all-zero blocks' scales (1e-30/448 each) multiply to 0, and −inf·0 is NaN."""
-            q_scale, k_scale = aux_data.tensors[0], aux_data.tensors[1]
+            q_scale, k_scale = aux_data.tensors[self.scales_at], aux_data.tensors[self.scales_at + 1]
             c = softmax_scale * LOG2_E * q_scale[batch_idx, head_idx, m_block] * k_scale[batch_idx, head_idx, n_block]
             return cute.arch.fmax(c, Float32(1e-30))
 
@@ -230,7 +235,7 @@ def fp8_block_sparse_sm90() -> type:
                      m_block, head_idx, batch_idx):
             """v's channel scales, then FA4's epilogue in the output dtype, through Q's shared memory viewed
             in that dtype. A plain method (FA4 calls it while tracing), so that it can switch self.dtype."""
-            self.scale_columns(acc_O, self._scales[2], tiled_mma, tidx, batch_idx, head_idx)
+            self.scale_columns(acc_O, self._scales[self.scales_at + 2], tiled_mma, tidx, batch_idx, head_idx)
             o_layout = sm90_utils.make_smem_layout(self.out_dtype, LayoutEnum.ROW_MAJOR, (self.tile_m, self.tile_hdimv))
             sO = cute.make_tensor(cute.recast_ptr(sO.iterator, o_layout.inner, dtype=self.out_dtype), o_layout.outer)
             in_dtype, self.dtype = self.dtype, self.out_dtype

@@ -261,7 +261,7 @@ def _launch(q, k, v, fp8: FP8Tiles | None, dtype, kv_num_blocks, kv_indices, blo
 
 class TritonKernel:
     """Our Triton kernel: block lists as they are, key masks and the rectified epilogue in the one
-    pass; and an FP8 path (`attend_fp8`), the one that takes key masks and fuses rectification."""
+    pass; and an FP8 path (`attend_fp8`), key masks and the rectification epilogue fused in it too."""
 
     name = "triton"
     fuses_rectify = True

@@ -1,6 +1,6 @@
 """FA4's FP8 path (kernels/fa4_fp8_sm90.py) against float64 attention over the dequantized tiles, with
 reference.fp8_attention_reference's bound (O kept in the MMA accumulator): random lengths (partial
-last blocks), block maps, scales, common key offsets, both output dtypes. GPU only (sm90 + FA4); the
+last blocks), block maps, scales, common key offsets, key-padding masks, both output dtypes. GPU only (sm90 + FA4); the
 CPU suite compiles nothing of it (tests/kernels/test_sm90_builds.py covers the Triton kernels)."""
 from __future__ import annotations
 
@@ -29,7 +29,18 @@ def cases(draw):
                 dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])), density=draw(st.floats(0.0, 1.0)),
                 sharpness=draw(st.sampled_from([0.5, 1.0, 3.0])), offset=draw(st.sampled_from([0.0, 20.0])),
                 scale=draw(st.sampled_from([None, 0.3])), per_head=draw(st.booleans()),
+                key_mask=draw(st.sampled_from([None, "random", "prompt", "broadcast"])),
                 seed=draw(st.integers(0, 2**31 - 1)))
+
+
+def key_mask(kind, B, S, gen):
+    """None; a random half of the keys; a prompt's padding (each batch element's keys past a random
+    length, as HunyuanVideo's text); or one random mask broadcast over the batch ([1, S])."""
+    if kind is None:
+        return None
+    if kind == "prompt":
+        return (torch.arange(S)[None] < torch.randint(1, S + 1, (B, 1), generator=gen)).cuda()
+    return (torch.rand(1 if kind == "broadcast" else B, S, generator=gen) < 0.5).cuda()
 
 
 def run_case(c):
@@ -44,10 +55,11 @@ def run_case(c):
     lists = c.get("lists", "per_head" if c["per_head"] else "shared")
     shape = {"shared": (1, nb, nb), "per_head": (H, nb, nb), "per_batch": (B, H, nb, nb)}[lists]
     blocks = torch.rand(*shape, generator=gen) < c["density"]
-    tiles = quantize_tiles(q, k, v, *smoothing_stats(k, v), BS)
+    valid = key_mask(c.get("key_mask"), B, S, gen)
+    tiles = quantize_tiles(q, k, v, *smoothing_stats(k, v, valid), BS)
     kernel = FA4Kernel(SimpleNamespace(block_size=BS))
-    out = kernel.attend_fp8(tiles, kernel.prepare(kv_block_lists(blocks.cuda())), c["scale"], dtype)
-    ref, bound = (t.cpu() for t in fp8_attention_reference(tiles, blocks, BS, c["scale"], o_in_mma=True))
+    out = kernel.attend_fp8(tiles, kernel.prepare(kv_block_lists(blocks.cuda())), c["scale"], dtype, valid)
+    ref, bound = (t.cpu() for t in fp8_attention_reference(tiles, blocks, BS, c["scale"], valid, o_in_mma=True))
     out = out.double().cpu()
     assert torch.isfinite(out).all(), "non-finite output"
     err = (out - ref).abs()
@@ -62,6 +74,8 @@ def run_case(c):
               per_head=True, seed=0))                    # no block listed: zeros; one key in the last block
 @example(dict(B=2, H=1, S=1000, dtype=torch.float16, density=1.0, sharpness=3.0, offset=20.0, scale=0.3,
               per_head=False, seed=3))
+@example(dict(B=2, H=2, S=700, dtype=torch.bfloat16, density=0.3, sharpness=1.0, offset=20.0, scale=None,
+              per_head=True, key_mask="prompt", seed=4))   # rows whose listed blocks keep no key: zeros
 def test_fp8_path_within_the_bound_of_its_float64_reference(c):
     run_case(c)
 
@@ -84,15 +98,36 @@ def test_mask_is_not_ignored():
     assert ((b.double() - ref).norm() / ref.norm()) < 0.05
 
 
+def test_key_mask_is_not_ignored():
+    """Every block listed, a prompt-padding mask: the masked run matches its reference, which is far
+    from the unmasked one, and a row past no masked key is the same in both."""
+    gen = torch.Generator().manual_seed(2)
+    S = 3 * BS
+    q, k, v = (torch.randn(2, 1, S, D, generator=gen).to(torch.bfloat16).cuda() for _ in range(3))
+    valid = (torch.arange(S)[None] < torch.tensor([[S], [S - BS - 40]])).cuda()   # element 1: 168 keys padded
+    blocks = torch.ones(1, 3, 3, dtype=torch.bool)
+    kernel = FA4Kernel(SimpleNamespace(block_size=BS))
+    outs = []
+    for keys in (None, valid):
+        tiles = quantize_tiles(q, k, v, *smoothing_stats(k, v, keys), BS)
+        outs.append(kernel.attend_fp8(tiles, kernel.prepare(kv_block_lists(blocks.cuda())), None, torch.bfloat16,
+                                      keys).double())
+        ref, _ = fp8_attention_reference(tiles, blocks, BS, key_valid=keys)
+        assert ((outs[-1] - ref).norm() / ref.norm()) < 0.05
+    assert (outs[0][1] - outs[1][1]).norm() > 0.2 * outs[0][1].norm()     # element 1: its mask changed it
+    assert (outs[0][0] - outs[1][0]).norm() < 0.02 * outs[0][0].norm()     # element 0 keeps every key
+
+
 def test_lists_broadcast_in_any_pattern_and_order():
     """The kernel is built per pattern of lists broadcast over batch or heads (their zero strides are
     compiled in): shared lists first, then per-head and per-batch ones, each against float64."""
     from compact_compile.kernels import fa4
 
     fa4._FP8_COMPILED.clear()
-    for lists in ("shared", "per_head", "per_batch", "shared"):
+    for lists, keys in (("shared", None), ("per_head", "prompt"), ("per_batch", None), ("shared", "broadcast"),
+                        ("shared", None)):
         run_case(dict(B=2, H=2, S=700, dtype=torch.bfloat16, density=0.5, sharpness=1.0, offset=0.0, scale=None,
-                      per_head=False, lists=lists, seed=1))
+                      per_head=False, lists=lists, key_mask=keys, seed=1))
 
 
 def test_inputs_it_cannot_take_are_one_clear_error():
