@@ -201,9 +201,8 @@ class KeyMaskedAttention(torch.nn.Module):
 
 
 def fa4_fp8_here() -> bool:
-    from compact_compile.kernels.fa4 import FA4Kernel
-    return DEVICE == "cuda" and not (FA4Kernel.unsupported(DEVICE, torch.bfloat16, 128, 128, True, True)
-                                     or FA4Kernel.fp8_unsupported(128, 128, True))
+    from compact_compile.kernels.fa4 import _fp8_refusal
+    return DEVICE == "cuda" and not _fp8_refusal(torch.device(DEVICE), torch.bfloat16, 128, 128)
 
 
 @needs_fp8

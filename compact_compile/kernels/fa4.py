@@ -9,8 +9,10 @@ FA4 takes two lists of key blocks per query block (flash_attn/cute/block_sparse_
 "full" blocks, where it does not. Without a key mask all our blocks are full: no per-element cost.
 With a key-padding mask (`key_valid`: HunyuanVideo's and Mochi's prompt padding) each call splits
 the lists (`split_lists`): a block holding a key that key_valid excludes becomes a mask block, whose
-`mask_mod` reads key_valid at (batch, key); the others stay full. Padding touches the few text
-blocks, so the video blocks, nearly all the work, pay nothing for the mask.
+`mask_mod` reads key_valid at (batch, key); a block whose keys it excludes all leaves the lists (every
+score of it would be −inf: it adds nothing, and a row left with no block gets 0 as before); the others
+stay full. Padding touches the few text blocks, so the video blocks, nearly all the work, pay nothing
+for the mask, and blocks of padding alone cost nothing.
 
 FA4 rules that shape the lists (flash_attn 4.0.0b36):
 - it walks each list backwards and applies the sequence-length mask only to the first block it
@@ -107,24 +109,34 @@ def _packed(keep: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.
     return keep.sum(-1, dtype=torch.int32), out[..., :width].contiguous()
 
 
-def split_lists(lists: BlockLists, masked: torch.Tensor):
+def key_block_states(key_valid: torch.Tensor, n_blocks: int, block_size: int) -> torch.Tensor:
+    """int8 `[B or 1, n_blocks]` of a key-padding mask (`[B or 1, S]`, nonzero = keep): 0 where key
+    block n keeps every key, 1 where it excludes some (`masked_key_blocks`), 2 where it keeps none.
+    Positions past S in a partial last block are no keys."""
+    pad = n_blocks * block_size - key_valid.shape[-1]
+    kept_none = ~F.pad(key_valid != 0, (0, pad)).reshape(-1, n_blocks, block_size).any(-1)
+    return masked_key_blocks(key_valid, n_blocks, block_size).to(torch.int8) + kept_none.to(torch.int8)
+
+
+def split_lists(lists: BlockLists, states: torch.Tensor):
     """FA4's (mask_cnt, mask_idx, full_cnt, full_idx) from our block lists (`kv_block_lists`) and the
-    per-call flags `masked` (bool `[B or 1, nk]`, `masked_key_blocks`): each listed block that holds a
-    masked key goes to the mask list, every other one to the full list, both in the order of the
-    list (ascending). Counts `[B', H or 1, nq]`, indices `[B', H or 1, nq, width]`, int32, B' the
-    batch of the lists or of the flags, whichever is not 1."""
+    per-call `states` (`[B or 1, nk]`, `key_block_states`): each listed block of state 1 (some keys
+    excluded) goes to the mask list, of state 0 to the full list, of state 2 (none kept) to neither,
+    both lists in the order of ours (ascending). Counts `[B', H or 1, nq]`, indices
+    `[B', H or 1, nq, width]`, int32, B' the batch of the lists or of the states, whichever is not 1."""
     num, idx = batched(lists)
-    B = max(num.shape[0], masked.shape[0])
+    B = max(num.shape[0], states.shape[0])
     _, H, nq, width = idx.shape
     listed = torch.arange(width, device=idx.device) < num[..., None]
     idx = torch.where(listed, idx, 0).expand(B, H, nq, width)   # entries past the count: any block
-    has_mask = masked.to(idx.device)[:, None, None, :].expand(B, H, nq, masked.shape[-1]).gather(-1, idx.long())
-    return (*_packed(listed & has_mask, idx), *_packed(listed & ~has_mask, idx))
+    state = states.to(idx.device, torch.int8)[:, None, None, :].expand(B, H, nq, states.shape[-1]).gather(
+        -1, idx.long())
+    return (*_packed(listed & (state == 1), idx), *_packed(listed & (state == 0), idx))
 
 
 @triton.jit
-def _split_lists_kernel(num, idx, masked, mask_cnt, mask_idx, full_cnt, full_idx, H, NQ, WIDTH,
-                        num_sb, num_sh, idx_sb, idx_sh, idx_sq, masked_sb, BLOCK_W: tl.constexpr):
+def _split_lists_kernel(num, idx, states, mask_cnt, mask_idx, full_cnt, full_idx, H, NQ, WIDTH,
+                        num_sb, num_sh, idx_sb, idx_sh, idx_sq, states_sb, BLOCK_W: tl.constexpr):
     """`split_lists` on the GPU, one program per (batch, head, query block): the torch version is
     about 15 launches over [B, H, nq, width] tensors (0.5 ms a call at HunyuanVideo's size)."""
     row = tl.program_id(0)
@@ -133,8 +145,8 @@ def _split_lists_kernel(num, idx, masked, mask_cnt, mask_idx, full_cnt, full_idx
     cols = tl.arange(0, BLOCK_W)
     listed = cols < n
     block = tl.load(idx + b * idx_sb + h * idx_sh + q * idx_sq + cols, mask=listed, other=0)
-    has_mask = tl.load(masked + b * masked_sb + block, mask=listed, other=0) != 0
-    to_mask, to_full = listed & has_mask, listed & ~has_mask
+    state = tl.load(states + b * states_sb + block, mask=listed, other=0)
+    to_mask, to_full = listed & (state == 1), listed & (state == 0)
     # a list's k-th kept entry goes to slot k: the running count of kept entries before it
     tl.store(mask_idx + row * WIDTH + tl.cumsum(to_mask.to(tl.int32), 0) - 1, block, mask=to_mask)
     tl.store(full_idx + row * WIDTH + tl.cumsum(to_full.to(tl.int32), 0) - 1, block, mask=to_full)
@@ -142,20 +154,20 @@ def _split_lists_kernel(num, idx, masked, mask_cnt, mask_idx, full_cnt, full_idx
     tl.store(full_cnt + row, tl.sum(to_full.to(tl.int32), 0))
 
 
-def split_lists_triton(lists: BlockLists, masked: torch.Tensor):
+def split_lists_triton(lists: BlockLists, states: torch.Tensor):
     """`split_lists` in one launch, the same outputs (entries past each count 0)."""
     num, idx = batched(lists)
-    B = max(num.shape[0], masked.shape[0])
+    B = max(num.shape[0], states.shape[0])
     _, H, nq, width = idx.shape
     counts = [torch.zeros(B, H, nq, dtype=torch.int32, device=idx.device) for _ in range(2)]
     lists_out = [torch.zeros(B, H, nq, width, dtype=torch.int32, device=idx.device) for _ in range(2)]
     num, idx = num.to(torch.int32), idx.to(torch.int32)
     idx = idx if idx.stride(-1) == 1 else idx.contiguous()
-    masked = masked.to(idx.device, torch.int8).contiguous()
+    states = states.to(idx.device, torch.int8).contiguous()
     stride = lambda t, d: t.stride(d) if t.shape[d] > 1 else 0  # noqa: E731  (size-1 dims broadcast)
     _split_lists_kernel[(B * H * nq,)](
-        num, idx, masked, counts[0], lists_out[0], counts[1], lists_out[1], H, nq, width,
-        stride(num, 0), stride(num, 1), stride(idx, 0), stride(idx, 1), idx.stride(2), stride(masked, 0),
+        num, idx, states, counts[0], lists_out[0], counts[1], lists_out[1], H, nq, width,
+        stride(num, 0), stride(num, 1), stride(idx, 0), stride(idx, 1), idx.stride(2), stride(states, 0),
         BLOCK_W=triton.next_power_of_2(width))
     return counts[0], lists_out[0], counts[1], lists_out[1]
 
@@ -214,8 +226,9 @@ class FA4Kernel:
         nk = -(-S // bs)
         valid = key_valid.to(device, torch.bool).expand(B, S)
         _, BlockSparseTensorsTorch = _fa4()
-        split = split_lists_triton((prepared.full_block_cnt, prepared.full_block_idx), masked_key_blocks(valid, nk, bs))
-        return BlockSparseTensorsTorch(*split, block_size=(bs, bs)), F.pad(valid.to(torch.int32), (0, nk * bs - S))
+        split = split_lists_triton((prepared.full_block_cnt, prepared.full_block_idx), key_block_states(valid, nk, bs))
+        table = F.pad(valid.to(torch.int32), (0, nk * bs - S)).contiguous()   # row-major, as compiled
+        return BlockSparseTensorsTorch(*split, block_size=(bs, bs)), table
 
     def dense(self, q, k, v, scale, key_valid=None) -> torch.Tensor:
         if key_valid is not None:

@@ -16,7 +16,7 @@ from support import rectified_site
 from compact_compile.kernels.fa4 import FA4Kernel, fa4_importable
 from compact_compile.kernels.reference import (block_sparse_attention_reference, rectified_attention_reference,
                                                token_mask)
-from compact_compile.kernels.registry import kv_block_lists, masked_key_blocks
+from compact_compile.kernels.registry import kv_block_lists
 from compact_compile.layout import TokenLayout
 from compact_compile.masks import text_blocks, window_blocks
 
@@ -157,7 +157,7 @@ def test_fa4_does_not_ignore_the_key_mask():
     keys of the other: the output is the masked reference, and the unmasked one — what a kernel that
     drops the mask computes — is far from it, as is FA4 itself without the mask. Both of FA4's lists
     are used: blocks with masked keys and blocks without."""
-    from compact_compile.kernels.fa4 import split_lists
+    from compact_compile.kernels.fa4 import key_block_states, split_lists
     g = torch.Generator().manual_seed(0)
     S, nb = 1000, 8
     blocks = torch.rand(2, nb, nb, generator=g) < 0.4
@@ -176,15 +176,15 @@ def test_fa4_does_not_ignore_the_key_mask():
     unmasked = kern.attend(q, k, v, kern.prepare(tuple(x.cuda() for x in kv_block_lists(blocks))), None)
     assert rel(out, ref) < TOL[torch.bfloat16]
     assert rel(ref_unmasked, ref) > 0.1 and rel(unmasked, ref) > 0.1
-    mask_cnt, _, full_cnt, _ = split_lists(kv_block_lists(blocks), masked_key_blocks(key_valid, nb, 128))
+    mask_cnt, _, full_cnt, _ = split_lists(kv_block_lists(blocks), key_block_states(key_valid, nb, 128))
     assert mask_cnt.sum() > 0 and full_cnt.sum() > 0 and (mask_cnt[0] < mask_cnt[1]).any()
 
 
 def test_fa4_rows_without_a_valid_key_are_zero():
-    """Key block 1 wholly masked, block 0 partly: query block 0 lists (0, 1), both mask blocks, and FA4
-    walks 1 first (every score −inf) then 0; query block 1 lists only 1 (no valid key: 0); query
-    block 2 lists (1, 2), a mask block then the partial last block as a full block, whose sequence
-    mask must still apply. Finite, zeros where no key is seen, the reference elsewhere."""
+    """Key block 1 wholly masked, block 0 partly: block 1 leaves every list, so query block 0 keeps
+    block 0 as a mask block; query block 1 lists only block 1 and is left with no block (0); query
+    block 2 keeps the partial last block as a full block, whose sequence mask must still apply.
+    Finite, zeros where no key is seen, the reference elsewhere."""
     S = 3 * 128 - 20
     blocks = torch.tensor([[[True, True, False], [False, True, False], [False, True, True]]])
     key_valid = torch.ones(1, S, dtype=torch.bool)

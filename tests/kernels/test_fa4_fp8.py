@@ -29,18 +29,22 @@ def cases(draw):
                 dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])), density=draw(st.floats(0.0, 1.0)),
                 sharpness=draw(st.sampled_from([0.5, 1.0, 3.0])), offset=draw(st.sampled_from([0.0, 20.0])),
                 scale=draw(st.sampled_from([None, 0.3])), per_head=draw(st.booleans()),
-                key_mask=draw(st.sampled_from([None, "random", "prompt", "broadcast"])),
+                key_mask=draw(st.sampled_from([None, "random", "prompt", "early", "broadcast"])),
                 seed=draw(st.integers(0, 2**31 - 1)))
 
 
 def key_mask(kind, B, S, gen):
     """None; a random half of the keys; a prompt's padding (each batch element's keys past a random
-    length, as HunyuanVideo's text); or one random mask broadcast over the batch ([1, S])."""
+    length, as HunyuanVideo's text); a random half of the first block's keys only, so that a partial
+    last block stays a full block behind mask blocks; or one random mask broadcast over the batch."""
     if kind is None:
         return None
     if kind == "prompt":
         return (torch.arange(S)[None] < torch.randint(1, S + 1, (B, 1), generator=gen)).cuda()
-    return (torch.rand(1 if kind == "broadcast" else B, S, generator=gen) < 0.5).cuda()
+    valid = torch.rand(1 if kind == "broadcast" else B, S, generator=gen) < 0.5
+    if kind == "early":
+        valid[:, BS:] = True
+    return valid.cuda()
 
 
 def run_case(c):
@@ -76,6 +80,8 @@ def run_case(c):
               per_head=False, seed=3))
 @example(dict(B=2, H=2, S=700, dtype=torch.bfloat16, density=0.3, sharpness=1.0, offset=20.0, scale=None,
               per_head=True, key_mask="prompt", seed=4))   # rows whose listed blocks keep no key: zeros
+@example(dict(B=1, H=2, S=650, dtype=torch.bfloat16, density=1.0, sharpness=1.0, offset=0.0, scale=None,
+              per_head=False, key_mask="early", seed=6))   # the partial last block: full, behind a mask block
 def test_fp8_path_within_the_bound_of_its_float64_reference(c):
     run_case(c)
 
@@ -99,8 +105,8 @@ def test_mask_is_not_ignored():
 
 
 def test_key_mask_is_not_ignored():
-    """Every block listed, a prompt-padding mask: the masked run matches its reference, which is far
-    from the unmasked one, and a row past no masked key is the same in both."""
+    """Every block listed, a prompt-padding mask on batch element 1 only: the masked run matches its
+    reference, element 1's output is far from its unmasked one, and element 0's is the same."""
     gen = torch.Generator().manual_seed(2)
     S = 3 * BS
     q, k, v = (torch.randn(2, 1, S, D, generator=gen).to(torch.bfloat16).cuda() for _ in range(3))
@@ -120,7 +126,8 @@ def test_key_mask_is_not_ignored():
 
 def test_lists_broadcast_in_any_pattern_and_order():
     """The kernel is built per pattern of lists broadcast over batch or heads (their zero strides are
-    compiled in): shared lists first, then per-head and per-batch ones, each against float64."""
+    compiled in) and per key mask or none: shared lists first, then per-head and per-batch ones, masked
+    and not, each against float64; a masked kernel reused for an unmasked call (or the reverse) fails."""
     from compact_compile.kernels import fa4
 
     fa4._FP8_COMPILED.clear()
