@@ -246,10 +246,17 @@ def fp8_rows(layout, kernels, q, k, v, sdpa):
             prepared = site_kernel.prepare(kv_block_lists(blocks[None].to(dev)))
             ms_kernel = bench(lambda: site_kernel.attend_fp8(tiles, prepared, None, dt))
             if name == "fa4":   # K/V stages in flight: 2 against the default 3 (kernel_only_ms below)
-                from compact_compile.kernels.fa4 import _run_fp8
+                from compact_compile.kernels.fa4 import _run_fp8, in_mma_key_order
                 ms_2 = bench(lambda: _run_fp8(tiles, prepared, None, dt, num_stages=2))
                 emit(impl=f"fp8-section-fa4-fp8-kernel-2-stages-{plan}", ms=ms_2,
                      tflops_effective=flops * dens / ms_2 / 1e9)
+                # P as the P·V MMA's register operand, vᵀ's keys reordered for it beforehand (untimed)
+                reordered = in_mma_key_order(tiles)
+                ms_rs = bench(lambda: _run_fp8(reordered, prepared, None, dt, p_in_registers=True))
+                emit(impl=f"fp8-section-fa4-fp8-kernel-p-in-registers-{plan}", ms=ms_rs,
+                     tflops_effective=flops * dens / ms_rs / 1e9,
+                     rel_diff_vs_p_in_shared=rel_diff(_run_fp8(reordered, prepared, None, dt, p_in_registers=True),
+                                                      _run_fp8(tiles, prepared, None, dt)))
             emit(impl=f"fp8-section-{name}-fp8-op-{plan}", sparsity=sparsity, ms=ms, speedup=sdpa / ms,
                  tflops_effective=flops * dens / ms / 1e9, quantizing_reorder_ms=bench(quantize),
                  kernel_only_ms=ms_kernel, kernel_tflops_effective=flops * dens / ms_kernel / 1e9,

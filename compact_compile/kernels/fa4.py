@@ -270,20 +270,19 @@ def _fp8_refusal(device: torch.device, dtype: torch.dtype, head_dim: int, block_
 _FP8_COMPILED: dict[tuple, object] = {}
 
 
-def _run_fp8(tiles: FP8Tiles, lists, scale, dtype, key_table=None, num_stages: int = 3) -> torch.Tensor:
+def _run_fp8(tiles: FP8Tiles, lists, scale, dtype, key_table=None, num_stages: int = 3,
+             p_in_registers: bool = False) -> torch.Tensor:
     """fa4_fp8_sm90's kernel on the tiles: q, k as (B, S, H, D) views, vᵀ `[B, H, D, S16]` as a
     (B, S, H, D) view whose key mode is the contiguous one, the scales (after `key_table`, the key mask's,
     where given) as FA4's aux tensors; the output in dtype, (B, H, S, D). Shapes and strides are dynamic
     but zero strides are compiled in, so it is built once per output dtype, `num_stages` (K/V tiles in
-    flight; benchmarks vary it), key mask or none, and pattern of lists broadcast over batch or heads,
-    as FA4's interface keys it."""
-    import cutlass.cute as cute
+    flight; benchmarks vary it), key mask or none, P's place (`p_in_registers`, which needs vᵀ's keys in
+    MMA_KEY_ORDER: `in_mma_key_order`; benchmarks and tests vary it) and pattern of lists broadcast over
+    batch or heads, as FA4's interface keys it."""
     from flash_attn.cute.block_sparsity import to_cute_block_sparse_tensors
     from flash_attn.cute.cute_dsl_utils import to_cute_tensor
     from flash_attn.cute.interface import torch2cute_dtype_map
     from flash_attn.cute.utils import AuxData
-
-    from .fa4_fp8_sm90 import fp8_block_sparse_sm90
 
     B, H, S, D = tiles.q.shape
     _, BlockSparseTensorsTorch = _fa4()
@@ -294,23 +293,47 @@ def _run_fp8(tiles: FP8Tiles, lists, scale, dtype, key_table=None, num_stages: i
     out = torch.empty(B, H, S, D, dtype=dtype, device=q.device)
     aux = [tiles.q_scale, tiles.k_scale, tiles.v_scale] if key_table is None else \
         [key_table, tiles.q_scale, tiles.k_scale, tiles.v_scale]
-    key = (dtype, num_stages, key_table is not None, tuple(tuple(st == 0 for st in t.stride()) for t in lists[:4]))
+    key = (dtype, num_stages, key_table is not None, p_in_registers,
+           tuple(tuple(st == 0 for st in t.stride()) for t in lists[:4]))
     if key not in _FP8_COMPILED:
         def e4m3(t, leading_dim):
             t = to_cute_tensor(t.view(torch.uint8), leading_dim=leading_dim)
             t.element_type = torch2cute_dtype_map[torch.float8_e4m3fn]
             return t
-        _FP8_COMPILED[key] = cute.compile(
-            fp8_block_sparse_sm90()(torch2cute_dtype_map[dtype], num_stages,
-                                    None if key_table is None else _key_valid_mask_mod()),
-            e4m3(q, 3), e4m3(k, 3), e4m3(v, 1),
-            to_cute_tensor(out.transpose(1, 2)), None, 1.0, *[None] * 8, to_cute_block_sparse_tensors(lists),
-            AuxData([to_cute_tensor(t, assumed_align=4, leading_dim=t.dim() - 1) for t in aux], None), None, None,
-            cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True), options="--enable-tvm-ffi")
+        _FP8_COMPILED[key] = compile_fp8_kernel(
+            torch2cute_dtype_map[dtype], num_stages, key_table is not None, e4m3(q, 3), e4m3(k, 3), e4m3(v, 1),
+            to_cute_tensor(out.transpose(1, 2)), to_cute_block_sparse_tensors(lists),
+            [to_cute_tensor(t, assumed_align=4, leading_dim=t.dim() - 1) for t in aux], p_in_registers)
     _FP8_COMPILED[key](q.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8), out.transpose(1, 2), None,
                          D ** -0.5 if scale is None else scale, *[None] * 8, tuple(lists[:4]) + (None,) * 4,
                          AuxData(aux, None), None, None)
     return out
+
+
+def compile_fp8_kernel(out_dtype, num_stages: int, key_masked: bool, q, k, v, out, lists, aux,
+                       p_in_registers: bool = False):
+    """fa4_fp8_sm90's kernel compiled for these CuTe tensors, as `_run_fp8` calls it: real ones there,
+    fake ones in benchmarks/sass_fa4_fp8.py (the same build for sm_90a on a machine without a GPU)."""
+    import cutlass.cute as cute
+    from flash_attn.cute.utils import AuxData
+
+    from .fa4_fp8_sm90 import fp8_block_sparse_sm90
+
+    kernel = fp8_block_sparse_sm90()(out_dtype, num_stages, _key_valid_mask_mod() if key_masked else None,
+                                     p_in_registers)
+    return cute.compile(kernel, q, k, v, out, None, 1.0, *[None] * 8, lists, AuxData(aux, None), None, None,
+                        cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True), options="--enable-tvm-ffi")
+
+
+def in_mma_key_order(tiles: FP8Tiles) -> FP8Tiles:
+    """The tiles with vᵀ's keys reordered within each aligned group of 16 as `p_in_registers` reads
+    them (fa4_fp8_sm90.MMA_KEY_ORDER); vᵀ's rows are padded to a multiple of 16 (fp8.py), so every
+    group is whole."""
+    from .fa4_fp8_sm90 import MMA_KEY_ORDER
+
+    order = torch.tensor(MMA_KEY_ORDER, device=tiles.v_t.device)
+    v_t = tiles.v_t.view(torch.uint8).unflatten(-1, (-1, 16)).index_select(-1, order).flatten(-2)
+    return tiles._replace(v_t=v_t.view(tiles.v_t.dtype))
 
 
 def _run(q, k, v, scale, **sparse) -> torch.Tensor:

@@ -10,8 +10,12 @@ on top, and where this subclass puts it:
   tiles are read keys-contiguous from our transposed vᵀ `[B, H, D, S16]` (`sV_layout`), so the
   P·V MMA takes Vᵀ K-major (`_get_tiled_mma`) and nothing is transposed in the kernel.
 - P goes through shared memory (FA4's `mma_pv_is_rs=False` path): the P·V MMA reads it like any
-  operand, so the e4m3 register layout a register-sourced P would need (FA3 permutes bytes for it)
-  does not arise. Each warp converts its own rows (`cvt.rn.satfinite.e4m3x2.f32`) and stores them.
+  operand. Each warp converts its own rows (`cvt.rn.satfinite.e4m3x2.f32`) and stores them, two
+  bytes a store. Or (`p_in_registers`, not the default until measured) P stays in registers as the
+  MMA's A operand, as in FlashAttention-3's FP8 path: an e4m3 A register holds 4 consecutive keys of
+  one row, where the S accumulator gives a thread keys 2t, 2t+1, 2t+8, 2t+9 of each 16; with vᵀ's
+  keys in that order (`MMA_KEY_ORDER`, within aligned groups of 16) each A register is 4 of the
+  thread's own S values (`pack_p`): no shuffle, no shared memory, no fence.
 - The scales, at no per-score cost. s_ij = (q̃_i·k̃_j)·σq_m·σk_n with one σq per query block (the
   CTA's 128 rows) and one σk per key block: FA4's score_mod hook (`apply_score_mod`, which gets the
   batch, head and both block indices) here returns the tile's exponent constant
@@ -37,6 +41,13 @@ import math
 
 from .fa4 import BLOCK as TILE, FP8_HEAD_DIM as HEAD_DIM   # query and key tile: the plans' block size
 
+# key k of each aligned 16-key group of vᵀ, in the order `p_in_registers` needs: slot 4t + j holds key
+# (j & 1) + 2t + 8(j >> 1), the key whose score a thread holds as byte j of its A register (t = lane % 4)
+MMA_KEY_ORDER = tuple((j & 1) + 2 * t + 8 * (j >> 1) for t in range(4) for j in range(4))
+# the S accumulator values `pack_p` puts in A register r of the P·V MMA (r = rh + 2·kh + 4·kb: row half,
+# 16-key half, 32-key block of a 128-key tile), byte j first: c + (j & 1) + 4(j >> 1), c = 16·kb + 8·kh + 2·rh
+P_PACKING = tuple(tuple(16 * (r // 4) + 8 * (r // 2 % 2) + 2 * (r % 2) + (j & 1) + 4 * (j >> 1) for j in range(4))
+                  for r in range(TILE // 8))
 LOG2_E = math.log2(math.e)
 LOG2_P_SCALE = math.log2(448.0)   # P enters the P·V MMA as e4m3 of 448·p (fp8.E4M3_MAX)
 
@@ -48,7 +59,7 @@ def fp8_block_sparse_sm90() -> type:
     imports bind module globals: CuTe re-reads a jit function's source against its globals (a
     closure's names are not seen there)."""
     global cutlass, cute, sm90_utils_basic, Float32, const_expr, warpgroup, LayoutEnum, utils, AuxData
-    global layout_utils, sm90_utils
+    global layout_utils, sm90_utils, e4m3x4_pack_f32
     import cutlass
     import cutlass.cute as cute
     import cutlass.utils.hopper_helpers as sm90_utils_basic
@@ -59,6 +70,7 @@ def fp8_block_sparse_sm90() -> type:
     from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
     from flash_attn.cute.utils import AuxData
     from quack import layout_utils, sm90_utils
+    from quack.blockscaled.nvfp4_utils import e4m3x4_pack_f32
 
     def block_scales(*_):
         """FA4's score_mod slot, filled so that FA4 hands every tile's (batch, head, query block, key
@@ -68,13 +80,14 @@ def fp8_block_sparse_sm90() -> type:
     class FP8BlockSparseSm90(FlashAttentionForwardSm90):
         """e4m3 q, k, vᵀ tiles and their scales (aux tensors: q's `[B, H, nq]`, k's `[B, H, nk]`, v's
         `[B, H, D]`, fp32) → O in `out_dtype`, over FA4's block-sparse lists; head dim 128, 128-token
-        blocks. `key_mask`: FA4's mask_mod of a key-padding mask, its table the first aux tensor."""
+        blocks. `key_mask`: FA4's mask_mod of a key-padding mask, its table the first aux tensor.
+        `p_in_registers`: P as the P·V MMA's register operand, vᵀ's keys in MMA_KEY_ORDER."""
 
-        def __init__(self, out_dtype, num_stages: int = 3, key_mask=None):
+        def __init__(self, out_dtype, num_stages: int = 3, key_mask=None, p_in_registers: bool = False):
             super().__init__(cutlass.Float8E4M3FN, HEAD_DIM, HEAD_DIM, 1, is_causal=False, is_local=False,
                              pack_gqa=False, tile_m=TILE, tile_n=TILE, num_stages=num_stages, num_threads=384,
-                             Q_in_regs=False, intra_wg_overlap=True, mma_pv_is_rs=False, score_mod=block_scales,
-                             mask_mod=key_mask, has_aux_tensors=True)
+                             Q_in_regs=False, intra_wg_overlap=True, mma_pv_is_rs=p_in_registers,
+                             score_mod=block_scales, mask_mod=key_mask, has_aux_tensors=True)
             self.out_dtype = out_dtype
             self.scales_at = 0 if key_mask is None else 1     # aux tensors: [the keys' table,] q's, k's, v's scales
 
@@ -102,7 +115,8 @@ def fp8_block_sparse_sm90() -> type:
                 return sm90_utils_basic.make_trivial_tiled_mma(
                     self.dtype, self.dtype, warpgroup.OperandMajorMode.K, warpgroup.OperandMajorMode.K, Float32,
                     atom_layout_mnk=(self.tile_m // 64, 1, 1), tiler_mn=(64, tiler_n), a_source=a_source)
-            return mma(self.tile_n, warpgroup.OperandSource.SMEM), mma(self.tile_hdimv, warpgroup.OperandSource.SMEM)
+            p_source = warpgroup.OperandSource.RMEM if self.mma_pv_is_rs else warpgroup.OperandSource.SMEM
+            return mma(self.tile_n, warpgroup.OperandSource.SMEM), mma(self.tile_hdimv, p_source)
 
         def _get_shared_storage_cls(self):
             def buffer(n_elems):
@@ -110,7 +124,8 @@ def fp8_block_sparse_sm90() -> type:
 
             o_bytes = cute.cosize(self.sO_layout) * self.out_dtype.width // 8   # O, staged where Q was
             sQ_t = buffer(max(cute.cosize(self.sQ_layout), o_bytes))
-            sK_t, sV_t, sP_t = (buffer(cute.cosize(x)) for x in (self.sK_layout, self.sV_layout, self.sP_layout))
+            sK_t, sV_t, sP_t = (buffer(0 if x is None else cute.cosize(x))
+                                for x in (self.sK_layout, self.sV_layout, self.sP_layout))
             mbar_Q_t = cute.struct.MemRange[cutlass.Int64, 2]
             mbar_KV_t = cute.struct.MemRange[cutlass.Int64, self.num_stages * 2]
 
@@ -170,9 +185,28 @@ def fp8_block_sparse_sm90() -> type:
             return row_scale
 
         @cute.jit
-        def store_p(self, acc_S: cute.Tensor, smem_copy_params):
-            """P in e4m3 to shared memory, where the P·V MMA reads it; each warp's own rows, so a warp
-            barrier and the async-proxy fence make them visible to it."""
+        def store_p(self, acc_S: cute.Tensor, smem_copy_params, tOrP: cute.Tensor):
+            """P in e4m3 where the P·V MMA reads it: its A registers (`pack_p`), or shared memory, each
+            warp its own rows, which a warp barrier and the async-proxy fence make visible to it."""
+            if const_expr(self.mma_pv_is_rs):
+                self.pack_p(acc_S, tOrP)
+            else:
+                self.store_p_shared(acc_S, smem_copy_params)
+
+        @cute.jit
+        def pack_p(self, acc_S: cute.Tensor, tOrP: cute.Tensor):
+            """A register (rh, kh) of key block kb (32 keys) holds, byte j, row r + 8·rh and key slot
+            4t + j + 16·kh; the accumulator's value c + v0 + 4·v2', c = 16·kb + 8·kh + 2·rh, is row r + 8·rh,
+            key 2t + v0 + 8·v2' of that 16-key group: with vᵀ's keys in MMA_KEY_ORDER, slot 4t + j is key
+            (j & 1) + 2t + 8(j >> 1), so byte j is value c + (j & 1) + 4(j >> 1): P_PACKING
+            (tests/kernels/test_fa4_key_order.py checks it on CUTLASS's layouts)."""
+            p_i32 = cute.recast_tensor(tOrP, cutlass.Int32)
+            for r in cutlass.range_constexpr(cute.size(p_i32)):
+                a, b, c, d = P_PACKING[r]
+                p_i32[r] = e4m3x4_pack_f32(acc_S[a], acc_S[b], acc_S[c], acc_S[d])
+
+        @cute.jit
+        def store_p_shared(self, acc_S: cute.Tensor, smem_copy_params):
             p_acc = layout_utils.reshape_acc_to_frgA(acc_S)
             p8 = cute.make_rmem_tensor_like(p_acc, self.dtype)
             p8.store(p_acc.load().to(self.dtype))
@@ -192,7 +226,7 @@ def fp8_block_sparse_sm90() -> type:
             c = score_mod_fn(acc_S, n_block=n_block, seqlen=seqlen)
             mask_fn(acc_S, n_block=n_block, mask_seqlen=True)
             self.online_softmax(softmax, acc_S, c, is_first_block)
-            self.store_p(acc_S, smem_copy_params)
+            self.store_p(acc_S, smem_copy_params, tOrP)
             return kv_consumer_state
 
         @cute.jit
@@ -220,7 +254,7 @@ def fp8_block_sparse_sm90() -> type:
             warpgroup.wait_group(0)
             pipeline_v.consumer_release(smem_pipe_read_v)
             softmax.rescale_O(acc_O, row_scale)
-            self.store_p(acc_S, smem_copy_params)
+            self.store_p(acc_S, smem_copy_params, tOrP)
             return smem_pipe_read
 
         # ---- the output ------------------------------------------------------------------------------

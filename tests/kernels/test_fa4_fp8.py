@@ -47,6 +47,17 @@ def key_mask(kind, B, S, gen):
     return valid.cuda()
 
 
+def attend_p_in_registers(kernel, tiles, blocks, scale, dtype, valid):
+    """`attend_fp8` with P as the P·V MMA's register operand: vᵀ's keys reordered for it, the lists split
+    for a key mask as `attend_fp8` splits them."""
+    from compact_compile.kernels.fa4 import _run_fp8, in_mma_key_order
+
+    prepared, table = kernel.prepare(kv_block_lists(blocks.cuda())), None
+    if valid is not None:
+        prepared, table = kernel._key_masked(prepared, valid, tiles.q.shape[0], tiles.q.shape[2], tiles.q.device)
+    return _run_fp8(in_mma_key_order(tiles), prepared, scale, dtype, key_table=table, p_in_registers=True)
+
+
 def run_case(c):
     gen = torch.Generator().manual_seed(c["seed"])
     B, H, S, dtype = c["B"], c["H"], c["S"], c["dtype"]
@@ -62,7 +73,10 @@ def run_case(c):
     valid = key_mask(c.get("key_mask"), B, S, gen)
     tiles = quantize_tiles(q, k, v, *smoothing_stats(k, v, valid), BS)
     kernel = FA4Kernel(SimpleNamespace(block_size=BS))
-    out = kernel.attend_fp8(tiles, kernel.prepare(kv_block_lists(blocks.cuda())), c["scale"], dtype, valid)
+    if c.get("p_in_registers"):
+        out = attend_p_in_registers(kernel, tiles, blocks, c["scale"], dtype, valid)
+    else:
+        out = kernel.attend_fp8(tiles, kernel.prepare(kv_block_lists(blocks.cuda())), c["scale"], dtype, valid)
     ref, bound = (t.cpu() for t in fp8_attention_reference(tiles, blocks, BS, c["scale"], valid, o_in_mma=True))
     out = out.double().cpu()
     assert torch.isfinite(out).all(), "non-finite output"
@@ -122,6 +136,19 @@ def test_key_mask_is_not_ignored():
         assert ((outs[-1] - ref).norm() / ref.norm()) < 0.05
     assert (outs[0][1] - outs[1][1]).norm() > 0.2 * outs[0][1].norm()     # element 1: its mask changed it
     assert (outs[0][0] - outs[1][0]).norm() < 0.02 * outs[0][0].norm()     # element 0 keeps every key
+
+
+@pytest.mark.parametrize("keys", [None, "prompt", "early"])
+def test_p_in_registers_within_the_bound(keys):
+    """P as the P·V MMA's register operand (not the default yet): within the same bound of float64 as
+    the shared-memory path, over partial last blocks, per-head lists and key masks; and its output is
+    the shared-memory path's up to rounding (the same P, the same MMAs)."""
+    for seed in range(3):
+        c = dict(B=2, H=2, S=650 + 131 * seed, dtype=(torch.bfloat16, torch.float16)[seed % 2], density=0.6,
+                 sharpness=1.0, offset=20.0 * (seed % 2), scale=None, per_head=seed > 0, key_mask=keys, seed=seed)
+        registers, _ = run_case(dict(c, p_in_registers=True))
+        shared, _ = run_case(c)
+        assert (registers - shared).norm() <= 1e-3 * shared.norm()
 
 
 def test_lists_broadcast_in_any_pattern_and_order():
