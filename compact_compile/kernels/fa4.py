@@ -289,7 +289,9 @@ def _run_fp8(tiles: FP8Tiles, lists, scale, dtype, key_table=None, num_stages: i
     lists = BlockSparseTensorsTorch(*(t.expand(B, H, *t.shape[2:]) for t in (
         lists.mask_block_cnt, lists.mask_block_idx, lists.full_block_cnt, lists.full_block_idx)))
     q, k = tiles.q.transpose(1, 2), tiles.k.transpose(1, 2)
-    v = tiles.v_t.permute(0, 3, 1, 2)[:, :S]
+    # in MMA_KEY_ORDER, the last group's slots past S hold real keys (and slots before it padding): all
+    # S16 rows are read then; the padding's V is 0 and its P is masked
+    v = tiles.v_t.permute(0, 3, 1, 2)[:, :tiles.v_t.shape[-1] if p_in_registers else S]
     out = torch.empty(B, H, S, D, dtype=dtype, device=q.device)
     aux = [tiles.q_scale, tiles.k_scale, tiles.v_scale] if key_table is None else \
         [key_table, tiles.q_scale, tiles.k_scale, tiles.v_scale]
