@@ -26,20 +26,10 @@ COUNTED = ("QGMMA", "MUFU.EX2", "F2FP", "STS", "STSM", "LDS", "LDSM", "FENCE.VIE
            "BAR.SYNC", "BAR.ARV", "SHFL", "FFMA", "FMUL", "FADD", "FMNMX", "FSEL")
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--site", required=True, help="the folder FA4 and the CUTLASS DSL are installed in")
-    ap.add_argument("--masked", action="store_true", help="the kernel with a key-padding mask's mask_mod")
-    ap.add_argument("--stages", type=int, default=3)
-    ap.add_argument("--p-in-registers", action="store_true", help="P as the P·V MMA's register operand")
-    args = ap.parse_args()
-    site.addsitedir(args.site)
-    os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
-    dump = tempfile.mkdtemp()
-    os.environ["CUTE_DSL_KEEP"], os.environ["CUTE_DSL_DUMP_DIR"] = "cubin", dump
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+def compile_fake(masked: bool = False, stages: int = 3, p_in_registers: bool = False):
+    """`compile_fp8_kernel` over fake CuTe tensors (B 1, H 2, 1,024 tokens): what cute.compile returns.
+    tests/kernels/test_fa4_key_order.py reads the kernel's fragment layouts through it."""
     import cutlass
-    import triton
     from flash_attn.cute.block_sparsity import BlockSparseTensors
     from quack.compile_utils import make_fake_tensor
 
@@ -55,10 +45,27 @@ def main():
     lists = BlockSparseTensors(fake(i32, (B, H, nb), 2, 1), fake(i32, (B, H, nb, nb), 3, 1),
                                fake(i32, (B, H, nb), 2, 1), fake(i32, (B, H, nb, nb), 3, 1))
     scales = [fake(f32, (B, H, nb), 2, 1), fake(f32, (B, H, nb), 2, 1), fake(f32, (B, H, D), 2, 1)]
-    aux = ([fake(i32, (B, S), 1, 1)] if args.masked else []) + scales
-    compile_fp8_kernel(cutlass.BFloat16, args.stages, args.masked, fake(e4m3, (B, S, H, D), 3),
-                       fake(e4m3, (B, S, H, D), 3), fake(e4m3, (B, S, H, D), 1),
-                       fake(cutlass.BFloat16, (B, S, H, D), 3, 8), lists, aux, args.p_in_registers)
+    aux = ([fake(i32, (B, S), 1, 1)] if masked else []) + scales
+    return compile_fp8_kernel(cutlass.BFloat16, stages, masked, fake(e4m3, (B, S, H, D), 3),
+                              fake(e4m3, (B, S, H, D), 3), fake(e4m3, (B, S, H, D), 1),
+                              fake(cutlass.BFloat16, (B, S, H, D), 3, 8), lists, aux, p_in_registers)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--site", required=True, help="the folder FA4 and the CUTLASS DSL are installed in")
+    ap.add_argument("--masked", action="store_true", help="the kernel with a key-padding mask's mask_mod")
+    ap.add_argument("--stages", type=int, default=3)
+    ap.add_argument("--p-in-registers", action="store_true", help="P as the P·V MMA's register operand")
+    args = ap.parse_args()
+    site.addsitedir(args.site)
+    os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
+    dump = tempfile.mkdtemp()
+    os.environ["CUTE_DSL_KEEP"], os.environ["CUTE_DSL_DUMP_DIR"] = "cubin", dump
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    import triton
+
+    compile_fake(args.masked, args.stages, args.p_in_registers)
     [cubin] = glob.glob(os.path.join(dump, "*.cubin"))
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin],
@@ -68,8 +75,8 @@ def main():
     opcodes = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", sass, re.M)
     counts = {name: sum(op == name or op.startswith(name + ".") for op in opcodes) for name in COUNTED}
     resources = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    row = dict(masked=args.masked, stages=args.stages, p_in_registers=args.p_in_registers, resources={k: int(v) for k, v in resources.items()},
-               instructions=len(opcodes), counts=counts)
+    row = dict(masked=args.masked, stages=args.stages, p_in_registers=args.p_in_registers,
+               resources={k: int(v) for k, v in resources.items()}, instructions=len(opcodes), counts=counts)
     print(json.dumps(row))
     out = os.environ.get("OUT", ".")
     name = (f"fa4-fp8-sass{'-masked' if args.masked else ''}{'-p-in-registers' if args.p_in_registers else ''}"

@@ -148,7 +148,8 @@ def test_p_in_registers_within_the_bound(keys):
                  sharpness=1.0, offset=20.0 * (seed % 2), scale=None, per_head=seed > 0, key_mask=keys, seed=seed)
         registers, _ = run_case(dict(c, p_in_registers=True))
         shared, _ = run_case(c)
-        assert (registers - shared).norm() <= 1e-3 * shared.norm()
+        # the same products, summed in another key order inside each MMA step: output roundings may differ
+        assert (registers - shared).norm() <= torch.finfo(c["dtype"]).eps * shared.norm()
 
 
 def test_lists_broadcast_in_any_pattern_and_order():

@@ -2,7 +2,12 @@
 MMA_KEY_ORDER, the bytes `pack_p` puts in each A register of the P·V MMA are the scores of the row and
 key that register stands for. Checked on the register layouts of Hopper's wgmma as CUTLASS writes them
 (cute/atom/mma_traits_sm90_gmma.hpp: CLayout_64xN for the fp32 accumulator, ALayout_64x32 for an 8-bit
-A operand); the GPU half (the kernel against float64) is test_fa4_fp8.py."""
+A operand, decoded by hand below), and the kernel's own fragments, read while it is built for sm_90a
+(no GPU needed, but FA4 and the CUTLASS DSL installed), are the flat orders that decoding assumes. The
+GPU half (the kernel against float64) is test_fa4_fp8.py."""
+import importlib.util
+
+import pytest
 import torch
 
 from compact_compile.kernels.fa4 import in_mma_key_order
@@ -56,3 +61,29 @@ def test_tiles_in_mma_key_order_move_only_vt():
     assert keys == [16 * g + k for g in range(S16 // 16) for k in MMA_KEY_ORDER]
     assert moved.v_t.dtype == torch.float8_e4m3fn and moved.v_t.shape == v_t.shape
     assert all(a is b for a, b in zip(moved[:2] + moved[3:], tiles[:2] + tiles[3:]))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("cutlass") is None,
+                    reason="needs FA4 and the CUTLASS DSL (`compact_compile[fa4]`), a GPU or not")
+def test_the_kernels_fragments_are_in_the_order_decoded_above(monkeypatch):
+    """`pack_p` indexes the S accumulator and the A registers flat: value v0 + 2·v1 + 4·v2 and register
+    rh + 2·kh + 4·kb, as accumulator_entry and a_operand_entry decode them. The kernel's fragments, as
+    CuTe lays them out when the kernel is built, at every place P is packed, must be in that order."""
+    if not torch.cuda.is_available():   # read when the DSL is first imported
+        monkeypatch.setenv("CUTE_DSL_ARCH", "sm_90a")
+    import cutlass
+    import cutlass.cute as cute
+
+    from benchmarks.sass_fa4_fp8 import compile_fake
+    from compact_compile.kernels.fa4_fp8_sm90 import fp8_block_sparse_sm90
+
+    kernel_class, seen = fp8_block_sparse_sm90(), []
+    pack_p = kernel_class.pack_p
+
+    def recording(self, acc_S, tOrP):
+        seen.append((str(acc_S.layout), str(cute.recast_tensor(tOrP, cutlass.Int32).layout)))
+        return pack_p(self, acc_S, tOrP)
+
+    monkeypatch.setattr(kernel_class, "pack_p", recording)
+    compile_fake(p_in_registers=True)
+    assert seen and set(seen) == {("((2,2,16),1,1):((1,2,4),0,0)", "((1,2,2),1,4):((1,1,2),0,4)")}
