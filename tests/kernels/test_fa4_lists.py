@@ -1,8 +1,9 @@
 """The CPU half of FA4's key-padding masks (kernels/fa4.py): per call, each query block's list of key
 blocks is split into FA4's "mask" list (blocks holding a key that key_valid excludes, where FA4 calls
-our mask_mod) and its "full" list (blocks keeping every key); a block keeping no key is in neither. FA4 walks each list backwards and applies the
-sequence-length mask only to the first block of each it processes, so both lists must keep the
-ascending order of ours: a partial last key block is then the last entry of whichever list holds it.
+our mask_mod) and its "full" list (blocks keeping every key); a block keeping no key is in neither.
+FA4 walks each list backwards and applies the sequence-length mask only to the first block of each it
+processes, so both lists must keep the ascending order of ours: a partial last key block is then the
+last entry of whichever list holds it.
 The GPU half (FA4 itself) is test_fa4.py."""
 import torch
 from hypothesis import given, settings
