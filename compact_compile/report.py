@@ -33,8 +33,9 @@ class Report:
                          f"< {s['dense_steps']}" if rewritten and s.get("dense_steps") else "", grid, s["reason"] or ""))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        quant = [f"linear layers: {q['quantized']} quantized to {q['kind']}, {q['kept']} kept (shape not a "
-                 f"multiple of 16)" for q in self.quantized]
+        quant = [f"linear layers: {q['quantized']} quantized to {q['kind']}"
+                 + (f" ({q['gelu_fused']} with their GELU fused into the input's quantization)" if q['gelu_fused'] else "")
+                 + f", {q['kept']} kept (shape not a multiple of 16)" for q in self.quantized]
         return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:] + [self.gained()] + quant)
 
     def gained(self) -> str:
@@ -77,9 +78,10 @@ def record(sites: list[dict]) -> None:
                  f"density {s['density']:.3f}" if s["rewritten"] else f"dense: {s['reason']}")
 
 
-def record_quantized(kind: str, quantized: int, kept: int) -> None:
-    _QUANTIZED.append(dict(kind=kind, quantized=quantized, kept=kept))
-    log.info("compact: %d linear layers quantized to %s, %d kept", quantized, kind, kept)
+def record_quantized(kind: str, quantized: int, kept: int, gelu_fused: int = 0) -> None:
+    _QUANTIZED.append(dict(kind=kind, quantized=quantized, kept=kept, gelu_fused=gelu_fused))
+    log.info("compact: %d linear layers quantized to %s (%d with the GELU before them fused into their input's "
+             "quantization), %d kept", quantized, kind, gelu_fused, kept)
 
 
 def report(clear: bool = False) -> Report:

@@ -1,0 +1,117 @@
+"""Row-wise e4m3 quantization of a linear layer's input, with the GELU that produces it fused in: what
+torchao's float8 dynamic-activation linear does to its input (PerRow: one scale per row), in one pass.
+
+torchao's arithmetic (Float8Tensor.from_hp through _choose_scale_float8 and _quantize_affine_float8),
+for x `[..., N]` in bf16:
+    a = max_n |x_n|                       (exact in bf16)
+    σ = bf16(a·fl(1/448)) → fp32         (torch divides by a scalar as a multiply by its reciprocal;
+                                          a bf16 tensor's result is rounded to bf16)
+    x8 = e4m3(clamp(fp32(x) / σ, ±448))
+With GELU first, x = bf16(gelu(h)) in fp32 (PyTorch's opmath), tanh form or erf form. The tanh form is
+computed as x·sigmoid(2y), the same function (½(1 + tanh y) = sigmoid(2y)) without libdevice's tanh,
+whose cost made the pass compute-bound (2.4 ms against 0.71 ms without the GELU, H200): one exponential
+and one division, well conditioned everywhere (no 1 − t cancellation), within a few fp32 ulps of
+PyTorch's tanhf form, so the bf16 value differs only where the two straddle a rounding boundary.
+
+Why: Inductor fuses GELU and this quantization into one looped reduction that reads each 13,824-wide
+row twice and computes the GELU twice (Wan2.1-14B's FFN: 3.3 ms a call, 1 TB/s). A row fits in
+registers: one program reads it once, keeps gelu(h) there, and writes x8 and σ (1.38 ms; 0.71 ms
+without the GELU, 4.4 TB/s; H200, benchmarks/bench_quant_rows.py).
+
+`fp8_linear` is the linear that consumes it, as torchao's torch path computes it (`_scaled_mm` of the
+two row-scaled operands); passes/fp8_linear.py puts it where the graph has linear(gelu(h), W).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .fp8 import E4M3, E4M3_MAX, INV_E4M3_MAX, to_e4m3
+from .triton_sparse import INTERPRET
+
+SCALE_PER_AMAX = tl.constexpr(INV_E4M3_MAX)
+
+PROLOGUES = {"none": 0, "gelu_tanh": 1, "gelu": 2}
+
+
+def quant_rows_reference(h: torch.Tensor, prologue: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """(x8, σ `[..., 1]` fp32) in torch, torchao's steps one by one: the CPU path and the tests' reference."""
+    x = h if prologue == "none" else F.gelu(h, approximate="tanh" if prologue == "gelu_tanh" else "none")
+    scale = (x.abs().amax(-1, keepdim=True) / E4M3_MAX).float()
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+@triton.jit
+def bf16_in_fp32(x, INTERPRETED: tl.constexpr):
+    """fp32 x rounded to bf16 (to nearest even), as fp32. The interpreter's cast truncates, so there it is
+    done on the bits: the low 16 dropped with the carry of a round-up."""
+    if INTERPRETED:
+        bits = x.to(tl.int32, bitcast=True)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000).to(tl.float32, bitcast=True)
+    return x.to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
+def _quant_rows(H, X8, SCALE, N, stride_h, BLOCK: tl.constexpr, PROLOGUE: tl.constexpr,
+                INTERPRETED: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < N
+    h = tl.load(H + row * stride_h + cols, mask=inside, other=0.0)
+    x = h.to(tl.float32)
+    if PROLOGUE == 1:     # tanh GELU ½x(1 + tanh y), y = √(2/π)(x + 0.044715x³), as x·sigmoid(2y)
+        y = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        x = x / (1.0 + tl.exp(-2.0 * y))
+    elif PROLOGUE == 2:   # erf GELU: ½x(1 + erf(x/√2))
+        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    x = bf16_in_fp32(x, INTERPRETED)
+    amax = tl.max(tl.abs(x), 0)
+    scale = bf16_in_fp32(amax * SCALE_PER_AMAX, INTERPRETED)
+    q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+    tl.store(X8 + row * N + cols, to_e4m3(q, INTERPRETED), mask=inside)
+    tl.store(SCALE + row, scale)
+
+
+def quant_rows_triton(h: torch.Tensor, prologue: str = "none", num_warps: int | None = None):
+    """`quant_rows_reference` in one Triton pass: one program a row, the row in registers; h in bf16 (the
+    one dtype of torchao's row-wise float8 linears, whose rounding the pass repeats)."""
+    if h.dtype != torch.bfloat16 or prologue not in PROLOGUES:
+        raise ValueError(f"quant_rows takes a bf16 input and a prologue of {sorted(PROLOGUES)}; "
+                         f"got {h.dtype} and {prologue!r}")
+    N = h.shape[-1]
+    rows = h.reshape(-1, N)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    x8 = torch.empty(h.shape, dtype=E4M3, device=h.device)
+    scale = torch.empty(*h.shape[:-1], 1, dtype=torch.float32, device=h.device)
+    BLOCK = triton.next_power_of_2(N)
+    _quant_rows[(rows.shape[0],)](rows, x8, scale, N, rows.stride(0), BLOCK=BLOCK, PROLOGUE=PROLOGUES[prologue],
+                                  INTERPRETED=INTERPRET, num_warps=num_warps or (4 if BLOCK <= 8192 else 8))
+    return x8, scale
+
+
+@torch.library.custom_op("compact::quant_rows", mutates_args=())
+def quant_rows(h: torch.Tensor, prologue: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x8, σ) of prologue(h): the Triton pass on CUDA, torch elsewhere."""
+    if prologue not in PROLOGUES:
+        raise ValueError(f"quant_rows' prologue must be one of {sorted(PROLOGUES)}, not {prologue!r}")
+    return quant_rows_triton(h, prologue) if h.is_cuda else quant_rows_reference(h, prologue)
+
+
+@quant_rows.register_fake
+def _(h, prologue):
+    return h.new_empty(h.shape, dtype=E4M3), h.new_empty(*h.shape[:-1], 1, dtype=torch.float32)
+
+
+def fp8_linear(h: torch.Tensor, weight, bias: torch.Tensor | None, prologue: str) -> torch.Tensor:
+    """F.linear(prologue(h), weight, bias) for a torchao float8 weight with row-wise scales and row-wise
+    float8 activations (quantize.fused_prologue_unsupported says which), as torchao's torch path computes
+    it: `_scaled_mm` of the row-quantized input and the weight (column-major, as its `.t()` is) with both
+    scales; the input's quantization, prologue included, is one `quant_rows` pass."""
+    x8, scale = torch.ops.compact.quant_rows(h, prologue)
+    out = torch._scaled_mm(x8.reshape(-1, x8.shape[-1]), weight.qdata.t(), scale_a=scale.reshape(-1, 1),
+                           scale_b=weight.scale.t(), bias=bias, out_dtype=h.dtype,
+                           use_fast_accum=weight.mm_config.use_fast_accum)
+    return out.reshape(*h.shape[:-1], out.shape[-1])
