@@ -33,10 +33,14 @@ class Report:
                          f"< {s['dense_steps']}" if rewritten and s.get("dense_steps") else "", grid, s["reason"] or ""))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-        quant = [f"linear layers: {q['quantized']} quantized to {q['kind']}"
-                 + (f" ({q['gelu_fused']} with their GELU fused into the input's quantization)" if q['gelu_fused'] else "")
-                 + f", {q['kept']} kept (shape not a multiple of 16)" for q in self.quantized]
+        quant = [f"linear layers: {q['quantized']} quantized to {q['kind']}{self._fused(q)}, {q['kept']} kept "
+                 f"(shape not a multiple of 16)" for q in self.quantized]
         return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:] + [self.gained()] + quant)
+
+    @staticmethod
+    def _fused(quantized: dict) -> str:
+        n = quantized.get("gelu_fused", 0)
+        return f" ({n} with their GELU fused into the input's quantization)" if n else ""
 
     def gained(self) -> str:
         """One line: how much of the attention runs block-sparse, and from which step."""

@@ -5,7 +5,8 @@ The bound against float64: x̃ = bf16(gelu(h)) is within 2^-8·|g| (+ the fp32 G
 exact g, and its e4m3 value within u·|x̃/σ| + 2^-10 of x̃/σ (u = 2^-4; half a subnormal step), so
 |x8·σ − g| ≤ (u + 2^-8·(1 + u))·|g| + 2^-10·σ. Against the reference: scales equal (or one bf16 step
 apart, where a row's largest GELU value straddles a bf16 boundary between the two GELU formulas) and
-every value within one e4m3 step; without a GELU, the scales equal. On a CPU-only machine the pass runs in Triton's interpreter.
+every value within one e4m3 step; without a GELU, the scales equal. On a CPU-only machine the pass
+runs in Triton's interpreter.
 """
 from __future__ import annotations
 

@@ -16,6 +16,21 @@ import torchao.quantization.quant_api as torchao_quant_api
 
 import compact_compile
 from compact_compile import quantize
+from compact_compile.kernels.quant_rows import fp8_linear
+
+
+def cpu_scaled_mm() -> bool:
+    """Whether this torch multiplies e4m3 on the CPU (torch 2.13 does; 2.11, the GPU image's, does not)."""
+    e4m3 = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(e4m3, e4m3.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16),
+                         out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+on_the_cpu = pytest.mark.skipif(not cpu_scaled_mm(), reason="this torch has no e4m3 _scaled_mm on the CPU")
 
 
 @pytest.fixture(autouse=True)
@@ -51,6 +66,7 @@ def run(model, config=None):
     return want, got, compact_compile.report(clear=True)
 
 
+@on_the_cpu
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
 @pytest.mark.parametrize("reuse", [False, True])
 def test_gelu_linear_equals_torchao(approximate, reuse):
@@ -60,6 +76,7 @@ def test_gelu_linear_equals_torchao(approximate, reuse):
     assert "(1 with their GELU fused into the input's quantization)" in str(report)
 
 
+@on_the_cpu
 @pytest.mark.parametrize("activation", [F.silu, F.relu, lambda h: h])
 def test_other_inputs_stay_with_torchao(activation):
     want, got, report = run(FFN(activation))
@@ -88,6 +105,7 @@ def test_why_a_weight_cannot_take_the_fused_pass():
     assert "Float8Tensor" in quantize.fused_prologue_unsupported(weight)
 
 
+@on_the_cpu
 def test_wan_ffns_and_text_projection_take_it_with_the_same_output(monkeypatch):
     """diffusers' FeedForward calls dropout (p = 0, eval) between its GELU and its second linear; the
     pass looks through it. Every FFN and the text embedder's GELU projection fuse, and the output is
@@ -111,21 +129,48 @@ def test_wan_ffns_and_text_projection_take_it_with_the_same_output(monkeypatch):
     assert torch.equal(fused, compiled_output())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
-                    reason="needs a CUDA GPU of compute capability ≥ 8.9")
-def test_on_the_gpu_through_inductor_within_one_e4m3_step_of_torchao():
+ON_FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.skipif(not ON_FP8_GPU, reason="needs a CUDA GPU of compute capability ≥ 8.9")
+def test_fused_linear_on_the_gpu_within_rounding_of_torchao():
     """The Triton pass computes the tanh GELU as x·sigmoid(2y) (kernels/quant_rows.py): a few elements
-    of the quantized input may sit one e4m3 step from torchao's, so the outputs agree to well within
-    FP8's own error (5·10^-2 relative here) but not bit for bit."""
+    of the quantized input may sit one e4m3 step from torchao's (6·10^-5 of them at Wan-14B's FFN), so
+    the linear agrees with torchao's to ~10^-3 (1.0·10^-3 here, H200), far below FP8's own error, not
+    bit for bit; a wrong or skipped GELU is off by O(1)."""
+    torch.manual_seed(0)
+    weight = quantize.quantize_weight(torch.randn(256, 1024, dtype=torch.bfloat16, device="cuda") / 32, "fp8")
+    bias = torch.randn(256, dtype=torch.bfloat16, device="cuda")
+    h = torch.randn(3, 500, 1024, dtype=torch.bfloat16, device="cuda") * 2
+    want = F.linear(F.gelu(h, approximate="tanh"), weight, bias).float()
+    got = fp8_linear(h, weight, bias, "gelu_tanh").float()
+    assert (got - want).norm() <= 3e-3 * want.norm()
+    assert (fp8_linear(h, weight, bias, "none").float() - want).norm() > 0.1 * want.norm()
+
+
+@pytest.mark.skipif(not ON_FP8_GPU, reason="needs a CUDA GPU of compute capability ≥ 8.9")
+def test_through_inductor_on_the_gpu(monkeypatch):
+    """Compiled by Inductor, the FFN takes the pass, and stays as close to torchao's eager output as the
+    unfused graph (whose quantization Inductor computes in its own order: one e4m3 step apart from
+    torchao's on a few percent of elements)."""
     torch.manual_seed(0)
     model = FFN(lambda h: F.gelu(h, approximate="tanh")).bfloat16().cuda()
     x = torch.randn(4, 300, 64, dtype=torch.bfloat16, device="cuda")
     reference = copy.deepcopy(model)
     torchao_quant.quantize_(reference, torchao_quant.Float8DynamicActivationFloat8WeightConfig(
         granularity=torchao_quant.PerRow()))
-    compact_compile.report(clear=True)
+
+    def compiled():
+        torch._dynamo.reset()
+        compact_compile.report(clear=True)
+        with torch.no_grad():
+            out = torch.compile(model, backend="compact", options=dict(quantize="fp8"))(x).float()
+        return out, compact_compile.report(clear=True).quantized[0]["gelu_fused"]
+
     with torch.no_grad():
         want = reference(x).float()
-        got = torch.compile(model, backend="compact", options=dict(quantize="fp8"))(x).float()
-    assert compact_compile.report(clear=True).quantized[0]["gelu_fused"] == 1
-    assert (got - want).norm() <= 1e-3 * want.norm()
+    fused, count = compiled()
+    monkeypatch.setattr(quantize, "fuse_gelu_into_fp8_linears", lambda gm, weights: 0)
+    unfused, _ = compiled()
+    assert count == 1
+    assert (fused - want).norm() <= 1.5 * (unfused - want).norm() + 1e-3 * want.norm()
