@@ -11,7 +11,8 @@ place after compiling (its version counter moves) is quantized again before the 
 stale weight.
 
     fp8   float8 dynamic activations × float8 weights, per-row scales for bf16 weights (per-tensor
-          otherwise); needs a CUDA GPU of compute capability ≥ 8.9 (Ada, Hopper) — refused elsewhere.
+          otherwise), the activations' amax floored at FP8_AMAX_FLOOR (rows of zeros stay zeros);
+          needs a CUDA GPU of compute capability ≥ 8.9 (Ada, Hopper) — refused elsewhere.
     int8  int8 dynamic activations × int8 weights (per-token × per-channel scales); CPU or CUDA.
 
 Linears whose in/out features are not multiples of 16 stay in their dtype (the fp8/int8 matmuls
@@ -32,10 +33,16 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import CompactError
+from .kernels.quant_rows import amax_floor_exact
 from .passes.fp8_linear import fuse_gelu_into_fp8_linears
 from .report import record_quantized
 
 _LINEAR = torch._C._nn.linear  # what F.linear and nn.Linear are in a Dynamo graph
+# The floor of an fp8 activation row's amax. torchao's default has none, so a row of zeros gets σ = 0
+# and 0/0 = NaN values, and the NaN spreads through the GEMM and attention: Mochi's padded prompt tokens
+# leave its joint attention as zero rows, and turned the whole video to NaN. A row whose amax is above
+# the floor is quantized exactly as without it; a power of two, so its bf16 clamp is exact.
+FP8_AMAX_FLOOR = 2.0 ** -100
 
 
 class QuantizeError(CompactError, RuntimeError):
@@ -78,7 +85,8 @@ def quantize_weight(weight: torch.Tensor, kind: str) -> torch.Tensor:
 
     if kind == "fp8":
         config = Float8DynamicActivationFloat8WeightConfig(
-            granularity=PerRow() if weight.dtype == torch.bfloat16 else PerTensor())
+            granularity=PerRow() if weight.dtype == torch.bfloat16 else PerTensor(),
+            activation_value_lb=FP8_AMAX_FLOOR)
     else:
         config = Int8DynamicActivationInt8WeightConfig()
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
@@ -140,8 +148,9 @@ def fused_prologue_unsupported(weight) -> str:
         return "the weight is not bf16 with row-wise e4m3 scales"
     if not (isinstance(act, QuantizeTensorToFloat8Kwargs) and act.float8_dtype == torch.float8_e4m3fn
             and isinstance(act.granularity, PerRow) and act.granularity.dim in (-1, None)
-            and act.hp_value_lb is None and act.hp_value_ub is None):
-        return "the activations are not quantized row-wise to e4m3 without bounds"
+            and act.hp_value_lb is not None and amax_floor_exact(act.hp_value_lb) and act.hp_value_ub is None):
+        return ("the activations are not quantized row-wise to e4m3 with a power-of-two floor on their amax and no "
+                "upper bound")
     if mm is None or mm.emulate or mm.pad_inner_dim:
         return "the matmul is emulated or padded"
     return ""

@@ -3,7 +3,8 @@ torchao's float8 dynamic-activation linear does to its input (PerRow: one scale 
 
 torchao's arithmetic (Float8Tensor.from_hp through _choose_scale_float8 and _quantize_affine_float8),
 for x `[..., N]` in bf16:
-    a = max_n |x_n|                       (exact in bf16)
+    a = max(max_n |x_n|, a_min)           (exact in bf16; a_min > 0 torchao's `hp_value_lb`, a power of two:
+                                          a row of zeros gets a finite σ and zeros, not 0/0)
     σ = bf16(a·fl(1/448)) → fp32         (torch divides by a scalar as a multiply by its reciprocal;
                                           a bf16 tensor's result is rounded to bf16)
     x8 = e4m3(clamp(fp32(x) / σ, ±448))
@@ -23,6 +24,8 @@ two row-scaled operands); passes/fp8_linear.py puts it where the graph has linea
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -36,10 +39,11 @@ SCALE_PER_AMAX = tl.constexpr(INV_E4M3_MAX)
 PROLOGUES = {"none": 0, "gelu_tanh": 1, "gelu": 2}
 
 
-def quant_rows_reference(h: torch.Tensor, prologue: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+def quant_rows_reference(h: torch.Tensor, prologue: str, amax_min: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x8, σ `[..., 1]` fp32) in torch, torchao's steps one by one: the CPU path and the tests' reference."""
     x = h if prologue == "none" else F.gelu(h, approximate="tanh" if prologue == "gelu_tanh" else "none")
-    scale = (x.abs().amax(-1, keepdim=True) / E4M3_MAX).float()
+    amax = x.abs().amax(-1, keepdim=True)
+    scale = (amax.clamp(min=amax_min) / E4M3_MAX).float()
     return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
@@ -54,7 +58,7 @@ def bf16_in_fp32(x, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def _quant_rows(H, X8, SCALE, N, stride_h, BLOCK: tl.constexpr, PROLOGUE: tl.constexpr,
+def _quant_rows(H, X8, SCALE, N, stride_h, AMAX_MIN, BLOCK: tl.constexpr, PROLOGUE: tl.constexpr,
                 INTERPRETED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -67,19 +71,19 @@ def _quant_rows(H, X8, SCALE, N, stride_h, BLOCK: tl.constexpr, PROLOGUE: tl.con
     elif PROLOGUE == 2:   # erf GELU: ½x(1 + erf(x/√2))
         x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     x = bf16_in_fp32(x, INTERPRETED)
-    amax = tl.max(tl.abs(x), 0)
+    amax = tl.maximum(tl.max(tl.abs(x), 0), AMAX_MIN)
     scale = bf16_in_fp32(amax * SCALE_PER_AMAX, INTERPRETED)
     q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
     tl.store(X8 + row * N + cols, to_e4m3(q, INTERPRETED), mask=inside)
     tl.store(SCALE + row, scale)
 
 
-def quant_rows_triton(h: torch.Tensor, prologue: str = "none", num_warps: int | None = None):
+def quant_rows_triton(h: torch.Tensor, prologue: str, amax_min: float, num_warps: int | None = None):
     """`quant_rows_reference` in one Triton pass: one program a row, the row in registers; h in bf16 (the
     one dtype of torchao's row-wise float8 linears, whose rounding the pass repeats)."""
-    if h.dtype != torch.bfloat16 or prologue not in PROLOGUES:
-        raise ValueError(f"quant_rows takes a bf16 input and a prologue of {sorted(PROLOGUES)}; "
-                         f"got {h.dtype} and {prologue!r}")
+    if h.dtype != torch.bfloat16 or prologue not in PROLOGUES or not amax_floor_exact(amax_min):
+        raise ValueError(f"quant_rows takes a bf16 input, a prologue of {sorted(PROLOGUES)} and an amax floor "
+                         f"that is a power of two; got {h.dtype}, {prologue!r} and {amax_min!r}")
     N = h.shape[-1]
     rows = h.reshape(-1, N)
     if rows.stride(-1) != 1:
@@ -87,21 +91,28 @@ def quant_rows_triton(h: torch.Tensor, prologue: str = "none", num_warps: int | 
     x8 = torch.empty(h.shape, dtype=E4M3, device=h.device)
     scale = torch.empty(*h.shape[:-1], 1, dtype=torch.float32, device=h.device)
     BLOCK = triton.next_power_of_2(N)
-    _quant_rows[(rows.shape[0],)](rows, x8, scale, N, rows.stride(0), BLOCK=BLOCK, PROLOGUE=PROLOGUES[prologue],
+    _quant_rows[(rows.shape[0],)](rows, x8, scale, N, rows.stride(0), float(amax_min), BLOCK=BLOCK,
+                                  PROLOGUE=PROLOGUES[prologue],
                                   INTERPRETED=INTERPRET, num_warps=num_warps or (4 if BLOCK <= 8192 else 8))
     return x8, scale
 
 
+def amax_floor_exact(amax_min: float) -> bool:
+    """Whether torch's clamp of a bf16 amax to `amax_min` is the kernel's fp32 maximum with it: a power of
+    two in bf16's normal range (any other value could round apart between the two)."""
+    return math.frexp(amax_min)[0] == 0.5 and 2.0 ** -126 <= amax_min <= 2.0 ** 127
+
+
 @torch.library.custom_op("compact::quant_rows", mutates_args=())
-def quant_rows(h: torch.Tensor, prologue: str) -> tuple[torch.Tensor, torch.Tensor]:
+def quant_rows(h: torch.Tensor, prologue: str, amax_min: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(x8, σ) of prologue(h): the Triton pass on CUDA, torch elsewhere."""
     if prologue not in PROLOGUES:
         raise ValueError(f"quant_rows' prologue must be one of {sorted(PROLOGUES)}, not {prologue!r}")
-    return quant_rows_triton(h, prologue) if h.is_cuda else quant_rows_reference(h, prologue)
+    return quant_rows_triton(h, prologue, amax_min) if h.is_cuda else quant_rows_reference(h, prologue, amax_min)
 
 
 @quant_rows.register_fake
-def _(h, prologue):
+def _(h, prologue, amax_min):
     return h.new_empty(h.shape, dtype=E4M3), h.new_empty(*h.shape[:-1], 1, dtype=torch.float32)
 
 
@@ -110,7 +121,7 @@ def fp8_linear(h: torch.Tensor, weight, bias: torch.Tensor | None, prologue: str
     float8 activations (quantize.fused_prologue_unsupported says which), as torchao's torch path computes
     it: `_scaled_mm` of the row-quantized input and the weight (column-major, as its `.t()` is) with both
     scales; the input's quantization, prologue included, is one `quant_rows` pass."""
-    x8, scale = torch.ops.compact.quant_rows(h, prologue)
+    x8, scale = torch.ops.compact.quant_rows(h, prologue, weight.act_quant_kwargs.hp_value_lb)
     out = torch._scaled_mm(x8.reshape(-1, x8.shape[-1]), weight.qdata.t(), scale_a=scale.reshape(-1, 1),
                            scale_b=weight.scale.t(), bias=bias, out_dtype=h.dtype,
                            use_fast_accum=weight.mm_config.use_fast_accum)

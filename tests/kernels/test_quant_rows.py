@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from compact_compile.kernels.fp8 import E4M3, U
+from compact_compile.quantize import FP8_AMAX_FLOOR
 from compact_compile.kernels.quant_rows import PROLOGUES, quant_rows_reference, quant_rows_triton
 from compact_compile.kernels.triton_sparse import INTERPRET, triton_available
 
@@ -51,8 +52,8 @@ def e4m3_steps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @example(m=5, n=16, magnitude=1.0, prologue="gelu", seed=2)
 def test_matches_torchao_arithmetic_and_float64(m, n, magnitude, prologue, seed):
     h = rows(m, n, magnitude, seed)
-    x8, scale = quant_rows_triton(h, prologue)
-    ref8, ref_scale = quant_rows_reference(h, prologue)
+    x8, scale = quant_rows_triton(h, prologue, FP8_AMAX_FLOOR)
+    ref8, ref_scale = quant_rows_reference(h, prologue, FP8_AMAX_FLOOR)
     assert x8.dtype == E4M3 and x8.shape == h.shape and scale.shape == (m, 1)
     assert torch.equal(scale, scale.bfloat16().float())            # σ is rounded to bf16, as torchao's
     assert ((scale - ref_scale).abs() <= 2.0 ** -8 * ref_scale).all()
@@ -66,10 +67,33 @@ def test_matches_torchao_arithmetic_and_float64(m, n, magnitude, prologue, seed)
     assert (err <= bound).all(), f"worst excess {(err - bound).max():.3g}"
 
 
+@pytest.mark.parametrize("prologue", sorted(PROLOGUES))
+def test_the_amax_floor_turns_rows_of_zeros_into_zeros_and_nothing_else(prologue):
+    """A row of zeros: σ = floor/448 and zero values (without a floor, torchao's 0/0 makes them NaN); a
+    floor below every other row's amax changes nothing else."""
+    h = rows(6, 200, 1.0, 3)
+    h[2] = 0
+    x8, scale = quant_rows_triton(h, prologue, FP8_AMAX_FLOOR)
+    ref8, ref_scale = quant_rows_reference(h, prologue, FP8_AMAX_FLOOR)
+    assert torch.equal(x8[2].float(), torch.zeros(200, device=DEVICE)) and scale[2].item() > 0
+    assert torch.equal(scale, ref_scale) and torch.equal(x8.float(), ref8.float())
+    higher8, higher_scale = quant_rows_triton(h, prologue, 2.0 ** -20)
+    others = torch.arange(6, device=DEVICE) != 2
+    assert torch.equal(scale[others], higher_scale[others])
+    assert torch.equal(x8[others].float(), higher8[others].float())
+
+
+def test_only_exact_floors_are_taken():
+    h = rows(2, 32, 1.0, 0)
+    for floor in (0.0, 1e-6, -1.0, 2.0 ** -130):
+        with pytest.raises(ValueError, match="power of two"):
+            quant_rows_triton(h, "none", floor)
+
+
 def test_a_pass_that_skips_the_gelu_is_caught():
     """GELU(h) ≠ h where h < 0: the float64 bound above separates the prologues."""
     h = rows(4, 64, 1.0, 0)
-    x8, scale = quant_rows_triton(h, "none")
+    x8, scale = quant_rows_triton(h, "none", FP8_AMAX_FLOOR)
     exact = F.gelu(h.double(), approximate="tanh")
     assert ((x8.double() * scale.double() - exact).abs() > U * exact.abs() + 2.0 ** -10 * scale.double()).any()
 
@@ -77,9 +101,9 @@ def test_a_pass_that_skips_the_gelu_is_caught():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_other_input_dtypes_are_refused(dtype):
     with pytest.raises(ValueError, match="bf16"):
-        quant_rows_triton(torch.randn(2, 32, device=DEVICE, dtype=dtype), "gelu_tanh")
+        quant_rows_triton(torch.randn(2, 32, device=DEVICE, dtype=dtype), "gelu_tanh", FP8_AMAX_FLOOR)
 
 
 def test_an_unknown_prologue_is_refused():
     with pytest.raises(ValueError, match="prologue"):
-        torch.ops.compact.quant_rows(torch.randn(2, 32, dtype=torch.bfloat16), "relu")
+        torch.ops.compact.quant_rows(torch.randn(2, 32, dtype=torch.bfloat16), "relu", FP8_AMAX_FLOOR)

@@ -58,7 +58,8 @@ def run(model, config=None):
     x = torch.randn(2, 37, 64, dtype=torch.bfloat16)
     reference = copy.deepcopy(model)
     torchao_quant.quantize_(reference, config or torchao_quant.Float8DynamicActivationFloat8WeightConfig(
-        granularity=torchao_quant.PerRow()), filter_fn=lambda m, name: isinstance(m, nn.Linear))
+        granularity=torchao_quant.PerRow(), activation_value_lb=quantize.FP8_AMAX_FLOOR),
+        filter_fn=lambda m, name: isinstance(m, nn.Linear))
     compact_compile.report(clear=True)
     with torch.no_grad():
         want = reference(x)
@@ -93,12 +94,14 @@ def quantized_with(weight, config):
 
 def test_why_a_weight_cannot_take_the_fused_pass():
     """The backend's own fp8 weights take it; torchao's other float8 forms (an upper bound on the
-    activations' amax, per-tensor scales) are not what the pass computes."""
+    activations' amax, a floor the kernel's fp32 maximum could round apart from torch's bf16 clamp,
+    per-tensor scales) are not what the pass computes."""
     weight = torch.randn(32, 64, dtype=torch.bfloat16)
     assert quantize.fused_prologue_unsupported(quantize.quantize_weight(weight, "fp8")) == ""
-    bounded = torchao_quant.Float8DynamicActivationFloat8WeightConfig(granularity=torchao_quant.PerRow(),
-                                                                      activation_value_ub=1.0)
-    assert "without bounds" in quantize.fused_prologue_unsupported(quantized_with(weight, bounded))
+    for bounds in (dict(activation_value_lb=quantize.FP8_AMAX_FLOOR, activation_value_ub=1.0),
+                   dict(activation_value_lb=1e-6), dict()):
+        config = torchao_quant.Float8DynamicActivationFloat8WeightConfig(granularity=torchao_quant.PerRow(), **bounds)
+        assert "no upper bound" in quantize.fused_prologue_unsupported(quantized_with(weight, config))
     per_tensor = torchao_quant.Float8DynamicActivationFloat8WeightConfig(granularity=torchao_quant.PerTensor())
     assert "row-wise" in quantize.fused_prologue_unsupported(quantized_with(weight, per_tensor))
     assert "row-wise" in quantize.fused_prologue_unsupported(quantize.quantize_weight(weight.half(), "fp8"))
@@ -106,13 +109,18 @@ def test_why_a_weight_cannot_take_the_fused_pass():
 
 
 @on_the_cpu
-def test_wan_ffns_and_text_projection_take_it_with_the_same_output(monkeypatch):
+@pytest.mark.parametrize("family, fused", [("wan", 3), ("cogvideox", 2), ("hunyuan", 2), ("mochi", 0)])
+def test_video_transformers_take_it_with_the_same_output(family, fused, monkeypatch):
     """diffusers' FeedForward calls dropout (p = 0, eval) between its GELU and its second linear; the
-    pass looks through it. Every FFN and the text embedder's GELU projection fuse, and the output is
-    the unfused graph's, bit for bit."""
-    from support import tiny_wan
+    pass looks through it. Every GELU FFN fuses (Wan: both blocks' and the text embedder's projection;
+    CogVideoX: both blocks'; HunyuanVideo: the double block's video and text FFNs, not the single
+    blocks' GELU, which reaches its linear through a concatenation; Mochi: SwiGLU, none), and the output
+    is the unfused graph's, bit for bit, and finite: Mochi's padded prompt tokens leave its joint
+    attention as rows of zeros, which torchao's float8 without an amax floor made NaN (the whole output
+    with them)."""
+    import support
 
-    model, inputs = tiny_wan()
+    model, inputs = getattr(support, f"tiny_{family}")()
     model = model.bfloat16()
     inputs = {k: v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
 
@@ -123,10 +131,11 @@ def test_wan_ffns_and_text_projection_take_it_with_the_same_output(monkeypatch):
             return torch.compile(model, backend="compact", options=options)(**inputs)[0]
 
     compact_compile.report(clear=True)
-    fused = compiled_output()
-    assert compact_compile.report(clear=True).quantized[0]["gelu_fused"] == 3
+    with_pass = compiled_output()
+    assert compact_compile.report(clear=True).quantized[0]["gelu_fused"] == fused
+    assert torch.isfinite(with_pass).all()
     monkeypatch.setattr(quantize, "fuse_gelu_into_fp8_linears", lambda gm, weights: 0)
-    assert torch.equal(fused, compiled_output())
+    assert torch.equal(with_pass, compiled_output())
 
 
 ON_FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
