@@ -15,7 +15,7 @@ import triton
 
 from bench_kernels import BLOCK, kernels_for, make_blocks
 from compact_compile.kernels.fp8 import quantize_tiles, smoothing_stats
-from compact_compile.kernels.registry import FP8_KERNELS
+from compact_compile.kernels.registry import FP8_KERNELS, kernel_class
 from compact_compile.kernels.triton_sparse import chosen_config
 from timing import available_kernels
 
@@ -26,7 +26,8 @@ def fp8_kernels(names, blocks, q, k, v) -> dict:
     """{name: () -> O} of the FP8 kernels among `names` over tiles of q, k, v made once."""
     tiles = quantize_tiles(q, k, v, *smoothing_stats(k, v), BLOCK)
     runs = {}
-    for name, sparse in kernels_for([n for n in names if n in FP8_KERNELS], H, S, blocks).items():
+    fp8_names = [n for n in names if n in FP8_KERNELS and not kernel_class(n).fp8_unsupported(D, BLOCK)]
+    for name, sparse in kernels_for(fp8_names, H, S, blocks).items():
         runs[name] = lambda s=sparse: s.kernel.attend_fp8(tiles, s.prepared, None, q.dtype)
     return runs
 

@@ -18,8 +18,9 @@ stale weight.
 Linears whose in/out features are not multiples of 16 stay in their dtype (the fp8/int8 matmuls
 need aligned shapes); the report counts them. Under fp8, a linear whose input is a GELU's output
 (a transformer's FFN) quantizes that input in one pass with the GELU fused in
-(passes/fp8_linear.py, kernels/quant_rows.py): the same arithmetic, 2.4× faster than Inductor's fusion
-of torchao's steps at Wan2.1-14B's FFN; the report counts these too.
+(passes/fp8_linear.py, kernels/quant_rows.py): torchao's arithmetic but for the GELU's form and the
+division's rounding (6·10⁻⁵ of the values one e4m3 step apart at Wan2.1-14B's FFN), 2.4× faster than
+Inductor's fusion of torchao's steps there; the report counts these too.
 """
 from __future__ import annotations
 
@@ -135,9 +136,10 @@ def quantized_linears(gm: fx.GraphModule, example_inputs, kind: str | None, comp
 
 def fused_prologue_unsupported(weight) -> str:
     """Why `quant_rows.fp8_linear` cannot stand in for torchao's linear with this quantized weight ("" if
-    it can): it computes row-wise e4m3 activations without bounds, times a bf16 weight's row-wise e4m3,
-    through `_scaled_mm` unpadded."""
+    it can): it computes row-wise e4m3 activations with an exact amax floor, times a bf16 weight's
+    row-wise e4m3, through torchao's torch path (`_scaled_mm`, unpadded)."""
     from torchao.quantization import Float8Tensor, PerRow
+    from torchao.quantization.quantize_.common import KernelPreference
     from torchao.quantization.quantize_.workflows import QuantizeTensorToFloat8Kwargs
 
     if not isinstance(weight, Float8Tensor):
@@ -153,6 +155,8 @@ def fused_prologue_unsupported(weight) -> str:
                 "upper bound")
     if mm is None or mm.emulate or mm.pad_inner_dim:
         return "the matmul is emulated or padded"
+    if weight.kernel_preference not in (KernelPreference.AUTO, KernelPreference.TORCH):
+        return f"the weight asks for torchao's {weight.kernel_preference} kernels"
     return ""
 
 

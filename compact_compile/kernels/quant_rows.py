@@ -5,14 +5,19 @@ torchao's arithmetic (Float8Tensor.from_hp through _choose_scale_float8 and _qua
 for x `[..., N]` in bf16:
     a = max(max_n |x_n|, a_min)           (exact in bf16; a_min > 0 torchao's `hp_value_lb`, a power of two:
                                           a row of zeros gets a finite σ and zeros, not 0/0)
-    σ = bf16(a·fl(1/448)) → fp32         (torch divides by a scalar as a multiply by its reciprocal;
-                                          a bf16 tensor's result is rounded to bf16)
-    x8 = e4m3(clamp(fp32(x) / σ, ±448))
-With GELU first, x = bf16(gelu(h)) in fp32 (PyTorch's opmath), tanh form or erf form. The tanh form is
-computed as x·sigmoid(2y), the same function (½(1 + tanh y) = sigmoid(2y)) without libdevice's tanh,
-whose cost made the pass compute-bound (2.4 ms against 0.71 ms without the GELU, H200): one exponential
-and one division, well conditioned everywhere (no 1 − t cancellation), within a few fp32 ulps of
-PyTorch's tanhf form, so the bf16 value differs only where the two straddle a rounding boundary.
+    σ = bf16(a/448) → fp32                (a bf16 tensor's division is rounded to bf16; CUDA multiplies by
+                                          fl(1/448), the CPU divides, and for every bf16 a the two agree)
+    x8 = e4m3(clamp(fp32(x) / σ, ±448))   (a NaN anywhere in the row makes σ and the row NaN)
+The kernel's x/σ is Triton's fp32 division (within 2 ulps, not correctly rounded), so a value at an
+e4m3 rounding boundary may land one step from torch's (4 of 1.05·10⁹ at 13,824 wide, 72 of 3.9·10⁸ at
+5,120; H200). With GELU first, x = bf16(gelu(h)) in fp32 (PyTorch's opmath), tanh form or erf form. The
+tanh form is computed as x·sigmoid(2y) (½(1 + tanh y) = sigmoid(2y)) without libdevice's tanh, whose
+cost made the pass compute-bound (2.4 ms against 0.71 ms without the GELU, H200): one exponential and
+one division, well conditioned everywhere. PyTorch's ½x(1 + tanh y) is not below x ≈ −3 (1 + tanh y
+cancels; it is 0 from x ≈ −6), so there the two differ relatively by up to a few 10⁻³ on values
+below 10⁻²·|x|; elsewhere they agree to a few fp32 ulps, and the bf16 value differs only where they
+straddle a rounding boundary: 6·10⁻⁵ of the quantized values at Wan2.1-14B's FFN sit one e4m3 step
+from torchao's (libdevice's tanh: 9 of 1.05·10⁹).
 
 Why: Inductor fuses GELU and this quantization into one looped reduction that reads each 13,824-wide
 row twice and computes the GELU twice (Wan2.1-14B's FFN: 3.3 ms a call, 1 TB/s). A row fits in
@@ -37,6 +42,7 @@ from .triton_sparse import INTERPRET
 SCALE_PER_AMAX = tl.constexpr(INV_E4M3_MAX)
 
 PROLOGUES = {"none": 0, "gelu_tanh": 1, "gelu": 2}
+MAX_WIDTH = 16384    # the widest row measured (a row is one program's registers: 8 warps, 64 values a thread)
 
 
 def quant_rows_reference(h: torch.Tensor, prologue: str, amax_min: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,9 +77,12 @@ def _quant_rows(H, X8, SCALE, N, stride_h, AMAX_MIN, BLOCK: tl.constexpr, PROLOG
     elif PROLOGUE == 2:   # erf GELU: ½x(1 + erf(x/√2))
         x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     x = bf16_in_fp32(x, INTERPRETED)
-    amax = tl.maximum(tl.max(tl.abs(x), 0), AMAX_MIN)
+    # max drops NaN: a NaN in the row must make σ NaN, as torch's amax does (the sum of the row's NaNs is
+    # NaN, or 0 without one)
+    nans = tl.sum(tl.where(x != x, x, 0.0), 0)
+    amax = tl.maximum(tl.max(tl.abs(x), 0), AMAX_MIN) + nans
     scale = bf16_in_fp32(amax * SCALE_PER_AMAX, INTERPRETED)
-    q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+    q = tl.clamp(x / scale, -448.0, 448.0, propagate_nan=tl.PropagateNan.ALL)
     tl.store(X8 + row * N + cols, to_e4m3(q, INTERPRETED), mask=inside)
     tl.store(SCALE + row, scale)
 
@@ -81,9 +90,11 @@ def _quant_rows(H, X8, SCALE, N, stride_h, AMAX_MIN, BLOCK: tl.constexpr, PROLOG
 def quant_rows_triton(h: torch.Tensor, prologue: str, amax_min: float, num_warps: int | None = None):
     """`quant_rows_reference` in one Triton pass: one program a row, the row in registers; h in bf16 (the
     one dtype of torchao's row-wise float8 linears, whose rounding the pass repeats)."""
-    if h.dtype != torch.bfloat16 or prologue not in PROLOGUES or not amax_floor_exact(amax_min):
-        raise ValueError(f"quant_rows takes a bf16 input, a prologue of {sorted(PROLOGUES)} and an amax floor "
-                         f"that is a power of two; got {h.dtype}, {prologue!r} and {amax_min!r}")
+    if (h.dtype != torch.bfloat16 or prologue not in PROLOGUES or not amax_floor_exact(amax_min)
+            or h.shape[-1] > MAX_WIDTH):
+        raise ValueError(f"quant_rows takes a bf16 input at most {MAX_WIDTH} wide, a prologue of "
+                         f"{sorted(PROLOGUES)} and an amax floor that is a power of two; got {h.dtype} "
+                         f"{tuple(h.shape)}, {prologue!r} and {amax_min!r}")
     N = h.shape[-1]
     rows = h.reshape(-1, N)
     if rows.stride(-1) != 1:
@@ -108,7 +119,10 @@ def quant_rows(h: torch.Tensor, prologue: str, amax_min: float) -> tuple[torch.T
     """(x8, σ) of prologue(h): the Triton pass on CUDA, torch elsewhere."""
     if prologue not in PROLOGUES:
         raise ValueError(f"quant_rows' prologue must be one of {sorted(PROLOGUES)}, not {prologue!r}")
-    return quant_rows_triton(h, prologue, amax_min) if h.is_cuda else quant_rows_reference(h, prologue, amax_min)
+    if h.is_cuda:
+        return quant_rows_triton(h, prologue, amax_min)
+    x8, scale = quant_rows_reference(h, prologue, amax_min)
+    return x8.contiguous(), scale
 
 
 @quant_rows.register_fake

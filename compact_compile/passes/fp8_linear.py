@@ -14,7 +14,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..kernels import quant_rows  # noqa: F401  (registers torch.ops.compact.quant_rows)
-from ..kernels.quant_rows import fp8_linear
+from ..kernels.quant_rows import MAX_WIDTH, fp8_linear
 
 _LINEAR = torch._C._nn.linear
 _GELU = torch._C._nn.gelu
@@ -34,13 +34,14 @@ def through_identity_dropout(x: fx.Node) -> fx.Node:
 
 
 def gelu_prologue(x: fx.Node) -> tuple[fx.Node, str] | None:
-    """(h, prologue) where x is gelu(h) of a bf16 h, else None."""
+    """(h, prologue) where x is gelu(h) of a bf16 h at most quant_rows.MAX_WIDTH wide, else None."""
     if not (x.op == "call_function" and x.target is _GELU and x.args):
         return None
     approximate = x.kwargs.get("approximate", x.args[1] if len(x.args) > 1 else "none")
     h = x.args[0]
     value = h.meta.get("example_value") if isinstance(h, fx.Node) else None
-    if approximate not in _PROLOGUE_OF_GELU or value is None or value.dtype != torch.bfloat16:
+    if (approximate not in _PROLOGUE_OF_GELU or value is None or value.dtype != torch.bfloat16
+            or not value.shape or value.shape[-1] > MAX_WIDTH):
         return None
     return h, _PROLOGUE_OF_GELU[approximate]
 

@@ -2,7 +2,9 @@
 gelu(h) row-wise (kernels/quant_rows.py) and torchao's `_scaled_mm`. On the CPU, through
 `inner="aot_eager"` with torchao's tensors traced as on the GPU (its hardware checks lifted): the
 output equals torchao's own float8 linears bit for bit, and what is not a GELU, or not quantized
-the way the fused pass quantizes, is left to torchao."""
+the way the fused pass quantizes, is left to torchao. On the CPU the op runs `quant_rows_reference`
+(torch), so these check the rewrite and its plumbing; the Triton pass is checked against that reference
+in tests/kernels/test_quant_rows.py, and the pass with `_scaled_mm` by the GPU tests at the end."""
 from __future__ import annotations
 
 import copy
@@ -16,7 +18,7 @@ import torchao.quantization.quant_api as torchao_quant_api
 
 import compact_compile
 from compact_compile import quantize
-from compact_compile.kernels.quant_rows import fp8_linear
+from compact_compile.kernels.quant_rows import MAX_WIDTH, fp8_linear
 
 
 def cpu_scaled_mm() -> bool:
@@ -41,9 +43,10 @@ def fp8_on_the_cpu(monkeypatch):
 
 
 class FFN(nn.Module):
-    def __init__(self, activation, reuse: bool = False):
+    def __init__(self, activation, reuse: bool = False, width: int = 256):
         super().__init__()
-        self.up, self.down, self.activation, self.reuse = nn.Linear(64, 256), nn.Linear(256, 64), activation, reuse
+        self.up, self.down = nn.Linear(64, width), nn.Linear(width, 64)
+        self.activation, self.reuse = activation, reuse
 
     def forward(self, x):
         h = self.activation(self.up(x))
@@ -81,6 +84,13 @@ def test_gelu_linear_equals_torchao(approximate, reuse):
 @pytest.mark.parametrize("activation", [F.silu, F.relu, lambda h: h])
 def test_other_inputs_stay_with_torchao(activation):
     want, got, report = run(FFN(activation))
+    assert report.quantized[0]["gelu_fused"] == 0
+    assert torch.equal(got, want)
+
+
+@on_the_cpu
+def test_rows_wider_than_the_kernel_takes_stay_with_torchao():
+    want, got, report = run(FFN(lambda h: F.gelu(h, approximate="tanh"), width=MAX_WIDTH + 16))
     assert report.quantized[0]["gelu_fused"] == 0
     assert torch.equal(got, want)
 
