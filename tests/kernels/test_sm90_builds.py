@@ -13,6 +13,8 @@ import torch
 
 SM90_SHARED_BYTES = 232_448          # per block, opted in (H100/H200: 227 KiB)
 CASES = [(which, dtype) for which in ("row_lse", "block_mass") for dtype in ("fp32", "bf16")]
+# the row quantization at the widths it serves (Wan2.1-14B's FFN, its model width, the widest taken)
+QUANT_ROWS_CASES = [(prologue, width) for prologue in ("none", "gelu_tanh", "gelu") for width in (5120, 13824, 16384)]
 
 
 def shared_bytes(which: str, dtype: str) -> int:
@@ -44,6 +46,25 @@ def shared_bytes(which: str, dtype: str) -> int:
     return built.metadata.shared
 
 
+def quant_rows_shared_bytes(prologue: str, width: int) -> int:
+    """Shared memory of quant_rows' kernel as the GPU builds it for a bf16 row of `width` (its reduction's
+    scratch), built for sm90 (call where TRITON_INTERPRET is unset)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from compact_compile.kernels import quant_rows
+
+    block = triton.next_power_of_2(width)
+    constants = dict(BLOCK=block, PROLOGUE=quant_rows.PROLOGUES[prologue], INTERPRETED=False)
+    kinds = dict(H="*bf16", X8="*fp8e4nv", SCALE="*fp32", N="i32", stride_h="i32", AMAX_MIN="fp32")
+    kernel = quant_rows._quant_rows
+    signature = {a: "constexpr" if a in constants else kinds[a] for a in kernel.arg_names}
+    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    built = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=quant_rows.warps_for(block)))
+    return built.metadata.shared
+
+
 @pytest.fixture(scope="module")
 def built():
     import compact_compile
@@ -61,5 +82,12 @@ def test_block_mass_launches_fit_a_hopper_sm(built, which, dtype):
     assert 0 < built[which, dtype] <= SM90_SHARED_BYTES, f"{which} {dtype}: {built[which, dtype]} bytes"
 
 
+@pytest.mark.parametrize("prologue, width", QUANT_ROWS_CASES)
+def test_quant_rows_builds_for_a_hopper_sm(built, prologue, width):
+    """It compiles for sm90 (NaN propagation and all) and its reduction fits the SM."""
+    assert 0 <= built[prologue, str(width)] <= SM90_SHARED_BYTES
+
+
 if __name__ == "__main__":
-    print(json.dumps({f"{w} {d}": shared_bytes(w, d) for w, d in CASES}))
+    print(json.dumps({**{f"{w} {d}": shared_bytes(w, d) for w, d in CASES},
+                      **{f"{p} {w}": quant_rows_shared_bytes(p, w) for p, w in QUANT_ROWS_CASES}}))
