@@ -89,6 +89,19 @@ def test_other_inputs_stay_with_torchao(activation):
 
 
 @on_the_cpu
+@pytest.mark.parametrize("shape", [(5, 64), (2, 7, 64), (2, 3, 5, 64)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_linear_equals_torchao_for_any_leading_shape(shape, with_bias):
+    torch.manual_seed(0)
+    weight = quantize.quantize_weight(torch.randn(48, 64, dtype=torch.bfloat16), "fp8")
+    bias = torch.randn(48, dtype=torch.bfloat16) if with_bias else None
+    h = torch.randn(shape, dtype=torch.bfloat16)
+    got = fp8_linear(h, weight, bias, "gelu_tanh")
+    assert got.shape == (*shape[:-1], 48)
+    assert torch.equal(got, F.linear(F.gelu(h, approximate="tanh"), weight, bias))
+
+
+@on_the_cpu
 def test_rows_wider_than_the_kernel_takes_stay_with_torchao():
     want, got, report = run(FFN(lambda h: F.gelu(h, approximate="tanh"), width=MAX_WIDTH + 16))
     assert report.quantized[0]["gelu_fused"] == 0
