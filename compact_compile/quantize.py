@@ -34,8 +34,6 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import CompactError
-from .kernels.quant_rows import amax_floor_exact
-from .passes.fp8_linear import fuse_gelu_into_fp8_linears
 from .report import record_quantized
 
 _LINEAR = torch._C._nn.linear  # what F.linear and nn.Linear are in a Dynamo graph
@@ -109,10 +107,8 @@ def quantized_linears(gm: fx.GraphModule, example_inputs, kind: str | None, comp
         record_quantized(kind, quantized=0, kept=len(candidates))
         return compile_inner(example_inputs)
     cache = QuantizedWeights(kind)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    fusable = {placeholders[i] for i in index if not fused_prologue_unsupported(cache.get(example_inputs[i]))}
     record_quantized(kind, quantized=len(index), kept=len(candidates) - len(index),
-                     gelu_fused=fuse_gelu_into_fp8_linears(gm, fusable) if fusable else 0)
+                     gelu_fused=_fuse_gelu(gm, example_inputs, index, cache) if kind == "fp8" else 0)
     # handed to the inner compiler as static fake tensors of Dynamo's fake mode: fakeified there
     # instead, a tensor Dynamo never saw gets size symbols without a source (an error at guard time)
     fake_mode = torch._guards.detect_fake_mode(example_inputs)
@@ -134,6 +130,16 @@ def quantized_linears(gm: fx.GraphModule, example_inputs, kind: str | None, comp
     return run
 
 
+def _fuse_gelu(gm: fx.GraphModule, example_inputs, index: list[int], cache: "QuantizedWeights") -> int:
+    """The fp8 linears of `index` whose input is a GELU's, rewritten to quantize it in one pass
+    (passes/fp8_linear.py); how many. Its Triton kernel loads only with this option."""
+    from .passes.fp8_linear import fuse_gelu_into_fp8_linears
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    fusable = {placeholders[i] for i in index if not fused_prologue_unsupported(cache.get(example_inputs[i]))}
+    return fuse_gelu_into_fp8_linears(gm, fusable) if fusable else 0
+
+
 def fused_prologue_unsupported(weight) -> str:
     """Why `quant_rows.fp8_linear` cannot stand in for torchao's linear with this quantized weight ("" if
     it can): it computes row-wise e4m3 activations with an exact amax floor, times a bf16 weight's
@@ -141,6 +147,8 @@ def fused_prologue_unsupported(weight) -> str:
     from torchao.quantization import Float8Tensor, PerRow
     from torchao.quantization.quantize_.common import KernelPreference
     from torchao.quantization.quantize_.workflows import QuantizeTensorToFloat8Kwargs
+
+    from .kernels.quant_rows import amax_floor_exact
 
     if not isinstance(weight, Float8Tensor):
         return f"the weight is a {type(weight).__name__}, not torchao's Float8Tensor"
