@@ -57,6 +57,7 @@ E4M3_MAX = 448.0
 # (which divides by a scalar as a multiply by its reciprocal) and in the Triton pass (whose `/` is an
 # approximate division on the GPU), so the scales the two quantizers give are bit for bit equal
 INV_E4M3_MAX = 1.0 / E4M3_MAX
+SCALE_PER_AMAX = tl.constexpr(INV_E4M3_MAX)   # the same in Triton kernels: σ = amax·(1/448)
 U = 2.0 ** -4        # e4m3's relative rounding error (3 mantissa bits, round to nearest)
 TINY = 1e-30         # floor of an amax: an all-zero block gets a finite scale and zero tiles
 MIN_CAPABILITY = (8, 9)   # e4m3 tensor cores: Ada, Hopper, Blackwell

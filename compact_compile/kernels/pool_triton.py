@@ -18,11 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import E4M3, INV_E4M3_MAX, FP8Tiles, padded_rows, to_e4m3
+from .fp8 import E4M3, SCALE_PER_AMAX, FP8Tiles, padded_rows, to_e4m3
 from .registry import checked_key_valid
 from .triton_sparse import INTERPRET
-
-SCALE_PER_AMAX = tl.constexpr(INV_E4M3_MAX)   # σ = amax·(1/448), as fp8.quantize_tiles computes it
 
 
 @triton.jit

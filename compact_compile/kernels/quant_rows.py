@@ -36,10 +36,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .fp8 import E4M3, E4M3_MAX, INV_E4M3_MAX, to_e4m3
+from .fp8 import E4M3, E4M3_MAX, SCALE_PER_AMAX, to_e4m3
 from .triton_sparse import INTERPRET
-
-SCALE_PER_AMAX = tl.constexpr(INV_E4M3_MAX)
 
 PROLOGUES = {"none": 0, "gelu_tanh": 1, "gelu": 2}
 MAX_WIDTH = 16384    # the widest row measured (a row is one program's registers: 8 warps, 64 values a thread)
@@ -122,11 +120,11 @@ def amax_floor_exact(amax_min: float) -> bool:
 
 @torch.library.custom_op("compact::quant_rows", mutates_args=())
 def quant_rows(h: torch.Tensor, prologue: str, amax_min: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x8, σ) of prologue(h): the Triton pass on CUDA, torch elsewhere."""
-    if prologue not in PROLOGUES:
-        raise ValueError(f"quant_rows' prologue must be one of {sorted(PROLOGUES)}, not {prologue!r}")
+    """(x8, σ) of prologue(h): the Triton pass on CUDA (which checks its inputs), torch elsewhere."""
     if h.is_cuda:
         return quant_rows_triton(h, prologue, amax_min)
+    if prologue not in PROLOGUES:
+        raise ValueError(f"quant_rows' prologue must be one of {sorted(PROLOGUES)}, not {prologue!r}")
     x8, scale = quant_rows_reference(h, prologue, amax_min)
     return x8.contiguous(), scale
 
