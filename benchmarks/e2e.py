@@ -267,24 +267,33 @@ def event_ms(fn, calls, before=lambda: None):
 
 
 def profile(m, spec, x, t, text):
-    """CUDA kernel time of one forward, by kernel, and grouped."""
+    """One forward under the profiler: CUDA kernel time by kernel, and grouped; the wall time beside
+    the kernels' sum (the GPU's idle time where they run one after another), and the host calls that
+    could leave it idle: synchronizing CUDA runtime calls and the host ops with the most own time."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     forward(m, spec, x, t, text)
     torch.cuda.synchronize()
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
         forward(m, spec, x, t, text)
         torch.cuda.synchronize()
-    kernels = []
+        wall_ms = (time.perf_counter() - t0) * 1000
+    kernels, host = [], []
     for e in prof.key_averages():
-        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if us > 0:
+        us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if us > 0 and e.device_type == torch.autograd.DeviceType.CUDA:
             kernels.append(dict(name=e.key[:120], ms=us / 1000, calls=e.count))
+        elif e.device_type == torch.autograd.DeviceType.CPU:
+            host.append(dict(name=e.key[:120], self_ms=e.self_cpu_time_total / 1000, calls=e.count))
     kernels.sort(key=lambda k: -k["ms"])
+    host.sort(key=lambda h: -h["self_ms"])
     groups = dict(attention=0.0, gemm=0.0, other=0.0)
     for k in kernels:
         groups[kernel_group(k["name"])] += k["ms"]
-    return dict(groups_ms=groups, top=kernels[:25])
+    syncing = [h for h in host if re.search(r"Synchronize|Memcpy|local_scalar_dense|item|cudaMalloc|cudaFree", h["name"])]
+    return dict(groups_ms=groups, top=kernels[:25], wall_ms=wall_ms, kernels_ms=sum(k["ms"] for k in kernels),
+                host_syncing=syncing, host_top=host[:15])
 
 
 def run(args):

@@ -49,6 +49,7 @@ class SiteAttention:
         self.text_block = torch.arange(L.n_video, L.seq_len) // bs
         self.k_min = spec.selection.min_blocks(nb) if spec.selection else 0
         self._static: dict[tuple[int, torch.device], tuple] = {}
+        self._counts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---- calls ----------------------------------------------------------------------------------
     def __call__(self, q, k, v, scale=None, pools=None, key_valid=None) -> torch.Tensor:
@@ -131,12 +132,21 @@ class SiteAttention:
             self._static[key] = (blocks, blocks.to(torch.int8), self.kernel.prepare(kv_block_lists(blocks)), text_kept)
         return self._static[key]
 
+    def _block_counts(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(video keys per key block, each text key's block) on `device`, copied there once: a copy
+        from host memory per call waits for the GPU to drain (two per site and call, 160 ms of idle GPU
+        in a HunyuanVideo forward, measured)."""
+        if device not in self._counts:
+            self._counts[device] = (self.video_count.to(device), self.text_block.to(device))
+        return self._counts[device]
+
     def _choose(self, index, q, k, v, scale, pools, key_valid, fp8=None):
         """(keep, its block lists `[B, H, …]` or None, R, Ō) for this call's range. With `fp8` (the
-        tiles, the output dtype, the unquantized q, k, v; q, k then the e4m3 tiles, v None) the pools
-        come from the reorder, and the few text keys the estimate reads one by one are dequantized;
-        the Triton estimate, which reads them from k in place, runs where there are none (it then gets
-        the unquantized k, never read: its dtype sets the dots' precision, as at a bf16 site)."""
+        tiles, the output dtype, the unquantized q, k, v in model order; q, k then the e4m3 tiles, v
+        None) the pools come from the reorder. The Triton choice and estimate read the text keys one by
+        one from rows n_video… of k: where the text follows the video (HunyuanVideo, Mochi), the model's
+        own k has them there, unquantized, as a bf16 site's tiled k does; where some text precedes the
+        video, the compiled estimate reads them dequantized from the tiles."""
         tiles = None if fp8 is None else fp8[0]
         spec, L = self.spec, self.spec.layout
         scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -146,16 +156,17 @@ class SiteAttention:
         pools = pooled(q, k, v, L.n_video, L.block_size, key_valid) if pools is None else pools
         if on_triton(q, k, k if tiles is not None else v, rows=spec.rectify == "rows", rectify=rectify,
                      dynamic=dynamic, text_kept=text_kept, n_blocks=L.n_blocks,
-                     explicit_triton=spec.kernel == "triton") and (tiles is None or L.n_video == L.seq_len):
+                     explicit_triton=spec.kernel == "triton") and (tiles is None or L.n_before == 0):
             if tiles is not None:
                 k = fp8[2][1]
             return choose_triton(pools, k, static_i8, L.n_video, scale, L.block_size, dynamic=dynamic,
                                  rectify=rectify, p_remain=p_remain, k_min=self.k_min, key_valid=key_valid)
-        counts = valid_counts(self.video_count.to(q.device), L.n_video, L.block_size, key_valid)
+        video_count, text_block = self._block_counts(q.device)
+        counts = valid_counts(video_count, L.n_video, L.block_size, key_valid)
         text_valid = None if key_valid is None else key_valid[:, L.n_video:].bool()
         k_text = k[:, :, L.n_video:] if tiles is None else dequantized_keys(tiles, L.n_video, L.block_size)
         keep, r, o_bar = estimate(pools, q if spec.rectify == "rows" else None, k_text, static, counts,
-                                  self.text_block.to(q.device), scale, L.block_size, dynamic, rectify,
+                                  text_block, scale, L.block_size, dynamic, rectify,
                                   spec.rectify == "rows", p_remain, self.k_min, text_valid)
         return keep, None, r, o_bar
 
