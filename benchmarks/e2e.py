@@ -268,8 +268,10 @@ def event_ms(fn, calls, before=lambda: None):
 
 def profile(m, spec, x, t, text):
     """One forward under the profiler: CUDA kernel time by kernel, and grouped; the wall time beside
-    the kernels' sum (the GPU's idle time where they run one after another), and the host calls that
-    could leave it idle: synchronizing CUDA runtime calls and the host ops with the most own time."""
+    the kernels' sum (the GPU's idle time where they run one after another, plus the profiler's own
+    overhead), and the host calls that could leave it idle: synchronizing CUDA runtime calls (one
+    cudaDeviceSynchronize is this function's own, at the end of the forward) and the host ops with the
+    most own time."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     forward(m, spec, x, t, text)
@@ -282,7 +284,7 @@ def profile(m, spec, x, t, text):
     kernels, host = [], []
     for e in prof.key_averages():
         us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-        if us > 0 and e.device_type == torch.autograd.DeviceType.CUDA:
+        if us > 0 and e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False):
             kernels.append(dict(name=e.key[:120], ms=us / 1000, calls=e.count))
         elif e.device_type == torch.autograd.DeviceType.CPU:
             host.append(dict(name=e.key[:120], self_ms=e.self_cpu_time_total / 1000, calls=e.count))

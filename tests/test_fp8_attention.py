@@ -330,13 +330,16 @@ def test_refused_on_cpu_without_the_interpreter(monkeypatch):
 
 @needs_fp8
 @pytest.mark.parametrize("dynamic", [False, True])
-@pytest.mark.parametrize("n_text, n_before", [(37, 0), (37, 37), (37, 11)])
-def test_fp8_sites_choose_and_estimate_from_the_text_keys_in_the_models_order(n_text, n_before, dynamic, monkeypatch):
+@pytest.mark.parametrize("n_text, n_before, k_rows", [(37, 0, "contiguous"), (37, 37, "contiguous"),
+                                                      (37, 11, "contiguous"), (37, 0, "strided")])
+def test_fp8_sites_choose_and_estimate_from_the_text_keys_in_the_models_order(n_text, n_before, k_rows, dynamic,
+                                                                            monkeypatch):
     """A rectified FP8 site choosing blocks and estimating R, Ō with text keys. Where the text follows
     the video, the Triton choice and estimate read the text keys from the model's unquantized k (their
     rows there are their tiled rows), so the FP8 site's keep, R and Ō equal a bf16 site's; where some
-    text precedes the video, those rows hold video, so the compiled estimate reads them dequantized from
-    the tiles instead, within e4m3's rounding. Keys and values nearly constant per block, so that the
+    text precedes the video, those rows hold video, and where the model's k is not laid out as those
+    kernels read it (head dim not contiguous), the compiled estimate reads them dequantized from the
+    tiles instead, within e4m3's rounding. Keys and values nearly constant per block, so that the
     estimate compensates skipped blocks (Ō ≠ 0); the text keys far from the video's, so that reading
     other rows would be far off."""
     from compact_compile.kernels import rectified as rectified_module
@@ -358,6 +361,9 @@ def test_fp8_sites_choose_and_estimate_from_the_text_keys_in_the_models_order(n_
     q, k, v = (x.to(DEVICE) for x in (q, k, v))
     target = layout.target_index(DEVICE)
     in_model_order = tuple(x.index_select(-2, target) for x in (q, k, v))
+    if k_rows == "strided":
+        in_model_order = tuple(x.transpose(-1, -2).contiguous().transpose(-1, -2) for x in in_model_order)
+    triton_reads_the_model = n_before == 0 and k_rows == "contiguous"
     tiles = quantize_tiles(q, k, v, *smoothing_stats(k, v), bs)
     pools = pooled(q, k, v, layout.n_video, bs)
     site = rectified_site(layout, static, dynamic=dynamic, rectify=True, kernel="triton")
@@ -368,10 +374,9 @@ def test_fp8_sites_choose_and_estimate_from_the_text_keys_in_the_models_order(n_
     keep, _, r, o_bar = site._choose(0, q, k, v, None, pools, None)
     keep8, _, r8, o_bar8 = site._choose(0, tiles.q, tiles.k, None, None, pools, None,
                                         fp8=(tiles, torch.float32, in_model_order))
-    assert len(on_triton) == (2 if n_before == 0 else 1)
+    assert len(on_triton) == (2 if triton_reads_the_model else 1)
     assert (r < 0.99).float().mean() > 0.3 and o_bar.norm() > 0, "the estimate should compensate here"
-    if n_before == 0:
-        assert on_triton[1] is in_model_order[1]
+    if triton_reads_the_model:
         assert torch.equal(keep8.bool().expand_as(keep.bool()), keep.bool().expand_as(keep8.bool()))
         torch.testing.assert_close(r8, r, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(o_bar8, o_bar, rtol=1e-6, atol=1e-6)

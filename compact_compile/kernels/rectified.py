@@ -62,14 +62,14 @@ def block_pool(x: torch.Tensor, n_valid: int, block_size: int, key_valid: torch.
     return mean, mad
 
 
-def _triton_shapes(q, k, v) -> bool:
+def triton_shapes(q, k, v) -> bool:
     """q, k, v as the pooling, estimate and choice kernels take them: one shape, a head dim of
     HEAD_DIMS (powers of two), contiguous rows."""
     return q.shape == k.shape == v.shape and q.shape[-1] in HEAD_DIMS and all(x.stride(-1) == 1 for x in (q, k, v))
 
 
 def _pool_on_gpu(q, k, v) -> bool:
-    return q.device.type == "cuda" and q.dtype != torch.float64 and _triton_shapes(q, k, v)
+    return q.device.type == "cuda" and q.dtype != torch.float64 and triton_shapes(q, k, v)
 
 
 def pooled(q, k, v, n_video: int, block_size: int, key_valid=None):
@@ -170,7 +170,7 @@ def on_triton(q, k, v, *, rows: bool, rectify: bool, dynamic: bool, text_kept: b
     estimate_triton.py) rather than as torch code compiled by Inductor. The estimate counts text
     keys in the normaliser only, so it needs the blocks holding them kept."""
     return (not rows and (text_kept or not rectify) and q.dtype != torch.float64
-            and _triton_shapes(q, k, v) and triton_available(q.device)
+            and triton_shapes(q, k, v) and triton_available(q.device)
             and (q.device.type == "cuda" or explicit_triton)
             and (not dynamic or triton.next_power_of_2(n_blocks) <= MAX_BLOCKS))
 

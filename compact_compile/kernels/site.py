@@ -24,7 +24,7 @@ from ..layout import tile_index
 from ..schedule import CLOCK, warn_unknown_step
 from ..spec import SiteSpec
 from .fp8 import FP8Tiles, dequantized_keys
-from .rectified import choose_triton, estimate, merge, on_triton, pooled, valid_counts
+from .rectified import choose_triton, estimate, merge, on_triton, pooled, triton_shapes, valid_counts
 from .registry import kernel_class, kv_block_lists
 
 
@@ -145,8 +145,9 @@ class SiteAttention:
         tiles, the output dtype, the unquantized q, k, v in model order; q, k then the e4m3 tiles, v
         None) the pools come from the reorder. The Triton choice and estimate read the text keys one by
         one from rows n_video… of k: where the text follows the video (HunyuanVideo, Mochi), the model's
-        own k has them there, unquantized, as a bf16 site's tiled k does; where some text precedes the
-        video, the compiled estimate reads them dequantized from the tiles."""
+        own k has them there, unquantized, as a bf16 site's tiled k does (the kernels' layout checked on
+        it: its rows contiguous); where some text precedes the video, the compiled estimate reads them
+        dequantized from the tiles."""
         tiles = None if fp8 is None else fp8[0]
         spec, L = self.spec, self.spec.layout
         scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -154,12 +155,11 @@ class SiteAttention:
         dynamic, rectify = spec.selection is not None, spec.rectify is not None
         p_remain = spec.selection.p_remain if dynamic else 0.0
         pools = pooled(q, k, v, L.n_video, L.block_size, key_valid) if pools is None else pools
-        if on_triton(q, k, k if tiles is not None else v, rows=spec.rectify == "rows", rectify=rectify,
-                     dynamic=dynamic, text_kept=text_kept, n_blocks=L.n_blocks,
-                     explicit_triton=spec.kernel == "triton") and (tiles is None or L.n_before == 0):
-            if tiles is not None:
-                k = fp8[2][1]
-            return choose_triton(pools, k, static_i8, L.n_video, scale, L.block_size, dynamic=dynamic,
+        text_rows = k if tiles is None else fp8[2][1] if L.n_before == 0 and triton_shapes(*fp8[2]) else None
+        if text_rows is not None and on_triton(
+                q, k, k if tiles is not None else v, rows=spec.rectify == "rows", rectify=rectify, dynamic=dynamic,
+                text_kept=text_kept, n_blocks=L.n_blocks, explicit_triton=spec.kernel == "triton"):
+            return choose_triton(pools, text_rows, static_i8, L.n_video, scale, L.block_size, dynamic=dynamic,
                                  rectify=rectify, p_remain=p_remain, k_min=self.k_min, key_valid=key_valid)
         video_count, text_block = self._block_counts(q.device)
         counts = valid_counts(video_count, L.n_video, L.block_size, key_valid)
