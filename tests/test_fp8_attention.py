@@ -329,11 +329,12 @@ def test_refused_on_cpu_without_the_interpreter(monkeypatch):
 
 
 @needs_fp8
+@pytest.mark.parametrize("prompt_mask", [False, True])
 @pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("n_text, n_before, k_rows", [(37, 0, "contiguous"), (37, 37, "contiguous"),
                                                       (37, 11, "contiguous"), (37, 0, "strided")])
 def test_fp8_sites_choose_and_estimate_from_the_text_keys_in_the_models_order(n_text, n_before, k_rows, dynamic,
-                                                                            monkeypatch):
+                                                                            prompt_mask, monkeypatch):
     """A rectified FP8 site choosing blocks and estimating R, Ō with text keys. Where the text follows
     the video, the Triton choice and estimate read the text keys from the model's unquantized k (their
     rows there are their tiled rows), so the FP8 site's keep, R and Ō equal a bf16 site's; where some
@@ -341,7 +342,7 @@ def test_fp8_sites_choose_and_estimate_from_the_text_keys_in_the_models_order(n_
     kernels read it (head dim not contiguous), the compiled estimate reads them dequantized from the
     tiles instead, within e4m3's rounding. Keys and values nearly constant per block, so that the
     estimate compensates skipped blocks (Ō ≠ 0); the text keys far from the video's, so that reading
-    other rows would be far off."""
+    other rows would be far off. `prompt_mask`: a key-padding mask over the text, as HunyuanVideo's."""
     from compact_compile.kernels import rectified as rectified_module
     from compact_compile.kernels.fp8 import quantize_tiles, smoothing_stats
     from compact_compile.kernels.rectified import pooled
@@ -364,15 +365,20 @@ def test_fp8_sites_choose_and_estimate_from_the_text_keys_in_the_models_order(n_
     if k_rows == "strided":
         in_model_order = tuple(x.transpose(-1, -2).contiguous().transpose(-1, -2) for x in in_model_order)
     triton_reads_the_model = n_before == 0 and k_rows == "contiguous"
-    tiles = quantize_tiles(q, k, v, *smoothing_stats(k, v), bs)
-    pools = pooled(q, k, v, layout.n_video, bs)
+    key_valid = None
+    if prompt_mask:     # tile order: the text last; each batch element keeps a different prompt length
+        key_valid = torch.ones(2, S, dtype=torch.bool, device=DEVICE)
+        key_valid[0, layout.n_video + n_text // 2:] = False
+        key_valid[1, layout.n_video + 3:] = False
+    tiles = quantize_tiles(q, k, v, *smoothing_stats(k, v, key_valid), bs)
+    pools = pooled(q, k, v, layout.n_video, bs, key_valid)
     site = rectified_site(layout, static, dynamic=dynamic, rectify=True, kernel="triton")
     on_triton = []
     choose = rectified_module.choose_triton
     monkeypatch.setattr("compact_compile.kernels.site.choose_triton",
                         lambda pools, k, *a, **kw: on_triton.append(k) or choose(pools, k, *a, **kw))
-    keep, _, r, o_bar = site._choose(0, q, k, v, None, pools, None)
-    keep8, _, r8, o_bar8 = site._choose(0, tiles.q, tiles.k, None, None, pools, None,
+    keep, _, r, o_bar = site._choose(0, q, k, v, None, pools, key_valid)
+    keep8, _, r8, o_bar8 = site._choose(0, tiles.q, tiles.k, None, None, pools, key_valid,
                                         fp8=(tiles, torch.float32, in_model_order))
     assert len(on_triton) == (2 if triton_reads_the_model else 1)
     assert (r < 0.99).float().mean() > 0.3 and o_bar.norm() > 0, "the estimate should compensate here"
