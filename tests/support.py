@@ -21,6 +21,16 @@ from compact_compile.spec import Selection, SiteSpec, single_range
 # The block-sparse path exactly as planned at every call: no rectification and no dense warm-up
 # steps (both on by default), so a compiled model equals a float64 model using the plan's mask.
 AS_PLANNED = {"rectify": False, "dense_steps": 0}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"    # Triton runs here (on the CPU, its interpreter)
+
+
+def _fp8_here() -> bool:
+    from compact_compile.kernels.fp8 import fp8_unsupported
+    from compact_compile.kernels.triton_sparse import triton_available
+    return not fp8_unsupported(DEVICE) and triton_available(DEVICE)
+
+
+needs_fp8 = pytest.mark.skipif(not _fp8_here(), reason="needs e4m3 tensor cores or TRITON_INTERPRET=1")
 
 # ----------------------------------------------------------------------------------------------
 # errors raised inside a backend reach the caller wrapped in BackendCompilerFailed
