@@ -8,7 +8,8 @@ GB/s over the bytes each must move (bf16 in, e4m3 and a scale a row out). Writes
 """
 import torch
 
-from compact_compile.kernels.quant_rows import quant_rows_reference, quant_rows_triton
+from compact_compile.kernels.quant_rows import quant_rows_reference
+from compact_compile.kernels.quant_rows_triton import quant_rows_triton
 from compact_compile.quantize import FP8_AMAX_FLOOR
 from timing import Results, bench
 

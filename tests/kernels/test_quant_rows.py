@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 
 from compact_compile.kernels.fp8 import E4M3, U
 from compact_compile.quantize import FP8_AMAX_FLOOR
-from compact_compile.kernels.quant_rows import PROLOGUES, quant_rows_reference, quant_rows_triton
+from compact_compile.kernels.quant_rows import PROLOGUES, quant_rows_reference
+from compact_compile.kernels.quant_rows_triton import quant_rows_triton
 from compact_compile.kernels.triton_sparse import INTERPRET, triton_available
 
 DEVICE = "cpu" if INTERPRET else "cuda"

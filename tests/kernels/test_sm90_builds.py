@@ -52,16 +52,17 @@ def quant_rows_shared_bytes(prologue: str, width: int) -> int:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from compact_compile.kernels import quant_rows
+    from compact_compile.kernels.quant_rows import PROLOGUES
+    from compact_compile.kernels.quant_rows_triton import _quant_rows, warps_for
 
     block = triton.next_power_of_2(width)
-    constants = dict(BLOCK=block, PROLOGUE=quant_rows.PROLOGUES[prologue], INTERPRETED=False)
+    constants = dict(BLOCK=block, PROLOGUE=PROLOGUES[prologue], INTERPRETED=False)
     kinds = dict(H="*bf16", X8="*fp8e4nv", SCALE="*fp32", N="i32", stride_h="i32", AMAX_MIN="fp32")
-    kernel = quant_rows._quant_rows
+    kernel = _quant_rows
     signature = {a: "constexpr" if a in constants else kinds[a] for a in kernel.arg_names}
     source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constants)
     built = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=quant_rows.warps_for(block)))
+                           options=dict(num_warps=warps_for(block)))
     return built.metadata.shared
 
 
