@@ -249,7 +249,7 @@ class FA4Kernel:
         """`attend` over e4m3 tiles (fp8.py), the output in dtype."""
         if rectify is not None:
             raise ValueError("the FA4 kernel's FP8 path takes no rectification epilogue (the site merges R·O + Ō)")
-        why = _fp8_refusal(tiles.q.device, dtype, tiles.shape[-1], self.block_size)
+        why = _fp8_refusal(tiles.q.device, dtype, tiles.q.shape[-1], self.block_size)
         if why:
             raise ValueError(f"the FA4 kernel's FP8 path cannot take these inputs: {why}")
         if key_valid is None:
@@ -284,7 +284,7 @@ def _run_fp8(tiles: FP8Tiles, lists, scale, dtype, key_table=None, num_stages: i
     from flash_attn.cute.interface import torch2cute_dtype_map
     from flash_attn.cute.utils import AuxData
 
-    B, H, S, D = tiles.shape
+    B, H, S, D = tiles.q.shape
     _, BlockSparseTensorsTorch = _fa4()
     lists = BlockSparseTensorsTorch(*(t.expand(B, H, *t.shape[2:]) for t in (
         lists.mask_block_cnt, lists.mask_block_idx, lists.full_block_cnt, lists.full_block_idx)))
@@ -295,7 +295,7 @@ def _run_fp8(tiles: FP8Tiles, lists, scale, dtype, key_table=None, num_stages: i
     out = torch.empty(B, H, S, D, dtype=dtype, device=q.device)
     aux = [tiles.q_scale, tiles.k_scale, tiles.v_scale] if key_table is None else \
         [key_table, tiles.q_scale, tiles.k_scale, tiles.v_scale]
-    key = (dtype, num_stages, key_table is not None, p_in_registers, tiles.split_keys,
+    key = (dtype, num_stages, key_table is not None, p_in_registers,
            tuple(tuple(st == 0 for st in t.stride()) for t in lists[:4]))
     if key not in _FP8_COMPILED:
         def e4m3(t, leading_dim):
@@ -305,8 +305,7 @@ def _run_fp8(tiles: FP8Tiles, lists, scale, dtype, key_table=None, num_stages: i
         _FP8_COMPILED[key] = compile_fp8_kernel(
             torch2cute_dtype_map[dtype], num_stages, key_table is not None, e4m3(q, 3), e4m3(k, 3), e4m3(v, 1),
             to_cute_tensor(out.transpose(1, 2)), to_cute_block_sparse_tensors(lists),
-            [to_cute_tensor(t, assumed_align=4, leading_dim=t.dim() - 1) for t in aux], p_in_registers,
-            tiles.q.shape[-1])
+            [to_cute_tensor(t, assumed_align=4, leading_dim=t.dim() - 1) for t in aux], p_in_registers)
     _FP8_COMPILED[key](q.view(torch.uint8), k.view(torch.uint8), v.view(torch.uint8), out.transpose(1, 2), None,
                          D ** -0.5 if scale is None else scale, *[None] * 8, tuple(lists[:4]) + (None,) * 4,
                          AuxData(aux, None), None, None)
@@ -314,7 +313,7 @@ def _run_fp8(tiles: FP8Tiles, lists, scale, dtype, key_table=None, num_stages: i
 
 
 def compile_fp8_kernel(out_dtype, num_stages: int, key_masked: bool, q, k, v, out, lists, aux,
-                       p_in_registers: bool = False, qk_dim: int = FP8_HEAD_DIM):
+                       p_in_registers: bool = False):
     """fa4_fp8_sm90's kernel compiled for these CuTe tensors, as `_run_fp8` calls it: real ones there,
     fake ones in benchmarks/sass_fa4_fp8.py (the same build for sm_90a on a machine without a GPU)."""
     import cutlass.cute as cute
@@ -323,7 +322,7 @@ def compile_fp8_kernel(out_dtype, num_stages: int, key_masked: bool, q, k, v, ou
     from .fa4_fp8_sm90 import fp8_block_sparse_sm90
 
     kernel = fp8_block_sparse_sm90()(out_dtype, num_stages, _key_valid_mask_mod() if key_masked else None,
-                                     p_in_registers, qk_dim)
+                                     p_in_registers)
     return cute.compile(kernel, q, k, v, out, None, 1.0, *[None] * 8, lists, AuxData(aux, None), None, None,
                         cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True), options="--enable-tvm-ffi")
 

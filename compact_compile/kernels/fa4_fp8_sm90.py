@@ -83,9 +83,8 @@ def fp8_block_sparse_sm90() -> type:
         blocks. `key_mask`: FA4's mask_mod of a key-padding mask, its table the first aux tensor.
         `p_in_registers`: P as the P·V MMA's register operand, vᵀ's keys in MMA_KEY_ORDER."""
 
-        def __init__(self, out_dtype, num_stages: int = 3, key_mask=None, p_in_registers: bool = False,
-                     qk_dim: int = HEAD_DIM):
-            super().__init__(cutlass.Float8E4M3FN, qk_dim, HEAD_DIM, 1, is_causal=False, is_local=False,
+        def __init__(self, out_dtype, num_stages: int = 3, key_mask=None, p_in_registers: bool = False):
+            super().__init__(cutlass.Float8E4M3FN, HEAD_DIM, HEAD_DIM, 1, is_causal=False, is_local=False,
                              pack_gqa=False, tile_m=TILE, tile_n=TILE, num_stages=num_stages, num_threads=384,
                              Q_in_regs=False, intra_wg_overlap=True, mma_pv_is_rs=p_in_registers,
                              score_mod=block_scales, mask_mod=key_mask, has_aux_tensors=True)

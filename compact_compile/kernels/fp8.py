@@ -64,11 +64,9 @@ MIN_CAPABILITY = (8, 9)   # e4m3 tensor cores: Ada, Hopper, Blackwell
 
 
 class FP8Tiles(NamedTuple):
-    """q, k, v of one site call in tile order, quantized; what the FP8 kernel reads. With split keys
-    (`split_keys`) q and k are twice as wide: q = (q̃ | q̃) and k = (k̃ | r̃), so that one e4m3 dot over
-    2D gives q̃·(k̃ + r̃), r̃ the rounding error of k̃ (module docstring)."""
-    q: torch.Tensor          # e4m3 [B, H, S, D or 2D]
-    k: torch.Tensor          # e4m3 [B, H, S, D or 2D], of k − k_mean
+    """q, k, v of one site call in tile order, quantized; what the FP8 kernel reads."""
+    q: torch.Tensor          # e4m3 [B, H, S, D]
+    k: torch.Tensor          # e4m3 [B, H, S, D], of k − k_mean
     v_t: torch.Tensor        # e4m3 [B, H, D, S16]: v transposed, rows padded to a multiple of 16 (TMA)
     q_scale: torch.Tensor    # fp32 [B, H, nq]
     k_scale: torch.Tensor    # fp32 [B, H, nk]
@@ -77,12 +75,7 @@ class FP8Tiles(NamedTuple):
 
     @property
     def shape(self) -> torch.Size:
-        """[B, H, S, D] of the attention: D is the head dim, whether or not the keys are split."""
-        return self.q.shape[:-1] + self.v_t.shape[-2:-1]
-
-    @property
-    def split_keys(self) -> bool:
-        return self.q.shape[-1] != self.v_t.shape[-2]
+        return self.q.shape
 
 
 @triton.jit
@@ -146,23 +139,20 @@ def saturated(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
-def quantize_tiles(q, k, v, k_mean, v_amax, block_size: int, split_keys: bool = False) -> FP8Tiles:
+def quantize_tiles(q, k, v, k_mean, v_amax, block_size: int) -> FP8Tiles:
     """`FP8Tiles` of q, k, v `[B, H, S, D]` (already in tile order) in torch: the pass of
     pool_triton.tile_quant_qkv_triton, the same fp32 arithmetic, for the CPU and as its reference."""
     B, H, S, D = q.shape
     nb = -(-S // block_size)
 
-    def per_block(x):   # (x / σ in fp32, σ) with σ = amax over each block of tokens / 448
+    def per_block(x):   # (e4m3 x / σ, σ) with σ = amax over each block of tokens / 448
         xb = F.pad(x, (0, 0, 0, nb * block_size - S)).view(B, H, nb, block_size * D)
         amax = xb.abs().amax(-1).clamp_min(TINY)
         inv = (E4M3_MAX / amax).repeat_interleave(block_size, -1)[..., :S, None]
-        return x * inv, amax * INV_E4M3_MAX
+        return saturated(x * inv), amax * INV_E4M3_MAX
 
-    q_scaled, q_scale = per_block(q.float())
-    k_scaled, k_scale = per_block(k.float() - k_mean.float()[:, :, None, :])
-    q8, k8 = saturated(q_scaled), saturated(k_scaled)
-    if split_keys:   # x − e4m3(x) is exact in fp32; |it| ≤ 448·2^-4 = 28
-        q8, k8 = torch.cat([q8, q8], -1), torch.cat([k8, saturated(k_scaled - k8.float())], -1)
+    q8, q_scale = per_block(q.float())
+    k8, k_scale = per_block(k.float() - k_mean.float()[:, :, None, :])
     amax = v_amax.float().clamp_min(TINY)
     v8 = saturated(v.float() * (E4M3_MAX / amax)[:, :, None, :])
     v_t = torch.empty(B, H, D, padded_rows(S), dtype=E4M3, device=v.device)
@@ -171,27 +161,20 @@ def quantize_tiles(q, k, v, k_mean, v_amax, block_size: int, split_keys: bool = 
     return FP8Tiles(q8, k8, v_t, q_scale, k_scale, amax * INV_E4M3_MAX, k_mean.float().contiguous())
 
 
-def _keys(k8: torch.Tensor, head_dim: int, dtype) -> torch.Tensor:
-    """k̃, or k̃ + r̃ of split keys, in `dtype` (unscaled)."""
-    k = k8[..., :head_dim].to(dtype)
-    return k + k8[..., head_dim:].to(dtype) if k8.shape[-1] > head_dim else k
-
-
 def dequantize(tiles: FP8Tiles, block_size: int, dtype=torch.float64):
     """(q, k − μ, v) as the FP8 kernel sees them, in `dtype`: the tiles times their scales."""
-    S, D = tiles.q.shape[-2], tiles.shape[-1]
+    S = tiles.q.shape[-2]
 
-    def per_block(x, scale):
-        return x * scale.to(dtype).repeat_interleave(block_size, -1)[..., :S, None]
+    def per_block(x8, scale):
+        return x8.to(dtype) * scale.to(dtype).repeat_interleave(block_size, -1)[..., :S, None]
 
     v = tiles.v_t[..., :S].transpose(-1, -2).to(dtype) * tiles.v_scale.to(dtype)[:, :, None, :]
-    return (per_block(tiles.q[..., :D].to(dtype), tiles.q_scale),
-            per_block(_keys(tiles.k, D, dtype), tiles.k_scale), v)
+    return per_block(tiles.q, tiles.q_scale), per_block(tiles.k, tiles.k_scale), v
 
 
 def dequantized_keys(tiles: FP8Tiles, start: int, block_size: int) -> torch.Tensor:
     """Keys from tiled row `start` on, fp32, the mean added back: the few text keys rectification's
-    estimate reads one by one (to within e4m3's rounding of k − μ, or of split keys')."""
+    estimate reads one by one (to within e4m3's rounding of k − μ)."""
     k8 = tiles.k[:, :, start:]
     blocks = torch.arange(start, start + k8.shape[-2], device=k8.device) // block_size
-    return _keys(k8, tiles.shape[-1], torch.float32) * tiles.k_scale[..., blocks, None] + tiles.k_mean[:, :, None, :]
+    return k8.float() * tiles.k_scale[..., blocks, None] + tiles.k_mean[:, :, None, :]

@@ -25,8 +25,7 @@ Extras, fused into the one pass:
 - rectification epilogue: with R `[B, H, nq]` and Ō `[B, H, nq, D]` (fp32, per query block),
   the kernel writes R·O + Ō.
 - FP8 (constexpr FP8; the tiles come from fp8.py's quantization): q, k are e4m3 with one fp32 scale
-  per (batch, head, plan block), k smoothed (its mean over tokens subtracted; with split keys q, k are
-  QK_DIM = 2·HEAD_DIM wide, (q̃ | q̃) and (k̃ | r̃), and the one dot gives q̃·(k̃ + r̃)), v e4m3 transposed
+  per (batch, head, plan block), k smoothed (its mean over tokens subtracted), v e4m3 transposed
   ([D, S] per head: the K-major operand Hopper's e4m3 wgmma wants) with one scale per channel.
   s_ij = (q̃_i·k̃_j)·σq_n·σk_m: an e4m3 dot into fp32, and the two block scales fold into c (one
   scalar per tile). P enters the PV dot as e4m3 of 448·p: p ≤ 1 after the running max, so 448·p uses
@@ -133,8 +132,8 @@ def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, KV_VALID, KV_MASKED, R, OBAR, QS, KS
               stride_nb, stride_nh, stride_nq, stride_ib, stride_ih, stride_iq, stride_mb, stride_kmb,
               stride_rb, stride_rh, stride_rq, stride_cb, stride_ch, stride_cq,
               H, S, NK, qk_scale, S_BUCKET, FIRST_BLOCKS,
-              HEAD_DIM: tl.constexpr, QK_DIM: tl.constexpr, PLAN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr, EVEN_S: tl.constexpr, HAS_KEYMASK: tl.constexpr, HAS_RECT: tl.constexpr, UPCAST: tl.constexpr,
+              HEAD_DIM: tl.constexpr, PLAN_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              EVEN_S: tl.constexpr, HAS_KEYMASK: tl.constexpr, HAS_RECT: tl.constexpr, UPCAST: tl.constexpr,
               TMA_OK: tl.constexpr, USE_TMA: tl.constexpr, PRECISION: tl.constexpr, FP8: tl.constexpr,
               ROUND_E4M3: tl.constexpr):
     # grid: (query tiles, B·H); all tiles of one head run together, so its K/V stay in L2. Except
@@ -157,9 +156,8 @@ def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, KV_VALID, KV_MASKED, R, OBAR, QS, KS
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    offs_qk = tl.arange(0, QK_DIM)              # q's and k's columns: HEAD_DIM, or 2·HEAD_DIM (split keys)
     q_valid = offs_m < S
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_qk[None, :],
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qs + offs_d[None, :],
                 mask=q_valid[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -169,15 +167,15 @@ def _attn_fwd(Q, K, V, Out, KV_NUM, KV_IDX, KV_VALID, KV_MASKED, R, OBAR, QS, KS
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
     if USE_TMA:   # Hopper's tensor-memory accelerator copies the K/V tiles (eligibility: `_tma_ok`)
-        k_base = tl.make_tensor_descriptor(k_base, shape=[S, QK_DIM], strides=[stride_ks, 1],
-                                           block_shape=[BLOCK_N, QK_DIM])
+        k_base = tl.make_tensor_descriptor(k_base, shape=[S, HEAD_DIM], strides=[stride_ks, 1],
+                                           block_shape=[BLOCK_N, HEAD_DIM])
         if FP8:
             v_base = tl.make_tensor_descriptor(v_base, shape=[HEAD_DIM, S], strides=[stride_vd, 1],
                                                block_shape=[HEAD_DIM, BLOCK_N])
         else:
             v_base = tl.make_tensor_descriptor(v_base, shape=[S, HEAD_DIM], strides=[stride_vs, 1],
                                                block_shape=[BLOCK_N, HEAD_DIM])
-    k_off = offs_n[:, None] * stride_ks + offs_qk[None, :]
+    k_off = offs_n[:, None] * stride_ks + offs_d[None, :]
     if FP8:   # Vᵀ tile [D, BLOCK_N], contiguous along the keys
         v_off = offs_d[:, None] * stride_vd + offs_n[None, :]
     else:

@@ -86,7 +86,7 @@ def _tma_scratch(device):
 _attn_fwd_tuned = None if INTERPRET else triton.autotune(
     configs=[triton.Config(dict(BLOCK_M=m, BLOCK_N=n, USE_TMA=tma), num_warps=w, num_stages=s)
              for m, n, w, s, tma in SM90_CONFIGS],
-    key=["HEAD_DIM", "QK_DIM", "S_BUCKET", "PLAN_BLOCK", "HAS_KEYMASK", "HAS_RECT", "TMA_OK", "FP8"],
+    key=["HEAD_DIM", "S_BUCKET", "PLAN_BLOCK", "HAS_KEYMASK", "HAS_RECT", "TMA_OK", "FP8"],
     prune_configs_by={"early_config_prune": _prune},
 )(_attn_fwd)
 
@@ -124,10 +124,9 @@ def _check_qkv(q, k, v):
 
 
 def _check_fp8(tiles: FP8Tiles, block_size: int, dtype: torch.dtype):
-    B, H, S, D = tiles.shape
+    B, H, S, D = tiles.q.shape
     nb = triton.cdiv(S, block_size)
-    qk_dim = 2 * D if tiles.q.shape[-1] == 2 * D else D     # split keys: (q̃ | q̃) and (k̃ | r̃)
-    want = dict(q=((B, H, S, qk_dim), E4M3), k=((B, H, S, qk_dim), E4M3), v_t=((B, H, D, None), E4M3),
+    want = dict(q=((B, H, S, D), E4M3), k=((B, H, S, D), E4M3), v_t=((B, H, D, None), E4M3),
                 q_scale=((B, H, nb), torch.float32), k_scale=((B, H, nb), torch.float32),
                 v_scale=((B, H, D), torch.float32))
     for name, (shape, dt) in want.items():
@@ -191,7 +190,7 @@ def _launch(q, k, v, fp8: FP8Tiles | None, dtype, kv_num_blocks, kv_indices, blo
     if not triton_available(q.device):
         raise RuntimeError(f"the Triton block-sparse kernel cannot run on {q.device}: it needs a CUDA GPU "
                            f"(sm80+), or TRITON_INTERPRET=1 set before Triton is imported (CPU, tests only)")
-    B, H, S, D = q.shape if fp8 is None else fp8.shape
+    B, H, S, D = q.shape
     nq = triton.cdiv(S, block_size)
     if block_size not in BLOCK_SIZES:
         raise ValueError(f"block size {block_size} not supported {BLOCK_SIZES}")
@@ -208,7 +207,7 @@ def _launch(q, k, v, fp8: FP8Tiles | None, dtype, kv_num_blocks, kv_indices, blo
         idx = idx.contiguous()
     if out is None:
         out = torch.empty(B, H, S, D, device=q.device, dtype=dtype)
-    elif out.shape != (B, H, S, D) or out.dtype != dtype or out.stride(-1) != 1:
+    elif out.shape != q.shape or out.dtype != dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be [B, H, S, D] in {dtype} with a contiguous last dim")
     if key_valid is not None:
         key_valid = checked_key_valid(key_valid, B, S).to(device=q.device, dtype=torch.int8).contiguous()
@@ -234,7 +233,7 @@ def _launch(q, k, v, fp8: FP8Tiles | None, dtype, kv_num_blocks, kv_indices, blo
             *((0, 0) if key_valid is None else (bstride(key_valid, 0), bstride(blocks_masked, 0))),
             *r_strides, *c_strides,
             H, S, nq, scale * LOG2E, triton.next_power_of_2(S), min(first_blocks, nq))
-    meta = dict(HEAD_DIM=D, QK_DIM=q.shape[-1], PLAN_BLOCK=block_size, EVEN_S=S % block_size == 0,
+    meta = dict(HEAD_DIM=D, PLAN_BLOCK=block_size, EVEN_S=S % block_size == 0,
                 HAS_KEYMASK=key_valid is not None, HAS_RECT=rectify is not None,
                 UPCAST=INTERPRET and q.dtype == torch.bfloat16, TMA_OK=_tma_ok(k, v),
                 # fp32 inputs get fp32 dots, not TF32: torch's own fp32 matmul default (e4m3 dots ignore it)
