@@ -356,6 +356,9 @@ def main():
         with torch.no_grad():   # diffusers' split hook reads the blocks' signature on its first call, which
             e2e.forward(model, spec, *inputs)   # would break a whole-model graph compiled around it
         run_phase(layout, model, spec, inputs, plan_path, args, outs_1gpu, results, save, ring=args.ring > 1)
+    # every rank past its last collective before any tears gloo down: a rank leaving first aborted its
+    # peer once in CI (SIGABRT in the smoke test's gloo teardown; it passed 11 runs alone after)
+    dist.barrier()
     dist.destroy_process_group()
 
 
