@@ -4,8 +4,7 @@ The forward of one denoising step of a trained model (examples/video_dit, sampli
 captures every self-attention's q, k, v; in tile order, per layer and block mask (window (1,3,3), (3,3,3), dense), the relative error
 ‖O − O_exact‖/‖O_exact‖ over the first `--rows` query rows of every head, where O_exact is float64
 block-sparse attention on the captured bf16 inputs and O rounds, the way the FP8 kernels do
-(fp8.quantize_tiles: q and k − μ rotated and per block, v per channel; P as e4m3 of 448·p, summed
-unrounded):
+(fp8.quantize_tiles: q, k − μ per block, v per channel; P as e4m3 of 448·p, summed unrounded):
   q, k, v, P   that operand alone
   fp8          all four: the FP8 path as shipped
   fp8, exact k all but k
@@ -29,8 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compact_compile.kernels.fp8 import (E4M3, E4M3_MAX, dequantize, hadamard, quantize_tiles,  # noqa: E402
-                                         smoothing_stats)
+from compact_compile.kernels.fp8 import E4M3, E4M3_MAX, dequantize, quantize_tiles, smoothing_stats  # noqa: E402
 from compact_compile.kernels.reference import token_mask  # noqa: E402
 from compact_compile.layout import TokenLayout, auto_tile  # noqa: E402
 from compact_compile.masks import dense_blocks, window_blocks  # noqa: E402
@@ -75,11 +73,8 @@ def attention(q, k, v, keep, round_p: bool = False, bias=0.0):
 
 
 def rounded(q, k, v, k_mean, v_amax):
-    """(q, k − μ, v) as the FP8 kernels round them, float64, in the model's basis: the tiles are q·H/D
-    and (k − μ)·H (fp8.py's rotation), so q = (q·H/D)·H and k − μ = ((k − μ)·H)·H/D, H·H = D·I."""
-    q8, k8, v8 = dequantize(quantize_tiles(q, k, v, k_mean, v_amax, BLOCK), BLOCK)
-    h = hadamard(q.shape[-1]).double()
-    return q8 @ h, k8 @ h / q.shape[-1], v8
+    """(q, k − μ, v) as the FP8 kernels round them, float64."""
+    return dequantize(quantize_tiles(q, k, v, k_mean, v_amax, BLOCK), BLOCK)
 
 
 def layer_errors(q, k, v, blocks, rows: int) -> dict:

@@ -1,10 +1,9 @@
-"""benchmarks/fp8_error_sources.py rounds each operand as the FP8 kernels do: on inputs whose rotated
-q, k − μ (fp8.py: q·H, (k − μ)·H) and v already lie on e4m3's grid at their scales, rounding them
-changes nothing, so only P's rounding is left; on other inputs each rounding shows."""
+"""benchmarks/fp8_error_sources.py rounds each operand as the FP8 kernels do: on inputs whose q, k − μ
+and v already lie on e4m3's grid at their scales, rounding them changes nothing, so only P's rounding
+is left; on other inputs each rounding shows."""
 import torch
 
 from benchmarks.fp8_error_sources import BLOCK, attention, layer_errors
-from compact_compile.kernels.fp8 import hadamard
 from compact_compile.kernels.reference import block_sparse_attention_reference, token_mask
 
 S, D = 2 * BLOCK + 8, 32
@@ -31,8 +30,7 @@ def test_attention_is_the_float64_reference():
 
 def test_only_the_operands_off_the_grid_add_error():
     g = torch.Generator().manual_seed(1)
-    h = hadamard(D)
-    q, half, v = on_grid(g) @ h, on_grid(g) @ h / D, on_grid(g)         # H·H = D·I: q·H/D, k·H on the grid
+    q, half, v = on_grid(g), on_grid(g), on_grid(g)
     k = torch.cat([half[..., : S // 2, :], -half[..., : S // 2, :]], -2)   # mean 0: k − μ = k
     dense = torch.ones(3, 3, dtype=torch.bool)
     exact = layer_errors(q, k, v, dense, rows=S)
