@@ -22,21 +22,11 @@ values more than ~2^15 below that lose relative precision. Hence:
   v      one fp32 scale per channel of each (batch, head): amax over all tokens / 448; applied to
          the output once (O·σv), since P·V sums over tokens within a channel.
   P      448·p (p ≤ 1 after the running max) in e4m3: no per-block scale needed.
-  q, k   rotated before rounding (FlashAttention-3's incoherent processing): q·H and (k − μ)·H, H the
-         D×D Hadamard matrix of ±1 (H·Hᵀ = D·I, so (q·H)·(k·H)ᵀ = D·q·kᵀ; the 1/D, a power of two,
-         rides in q's scale). Why: rounding k puts independent noise on every score, and its size is
-         Σ_d (q_d·δk_d)², largest where q and k share large channels, which real models' q and k do
-         (RoPE'd channel pairs); the rotation spreads every channel over all D. On the trained models'
-         own q, k, v it takes the attention error of rounding q and k from 2.18–3.38% to 1.31–2.11%
-         (short model, window (1,3,3); BENCHMARKS.md). The kernels never see it: their scores are
-         the same numbers. bf16/fp16 q, k enter the rotation's dot exactly (±1 products, fp32 sums),
-         fp32 ones at TF32×3; k's mean is rotated apart (μ·H, fp32) and subtracted after.
 With a key-padding mask, μ and v's amax are taken over the keys it keeps: a padding key's score never
 counts, so it must not set the offset or the scale (its v, saturated at ±448, weighs 0).
 
 Error bound (FP8 output Õ against exact attention O = Σ_j a_ij v_j over the same kept keys):
-  1. quantization, per element: |x̃ − x| ≤ u·|x| + 2^-10·σ (half a subnormal step), x = q·H/D,
-     (k − μ)·H, v (below, q and k are those rotated ones: the scores are the same).
+  1. quantization, per element: |x̃ − x| ≤ u·|x| + 2^-10·σ (half a subnormal step), x = q, k − μ, v.
   2. scores: |s̃_ij − s_ij| ≤ Δ_ij = scale·Σ_d (e^q_id·|k'_jd| + |q_id|·e^k_jd + e^q_id·e^k_jd), e the
      bounds of 1. (≈ 2u·scale·Σ_d |q_id·k'_jd|: the scores' magnitude, of k' = k − μ, sets it); the
      softmax weights then move by a factor within e^{±2Δ_i}, Δ_i = max_j Δ_ij:
@@ -47,8 +37,8 @@ This worst case adds every rounding error with one sign; with N(0, 1) activation
 independent and the output's relative error is a few percent (tests/kernels/test_fp8.py checks 1.
 on the pass and 3. on the kernel exactly, reference.fp8_attention_reference; test_smoothing_…
 shows what 2. does to keys with a large mean when they are not smoothed). On the trained models' own
-q, k, v it is 2–4%, most of it k's rounding, which a second e4m3 term per key would remove at bf16's
-cost (BENCHMARKS.md, "Where the FP8 error comes from").
+q, k, v it is 1.2–3.6% per site, most of it k's rounding (BENCHMARKS.md, "Where the FP8 error comes
+from", with what removing it was measured to cost).
 
 μ and v's channel amax are reductions over all tokens, needed before the first tile is quantized:
 the rewritten graph computes them (`smoothing_stats`) where Inductor can fuse them into the kernels
@@ -151,18 +141,6 @@ def saturated(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
-def hadamard(dim: int, device=None) -> torch.Tensor:
-    """The Sylvester Hadamard matrix of ±1, fp32 `[dim, dim]` (dim a power of two): symmetric, H·H = dim·I."""
-    if dim < 1 or dim & (dim - 1):
-        raise ValueError(f"a Hadamard rotation needs a power-of-two head dim; got {dim}")
-    import os
-    group = {"group16": 16, "group8": 8}.get(os.environ.get("COMPACT_ROT", ""), dim)
-    h = torch.ones(1, 1)
-    while h.shape[0] < group:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return torch.block_diag(*[h] * (dim // group)).to(device)
-
-
 def quantize_tiles(q, k, v, k_mean, v_amax, block_size: int) -> FP8Tiles:
     """`FP8Tiles` of q, k, v `[B, H, S, D]` (already in tile order) in torch: the pass of
     pool_triton.tile_quant_qkv_triton, the same fp32 arithmetic, for the CPU and as its reference."""
@@ -175,20 +153,18 @@ def quantize_tiles(q, k, v, k_mean, v_amax, block_size: int) -> FP8Tiles:
         inv = (E4M3_MAX / amax).repeat_interleave(block_size, -1)[..., :S, None]
         return saturated(x * inv), amax * INV_E4M3_MAX
 
-    h = hadamard(D, q.device).double()
-    q8, q_scale = per_block((q.double() @ h).float())      # the pass's dot, to fp32's rounding
-    k8, k_scale = per_block((k.double() @ h).float() - (k_mean.double() @ h).float()[:, :, None, :])
+    q8, q_scale = per_block(q.float())
+    k8, k_scale = per_block(k.float() - k_mean.float()[:, :, None, :])
     amax = v_amax.float().clamp_min(TINY)
     v8 = saturated(v.float() * (E4M3_MAX / amax)[:, :, None, :])
     v_t = torch.empty(B, H, D, padded_rows(S), dtype=E4M3, device=v.device)
     v_t[..., :S] = v8.transpose(-1, -2)
     v_t[..., S:] = 0
-    return FP8Tiles(q8, k8, v_t, q_scale / int((hadamard(D) ** 2).sum(0)[0]), k_scale, amax * INV_E4M3_MAX, k_mean.float().contiguous())
+    return FP8Tiles(q8, k8, v_t, q_scale, k_scale, amax * INV_E4M3_MAX, k_mean.float().contiguous())
 
 
 def dequantize(tiles: FP8Tiles, block_size: int, dtype=torch.float64):
-    """(q·H/D, (k − μ)·H, v) as the FP8 kernel sees them, in `dtype`: the tiles times their scales
-    (rotated q and k: their products are q·(k − μ)ᵀ)."""
+    """(q, k − μ, v) as the FP8 kernel sees them, in `dtype`: the tiles times their scales."""
     S = tiles.q.shape[-2]
 
     def per_block(x8, scale):
@@ -199,10 +175,8 @@ def dequantize(tiles: FP8Tiles, block_size: int, dtype=torch.float64):
 
 
 def dequantized_keys(tiles: FP8Tiles, start: int, block_size: int) -> torch.Tensor:
-    """Keys from tiled row `start` on, fp32, rotated back and the mean added: the few text keys
-    rectification's estimate reads one by one (to within e4m3's rounding of (k − μ)·H)."""
+    """Keys from tiled row `start` on, fp32, the mean added back: the few text keys rectification's
+    estimate reads one by one (to within e4m3's rounding of k − μ)."""
     k8 = tiles.k[:, :, start:]
     blocks = torch.arange(start, start + k8.shape[-2], device=k8.device) // block_size
-    D = k8.shape[-1]
-    rotated = k8.float() * tiles.k_scale[..., blocks, None]
-    return rotated @ hadamard(D, k8.device) / D + tiles.k_mean[:, :, None, :]
+    return k8.float() * tiles.k_scale[..., blocks, None] + tiles.k_mean[:, :, None, :]

@@ -9,7 +9,7 @@ values only video tokens that the key-padding mask, if any, keeps),
 A [BLOCK, COLS] slice stays in registers between the two sums, so the tensor is read once; Inductor's
 version of the same math (rectified.block_pool, the reference and CPU path) reads it twice or more.
 
-For FP8 attention (fp8.py) the same pass writes q, k, v as e4m3 tiles with their scales (q and k rotated first) instead of
+For FP8 attention (fp8.py) the same pass writes q, k, v as e4m3 tiles with their scales instead of
 copies in their dtype, pooling or not: the reorder reads each tensor once either way.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import E4M3, SCALE_PER_AMAX, FP8Tiles, hadamard, padded_rows, to_e4m3
+from .fp8 import E4M3, SCALE_PER_AMAX, FP8Tiles, padded_rows, to_e4m3
 from .registry import checked_key_valid
 from .triton_sparse import INTERPRET
 
@@ -42,10 +42,10 @@ def key_mask_arg(key_valid: torch.Tensor, batch: int, seq_len: int):
 
 @triton.jit
 def _quantize_tile(x, OUT, SCALE, STAT, bh, blk, out_row, rows, cols, in_seq, S, S16, D: tl.constexpr,
-                   QUANT: tl.constexpr, ROUND: tl.constexpr, NORM: tl.constexpr):
+                   QUANT: tl.constexpr, ROUND: tl.constexpr):
     """Write one whole block (x: fp32, zeros in rows beyond S, COLS = D) in e4m3, fp8.quantize_tiles'
-    arithmetic: QUANT 1 (q, x = q·H) with its scale σ/D = amax/448/D to SCALE[out_row]; 2 (k, x =
-    (k − k̄)·H: `_pool_tile`) with σ; 3 (v) per channel,
+    arithmetic: QUANT 1 (q) with its scale σ = amax/448 to SCALE[out_row]; 2 (k) the same (x is k − k̄:
+    `_pool_tile`); 3 (v) per channel,
     σ_d = STAT[bh, d]/448 from v's amax over the kept keys (to SCALE[bh] once), transposed to [D, S16]
     (a padding key's v beyond that amax saturates at ±448 in the conversion, and weighs 0), its rows
     from S to S16 (TMA's padding) written as zeros: unwritten, a byte may be e4m3's NaN, and P·V
@@ -62,7 +62,7 @@ def _quantize_tile(x, OUT, SCALE, STAT, bh, blk, out_row, rows, cols, in_seq, S,
         amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-30)
         tl.store(OUT + (bh * S + rows[:, None].to(tl.int64)) * D + cols[None, :], to_e4m3(x * (448.0 / amax), ROUND),
                  mask=in_seq[:, None])
-        tl.store(SCALE + out_row, amax * SCALE_PER_AMAX / (NORM if QUANT == 1 else 1))   # H·Hᵀ = D·I
+        tl.store(SCALE + out_row, amax * SCALE_PER_AMAX)
 
 
 @triton.jit
@@ -82,75 +82,44 @@ def _pool_columns(x, shift, MEAN, MAD, valid, out_row, cols, D: tl.constexpr, WI
 
 
 @triton.jit
-def _hadamard_rows(x, ROWS: tl.constexpr, D: tl.constexpr, LOG2_D: tl.constexpr):
-    """x·H for x `[ROWS, D]` fp32, H fp8.hadamard's: log2(D) butterflies of adjacent columns, sums then
-    differences (x ↦ [x₀+x₁, x₂+x₃, … | x₀−x₁, x₂−x₃, …]), which is H's Sylvester order."""
-    for _ in tl.static_range(LOG2_D):
-        a, b = tl.split(tl.reshape(x, [ROWS, D // 2, 2]))
-        x = tl.reshape(tl.permute(tl.join(a + b, a - b), (0, 2, 1)), [ROWS, D])
-    return x
-
-
-@triton.jit
-def _hadamard_groups(x, ROWS: tl.constexpr, D: tl.constexpr, G: tl.constexpr, LOG2_G: tl.constexpr):
-    x = _hadamard_rows(tl.reshape(x, [ROWS * (D // G), G]), ROWS * (D // G), G, LOG2_G)
-    return tl.reshape(x, [ROWS, D])
-
-
-@triton.jit
-def _pool_tile(X, OUT, SRC, MEAN, MAD, KEY_VALID, SCALE, STAT, HAD, stride_b, stride_h, stride_s, key_valid_stride_b,
+def _pool_tile(X, OUT, SRC, MEAN, MAD, KEY_VALID, SCALE, STAT, stride_b, stride_h, stride_s, key_valid_stride_b,
                b, h, bh, blk, out_row, c0, n_valid, S, S16, BLOCK: tl.constexpr, D: tl.constexpr, COLS: tl.constexpr,
                WITH_MAD: tl.constexpr, GATHER: tl.constexpr, MASKED: tl.constexpr,
-               POOL: tl.constexpr, QUANT: tl.constexpr, ROUND: tl.constexpr, ROT_PRECISION: tl.constexpr):
+               POOL: tl.constexpr, QUANT: tl.constexpr, ROUND: tl.constexpr):
     """Mean (and deviation) of one [BLOCK, COLS] slice of block `blk` over its rows below n_valid
     (with MASKED: that KEY_VALID keeps), where POOL; with GATHER its rows are read at model positions
     SRC[row]; the slice is written, in tile order, to OUT (contiguous [B, H, S, D]) as it is (GATHER)
-    or in e4m3 (QUANT > 0: `_quantize_tile`). Keys are pooled smoothed, from k − k̄ with k̄ added back
-    to the mean; q and k are quantized rotated (fp8.py): the tile as loaded times HAD (H, `[D, D]` in
-    the dot's dtype), k's rotated mean k̄·H (STAT's second half) subtracted after, rows beyond S zeros.
-    The pooling comes first so that the fp32 tile is dead before the rotated one exists: the block
-    then holds one fp32 tile in registers, not two."""
+    or in e4m3 (QUANT > 0: `_quantize_tile`). Keys are quantized smoothed, k − k̄ (QUANT 2), and pooled
+    from that same tile with k̄ added back to the mean, and rows beyond S are zeros in the tile (loaded
+    so, or zeroed with the shift), so the quantization needs no masked copy of it: the block holds one
+    fp32 tile in registers, not two or three, and the pass does not spill (ptxas, sm_90a, 4 warps: 236–238
+    registers with or without a key mask or n_kv < S, against 255 and 152–176 B of spills before)."""
     rows = blk * BLOCK + tl.arange(0, BLOCK)
     cols = c0 + tl.arange(0, COLS)
     in_seq = rows < S
     src = tl.load(SRC + rows, mask=in_seq, other=0).to(tl.int64) if GATHER else rows.to(tl.int64)
     base = X + b * stride_b + h * stride_h + src[:, None] * stride_s
-    raw = tl.load(base + cols[None, :], mask=in_seq[:, None], other=0.0)
-    x = raw
+    x = tl.load(base + cols[None, :], mask=in_seq[:, None], other=0.0)
     shift = tl.zeros([COLS], tl.float32)   # k's mean where QUANT == 2
     if QUANT > 0:
         x = x.to(tl.float32)
     if QUANT == 2:
         shift = tl.load(STAT + bh * D + cols)
         x = tl.where(in_seq[:, None], x - shift[None, :], 0.0)
+    if QUANT > 0:
+        _quantize_tile(x, OUT, SCALE, STAT, bh, blk, out_row, rows, cols, in_seq, S, S16, D, QUANT, ROUND)
+    elif GATHER:
+        tl.store(OUT + (bh * S + rows[:, None].to(tl.int64)) * D + cols[None, :], x, mask=in_seq[:, None])
     if POOL:
         valid = valid_rows(rows, n_valid, KEY_VALID, key_valid_stride_b, b, MASKED)
         _pool_columns(x, shift, MEAN, MAD, valid, out_row, cols, D, WITH_MAD, QUANT == 2)
-    if QUANT == 1 or QUANT == 2:
-        if ROT_PRECISION == "butterfly":
-            x = _hadamard_rows(raw.to(tl.float32), BLOCK, D, D.bit_length() - 1)
-        elif ROT_PRECISION == "group16":
-            x = _hadamard_groups(raw.to(tl.float32), BLOCK, D, 16, 4)
-        elif ROT_PRECISION == "group8":
-            x = _hadamard_groups(raw.to(tl.float32), BLOCK, D, 8, 3)
-        else:
-            hd = tl.arange(0, D)
-            had = tl.load(HAD + hd[:, None] * D + hd[None, :])
-            x = tl.dot(raw.to(had.dtype), had, input_precision=ROT_PRECISION)   # ±1 products, fp32 sums
-        if QUANT == 2:
-            x = tl.where(in_seq[:, None], x - tl.load(STAT + (tl.num_programs(1) + bh) * D + cols)[None, :], 0.0)
-    if QUANT > 0:
-        NORM: tl.constexpr = 16 if ROT_PRECISION == "group16" else 8 if ROT_PRECISION == "group8" else D
-        _quantize_tile(x, OUT, SCALE, STAT, bh, blk, out_row, rows, cols, in_seq, S, S16, D, QUANT, ROUND, NORM)
-    elif GATHER:
-        tl.store(OUT + (bh * S + rows[:, None].to(tl.int64)) * D + cols[None, :], x, mask=in_seq[:, None])
 
 
 @triton.jit
-def _pool_qkv(Q, K, V, QT, KT, VT, SRC, QM, QD, KM, KD, VM, KEY_VALID, QS, KS, VS, K_MEAN, V_AMAX, HAD,
+def _pool_qkv(Q, K, V, QT, KT, VT, SRC, QM, QD, KM, KD, VM, KEY_VALID, QS, KS, VS, K_MEAN, V_AMAX,
               sqb, sqh, sqs, skb, skh, sks, svb, svh, svs, key_valid_stride_b, n_heads, S, S16, n_kv,
               BLOCK: tl.constexpr, D: tl.constexpr, COLS: tl.constexpr, GATHER: tl.constexpr, MASKED: tl.constexpr,
-              POOL: tl.constexpr, QUANT: tl.constexpr, ROUND: tl.constexpr, ROT_PRECISION: tl.constexpr):
+              POOL: tl.constexpr, QUANT: tl.constexpr, ROUND: tl.constexpr):
     """q̄, δq over all S tokens, k̄, δk, v̄ over the first n_kv (with MASKED: those KEY_VALID keeps),
     where POOL, in one launch (and, with GATHER, q, k, v in tile order; with QUANT, in e4m3 with their
     scales QS, KS, VS: fp8.py). Means and deviations are per column, so a program takes a
@@ -163,14 +132,14 @@ def _pool_qkv(Q, K, V, QT, KT, VT, SRC, QM, QD, KM, KD, VM, KEY_VALID, QS, KS, V
     c0 = (tl.program_id(2) % SPLIT) * COLS
     b, h, out_row = bh // n_heads, bh % n_heads, bh * tl.num_programs(0) + blk
     if which == 0:
-        _pool_tile(Q, QT, SRC, QM, QD, KEY_VALID, QS, K_MEAN, HAD, sqb, sqh, sqs, key_valid_stride_b, b, h, bh, blk,
-                   out_row, c0, S, S, S16, BLOCK, D, COLS, True, GATHER, False, POOL, QUANT * 1, ROUND, ROT_PRECISION)
+        _pool_tile(Q, QT, SRC, QM, QD, KEY_VALID, QS, K_MEAN, sqb, sqh, sqs, key_valid_stride_b, b, h, bh, blk,
+                   out_row, c0, S, S, S16, BLOCK, D, COLS, True, GATHER, False, POOL, QUANT * 1, ROUND)
     elif which == 1:
-        _pool_tile(K, KT, SRC, KM, KD, KEY_VALID, KS, K_MEAN, HAD, skb, skh, sks, key_valid_stride_b, b, h, bh, blk,
-                   out_row, c0, n_kv, S, S16, BLOCK, D, COLS, True, GATHER, MASKED, POOL, QUANT * 2, ROUND, ROT_PRECISION)
+        _pool_tile(K, KT, SRC, KM, KD, KEY_VALID, KS, K_MEAN, skb, skh, sks, key_valid_stride_b, b, h, bh, blk,
+                   out_row, c0, n_kv, S, S16, BLOCK, D, COLS, True, GATHER, MASKED, POOL, QUANT * 2, ROUND)
     else:
-        _pool_tile(V, VT, SRC, VM, VM, KEY_VALID, VS, V_AMAX, HAD, svb, svh, svs, key_valid_stride_b, b, h, bh, blk,
-                   out_row, c0, n_kv, S, S16, BLOCK, D, COLS, False, GATHER, MASKED, POOL, QUANT * 3, ROUND, ROT_PRECISION)
+        _pool_tile(V, VT, SRC, VM, VM, KEY_VALID, VS, V_AMAX, svb, svh, svs, key_valid_stride_b, b, h, bh, blk,
+                   out_row, c0, n_kv, S, S16, BLOCK, D, COLS, False, GATHER, MASKED, POOL, QUANT * 3, ROUND)
 
 
 # per pass: pooling alone, and pooling while reordering (measured on an H100, BENCHMARKS.md); quantizing
@@ -197,33 +166,21 @@ def _pool_launch(q, k, v, n_kv: int, block_size: int, src, config: dict | None, 
     cols = D if quant else min(config["COLS"], D)
     new = lambda *shape, dtype=torch.float32: torch.empty(*shape, device=q.device, dtype=dtype)  # noqa: E731
     pools = [new(B, H, nb, D) for _ in range(5)] if pool else [q] * 5
-    had, rot_precision = q, "ieee"
     if quant:
         k_mean, v_amax = (x.to(q.device, torch.float32).contiguous() for x in quant)
         tiles = FP8Tiles(new(B, H, S, D, dtype=E4M3), new(B, H, S, D, dtype=E4M3),
                          new(B, H, D, padded_rows(S), dtype=E4M3), new(B, H, nb), new(B, H, nb), new(B, H, D), k_mean)
-        h = hadamard(D, q.device)
-        # k̄ and k̄·H (fp64 then fp32: fp8.quantize_tiles' rounding), side by side for the keys' programs
-        stats = (torch.stack([k_mean, (k_mean.double() @ h.double()).float()]), v_amax)
-        tiled, scales = tiles[:3], tiles[3:6]
-        # the rotation's dot: bf16/fp16 q, k exactly (±1 products, fp32 sums), fp32 ones at TF32×3; the
-        # interpreter's bf16 dot is wrong (triton_attn.py), so there in fp32
-        exact_dtype = q.dtype in (torch.bfloat16, torch.float16) and not INTERPRET
-        had = h.to(q.dtype if exact_dtype else torch.float32)
-        rot_precision = "ieee" if INTERPRET else "tf32" if exact_dtype else "tf32x3"   # 16-bit dots ignore it
-        import os
-        if os.environ.get("COMPACT_ROT"):
-            rot_precision = os.environ["COMPACT_ROT"]
+        tiled, scales, stats = tiles[:3], tiles[3:6], (k_mean, v_amax)
     else:
         tiled = [new(B, H, S, D, dtype=x.dtype) for x in (q, k, v)] if src is not None else [q] * 3
         scales, stats = [q] * 3, [q] * 2
     masked = key_valid is not None
     key_valid, key_valid_stride_b = key_mask_arg(key_valid.to(q.device), B, S) if masked else (q, 0)
     _pool_qkv[(nb, B * H, 3 * (D // cols))](q, k, v, *tiled, q if src is None else src, *pools, key_valid, *scales,
-                                            *stats, had, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                                            *stats, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
                                             key_valid_stride_b, H, S, padded_rows(S), n_kv, BLOCK=block_size, D=D,
                                             COLS=cols, GATHER=src is not None, MASKED=masked, POOL=pool,
-                                            QUANT=quant is not None, ROUND=INTERPRET, ROT_PRECISION=rot_precision,
+                                            QUANT=quant is not None, ROUND=INTERPRET,
                                             num_warps=config["num_warps"],
                                             **({"maxnreg": config["maxnreg"]} if "maxnreg" in config else {}))
     return (tiles if quant else tuple(tiled)), (tuple(pools) if pool else None)
