@@ -11,6 +11,11 @@ block-sparse attention on the captured bf16 inputs and O rounds, the way the FP8
   q, k         the two score operands
   q smoothed   the same, q's block mean taken out before rounding and its term q̄·k added back
                exactly (a counterfactual: the kernels have no such bias)
+  q, k rotated by H / by H8 x I
+               the same, q and k − μ rotated before rounding and back after (counterfactuals: the
+               kernels' scores would be the same numbers; `rotations`)
+  fp8, q and k rotated by H8 x I
+               all four, q and k so rotated
 So the share each operand has in the FP8 error is read directly, and what removing one would buy.
 
     python benchmarks/fp8_error_sources.py [--model short] [--step 5 --steps 10] [--rows 2048]
@@ -77,6 +82,16 @@ def rounded(q, k, v, k_mean, v_amax):
     return dequantize(quantize_tiles(q, k, v, k_mean, v_amax, BLOCK), BLOCK)
 
 
+def rotations(dim: int) -> dict:
+    """Orthogonal rotations tried on q and k before rounding (the scores stay the same): the full
+    Hadamard matrix, and H₈ ⊗ I, which mixes each channel with the 7 others dim/8 apart only."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < dim:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    h8 = h[:8, :8] if dim >= 8 else h
+    return {"H": h / math.sqrt(dim), "H8 x I": torch.kron(h8 / math.sqrt(8), torch.eye(dim // 8, dtype=torch.float64))}
+
+
 def layer_errors(q, k, v, blocks, rows: int) -> dict:
     """Relative error of each rounding (module docstring) for the first `rows` query rows."""
     S = q.shape[-2]
@@ -87,6 +102,10 @@ def layer_errors(q, k, v, blocks, rows: int) -> dict:
     exact = attention(q[..., :rows, :], k, v, keep)
     q_mean = F.pad(q, (0, 0, 0, -S % BLOCK)).unflatten(-2, (-1, BLOCK)).mean(-2).repeat_interleave(BLOCK, -2)[..., :S, :]
     q_smoothed8 = rounded(q - q_mean, k, v, k_mean, v_amax)[0]
+    rotated = {}
+    for name, m in rotations(q.shape[-1]).items():   # k is smoothed already: its mean 0 here
+        q8r, k8r, _ = rounded(q @ m, k @ m, v, torch.zeros_like(k_mean), v_amax)
+        rotated[name] = (q8r @ m.T, k8r @ m.T)
     variants = {
         "q": attention(q8[..., :rows, :], k, v, keep),
         "k": attention(q[..., :rows, :], k8, v, keep),
@@ -97,6 +116,9 @@ def layer_errors(q, k, v, blocks, rows: int) -> dict:
         "fp8, exact k": attention(q8[..., :rows, :], k, v8, keep, round_p=True),
         "q smoothed": attention(q_smoothed8[..., :rows, :], k8, v, keep,
                                 bias=q_mean[..., :rows, :] @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])),
+        **{f"q, k rotated by {name}": attention(qr[..., :rows, :], kr, v, keep) for name, (qr, kr) in rotated.items()},
+        "fp8, q and k rotated by H8 x I": attention(rotated["H8 x I"][0][..., :rows, :], rotated["H8 x I"][1], v8, keep,
+                                                   round_p=True),
     }
     return {name: ((o - exact).norm() / exact.norm()).item() for name, o in variants.items()}
 

@@ -38,3 +38,15 @@ def test_only_the_operands_off_the_grid_add_error():
     off = [x * (1 + 0.1 * torch.rand(x.shape, generator=g)) for x in (q, k, v)]   # one scale would stay on it
     noisy = layer_errors(*off, dense, rows=S)
     assert min(noisy["q"], noisy["k"], noisy["v"], noisy["fp8"]) > 1e-4
+
+
+def test_the_rotations_are_orthogonal_and_change_what_rounding_does():
+    from benchmarks.fp8_error_sources import rotations
+    for m in rotations(D).values():
+        torch.testing.assert_close(m @ m.T, torch.eye(D, dtype=torch.float64), rtol=0, atol=1e-12)
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, S, D, generator=g) for _ in range(3))
+    q[..., 3], k[..., 3] = q[..., 3] * 10, k[..., 3] * 10      # a large channel shared by q and k
+    errors = layer_errors(0.3 * q, k, v, torch.ones(3, 3, dtype=torch.bool), rows=S)
+    # rounding puts that channel's noise on every score; spread over all channels it is smaller (~4x here)
+    assert errors["q, k rotated by H"] < errors["q, k"] / 2 and errors["q, k rotated by H8 x I"] < errors["q, k"] / 2
