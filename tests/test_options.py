@@ -215,3 +215,16 @@ def test_import_is_quiet_and_does_not_load_torchao():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False" and done.stderr == ""
+
+
+def test_the_fp8_paths_torch_side_loads_no_triton():
+    """Triton is loaded where a Triton kernel runs: importing FP8's tiles and their torch quantizer, the
+    FP8 linear's op and its graph pass loads none (the kernels' e4m3 helpers live in fp8_triton.py)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, compact_compile.kernels.fp8, compact_compile.kernels.quant_rows, "
+            "compact_compile.passes.fp8_linear; print('triton' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

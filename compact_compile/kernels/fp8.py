@@ -2,6 +2,8 @@
 where FP8 attention can run. The Triton kernel (triton_attn.py, FP8=True) and FA4's (fa4_fp8_sm90.py)
 consume them; the reorder pass (pool_triton.py) makes them on the GPU in the pass that already reads
 q, k, v; `quantize_tiles` here is the same arithmetic in torch (the CPU path and the tests' reference).
+This module is torch only (importing it loads no Triton); the e4m3 conversion Triton kernels share is
+fp8_triton.py's.
 
 e4m3 is a floating-point format: 3 mantissa bits, so every normal value is rounded to within a
 relative u = 2^-4 of itself, from 2^-6 up to its largest finite value 448 (2^-9 steps below 2^-6).
@@ -50,16 +52,14 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
 # σ = amax·(1/448) with 1/448 rounded to fp32 once: one rounding, the same on the CPU, in torch on CUDA
 # (which divides by a scalar as a multiply by its reciprocal) and in the Triton pass (whose `/` is an
 # approximate division on the GPU), so the scales the two quantizers give are bit for bit equal
+# (fp8_triton.SCALE_PER_AMAX there)
 INV_E4M3_MAX = 1.0 / E4M3_MAX
-SCALE_PER_AMAX = tl.constexpr(INV_E4M3_MAX)   # the same in Triton kernels: σ = amax·(1/448)
 U = 2.0 ** -4        # e4m3's relative rounding error (3 mantissa bits, round to nearest)
 TINY = 1e-30         # floor of an amax: an all-zero block gets a finite scale and zero tiles
 MIN_CAPABILITY = (8, 9)   # e4m3 tensor cores: Ada, Hopper, Blackwell
@@ -78,23 +78,6 @@ class FP8Tiles(NamedTuple):
     @property
     def shape(self) -> torch.Size:
         return self.q.shape
-
-
-@triton.jit
-def to_e4m3(x, ROUND: tl.constexpr):
-    """fp32 x (|x| ≤ 448) as e4m3, rounded to nearest even. With ROUND (Triton's interpreter, whose
-    cast drops the carry of a round-up into the exponent: 126.7 became 64) x is first rounded to the
-    e4m3 grid in fp32 — dropping 20 of fp32's 23 mantissa bits as integer arithmetic (the carry
-    moves the exponent), and steps of 2^-9 below 2^-6 (subnormals) — so the cast itself is exact, and
-    NaN is written as e4m3's NaN, which that cast does not give."""
-    if ROUND:
-        bits = x.to(tl.int32, bitcast=True)
-        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
-        subnormal = (x + 24576.0) - 24576.0      # 1.5·2^14: its fp32 step is 2^-9
-        x = tl.where(tl.abs(x) < 0.015625, subnormal, normal)
-        nan = tl.full(x.shape, 0x7F, tl.uint8).to(tl.float8e4nv, bitcast=True)   # its cast makes NaN finite
-        return tl.where(x != x, nan, x.to(tl.float8e4nv))
-    return x.to(tl.float8e4nv)
 
 
 def fp8_unsupported(device) -> str:

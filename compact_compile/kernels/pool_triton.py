@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import E4M3, SCALE_PER_AMAX, FP8Tiles, padded_rows, to_e4m3
+from .fp8 import E4M3, FP8Tiles, padded_rows
+from .fp8_triton import SCALE_PER_AMAX, to_e4m3
 from .registry import checked_key_valid
 from .triton_sparse import INTERPRET
 

@@ -7,7 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import E4M3, SCALE_PER_AMAX, to_e4m3
+from .fp8 import E4M3
+from .fp8_triton import SCALE_PER_AMAX, to_e4m3
 from .quant_rows import MAX_WIDTH, PROLOGUES, amax_floor_exact
 from .triton_sparse import INTERPRET
 

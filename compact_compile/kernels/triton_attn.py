@@ -45,14 +45,14 @@ handled by a masked tail loop (keys ≥ S get −inf); query rows ≥ S are not 
 With TRITON_INTERPRET=1 (set before Triton is imported) the kernel runs in Triton's interpreter on
 CPU tensors (slowly: tests only), e4m3 dots included. The interpreter's bf16 `tl.dot` is wrong
 (triton-lang/triton#11584), so there, and only there, bf16 tiles are upcast to fp32 for the dots; and
-its cast to e4m3 loses a rounding carry, so there P is rounded first (ROUND_E4M3: fp8.to_e4m3).
+its cast to e4m3 loses a rounding carry, so there P is rounded first (ROUND_E4M3: fp8_triton.to_e4m3).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .fp8 import to_e4m3
+from .fp8_triton import to_e4m3
 
 # log2(448): P enters the PV dot as e4m3 of 448·p (fp8.E4M3_MAX); a jit function reads a global only as
 # tl.constexpr (the interpreter reads any global, the compiler refuses others)
