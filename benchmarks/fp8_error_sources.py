@@ -1,9 +1,10 @@
 """Where FP8 attention's error comes from, on the trained video DiTs' own q, k, v (CPU, float64).
 
 The forward of one denoising step of a trained model (examples/video_dit, sampling its fixed noise)
-captures every self-attention's q, k, v; in tile order, per layer and block mask (window (1,3,3), (3,3,3), dense), the relative error
-‖O − O_exact‖/‖O_exact‖ over the first `--rows` query rows of every head, where O_exact is float64
-block-sparse attention on the captured bf16 inputs and O rounds, the way the FP8 kernels do
+captures every self-attention's q, k, v; in tile order, per layer and block mask (window (1,3,3),
+(3,3,3), dense), the relative error ‖O − O_exact‖/‖O_exact‖ over the first `--rows` query rows of
+every head, where O_exact is float64 block-sparse attention on the captured bf16 inputs and O rounds,
+the way the FP8 kernels do
 (fp8.quantize_tiles: q, k − μ per block, v per channel; P as e4m3 of 448·p, summed unrounded):
   q, k, v, P   that operand alone
   fp8          all four: the FP8 path as shipped
@@ -100,8 +101,9 @@ def layer_errors(q, k, v, blocks, rows: int) -> dict:
     q8, k8, v8 = rounded(q, k, v, k_mean, v_amax)
     q, k, v = q.double(), k.double() - k_mean.double()[:, :, None], v.double()   # the shift changes no softmax
     exact = attention(q[..., :rows, :], k, v, keep)
-    q_mean = F.pad(q, (0, 0, 0, -S % BLOCK)).unflatten(-2, (-1, BLOCK)).mean(-2).repeat_interleave(BLOCK, -2)[..., :S, :]
-    q_smoothed8 = rounded(q - q_mean, k, v, k_mean, v_amax)[0]
+    block_means = F.pad(q, (0, 0, 0, -S % BLOCK)).unflatten(-2, (-1, BLOCK)).mean(-2)
+    q_mean = block_means.repeat_interleave(BLOCK, -2)[..., :S, :]
+    q_smoothed8 = rounded(q - q_mean, k, v, torch.zeros_like(k_mean), v_amax)[0]   # k: smoothed already
     rotated = {}
     for name, m in rotations(q.shape[-1]).items():   # k is smoothed already: its mean 0 here
         q8r, k8r, _ = rounded(q @ m, k @ m, v, torch.zeros_like(k_mean), v_amax)
@@ -134,8 +136,8 @@ def main():
     config = from_name(args.model)
     layout = TokenLayout(config.grid, auto_tile(config.grid, BLOCK), BLOCK)
     src = layout.source_index()
-    result = dict(model=args.model, step=args.step, steps=args.steps, rows=args.rows, block_size=BLOCK, torch=torch.__version__,
-                  layers={})
+    result = dict(model=args.model, step=args.step, steps=args.steps, rows=args.rows, block_size=BLOCK,
+                  torch=torch.__version__, layers={})
     for i, qkv in enumerate(captured_qkv(config, args.step, args.steps)):
         q, k, v = (x.float().index_select(-2, src) for x in qkv)
         result["layers"][i] = {}

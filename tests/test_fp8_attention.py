@@ -323,4 +323,3 @@ def test_refused_on_cpu_without_the_interpreter(monkeypatch):
     options = dict(plan="window", grid=GRID, tile=(1, 8, 8), block_size=64, fp8_attention=True, inner="eager")
     with raises_from_backend(OptionsError, "no e4m3 tensor cores on cpu"), torch.no_grad():
         torch.compile(model, backend="compact", options=options)(torch.randn(1, 128, 128))
-
