@@ -5,18 +5,16 @@ captures every self-attention's q, k, v; in tile order, per layer and block mask
 (3,3,3), dense), the relative error ‖O − O_exact‖/‖O_exact‖ over the first `--rows` query rows of
 every head, where O_exact is float64 block-sparse attention on the captured bf16 inputs and O rounds,
 the way the FP8 kernels do
-(fp8.quantize_tiles: q, k − μ per block, v per channel; P as e4m3 of 448·p, summed unrounded):
+(fp8.quantize_tiles: q and k − μ rotated by H₈ ⊗ I and per block, v per channel; P as e4m3 of 448·p,
+summed unrounded):
   q, k, v, P   that operand alone
   fp8          all four: the FP8 path as shipped
   fp8, exact k all but k
   q, k         the two score operands
   q smoothed   the same, q's block mean taken out before rounding and its term q̄·k added back
                exactly (a counterfactual: the kernels have no such bias)
-  q, k rotated by H / by H8 x I
-               the same, q and k − μ rotated before rounding and back after (counterfactuals: the
-               kernels' scores would be the same numbers; `rotations`)
-  fp8, q and k rotated by H8 x I
-               all four, q and k so rotated
+  q, k unrotated, fp8, q and k unrotated
+               the same without the kernels' rotation of q and k (fp8.py): what it buys
 So the share each operand has in the FP8 error is read directly, and what removing one would buy.
 
     python benchmarks/fp8_error_sources.py [--model short] [--step 5 --steps 10] [--rows 2048]
@@ -34,7 +32,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from compact_compile.kernels.fp8 import E4M3, E4M3_MAX, dequantize, quantize_tiles, smoothing_stats  # noqa: E402
+from compact_compile.kernels.fp8 import (E4M3, E4M3_MAX, dequantize, quantize_tiles, rotation,  # noqa: E402
+                                         smoothing_stats)
 from compact_compile.kernels.reference import token_mask  # noqa: E402
 from compact_compile.layout import TokenLayout, auto_tile  # noqa: E402
 from compact_compile.masks import dense_blocks, window_blocks  # noqa: E402
@@ -79,18 +78,11 @@ def attention(q, k, v, keep, round_p: bool = False, bias=0.0):
 
 
 def rounded(q, k, v, k_mean, v_amax):
-    """(q, k − μ, v) as the FP8 kernels round them, float64."""
-    return dequantize(quantize_tiles(q, k, v, k_mean, v_amax, BLOCK), BLOCK)
-
-
-def rotations(dim: int) -> dict:
-    """Orthogonal rotations tried on q and k before rounding (the scores stay the same): the full
-    Hadamard matrix, and H₈ ⊗ I, which mixes each channel with the 7 others dim/8 apart only."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < dim:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-    h8 = h[:8, :8] if dim >= 8 else h
-    return {"H": h / math.sqrt(dim), "H8 x I": torch.kron(h8 / math.sqrt(8), torch.eye(dim // 8, dtype=torch.float64))}
+    """(q, k − μ, v) as the FP8 kernels round them, float64, in the model's basis: the tiles hold q·M/8
+    and (k − μ)·M (fp8.rotation, M·M = 8·I), so q = (q·M/8)·M and k − μ = ((k − μ)·M)·M/8."""
+    q8, k8, v8 = dequantize(quantize_tiles(q, k, v, k_mean, v_amax, BLOCK), BLOCK)
+    m = rotation(q.shape[-1]).double()
+    return q8 @ m, k8 @ m / 8, v8
 
 
 def layer_errors(q, k, v, blocks, rows: int) -> dict:
@@ -104,10 +96,11 @@ def layer_errors(q, k, v, blocks, rows: int) -> dict:
     block_means = F.pad(q, (0, 0, 0, -S % BLOCK)).unflatten(-2, (-1, BLOCK)).mean(-2)
     q_mean = block_means.repeat_interleave(BLOCK, -2)[..., :S, :]
     q_smoothed8 = rounded(q - q_mean, k, v, torch.zeros_like(k_mean), v_amax)[0]   # k: smoothed already
-    rotated = {}
-    for name, m in rotations(q.shape[-1]).items():   # k is smoothed already: its mean 0 here
-        q8r, k8r, _ = rounded(q @ m, k @ m, v, torch.zeros_like(k_mean), v_amax)
-        rotated[name] = (q8r @ m.T, k8r @ m.T)
+    # M/√8 is orthogonal and, as M·M = 8·I, undoes the kernels' rotation: rounding q·M/√8 and k·M/√8
+    # rounds q and k − μ unrotated (k is smoothed already: its mean 0 here)
+    m = rotation(q.shape[-1]).double() / math.sqrt(8)
+    q8u, k8u, _ = rounded(q @ m, k @ m, v, torch.zeros_like(k_mean), v_amax)
+    q8u, k8u = q8u @ m.T, k8u @ m.T
     variants = {
         "q": attention(q8[..., :rows, :], k, v, keep),
         "k": attention(q[..., :rows, :], k8, v, keep),
@@ -118,9 +111,8 @@ def layer_errors(q, k, v, blocks, rows: int) -> dict:
         "fp8, exact k": attention(q8[..., :rows, :], k, v8, keep, round_p=True),
         "q smoothed": attention(q_smoothed8[..., :rows, :], k8, v, keep,
                                 bias=q_mean[..., :rows, :] @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])),
-        **{f"q, k rotated by {name}": attention(qr[..., :rows, :], kr, v, keep) for name, (qr, kr) in rotated.items()},
-        "fp8, q and k rotated by H8 x I": attention(rotated["H8 x I"][0][..., :rows, :], rotated["H8 x I"][1], v8, keep,
-                                                   round_p=True),
+        "q, k unrotated": attention(q8u[..., :rows, :], k8u, v, keep),
+        "fp8, q and k unrotated": attention(q8u[..., :rows, :], k8u, v8, keep, round_p=True),
     }
     return {name: ((o - exact).norm() / exact.norm()).item() for name, o in variants.items()}
 

@@ -24,11 +24,20 @@ values more than ~2^15 below that lose relative precision. Hence:
   v      one fp32 scale per channel of each (batch, head): amax over all tokens / 448; applied to
          the output once (O·σv), since P·V sums over tokens within a channel.
   P      448·p (p ≤ 1 after the running max) in e4m3: no per-block scale needed.
+  q, k   rotated before rounding: q·M and (k − μ)·M, M = H₈ ⊗ I (`rotation`: each channel mixed with
+         the 7 others D/8 apart, ±1), M·Mᵀ = 8·I, so (q·M)·((k − μ)·M)ᵀ = 8·q·(k − μ)ᵀ and the 1/8
+         rides in q's scale: the kernels' scores are the same numbers. Why: rounding k puts
+         independent noise on every score, Σ_d (q_d·δk_d)², largest where q and k share large
+         channels, which real models' do; mixing spreads them (FlashAttention-3's incoherent
+         processing, with a rotation the pass applies as elementwise adds of 8 column chunks).
+         On the trained models' own q, k, v: the error of rounding q and k 2.18–3.38% → 1.19–2.06%
+         (BENCHMARKS.md, "Where the FP8 error comes from").
 With a key-padding mask, μ and v's amax are taken over the keys it keeps: a padding key's score never
 counts, so it must not set the offset or the scale (its v, saturated at ±448, weighs 0).
 
 Error bound (FP8 output Õ against exact attention O = Σ_j a_ij v_j over the same kept keys):
-  1. quantization, per element: |x̃ − x| ≤ u·|x| + 2^-10·σ (half a subnormal step), x = q, k − μ, v.
+  1. quantization, per element: |x̃ − x| ≤ u·|x| + 2^-10·σ (half a subnormal step), x = q·M/8,
+     (k − μ)·M, v (below, q and k are those rotated ones: the scores are the same).
   2. scores: |s̃_ij − s_ij| ≤ Δ_ij = scale·Σ_d (e^q_id·|k'_jd| + |q_id|·e^k_jd + e^q_id·e^k_jd), e the
      bounds of 1. (≈ 2u·scale·Σ_d |q_id·k'_jd|: the scores' magnitude, of k' = k − μ, sets it); the
      softmax weights then move by a factor within e^{±2Δ_i}, Δ_i = max_j Δ_ij:
@@ -124,6 +133,17 @@ def saturated(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
+def rotation(dim: int, device=None) -> torch.Tensor:
+    """M = H₈ ⊗ I_{dim/8}, fp32 ±1 `[dim, dim]` (dim a multiple of 8): symmetric, M·M = 8·I. Output
+    chunk i (columns i·dim/8 …) is Σ_j H₈[i, j]·(input chunk j), H₈ Sylvester's: the pass's butterflies."""
+    if dim % 8:
+        raise ValueError(f"FP8's rotation mixes 8 chunks of channels: the head dim must be a multiple of 8; got {dim}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < 8:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return torch.kron(h, torch.eye(dim // 8)).to(device)
+
+
 def quantize_tiles(q, k, v, k_mean, v_amax, block_size: int) -> FP8Tiles:
     """`FP8Tiles` of q, k, v `[B, H, S, D]` (already in tile order) in torch: the pass of
     pool_triton.tile_quant_qkv_triton, the same fp32 arithmetic, for the CPU and as its reference."""
@@ -136,18 +156,20 @@ def quantize_tiles(q, k, v, k_mean, v_amax, block_size: int) -> FP8Tiles:
         inv = (E4M3_MAX / amax).repeat_interleave(block_size, -1)[..., :S, None]
         return saturated(x * inv), amax * INV_E4M3_MAX
 
-    q8, q_scale = per_block(q.float())
-    k8, k_scale = per_block(k.float() - k_mean.float()[:, :, None, :])
+    m = rotation(D, q.device).double()      # the pass's sums of 8, to fp32's rounding
+    q8, q_scale = per_block((q.double() @ m).float())
+    k8, k_scale = per_block(((k.float() - k_mean.float()[:, :, None, :]).double() @ m).float())
     amax = v_amax.float().clamp_min(TINY)
     v8 = saturated(v.float() * (E4M3_MAX / amax)[:, :, None, :])
     v_t = torch.empty(B, H, D, padded_rows(S), dtype=E4M3, device=v.device)
     v_t[..., :S] = v8.transpose(-1, -2)
     v_t[..., S:] = 0
-    return FP8Tiles(q8, k8, v_t, q_scale, k_scale, amax * INV_E4M3_MAX, k_mean.float().contiguous())
+    return FP8Tiles(q8, k8, v_t, q_scale / 8, k_scale, amax * INV_E4M3_MAX, k_mean.float().contiguous())
 
 
 def dequantize(tiles: FP8Tiles, block_size: int, dtype=torch.float64):
-    """(q, k − μ, v) as the FP8 kernel sees them, in `dtype`: the tiles times their scales."""
+    """(q·M/8, (k − μ)·M, v) as the FP8 kernel sees them, in `dtype`: the tiles times their scales
+    (q and k rotated by `rotation`; their products are q·(k − μ)ᵀ)."""
     S = tiles.q.shape[-2]
 
     def per_block(x8, scale):
@@ -158,8 +180,9 @@ def dequantize(tiles: FP8Tiles, block_size: int, dtype=torch.float64):
 
 
 def dequantized_keys(tiles: FP8Tiles, start: int, block_size: int) -> torch.Tensor:
-    """Keys from tiled row `start` on, fp32, the mean added back: the few text keys rectification's
-    estimate reads one by one (to within e4m3's rounding of k − μ)."""
+    """Keys from tiled row `start` on, fp32, rotated back and the mean added: the few text keys
+    rectification's estimate reads one by one (to within e4m3's rounding of (k − μ)·M)."""
     k8 = tiles.k[:, :, start:]
     blocks = torch.arange(start, start + k8.shape[-2], device=k8.device) // block_size
-    return k8.float() * tiles.k_scale[..., blocks, None] + tiles.k_mean[:, :, None, :]
+    rotated = k8.float() * tiles.k_scale[..., blocks, None]
+    return rotated @ rotation(k8.shape[-1], k8.device) / 8 + tiles.k_mean[:, :, None, :]

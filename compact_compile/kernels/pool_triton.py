@@ -10,7 +10,7 @@ A [BLOCK, COLS] slice stays in registers between the two sums, so the tensor is 
 version of the same math (rectified.block_pool, the reference and CPU path) reads it twice or more.
 
 For FP8 attention (fp8.py) the same pass writes q, k, v as e4m3 tiles with their scales instead of
-copies in their dtype, pooling or not: the reorder reads each tensor once either way.
+copies in their dtype (q and k rotated first), pooling or not: the reorder reads each tensor once either way.
 """
 from __future__ import annotations
 
@@ -42,28 +42,19 @@ def key_mask_arg(key_valid: torch.Tensor, batch: int, seq_len: int):
 
 
 @triton.jit
-def _quantize_tile(x, OUT, SCALE, STAT, bh, blk, out_row, rows, cols, in_seq, S, S16, D: tl.constexpr,
-                   QUANT: tl.constexpr, ROUND: tl.constexpr):
-    """Write one whole block (x: fp32, zeros in rows beyond S, COLS = D) in e4m3, fp8.quantize_tiles'
-    arithmetic: QUANT 1 (q) with its scale σ = amax/448 to SCALE[out_row]; 2 (k) the same (x is k − k̄:
-    `_pool_tile`); 3 (v) per channel,
-    σ_d = STAT[bh, d]/448 from v's amax over the kept keys (to SCALE[bh] once), transposed to [D, S16]
-    (a padding key's v beyond that amax saturates at ±448 in the conversion, and weighs 0), its rows
-    from S to S16 (TMA's padding) written as zeros: unwritten, a byte may be e4m3's NaN, and P·V
-    multiplies those keys by 0 (0·NaN = NaN). The mask rows < S16 also keeps the transposed stores
-    16-byte vectors where S is not a multiple of 16 (a mask at S broke them into single bytes: 2.3×
-    slower at Wan-1.3B's 32,760 tokens, H200)."""
-    if QUANT == 3:
-        amax = tl.maximum(tl.load(STAT + bh * D + cols), 1e-30)
-        q8 = to_e4m3(x * (448.0 / amax)[None, :], ROUND)
-        tl.store(OUT + (bh * D + cols[None, :]).to(tl.int64) * S16 + rows[:, None], q8, mask=(rows < S16)[:, None])
-        if blk == 0:
-            tl.store(SCALE + bh * D + cols, amax * SCALE_PER_AMAX)
-    else:
-        amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-30)
-        tl.store(OUT + (bh * S + rows[:, None].to(tl.int64)) * D + cols[None, :], to_e4m3(x * (448.0 / amax), ROUND),
-                 mask=in_seq[:, None])
-        tl.store(SCALE + out_row, amax * SCALE_PER_AMAX)
+def _quantize_v_tile(x, OUT, SCALE, STAT, bh, blk, rows, cols, S16, D: tl.constexpr, ROUND: tl.constexpr):
+    """Write one whole block of v (x: fp32, zeros in rows beyond S, COLS = D) in e4m3, fp8.quantize_tiles'
+    arithmetic: per channel, σ_d = STAT[bh, d]/448 from v's amax over the kept keys (to SCALE[bh] once),
+    transposed to [D, S16] (a padding key's v beyond that amax saturates at ±448 in the conversion, and
+    weighs 0), its rows from S to S16 (TMA's padding) written as zeros: unwritten, a byte may be e4m3's
+    NaN, and P·V multiplies those keys by 0 (0·NaN = NaN). The mask rows < S16 also keeps the transposed
+    stores 16-byte vectors where S is not a multiple of 16 (a mask at S broke them into single bytes:
+    2.3× slower at Wan-1.3B's 32,760 tokens, H200)."""
+    amax = tl.maximum(tl.load(STAT + bh * D + cols), 1e-30)
+    q8 = to_e4m3(x * (448.0 / amax)[None, :], ROUND)
+    tl.store(OUT + (bh * D + cols[None, :]).to(tl.int64) * S16 + rows[:, None], q8, mask=(rows < S16)[:, None])
+    if blk == 0:
+        tl.store(SCALE + bh * D + cols, amax * SCALE_PER_AMAX)
 
 
 @triton.jit
@@ -83,6 +74,73 @@ def _pool_columns(x, shift, MEAN, MAD, valid, out_row, cols, D: tl.constexpr, WI
 
 
 @triton.jit
+def _fwht8(x0, x1, x2, x3, x4, x5, x6, x7):
+    """(y_i = Σ_j H₈[i, j]·x_j), H₈ the Sylvester Hadamard matrix of ±1 (fp8.rotation): three butterfly
+    stages between whole tensors, elementwise."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = x0 + x1, x0 - x1, x2 + x3, x2 - x3, x4 + x5, x4 - x5, x6 + x7, x6 - x7
+    x0, x1, x2, x3, x4, x5, x6, x7 = x0 + x2, x1 + x3, x0 - x2, x1 - x3, x4 + x6, x5 + x7, x4 - x6, x5 - x7
+    return x0 + x4, x1 + x5, x2 + x6, x3 + x7, x0 - x4, x1 - x5, x2 - x6, x3 - x7
+
+
+@triton.jit
+def _chunk(base, STAT, MEAN, MAD, valid, bh, out_row, in_seq, j, D: tl.constexpr, C: tl.constexpr,
+           WITH_MAD: tl.constexpr, POOL: tl.constexpr, SMOOTH: tl.constexpr):
+    """Columns j·C … j·C + C − 1 of the block, fp32, k − k̄ where SMOOTH (rows beyond S zeros), pooled
+    where POOL (with k̄ added back to the mean)."""
+    cols = j * C + tl.arange(0, C)
+    x = tl.load(base + cols[None, :], mask=in_seq[:, None], other=0.0).to(tl.float32)
+    shift = tl.zeros([C], tl.float32)
+    if SMOOTH:
+        shift = tl.load(STAT + bh * D + cols)
+        x = tl.where(in_seq[:, None], x - shift[None, :], 0.0)
+    if POOL:
+        _pool_columns(x, shift, MEAN, MAD, valid, out_row, cols, D, WITH_MAD, SMOOTH)
+    return x
+
+
+@triton.jit
+def _store_chunk(y, OUT, bh, rows, in_seq, inv, S, j, D: tl.constexpr, C: tl.constexpr, ROUND: tl.constexpr):
+    cols = j * C + tl.arange(0, C)
+    tl.store(OUT + (bh * S + rows[:, None].to(tl.int64)) * D + cols[None, :], to_e4m3(y * inv, ROUND),
+             mask=in_seq[:, None])
+
+
+@triton.jit
+def _rotated_tile(base, OUT, MEAN, MAD, SCALE, STAT, valid, bh, out_row, rows, in_seq, S, D: tl.constexpr,
+                  WITH_MAD: tl.constexpr, POOL: tl.constexpr, QUANT: tl.constexpr, ROUND: tl.constexpr):
+    """q (QUANT 1) or k − k̄ (2) of one block, rotated by fp8.rotation (H₈ ⊗ I: the tile as 8 column
+    chunks of D/8, y_i = Σ_j H₈[i, j]·x_j) and written in e4m3 with the block's scale amax/448, over 8
+    for q (the rotation's H·Hᵀ = 8·I); pooled unrotated where POOL. Chunks, not one reshaped tile:
+    elementwise adds need no layout change (reshaped tiles cost the pass 3–5×: BENCHMARKS.md)."""
+    C: tl.constexpr = D // 8
+    SMOOTH: tl.constexpr = QUANT == 2
+    x0 = _chunk(base, STAT, MEAN, MAD, valid, bh, out_row, in_seq, 0, D, C, WITH_MAD, POOL, SMOOTH)
+    x1 = _chunk(base, STAT, MEAN, MAD, valid, bh, out_row, in_seq, 1, D, C, WITH_MAD, POOL, SMOOTH)
+    x2 = _chunk(base, STAT, MEAN, MAD, valid, bh, out_row, in_seq, 2, D, C, WITH_MAD, POOL, SMOOTH)
+    x3 = _chunk(base, STAT, MEAN, MAD, valid, bh, out_row, in_seq, 3, D, C, WITH_MAD, POOL, SMOOTH)
+    x4 = _chunk(base, STAT, MEAN, MAD, valid, bh, out_row, in_seq, 4, D, C, WITH_MAD, POOL, SMOOTH)
+    x5 = _chunk(base, STAT, MEAN, MAD, valid, bh, out_row, in_seq, 5, D, C, WITH_MAD, POOL, SMOOTH)
+    x6 = _chunk(base, STAT, MEAN, MAD, valid, bh, out_row, in_seq, 6, D, C, WITH_MAD, POOL, SMOOTH)
+    x7 = _chunk(base, STAT, MEAN, MAD, valid, bh, out_row, in_seq, 7, D, C, WITH_MAD, POOL, SMOOTH)
+    y0, y1, y2, y3, y4, y5, y6, y7 = _fwht8(x0, x1, x2, x3, x4, x5, x6, x7)
+    amax = tl.maximum(tl.maximum(tl.maximum(tl.max(tl.max(tl.abs(y0), 1), 0), tl.max(tl.max(tl.abs(y1), 1), 0)),
+                                 tl.maximum(tl.max(tl.max(tl.abs(y2), 1), 0), tl.max(tl.max(tl.abs(y3), 1), 0))),
+                      tl.maximum(tl.maximum(tl.max(tl.max(tl.abs(y4), 1), 0), tl.max(tl.max(tl.abs(y5), 1), 0)),
+                                 tl.maximum(tl.max(tl.max(tl.abs(y6), 1), 0), tl.max(tl.max(tl.abs(y7), 1), 0))))
+    amax = tl.maximum(amax, 1e-30)
+    inv = 448.0 / amax
+    _store_chunk(y0, OUT, bh, rows, in_seq, inv, S, 0, D, C, ROUND)
+    _store_chunk(y1, OUT, bh, rows, in_seq, inv, S, 1, D, C, ROUND)
+    _store_chunk(y2, OUT, bh, rows, in_seq, inv, S, 2, D, C, ROUND)
+    _store_chunk(y3, OUT, bh, rows, in_seq, inv, S, 3, D, C, ROUND)
+    _store_chunk(y4, OUT, bh, rows, in_seq, inv, S, 4, D, C, ROUND)
+    _store_chunk(y5, OUT, bh, rows, in_seq, inv, S, 5, D, C, ROUND)
+    _store_chunk(y6, OUT, bh, rows, in_seq, inv, S, 6, D, C, ROUND)
+    _store_chunk(y7, OUT, bh, rows, in_seq, inv, S, 7, D, C, ROUND)
+    tl.store(SCALE + out_row, amax * SCALE_PER_AMAX / (8 if QUANT == 1 else 1))
+
+
+@triton.jit
 def _pool_tile(X, OUT, SRC, MEAN, MAD, KEY_VALID, SCALE, STAT, stride_b, stride_h, stride_s, key_valid_stride_b,
                b, h, bh, blk, out_row, c0, n_valid, S, S16, BLOCK: tl.constexpr, D: tl.constexpr, COLS: tl.constexpr,
                WITH_MAD: tl.constexpr, GATHER: tl.constexpr, MASKED: tl.constexpr,
@@ -90,30 +148,28 @@ def _pool_tile(X, OUT, SRC, MEAN, MAD, KEY_VALID, SCALE, STAT, stride_b, stride_
     """Mean (and deviation) of one [BLOCK, COLS] slice of block `blk` over its rows below n_valid
     (with MASKED: that KEY_VALID keeps), where POOL; with GATHER its rows are read at model positions
     SRC[row]; the slice is written, in tile order, to OUT (contiguous [B, H, S, D]) as it is (GATHER)
-    or in e4m3 (QUANT > 0: `_quantize_tile`). Keys are quantized smoothed, k − k̄ (QUANT 2), and pooled
-    from that same tile with k̄ added back to the mean, and rows beyond S are zeros in the tile (loaded
-    so, or zeroed with the shift), so the quantization needs no masked copy of it: the block holds one
-    fp32 tile in registers, not two or three, and the pass does not spill (ptxas, sm_90a, 4 warps: 236–238
-    registers with or without a key mask or n_kv < S, against 255 and 152–176 B of spills before)."""
+    or in e4m3 (QUANT 1, 2: q and k rotated, `_rotated_tile`; 3: v, `_quantize_v_tile`). Rows beyond S
+    are zeros in the tile (loaded so, or zeroed with the shift), so the quantization needs no masked
+    copy of it."""
     rows = blk * BLOCK + tl.arange(0, BLOCK)
     cols = c0 + tl.arange(0, COLS)
     in_seq = rows < S
     src = tl.load(SRC + rows, mask=in_seq, other=0).to(tl.int64) if GATHER else rows.to(tl.int64)
     base = X + b * stride_b + h * stride_h + src[:, None] * stride_s
-    x = tl.load(base + cols[None, :], mask=in_seq[:, None], other=0.0)
-    shift = tl.zeros([COLS], tl.float32)   # k's mean where QUANT == 2
-    if QUANT > 0:
-        x = x.to(tl.float32)
-    if QUANT == 2:
-        shift = tl.load(STAT + bh * D + cols)
-        x = tl.where(in_seq[:, None], x - shift[None, :], 0.0)
-    if QUANT > 0:
-        _quantize_tile(x, OUT, SCALE, STAT, bh, blk, out_row, rows, cols, in_seq, S, S16, D, QUANT, ROUND)
-    elif GATHER:
-        tl.store(OUT + (bh * S + rows[:, None].to(tl.int64)) * D + cols[None, :], x, mask=in_seq[:, None])
-    if POOL:
+    if QUANT == 1 or QUANT == 2:
         valid = valid_rows(rows, n_valid, KEY_VALID, key_valid_stride_b, b, MASKED)
-        _pool_columns(x, shift, MEAN, MAD, valid, out_row, cols, D, WITH_MAD, QUANT == 2)
+        _rotated_tile(base, OUT, MEAN, MAD, SCALE, STAT, valid, bh, out_row, rows, in_seq, S, D, WITH_MAD, POOL,
+                      QUANT, ROUND)
+    else:
+        x = tl.load(base + cols[None, :], mask=in_seq[:, None], other=0.0)
+        if QUANT == 3:
+            x = x.to(tl.float32)
+            _quantize_v_tile(x, OUT, SCALE, STAT, bh, blk, rows, cols, S16, D, ROUND)
+        elif GATHER:
+            tl.store(OUT + (bh * S + rows[:, None].to(tl.int64)) * D + cols[None, :], x, mask=in_seq[:, None])
+        if POOL:
+            valid = valid_rows(rows, n_valid, KEY_VALID, key_valid_stride_b, b, MASKED)
+            _pool_columns(x, tl.zeros([COLS], tl.float32), MEAN, MAD, valid, out_row, cols, D, WITH_MAD, False)
 
 
 @triton.jit

@@ -1,9 +1,10 @@
-"""benchmarks/fp8_error_sources.py rounds each operand as the FP8 kernels do: on inputs whose q, k − μ
-and v already lie on e4m3's grid at their scales, rounding them changes nothing, so only P's rounding
+"""benchmarks/fp8_error_sources.py rounds each operand as the FP8 kernels do: on inputs whose rotated
+q, k − μ (fp8.rotation) and v already lie on e4m3's grid at their scales, rounding them changes nothing, so only P's rounding
 is left; on other inputs each rounding shows."""
 import torch
 
 from benchmarks.fp8_error_sources import BLOCK, attention, layer_errors
+from compact_compile.kernels.fp8 import rotation
 from compact_compile.kernels.reference import block_sparse_attention_reference, token_mask
 
 S, D = 2 * BLOCK + 8, 32
@@ -30,7 +31,8 @@ def test_attention_is_the_float64_reference():
 
 def test_only_the_operands_off_the_grid_add_error():
     g = torch.Generator().manual_seed(1)
-    q, half, v = on_grid(g), on_grid(g), on_grid(g)
+    m = rotation(D)      # the tiles hold q·M/8 and k·M: on the grid for these (M·M = 8·I)
+    q, half, v = on_grid(g) @ m, on_grid(g) @ m / 8, on_grid(g)
     k = torch.cat([half[..., : S // 2, :], -half[..., : S // 2, :]], -2)   # mean 0: k − μ = k
     dense = torch.ones(3, 3, dtype=torch.bool)
     exact = layer_errors(q, k, v, dense, rows=S)
@@ -40,13 +42,11 @@ def test_only_the_operands_off_the_grid_add_error():
     assert min(noisy["q"], noisy["k"], noisy["v"], noisy["fp8"]) > 1e-4
 
 
-def test_the_rotations_are_orthogonal_and_change_what_rounding_does():
-    from benchmarks.fp8_error_sources import rotations
-    for m in rotations(D).values():
-        torch.testing.assert_close(m @ m.T, torch.eye(D, dtype=torch.float64), rtol=0, atol=1e-12)
+def test_the_rotation_spreads_a_large_shared_channel():
+    """Rounding puts a channel's noise on every score; q and k share a large one here. Rotated as the
+    kernels round them, the output is off by 1.5% (this seed); unrotated, by 10.7%."""
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(1, 2, S, D, generator=g) for _ in range(3))
-    q[..., 3], k[..., 3] = q[..., 3] * 10, k[..., 3] * 10      # a large channel shared by q and k
+    q[..., 3], k[..., 3] = q[..., 3] * 10, k[..., 3] * 10
     errors = layer_errors(0.3 * q, k, v, torch.ones(3, 3, dtype=torch.bool), rows=S)
-    # rounding puts that channel's noise on every score; spread over all channels it is smaller (~4x here)
-    assert errors["q, k rotated by H"] < errors["q, k"] / 2 and errors["q, k rotated by H8 x I"] < errors["q, k"] / 2
+    assert errors["q, k"] < 0.03 < 0.08 < errors["q, k unrotated"]
