@@ -27,7 +27,8 @@ D, BLOCK = 128, 128
 # warps, and with rectification's pooling in the same pass (which needs more registers: ptxas, sm_90a,
 # 4 warps, 238 and no spills, against 168 without pooling) more warps or a register cap (Triton's maxnreg).
 # A second read of the block for the pooling, in column slices (179 registers), was measured too and
-# was slower (results/quant-pass-pooling-sweep-h200-2026-12-01.json): it is not kept.
+# was slower (results/quant-pass-pooling-sweep-h200-2026-12-01.json): it is not kept. With q and k
+# rotated (fp8.rotation), 8 or 2 warps were slower than 4 (results/quant-pass-rotated-h200-2026-12-01.json).
 CONFIGS = {False: [dict(num_warps=4), dict(num_warps=8)],
            True: [dict(num_warps=4), dict(num_warps=8), dict(num_warps=16), dict(num_warps=8, maxnreg=128)]}
 results = Results("quant-pass.json")

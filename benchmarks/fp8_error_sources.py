@@ -79,10 +79,10 @@ def attention(q, k, v, keep, round_p: bool = False, bias=0.0):
 
 def rounded(q, k, v, k_mean, v_amax):
     """(q, k − μ, v) as the FP8 kernels round them, float64, in the model's basis: the tiles hold q·M/8
-    and (k − μ)·M (fp8.rotation, M·M = 8·I), so q = (q·M/8)·M and k − μ = ((k − μ)·M)·M/8."""
+    and (k − μ)·M (fp8.rotation, M·Mᵀ = 8·I), so q = (q·M/8)·Mᵀ and k − μ = ((k − μ)·M)·Mᵀ/8."""
     q8, k8, v8 = dequantize(quantize_tiles(q, k, v, k_mean, v_amax, BLOCK), BLOCK)
     m = rotation(q.shape[-1]).double()
-    return q8 @ m, k8 @ m / 8, v8
+    return q8 @ m.T, k8 @ m.T / 8, v8
 
 
 def layer_errors(q, k, v, blocks, rows: int) -> dict:
@@ -96,11 +96,11 @@ def layer_errors(q, k, v, blocks, rows: int) -> dict:
     block_means = F.pad(q, (0, 0, 0, -S % BLOCK)).unflatten(-2, (-1, BLOCK)).mean(-2)
     q_mean = block_means.repeat_interleave(BLOCK, -2)[..., :S, :]
     q_smoothed8 = rounded(q - q_mean, k, v, torch.zeros_like(k_mean), v_amax)[0]   # k: smoothed already
-    # M/√8 is orthogonal and, as M·M = 8·I, undoes the kernels' rotation: rounding q·M/√8 and k·M/√8
+    # M/√8 is orthogonal: the kernels round q·Mᵀ/√8 and k·Mᵀ/√8 as √8·q and √8·k, so rounding those
     # rounds q and k − μ unrotated (k is smoothed already: its mean 0 here)
     m = rotation(q.shape[-1]).double() / math.sqrt(8)
-    q8u, k8u, _ = rounded(q @ m, k @ m, v, torch.zeros_like(k_mean), v_amax)
-    q8u, k8u = q8u @ m.T, k8u @ m.T
+    q8u, k8u, _ = rounded(q @ m.T, k @ m.T, v, torch.zeros_like(k_mean), v_amax)
+    q8u, k8u = q8u @ m, k8u @ m
     variants = {
         "q": attention(q8[..., :rows, :], k, v, keep),
         "k": attention(q[..., :rows, :], k8, v, keep),

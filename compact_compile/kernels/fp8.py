@@ -24,12 +24,13 @@ values more than ~2^15 below that lose relative precision. Hence:
   v      one fp32 scale per channel of each (batch, head): amax over all tokens / 448; applied to
          the output once (O·σv), since P·V sums over tokens within a channel.
   P      448·p (p ≤ 1 after the running max) in e4m3: no per-block scale needed.
-  q, k   rotated before rounding: q·M and (k − μ)·M, M = H₈ ⊗ I (`rotation`: each channel mixed with
-         the 7 others D/8 apart, ±1), M·Mᵀ = 8·I, so (q·M)·((k − μ)·M)ᵀ = 8·q·(k − μ)ᵀ and the 1/8
-         rides in q's scale: the kernels' scores are the same numbers. Why: rounding k puts
-         independent noise on every score, Σ_d (q_d·δk_d)², largest where q and k share large
-         channels, which real models' do; mixing spreads them (FlashAttention-3's incoherent
-         processing, with a rotation the pass applies as elementwise adds of 8 column chunks).
+  q, k   rotated before rounding: q·M and (k − μ)·M, M = H₈ ⊗ I in the pass's column order
+         (`rotation`: each channel mixed with the 7 others D/8 apart, ±1), M·Mᵀ = 8·I, so
+         (q·M)·((k − μ)·M)ᵀ = 8·q·(k − μ)ᵀ and the 1/8 rides in q's scale: the kernels' scores are
+         the same numbers. Why: rounding k puts independent noise on every score, Σ_d (q_d·δk_d)²,
+         largest where q and k share large channels, which real models' do; mixing spreads them
+         (FlashAttention-3's incoherent processing, with a rotation each thread of the pass applies
+         to the 16 columns it holds: 24 adds per 8 values, no data movement between threads).
          On the trained models' own q, k, v: the error of rounding q and k 2.18–3.38% → 1.19–2.06%
          (BENCHMARKS.md, "Where the FP8 error comes from").
 With a key-padding mask, μ and v's amax are taken over the keys it keeps: a padding key's score never
@@ -134,14 +135,22 @@ def saturated(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotation(dim: int, device=None) -> torch.Tensor:
-    """M = H₈ ⊗ I_{dim/8}, fp32 ±1 `[dim, dim]` (dim a multiple of 8): symmetric, M·M = 8·I. Output
-    chunk i (columns i·dim/8 …) is Σ_j H₈[i, j]·(input chunk j), H₈ Sylvester's: the pass's butterflies."""
-    if dim % 8:
-        raise ValueError(f"FP8's rotation mixes 8 chunks of channels: the head dim must be a multiple of 8; got {dim}")
+    """M, fp32 `[dim, dim]` of 0 and ±1 (dim a multiple of 16), M·Mᵀ = Mᵀ·M = 8·I: H₈ ⊗ I_{dim/8} (each
+    channel mixed with the 7 others dim/8 apart, H₈ Sylvester's) with its columns in the pass's order,
+    column t = 16g + 2j + e of x·M being Σ_j' H₈[j, j']·x[2g + e + (dim/8)·j'] (pool_triton's
+    `_rotated_channels`: each thread of the pass holds one group of 8 whole, in 16 adjacent columns)."""
+    if dim % 16:
+        raise ValueError(f"FP8's rotation takes channels in groups of 16: the head dim must be a multiple of 16; "
+                         f"got {dim}")
     h = torch.ones(1, 1)
     while h.shape[0] < 8:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return torch.kron(h, torch.eye(dim // 8)).to(device)
+    t = torch.arange(dim)
+    g, j, e = t // 16, (t // 2) % 8, t % 2
+    m = torch.zeros(dim, dim)
+    for j_in in range(8):
+        m[2 * g + e + dim // 8 * j_in, t] = h[j, j_in]
+    return m.to(device)
 
 
 def quantize_tiles(q, k, v, k_mean, v_amax, block_size: int) -> FP8Tiles:
@@ -169,7 +178,7 @@ def quantize_tiles(q, k, v, k_mean, v_amax, block_size: int) -> FP8Tiles:
 
 def dequantize(tiles: FP8Tiles, block_size: int, dtype=torch.float64):
     """(q·M/8, (k − μ)·M, v) as the FP8 kernel sees them, in `dtype`: the tiles times their scales
-    (q and k rotated by `rotation`; their products are q·(k − μ)ᵀ)."""
+    (q and k rotated by `rotation`; their products are q·(k − μ)ᵀ, and ·Mᵀ/8 undoes M)."""
     S = tiles.q.shape[-2]
 
     def per_block(x8, scale):
@@ -185,4 +194,4 @@ def dequantized_keys(tiles: FP8Tiles, start: int, block_size: int) -> torch.Tens
     k8 = tiles.k[:, :, start:]
     blocks = torch.arange(start, start + k8.shape[-2], device=k8.device) // block_size
     rotated = k8.float() * tiles.k_scale[..., blocks, None]
-    return rotated @ rotation(k8.shape[-1], k8.device) / 8 + tiles.k_mean[:, :, None, :]
+    return rotated @ rotation(k8.shape[-1], k8.device).T / 8 + tiles.k_mean[:, :, None, :]

@@ -75,68 +75,69 @@ def _pool_columns(x, shift, MEAN, MAD, valid, out_row, cols, D: tl.constexpr, WI
 
 @triton.jit
 def _fwht8(x0, x1, x2, x3, x4, x5, x6, x7):
-    """(y_i = Σ_j H₈[i, j]·x_j), H₈ the Sylvester Hadamard matrix of ±1 (fp8.rotation): three butterfly
-    stages between whole tensors, elementwise."""
+    """(y_i = Σ_j H₈[i, j]·x_j), H₈ the Sylvester Hadamard matrix of ±1: three butterfly stages between
+    whole tensors, elementwise."""
     x0, x1, x2, x3, x4, x5, x6, x7 = x0 + x1, x0 - x1, x2 + x3, x2 - x3, x4 + x5, x4 - x5, x6 + x7, x6 - x7
     x0, x1, x2, x3, x4, x5, x6, x7 = x0 + x2, x1 + x3, x0 - x2, x1 - x3, x4 + x6, x5 + x7, x4 - x6, x5 - x7
     return x0 + x4, x1 + x5, x2 + x6, x3 + x7, x0 - x4, x1 - x5, x2 - x6, x3 - x7
 
 
 @triton.jit
-def _chunk(base, STAT, MEAN, MAD, valid, bh, out_row, in_seq, j, D: tl.constexpr, C: tl.constexpr,
-           WITH_MAD: tl.constexpr, POOL: tl.constexpr, SMOOTH: tl.constexpr):
-    """Columns j·C … j·C + C − 1 of the block, fp32, k − k̄ where SMOOTH (rows beyond S zeros), pooled
-    where POOL (with k̄ added back to the mean)."""
-    cols = j * C + tl.arange(0, C)
-    x = tl.load(base + cols[None, :], mask=in_seq[:, None], other=0.0).to(tl.float32)
-    shift = tl.zeros([C], tl.float32)
+def _rotated_channels(cols, D: tl.constexpr):
+    """The channel each tile column of a rotated q or k block is read from (fp8.rotation's order): column
+    t = 16g + 2j + e holds channel 2g + e + (D/8)·j, so the 8 channels one rotation mixes (j = 0…7, D/8
+    apart) lie within 16 adjacent columns, pairs of adjacent channels each a 4-byte load."""
+    chan = (cols // 16) * 2 + cols % 2 + ((cols // 2) % 8) * (D // 8)
+    return tl.max_contiguous(tl.multiple_of(chan, 2), 2)
+
+
+@triton.jit
+def _butterflies(x):
+    """x `[.., 2, 2, 2]` (j's three bits) ↦ Σ_j' H₈[j, j']·x[.., j']: split into its 8 columns and
+    joined back, all within each thread's registers (16 adjacent columns per thread: ptxas, sm_90a, no
+    layout conversion)."""
+    e0, e1 = tl.split(x)
+    e00, e01 = tl.split(e0)
+    e10, e11 = tl.split(e1)
+    z0, z4 = tl.split(e00)
+    z2, z6 = tl.split(e01)
+    z1, z5 = tl.split(e10)
+    z3, z7 = tl.split(e11)
+    y0, y1, y2, y3, y4, y5, y6, y7 = _fwht8(z0, z1, z2, z3, z4, z5, z6, z7)
+    return tl.join(tl.join(tl.join(y0, y4), tl.join(y2, y6)), tl.join(tl.join(y1, y5), tl.join(y3, y7)))
+
+
+@triton.jit
+def _smoothed(base, STAT, bh, in_seq, chan, D: tl.constexpr, SMOOTH: tl.constexpr):
+    """(channels `chan` of the block, fp32, k − k̄ where SMOOTH, rows beyond S zeros; the shift k̄)"""
+    x = tl.load(base + chan[None, :], mask=in_seq[:, None], other=0.0).to(tl.float32)
+    shift = tl.zeros(chan.shape, tl.float32)
     if SMOOTH:
-        shift = tl.load(STAT + bh * D + cols)
+        shift = tl.load(STAT + bh * D + chan)
         x = tl.where(in_seq[:, None], x - shift[None, :], 0.0)
-    if POOL:
-        _pool_columns(x, shift, MEAN, MAD, valid, out_row, cols, D, WITH_MAD, SMOOTH)
-    return x
+    return x, shift
 
 
 @triton.jit
-def _store_chunk(y, OUT, bh, rows, in_seq, inv, S, j, D: tl.constexpr, C: tl.constexpr, ROUND: tl.constexpr):
-    cols = j * C + tl.arange(0, C)
-    tl.store(OUT + (bh * S + rows[:, None].to(tl.int64)) * D + cols[None, :], to_e4m3(y * inv, ROUND),
-             mask=in_seq[:, None])
-
-
-@triton.jit
-def _rotated_tile(base, OUT, MEAN, MAD, SCALE, STAT, valid, bh, out_row, rows, in_seq, S, D: tl.constexpr,
-                  WITH_MAD: tl.constexpr, POOL: tl.constexpr, QUANT: tl.constexpr, ROUND: tl.constexpr):
-    """q (QUANT 1) or k − k̄ (2) of one block, rotated by fp8.rotation (H₈ ⊗ I: the tile as 8 column
-    chunks of D/8, y_i = Σ_j H₈[i, j]·x_j) and written in e4m3 with the block's scale amax/448, over 8
-    for q (the rotation's H·Hᵀ = 8·I); pooled unrotated where POOL. Chunks, not one reshaped tile:
-    elementwise adds need no layout change (reshaped tiles cost the pass 3–5×: BENCHMARKS.md)."""
-    C: tl.constexpr = D // 8
+def _rotated_tile(base, OUT, MEAN, MAD, SCALE, STAT, valid, bh, out_row, rows, in_seq, S, BLOCK: tl.constexpr,
+                  D: tl.constexpr, WITH_MAD: tl.constexpr, POOL: tl.constexpr, QUANT: tl.constexpr,
+                  ROUND: tl.constexpr):
+    """q (QUANT 1) or k − k̄ (2) of one block rotated by fp8.rotation and written in e4m3 with the
+    block's scale amax/448, over 8 for q (M·Mᵀ = 8·I). Pooled first where POOL, from the block in
+    channel order: that tile is dead before the rotated one is read (again, from cache), so one fp32
+    tile is live at a time (sm_90a, 4 warps: 249 registers and no spills, against 255 and 98 B of
+    spills pooling the rotated read; 168 without pooling, as unrotated)."""
     SMOOTH: tl.constexpr = QUANT == 2
-    x0 = _chunk(base, STAT, MEAN, MAD, valid, bh, out_row, in_seq, 0, D, C, WITH_MAD, POOL, SMOOTH)
-    x1 = _chunk(base, STAT, MEAN, MAD, valid, bh, out_row, in_seq, 1, D, C, WITH_MAD, POOL, SMOOTH)
-    x2 = _chunk(base, STAT, MEAN, MAD, valid, bh, out_row, in_seq, 2, D, C, WITH_MAD, POOL, SMOOTH)
-    x3 = _chunk(base, STAT, MEAN, MAD, valid, bh, out_row, in_seq, 3, D, C, WITH_MAD, POOL, SMOOTH)
-    x4 = _chunk(base, STAT, MEAN, MAD, valid, bh, out_row, in_seq, 4, D, C, WITH_MAD, POOL, SMOOTH)
-    x5 = _chunk(base, STAT, MEAN, MAD, valid, bh, out_row, in_seq, 5, D, C, WITH_MAD, POOL, SMOOTH)
-    x6 = _chunk(base, STAT, MEAN, MAD, valid, bh, out_row, in_seq, 6, D, C, WITH_MAD, POOL, SMOOTH)
-    x7 = _chunk(base, STAT, MEAN, MAD, valid, bh, out_row, in_seq, 7, D, C, WITH_MAD, POOL, SMOOTH)
-    y0, y1, y2, y3, y4, y5, y6, y7 = _fwht8(x0, x1, x2, x3, x4, x5, x6, x7)
-    amax = tl.maximum(tl.maximum(tl.maximum(tl.max(tl.max(tl.abs(y0), 1), 0), tl.max(tl.max(tl.abs(y1), 1), 0)),
-                                 tl.maximum(tl.max(tl.max(tl.abs(y2), 1), 0), tl.max(tl.max(tl.abs(y3), 1), 0))),
-                      tl.maximum(tl.maximum(tl.max(tl.max(tl.abs(y4), 1), 0), tl.max(tl.max(tl.abs(y5), 1), 0)),
-                                 tl.maximum(tl.max(tl.max(tl.abs(y6), 1), 0), tl.max(tl.max(tl.abs(y7), 1), 0))))
-    amax = tl.maximum(amax, 1e-30)
-    inv = 448.0 / amax
-    _store_chunk(y0, OUT, bh, rows, in_seq, inv, S, 0, D, C, ROUND)
-    _store_chunk(y1, OUT, bh, rows, in_seq, inv, S, 1, D, C, ROUND)
-    _store_chunk(y2, OUT, bh, rows, in_seq, inv, S, 2, D, C, ROUND)
-    _store_chunk(y3, OUT, bh, rows, in_seq, inv, S, 3, D, C, ROUND)
-    _store_chunk(y4, OUT, bh, rows, in_seq, inv, S, 4, D, C, ROUND)
-    _store_chunk(y5, OUT, bh, rows, in_seq, inv, S, 5, D, C, ROUND)
-    _store_chunk(y6, OUT, bh, rows, in_seq, inv, S, 6, D, C, ROUND)
-    _store_chunk(y7, OUT, bh, rows, in_seq, inv, S, 7, D, C, ROUND)
+    cols = tl.arange(0, D)
+    if POOL:
+        x, shift = _smoothed(base, STAT, bh, in_seq, cols, D, SMOOTH)
+        _pool_columns(x, shift, MEAN, MAD, valid, out_row, cols, D, WITH_MAD, SMOOTH)
+    x, _ = _smoothed(base, STAT, bh, in_seq, _rotated_channels(cols, D), D, SMOOTH)
+    even, odd = tl.split(tl.reshape(x, [BLOCK, D // 16, 2, 2, 2, 2]))   # axes g, j's bits, e
+    y = tl.reshape(tl.join(_butterflies(even), _butterflies(odd)), [BLOCK, D])
+    amax = tl.maximum(tl.max(tl.max(tl.abs(y), 1), 0), 1e-30)
+    tl.store(OUT + (bh * S + rows[:, None].to(tl.int64)) * D + cols[None, :], to_e4m3(y * (448.0 / amax), ROUND),
+             mask=in_seq[:, None])
     tl.store(SCALE + out_row, amax * SCALE_PER_AMAX / (8 if QUANT == 1 else 1))
 
 
@@ -158,8 +159,8 @@ def _pool_tile(X, OUT, SRC, MEAN, MAD, KEY_VALID, SCALE, STAT, stride_b, stride_
     base = X + b * stride_b + h * stride_h + src[:, None] * stride_s
     if QUANT == 1 or QUANT == 2:
         valid = valid_rows(rows, n_valid, KEY_VALID, key_valid_stride_b, b, MASKED)
-        _rotated_tile(base, OUT, MEAN, MAD, SCALE, STAT, valid, bh, out_row, rows, in_seq, S, D, WITH_MAD, POOL,
-                      QUANT, ROUND)
+        _rotated_tile(base, OUT, MEAN, MAD, SCALE, STAT, valid, bh, out_row, rows, in_seq, S, BLOCK, D, WITH_MAD,
+                      POOL, QUANT, ROUND)
     else:
         x = tl.load(base + cols[None, :], mask=in_seq[:, None], other=0.0)
         if QUANT == 3:

@@ -31,7 +31,7 @@ def test_attention_is_the_float64_reference():
 
 def test_only_the_operands_off_the_grid_add_error():
     g = torch.Generator().manual_seed(1)
-    m = rotation(D)      # the tiles hold q·M/8 and k·M: on the grid for these (M·M = 8·I)
+    m = rotation(D).T      # the tiles hold q·M/8 and k·M: on the grid for these (Mᵀ·M = 8·I)
     q, half, v = on_grid(g) @ m, on_grid(g) @ m / 8, on_grid(g)
     k = torch.cat([half[..., : S // 2, :], -half[..., : S // 2, :]], -2)   # mean 0: k − μ = k
     dense = torch.ones(3, 3, dtype=torch.bool)
