@@ -10,7 +10,8 @@ A [BLOCK, COLS] slice stays in registers between the two sums, so the tensor is 
 version of the same math (rectified.block_pool, the reference and CPU path) reads it twice or more.
 
 For FP8 attention (fp8.py) the same pass writes q, k, v as e4m3 tiles with their scales instead of
-copies in their dtype (q and k rotated first), pooling or not: the reorder reads each tensor once either way.
+copies in their dtype (q and k rotated first), pooling or not: the reorder reads each tensor from memory
+once either way (pooled q and k blocks twice, the second read from cache).
 """
 from __future__ import annotations
 
@@ -204,7 +205,8 @@ def _pool_qkv(Q, K, V, QT, KT, VT, SRC, QM, QD, KM, KD, VM, KEY_VALID, QS, KS, V
 # takes whole blocks (COLS = D), and 4 warps measured best without pooling and with it (H200, 2026-12-01,
 # bench_quant_pass.py at Wan-1.3B / Wan-14B's sites: 0.117 / 0.890 ms, pooling 0.194 / 1.447 ms; 8 or 16
 # warps, a register cap, and re-reading the block for the pooling in column slices were all slower); keys
-# pooled from their smoothed tile (no spills) took the pooling pass to 0.181 / 1.360 ms (same day)
+# pooled from their smoothed tile (no spills) took the pooling pass to 0.181 / 1.360 ms (same day); with q and
+# k rotated, 0.133 / 0.985 ms and pooling 0.225 / 1.685 ms (4 warps still best; BENCHMARKS.md, "Shipped")
 POOL_CONFIG = {False: dict(COLS=64, num_warps=2), True: dict(COLS=128, num_warps=4)}
 QUANT_CONFIG = dict(num_warps=4)
 
