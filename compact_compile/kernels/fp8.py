@@ -50,8 +50,8 @@ This worst case adds every rounding error with one sign; with N(0, 1) activation
 independent and the output's relative error is a few percent (tests/kernels/test_fp8.py checks 1.
 on the pass and 3. on the kernel exactly, reference.fp8_attention_reference; test_smoothing_…
 shows what 2. does to keys with a large mean when they are not smoothed). On the trained models' own
-q, k, v it is 1.2–3.6% per site, most of it k's rounding (BENCHMARKS.md, "Where the FP8 error comes
-from", with what removing it was measured to cost).
+q, k, v it is 0.8–2.4% per site (1.2–3.6% unrotated), most of it still k's rounding (BENCHMARKS.md,
+"Where the FP8 error comes from", with what removing more of it was measured to cost).
 
 μ and v's channel amax are reductions over all tokens, needed before the first tile is quantized:
 the rewritten graph computes them (`smoothing_stats`) where Inductor can fuse them into the kernels
@@ -59,6 +59,7 @@ producing k and v; the reorder pass then reads q, k, v once and writes the e4m3 
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -135,11 +136,14 @@ def saturated(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-E4M3_MAX, E4M3_MAX).to(E4M3)
 
 
+@functools.lru_cache(maxsize=None)
 def rotation(dim: int, device=None) -> torch.Tensor:
     """M, fp32 `[dim, dim]` of 0 and ±1 (dim a multiple of 16), M·Mᵀ = Mᵀ·M = 8·I: H₈ ⊗ I_{dim/8} (each
     channel mixed with the 7 others dim/8 apart, H₈ Sylvester's) with its columns in the pass's order,
     column t = 16g + 2j + e of x·M being Σ_j' H₈[j, j']·x[2g + e + (dim/8)·j'] (pool_triton's
-    `_rotated_channels`: each thread of the pass holds one group of 8 whole, in 16 adjacent columns)."""
+    `_rotated_channels`: each thread of the pass holds one group of 8 whole, in 16 adjacent columns).
+    Built once per (dim, device) and shared (read only): a copy from host memory on every call would
+    wait for the GPU's stream (a pageable host-to-device copy synchronizes it), once per site and step."""
     if dim % 16:
         raise ValueError(f"FP8's rotation takes channels in groups of 16: the head dim must be a multiple of 16; "
                          f"got {dim}")

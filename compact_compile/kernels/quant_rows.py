@@ -16,8 +16,8 @@ cost made the pass compute-bound (2.4 ms against 0.71 ms without the GELU, H200)
 one division, well conditioned everywhere (quant_rows_triton.py: the pass, loaded where it runs). PyTorch's ½x(1 + tanh y) is not below x ≈ −3 (1 + tanh y
 cancels; it is 0 from x ≈ −6), so there the two differ relatively by up to a few 10⁻³ on values
 below 10⁻²·|x|; elsewhere they agree to a few fp32 ulps, and the bf16 value differs only where they
-straddle a rounding boundary: 6·10⁻⁵ of the quantized values at Wan2.1-14B's FFN sit one e4m3 step
-from torchao's (libdevice's tanh: 9 of 1.05·10⁹).
+straddle a rounding boundary: 6·10⁻⁵ of the quantized values at Wan2.1-14B's FFN sit one e4m3
+step from torchao's (libdevice's tanh: 9 of 1.05·10⁹).
 
 Why: Inductor fuses GELU and this quantization into one looped reduction that reads each 13,824-wide
 row twice and computes the GELU twice (Wan2.1-14B's FFN: 3.3 ms a call, 1 TB/s). A row fits in
